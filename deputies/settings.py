@@ -1,0 +1,253 @@
+"""One settings module for every mode. Each value has a safe Simple-mode default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from deputies.env import envbool, envchoice, envfloat, envint, envjson, envstr
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
+
+DEBUG = envbool("DEPUTIES_DEBUG", False)
+SECRET_KEY = envstr("DEPUTIES_SECRET_KEY", "")
+if not SECRET_KEY:
+    # Simple mode: a per-installation key kept next to the data, never a shared default.
+    key_file = DATA_DIR / "secret_key"
+    if key_file.exists():
+        SECRET_KEY = key_file.read_text().strip()
+    else:
+        import secrets
+
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        SECRET_KEY = secrets.token_urlsafe(50)
+        key_file.write_text(SECRET_KEY)
+        key_file.chmod(0o600)
+
+ALLOWED_HOSTS = [h.strip() for h in envstr("DEPUTIES_ALLOWED_HOSTS", "*").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in envstr("DEPUTIES_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
+]
+BASE_URL = envstr("DEPUTIES_BASE_URL", "http://127.0.0.1:8000")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "django_q",
+    "channels",
+    "sessions.apps.AgentSessionsConfig",
+    "sandboxes.apps.SandboxesConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "deputies.urls"
+ASGI_APPLICATION = "deputies.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+DATABASE_URL = envstr("DATABASE_URL", f"sqlite:///{DATA_DIR / 'deputies.sqlite3'}")
+try:
+    _db = dj_database_url.parse(DATABASE_URL, conn_max_age=envint("DEPUTIES_DB_CONN_MAX_AGE", 60, minimum=0))
+except Exception as exc:  # dj_database_url raises several types for a bad URL
+    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+if _db["ENGINE"] == "django.db.backends.sqlite3":
+    Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    _db["CONN_MAX_AGE"] = 0
+    _db["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=10000;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+    _db["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+elif _db["ENGINE"] == "django.db.backends.postgresql":
+    _db["CONN_HEALTH_CHECKS"] = True
+DATABASES = {"default": _db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Auth, i18n, static, media ------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "/admin/login/"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+MEDIA_ROOT = DATA_DIR / "media"
+
+S3_BUCKET = envstr("DEPUTIES_S3_BUCKET")
+if S3_BUCKET:
+    _default_storage = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": S3_BUCKET,
+            "endpoint_url": envstr("DEPUTIES_S3_ENDPOINT_URL") or None,
+            "region_name": envstr("DEPUTIES_S3_REGION") or None,
+            "access_key": envstr("DEPUTIES_S3_ACCESS_KEY_ID") or None,
+            "secret_key": envstr("DEPUTIES_S3_SECRET_ACCESS_KEY") or None,
+            "default_acl": None,
+            "file_overwrite": False,
+            "querystring_auth": True,
+        },
+    }
+else:
+    _default_storage = {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+STORAGES = {
+    "default": _default_storage,
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+# --- API --------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "sessions.api.auth.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "sessions.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Deputies API",
+    "DESCRIPTION": "Control plane for background coding agents.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Channels -------------------------------------------------------------------------------
+REDIS_URL = envstr("DEPUTIES_REDIS_URL")
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# --- Queue (django-q2, ORM broker) ----------------------------------------------------------
+RUN_TIMEOUT = envint("DEPUTIES_RUN_TIMEOUT", 3600, minimum=10)
+Q_CLUSTER = {
+    "name": "deputies",
+    "orm": "default",
+    "workers": envint("DEPUTIES_WORKERS", 2, minimum=1),
+    "timeout": RUN_TIMEOUT,
+    # retry must exceed timeout, or a slow run is delivered twice while still running.
+    "retry": RUN_TIMEOUT + 120,
+    "max_attempts": envint("DEPUTIES_TASK_MAX_ATTEMPTS", 2, minimum=1),
+    "poll": envfloat("DEPUTIES_QUEUE_POLL", 0.2, minimum=0.01),
+    "catch_up": False,
+    "ack_failures": True,
+    "save_limit": 1000,
+    "label": "Queue",
+    "sync": envbool("DEPUTIES_QUEUE_SYNC", False),
+}
+
+# --- Sandboxes --------------------------------------------------------------------------------
+SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "docker"))
+SANDBOX_ROOT = Path(envstr("DEPUTIES_SANDBOX_ROOT", str(DATA_DIR / "sandboxes"))).resolve()
+SANDBOX_ISOLATION = envchoice("DEPUTIES_SANDBOX_ISOLATION", "auto", ("auto", "bwrap", "none"))
+SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
+
+
+# --- Agent and models -------------------------------------------------------------------------
+def _llm_providers() -> dict[str, dict[str, str]]:
+    """Providers from DEPUTIES_LLM_<NAME>_{BASE_URL,API_KEY,KIND}.
+
+    ``openai`` and ``anthropic`` are looked for by default; more names (a vLLM box, a LiteLLM proxy,
+    the scripted demo) are listed in DEPUTIES_LLM_PROVIDERS.
+    """
+    names = {"openai", "anthropic"}
+    names.update(n.strip().lower() for n in envstr("DEPUTIES_LLM_PROVIDERS").split(",") if n.strip())
+    defaults = {
+        "openai": ("openai", "https://api.openai.com/v1"),
+        "anthropic": ("anthropic", "https://api.anthropic.com"),
+    }
+    providers: dict[str, dict[str, str]] = {}
+    for name in sorted(names):
+        prefix = f"DEPUTIES_LLM_{name.upper().replace('-', '_')}"
+        kind_default, url_default = defaults.get(name, ("openai", ""))
+        api_key = envstr(f"{prefix}_API_KEY")
+        base_url = envstr(f"{prefix}_BASE_URL", url_default)
+        if name in defaults and not api_key and base_url == url_default:
+            continue  # a well-known provider with nothing configured
+        if not base_url:
+            raise ImproperlyConfigured(f"{prefix}_BASE_URL must be set for the LLM provider {name!r}")
+        providers[name] = {
+            "kind": envchoice(f"{prefix}_KIND", kind_default, ("openai", "anthropic")),
+            "base_url": base_url.rstrip("/"),
+            "api_key": api_key,
+        }
+    return providers
+
+
+LLM_PROVIDERS = _llm_providers()
+DEFAULT_MODEL = envstr("DEPUTIES_DEFAULT_MODEL", "")
+if DEFAULT_MODEL and "/" not in DEFAULT_MODEL:
+    raise ImproperlyConfigured(f"DEPUTIES_DEFAULT_MODEL={DEFAULT_MODEL!r} must look like provider/model")
+LLM_MAX_TOKENS = envint("DEPUTIES_LLM_MAX_TOKENS", 4096, minimum=1)
+LLM_TIMEOUT = envfloat("DEPUTIES_LLM_TIMEOUT", 120.0, minimum=1)
+LLM_MAX_RETRIES = envint("DEPUTIES_LLM_MAX_RETRIES", 4, minimum=0)
+LLM_RETRY_BASE_DELAY = envfloat("DEPUTIES_LLM_RETRY_BASE_DELAY", 1.0, minimum=0)
+# USD per million tokens; keys are "provider/model" or bare model names.
+LLM_PRICES = envjson(
+    "DEPUTIES_LLM_PRICES",
+    {
+        "gpt-4o": {"input": 2.5, "output": 10.0, "cached": 1.25},
+        "gpt-4o-mini": {"input": 0.15, "output": 0.6, "cached": 0.075},
+        "gpt-4.1": {"input": 2.0, "output": 8.0, "cached": 0.5},
+        "claude-sonnet-4-5": {"input": 3.0, "output": 15.0, "cached": 0.3},
+        "claude-haiku-4-5": {"input": 1.0, "output": 5.0, "cached": 0.1},
+    },
+)
+if not isinstance(LLM_PRICES, dict):
+    raise ImproperlyConfigured("DEPUTIES_LLM_PRICES must be a JSON object of model -> prices")
+AGENT_MAX_STEPS = envint("DEPUTIES_AGENT_MAX_STEPS", 50, minimum=1)
+TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
+MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": envstr("DEPUTIES_LOG_LEVEL", "INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "django_q": {"level": "WARNING"}},
+}
+
+os.environ.setdefault("GIT_TERMINAL_PROMPT", "0")

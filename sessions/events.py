@@ -1,0 +1,84 @@
+"""The one way events are written. The database row is the truth; pushes are notifications.
+
+Sequence numbers come from ``Session.last_seq`` bumped with ``UPDATE ... RETURNING`` inside the same
+transaction as the insert, so they are gap-free: a rolled-back emit rolls back its number too.
+
+Event types and their payloads (all JSON objects):
+
+- ``status``            {status}
+- ``message``           {message_id, content, position}
+- ``run_started``       {run_id, attempt}
+- ``sandbox_ready``     {sandbox_id, provider, isolated, reason?}
+- ``repository_ready``  {url, base_branch, branch, commit}
+- ``assistant_text``    {text}
+- ``tool_started``      {call_id, name, arguments}
+- ``tool_finished``     {call_id, name, ok, output, truncated, artifact_id?}
+- ``todo``              {todos: [{content, status}]}
+- ``progress``          {message}
+- ``usage``             {input_tokens, output_tokens, cached_tokens, cost_usd, model}
+- ``llm_error``         {error, attempt, will_retry}
+- ``artifact_created``  {artifact_id, kind, name, size}
+- ``run_completed``     {run_id, summary}
+- ``run_failed``        {run_id, error}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from django.db import connection, transaction
+
+from sessions.models import Event, Session
+
+# Called after commit with the stored events; the websocket layer registers itself here.
+_listeners: list[Callable[[list[Event]], None]] = []
+
+
+def add_listener(listener: Callable[[list[Event]], None]) -> None:
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def _reserve(session_id: int, count: int) -> int:
+    """Bump last_seq by ``count`` and return the new value (the last reserved seq)."""
+    table = Session._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET last_seq = last_seq + %s WHERE id = %s RETURNING last_seq",
+            [count, session_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Session.DoesNotExist(f"session {session_id} does not exist")
+    return int(row[0])
+
+
+def emit(
+    session_id: int, type: str, payload: dict[str, Any] | None = None, run_id: int | None = None
+) -> Event:
+    return emit_many(session_id, [(type, payload or {})], run_id=run_id)[0]
+
+
+def emit_many(
+    session_id: int, items: Iterable[tuple[str, dict[str, Any]]], run_id: int | None = None
+) -> list[Event]:
+    items = list(items)
+    if not items:
+        return []
+    with transaction.atomic():
+        last = _reserve(session_id, len(items))
+        first = last - len(items) + 1
+        events = [
+            Event(session_id=session_id, run_id=run_id, seq=first + i, type=t, payload=p)
+            for i, (t, p) in enumerate(items)
+        ]
+        Event.objects.bulk_create(events)
+        if _listeners:
+            transaction.on_commit(lambda: _notify(events))
+    return events
+
+
+def _notify(events: list[Event]) -> None:
+    for listener in list(_listeners):
+        listener(events)

@@ -1,0 +1,514 @@
+"""The domain: teams, repositories, environments, sessions and everything a run leaves behind.
+
+State transitions live here as model methods so that views, tasks and the admin all go through
+the same conditional updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+
+class Team(models.Model):
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=100, unique=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(models.TextChoices):
+    OWNER = "owner"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+
+WRITE_ROLES = (Role.OWNER, Role.MEMBER)
+
+
+class Membership(models.Model):
+    team = models.ForeignKey(Team, models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["team", "user"], name="one_membership_per_team")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.team} ({self.role})"
+
+
+class Repository(models.Model):
+    class Provider(models.TextChoices):
+        GITHUB = "github"
+        GIT = "git"
+        LOCAL = "local"
+
+    team = models.ForeignKey(Team, models.CASCADE, related_name="repositories")
+    name = models.CharField(max_length=200)
+    url = models.CharField(max_length=1000, help_text="Clone URL or a local path on the worker host.")
+    default_branch = models.CharField(max_length=200, default="main")
+    provider = models.CharField(max_length=10, choices=Provider.choices, default=Provider.GIT)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "repositories"
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="unique_repository_name_per_team"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @staticmethod
+    def provider_for(url: str) -> str:
+        if url.startswith(("/", "file://", "./", "../")):
+            return Repository.Provider.LOCAL
+        if "github.com" in url:
+            return Repository.Provider.GITHUB
+        return Repository.Provider.GIT
+
+
+class Environment(models.Model):
+    class Network(models.TextChoices):
+        NONE = "none"
+        BRIDGE = "bridge"
+
+    team = models.ForeignKey(Team, models.CASCADE, related_name="environments")
+    name = models.CharField(max_length=100)
+    revision = models.PositiveIntegerField(default=1)
+    image = models.CharField(max_length=300, blank=True, help_text="Container image (docker provider).")
+    setup_script = models.TextField(blank=True)
+    env_vars = models.JSONField(default=dict, blank=True, help_text="Non-secret variables for the sandbox.")
+    sandbox_provider = models.CharField(max_length=20, blank=True, help_text="Empty: the deployment default.")
+    network_policy = models.CharField(max_length=10, choices=Network.choices, default=Network.NONE)
+    cpu_limit = models.FloatField(null=True, blank=True)
+    memory_mb = models.PositiveIntegerField(null=True, blank=True)
+    timeout_seconds = models.PositiveIntegerField(default=3600)
+    default_model = models.CharField(max_length=200, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["team", "name"], name="unique_environment_name_per_team"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} (r{self.revision})"
+
+    def save(self, *args, **kwargs) -> None:
+        # Any edit of a saved environment is a new revision; sessions record the one they ran with.
+        if self.pk and not kwargs.get("force_insert"):
+            self.revision = F("revision") + 1
+        super().save(*args, **kwargs)
+        if self.pk:
+            self.refresh_from_db(fields=["revision"])
+
+
+class SessionStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    IDLE = "idle"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ARCHIVED = "archived"
+
+
+class Source(models.TextChoices):
+    WEB = "web"
+    API = "api"
+    SLACK = "slack"
+    GITHUB = "github"
+    WEBHOOK = "webhook"
+    SCHEDULE = "schedule"
+    CLI = "cli"
+
+
+class Session(models.Model):
+    team = models.ForeignKey(Team, models.CASCADE, related_name="sessions")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, models.SET_NULL, null=True, blank=True, related_name="agent_sessions"
+    )
+    title = models.CharField(max_length=200, blank=True)
+    repository = models.ForeignKey(Repository, models.PROTECT, related_name="sessions")
+    base_branch = models.CharField(max_length=200)
+    branch = models.CharField(max_length=200, blank=True)
+    environment = models.ForeignKey(
+        Environment, models.SET_NULL, null=True, blank=True, related_name="sessions"
+    )
+    environment_revision = models.PositiveIntegerField(null=True, blank=True)
+    model = models.CharField(max_length=200)
+    status = models.CharField(max_length=20, choices=SessionStatus.choices, default=SessionStatus.QUEUED)
+    source = models.CharField(max_length=20, choices=Source.choices, default=Source.API)
+    external_ref = models.JSONField(default=dict, blank=True, help_text="Thread or issue bound to it.")
+    pull_request_url = models.URLField(blank=True)
+    summary = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    # The conversation as the model saw it, so a follow-up run continues it.
+    transcript = models.JSONField(default=list, blank=True)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    last_seq = models.BigIntegerField(default=0, editable=False)
+    created = models.DateTimeField(default=timezone.now, db_index=True)
+    updated = models.DateTimeField(auto_now=True)
+    finished = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [models.Index(fields=["team", "status", "-created"], name="session_team_status")]
+
+    def __str__(self) -> str:
+        return self.title or f"Session {self.pk}"
+
+    @property
+    def active_run(self) -> Run | None:
+        return self.runs.filter(status__in=Run.ACTIVE).first()
+
+    def enqueue_run(self) -> Run:
+        """Create the next Run and queue it after commit. Caller holds a transaction."""
+        attempt = self.runs.count() + 1
+        run = Run.objects.create(session=self, attempt=attempt)
+        Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
+        self.status = SessionStatus.QUEUED
+        from sessions import tasks
+
+        transaction.on_commit(lambda: tasks.enqueue_run(run.pk))
+        return run
+
+    def add_message(self, content: str, author=None) -> Message:
+        """A follow-up: queued for the active run, or starting a new run when none is active."""
+        from sessions.events import emit
+
+        with transaction.atomic():
+            locked = Session.objects.select_for_update().get(pk=self.pk)
+            position = locked.messages.count() + 1
+            message = Message.objects.create(
+                session=locked, content=content, author=author, position=position
+            )
+            emit(locked.pk, "message", {"message_id": message.pk, "content": content, "position": position})
+            if not locked.runs.filter(status__in=Run.ACTIVE).exists():
+                locked.enqueue_run()
+            self.refresh_from_db()
+        return message
+
+    def cancel(self) -> bool:
+        """Stop the active run (the worker notices at its next step) and close the session."""
+        from sessions.events import emit
+
+        with transaction.atomic():
+            locked = Session.objects.select_for_update().get(pk=self.pk)
+            if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
+                return False
+            now = timezone.now()
+            locked.runs.filter(status__in=Run.ACTIVE).update(
+                status=Run.Status.CANCELLED, finished=now, error="cancelled by user"
+            )
+            locked.messages.filter(status=Message.Status.PENDING).update(status=Message.Status.CANCELLED)
+            Session.objects.filter(pk=self.pk).update(status=SessionStatus.CANCELLED, finished=now)
+            emit(locked.pk, "status", {"status": SessionStatus.CANCELLED})
+        self.refresh_from_db()
+        return True
+
+    def retry(self) -> Run | None:
+        """Start a fresh run over the last prompt of a failed or cancelled session."""
+        with transaction.atomic():
+            locked = Session.objects.select_for_update().get(pk=self.pk)
+            if locked.runs.filter(status__in=Run.ACTIVE).exists():
+                return None
+            last = locked.messages.order_by("-position").first()
+            if last is not None and last.status != Message.Status.PENDING:
+                Message.objects.filter(pk=last.pk).update(status=Message.Status.PENDING, run=None)
+            run = locked.enqueue_run()
+        self.refresh_from_db()
+        return run
+
+    def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
+        Session.objects.filter(pk=self.pk).update(
+            input_tokens=F("input_tokens") + input_tokens,
+            output_tokens=F("output_tokens") + output_tokens,
+            cached_tokens=F("cached_tokens") + cached_tokens,
+            cost_usd=F("cost_usd") + cost,
+        )
+
+
+class Message(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        CLAIMED = "claimed"
+        DONE = "done"
+        CANCELLED = "cancelled"
+
+    session = models.ForeignKey(Session, models.CASCADE, related_name="messages")
+    position = models.PositiveIntegerField()
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, models.SET_NULL, null=True, blank=True)
+    content = models.TextField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    run = models.ForeignKey("Run", models.SET_NULL, null=True, blank=True, related_name="messages")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["session", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "position"], name="unique_message_position"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.position} of session {self.session_id}"
+
+
+class Run(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    session = models.ForeignKey(Session, models.CASCADE, related_name="runs")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    attempt = models.PositiveIntegerField(default=1)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    heartbeat = models.DateTimeField(null=True, blank=True)
+    created = models.DateTimeField(default=timezone.now)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    steps = models.PositiveIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["session"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_run_per_session",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Run {self.pk} ({self.status})"
+
+    def claim(self, owner: str) -> bool:
+        """Conditional update: exactly one worker wins; a duplicate delivery changes zero rows."""
+        now = timezone.now()
+        changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
+            status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
+        )
+        if not changed:
+            return False
+        with transaction.atomic():
+            Session.objects.filter(pk=self.session_id).exclude(
+                status__in=(SessionStatus.CANCELLED, SessionStatus.ARCHIVED)
+            ).update(status=SessionStatus.RUNNING)
+            Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).update(
+                status=Message.Status.CLAIMED, run=self
+            )
+        self.refresh_from_db()
+        return True
+
+    def is_cancelled(self) -> bool:
+        return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
+
+    def beat(self) -> bool:
+        """Heartbeat; returns False when the run was cancelled under us."""
+        return bool(
+            Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
+                heartbeat=timezone.now(), steps=self.steps
+            )
+        )
+
+    def finish(self, status: str, error: str = "") -> bool:
+        """Close the run unless someone (cancel) already did; then start a run for queued follow-ups."""
+        now = timezone.now()
+        with transaction.atomic():
+            changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
+                status=status, finished=now, error=error[:10000], steps=self.steps
+            )
+            if not changed:
+                self.refresh_from_db()
+                return False
+            Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(
+                status=Message.Status.DONE if status == Run.Status.COMPLETED else Message.Status.CANCELLED
+            )
+            session = Session.objects.select_for_update().get(pk=self.session_id)
+            session_status = (
+                SessionStatus.COMPLETED if status == Run.Status.COMPLETED else SessionStatus.FAILED
+            )
+            Session.objects.filter(pk=session.pk).update(
+                status=session_status,
+                finished=now,
+                error="" if status == Run.Status.COMPLETED else error[:10000],
+            )
+            if session.messages.filter(status=Message.Status.PENDING).exists():
+                session.enqueue_run()
+        self.refresh_from_db()
+        return True
+
+    def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
+        Run.objects.filter(pk=self.pk).update(
+            input_tokens=F("input_tokens") + input_tokens,
+            output_tokens=F("output_tokens") + output_tokens,
+            cached_tokens=F("cached_tokens") + cached_tokens,
+            cost_usd=F("cost_usd") + cost,
+        )
+        self.session.add_usage(input_tokens, output_tokens, cached_tokens, cost)
+
+
+class Event(models.Model):
+    """Append-only; ``(session, seq)`` is unique and gap-free. The row is the truth."""
+
+    session = models.ForeignKey(Session, models.CASCADE, related_name="events")
+    seq = models.BigIntegerField()
+    run = models.ForeignKey(Run, models.SET_NULL, null=True, blank=True, related_name="events")
+    type = models.CharField(max_length=40)
+    payload = models.JSONField(default=dict)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["session", "seq"]
+        constraints = [models.UniqueConstraint(fields=["session", "seq"], name="unique_event_seq")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}#{self.seq} {self.type}"
+
+
+def artifact_path(instance: Artifact, filename: str) -> str:
+    return f"artifacts/{instance.session_id}/{secrets.token_hex(8)}-{filename}"
+
+
+class Artifact(models.Model):
+    class Kind(models.TextChoices):
+        DIFF = "diff"
+        LOG = "log"
+        FILE = "file"
+        TOOL_OUTPUT = "tool_output"
+
+    session = models.ForeignKey(Session, models.CASCADE, related_name="artifacts")
+    run = models.ForeignKey(Run, models.SET_NULL, null=True, blank=True, related_name="artifacts")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    name = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=100, default="text/plain")
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    file = models.FileField(upload_to=artifact_path, max_length=500)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["session", "created"]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.name}"
+
+
+class LLMCall(models.Model):
+    class Outcome(models.TextChoices):
+        OK = "ok"
+        RETRY = "retry"
+        ERROR = "error"
+
+    session = models.ForeignKey(Session, models.CASCADE, related_name="llm_calls")
+    run = models.ForeignKey(Run, models.SET_NULL, null=True, blank=True, related_name="llm_calls")
+    provider = models.CharField(max_length=50)
+    model = models.CharField(max_length=200)
+    input_tokens = models.IntegerField(default=0)
+    output_tokens = models.IntegerField(default=0)
+    cached_tokens = models.IntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    latency_ms = models.IntegerField(default=0)
+    status_code = models.IntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=10, choices=Outcome.choices, default=Outcome.OK)
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["session", "created"]
+        verbose_name = "LLM call"
+
+
+class APIToken(models.Model):
+    """Bearer token; only the SHA-256 of the secret is stored."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=12, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created = models.DateTimeField(default=timezone.now)
+    last_used = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+    @staticmethod
+    def hash(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name: str = "") -> tuple[APIToken, str]:
+        secret = "dep_" + secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, prefix=secret[:10], key_hash=cls.hash(secret))
+        return token, secret
+
+
+def start_session(
+    *,
+    team: Team,
+    repository: Repository,
+    prompt: str,
+    model: str,
+    created_by=None,
+    base_branch: str = "",
+    environment: Environment | None = None,
+    title: str = "",
+    source: str = Source.API,
+    external_ref: dict | None = None,
+) -> Session:
+    """Create a session with its first prompt and queue its first run (after commit)."""
+    from sessions.events import emit
+
+    with transaction.atomic():
+        session = Session.objects.create(
+            team=team,
+            created_by=created_by,
+            repository=repository,
+            base_branch=base_branch or repository.default_branch,
+            environment=environment,
+            environment_revision=environment.revision if environment else None,
+            model=model,
+            title=title or prompt.strip().splitlines()[0][:120],
+            source=source,
+            external_ref=external_ref or {},
+        )
+        Session.objects.filter(pk=session.pk).update(branch=f"deputies/session-{session.pk}")
+        session.branch = f"deputies/session-{session.pk}"
+        message = Message.objects.create(session=session, position=1, content=prompt, author=created_by)
+        emit(session.pk, "status", {"status": SessionStatus.QUEUED})
+        emit(session.pk, "message", {"message_id": message.pk, "content": prompt, "position": 1})
+        session.enqueue_run()
+    return session

@@ -1,0 +1,15 @@
+"""Queue entry points: a few lines each, load by primary key and hand over to the runner."""
+
+from __future__ import annotations
+
+from django_q.tasks import async_task
+
+
+def enqueue_run(run_id: int) -> None:
+    async_task("sessions.tasks.execute_run", run_id, task_name=f"run-{run_id}", group="runs")
+
+
+def execute_run(run_id: int) -> str:
+    from sessions.runner import execute
+
+    return execute(run_id)

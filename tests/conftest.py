@@ -1,0 +1,87 @@
+"""Shared fixtures: a team with an owner, a teammate and a viewer, plus an outsider in another team."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.test import APIClient
+
+from sessions.models import Membership, Repository, Role, Team
+
+SAMPLE_REPO = Path(__file__).resolve().parent.parent / "deputies" / "demo" / "sample_repo"
+
+
+def make_git_repo(path: Path, source: Path = SAMPLE_REPO, branch: str = "main") -> Path:
+    """A real git repository with one commit of ``source`` on ``branch``."""
+    shutil.copytree(source, path)
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+        "PATH": "/usr/bin:/bin",
+    }
+    for argv in (
+        ["git", "init", "-q", "-b", branch],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "initial"],
+    ):
+        subprocess.run(argv, cwd=path, check=True, env=env)
+    return path
+
+
+@pytest.fixture
+def sample_repo(tmp_path: Path) -> Path:
+    return make_git_repo(tmp_path / "sample")
+
+
+@pytest.fixture
+def team(db) -> Team:
+    return Team.objects.create(name="Alpha", slug="alpha")
+
+
+@pytest.fixture
+def other_team(db) -> Team:
+    return Team.objects.create(name="Beta", slug="beta")
+
+
+def _user(username: str, team: Team, role: str):
+    user = get_user_model().objects.create_user(username, f"{username}@example.com", "pw-" + username)
+    Membership.objects.create(team=team, user=user, role=role)
+    return user
+
+
+@pytest.fixture
+def owner(team):
+    return _user("owner", team, Role.OWNER)
+
+
+@pytest.fixture
+def teammate(team):
+    return _user("teammate", team, Role.MEMBER)
+
+
+@pytest.fixture
+def viewer(team):
+    return _user("viewer", team, Role.VIEWER)
+
+
+@pytest.fixture
+def outsider(other_team):
+    return _user("outsider", other_team, Role.OWNER)
+
+
+@pytest.fixture
+def repository(team, sample_repo) -> Repository:
+    return Repository.objects.create(team=team, name="sample", url=str(sample_repo), provider="local")
+
+
+def client_for(user) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    return client

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from sessions.events import emit, emit_many
+from sessions.models import Event, Run, Session, start_session
+
+
+@pytest.fixture
+def session(team, owner, repository, settings, django_capture_on_commit_callbacks) -> Session:
+    return start_session(
+        team=team, repository=repository, prompt="Fix the bug", model="scripted/demo", created_by=owner
+    )
+
+
+def test_it_numbers_events_without_gaps(session):
+    emit_many(session.pk, [("progress", {"message": str(i)}) for i in range(5)])
+    emit(session.pk, "progress", {"message": "last"})
+    seqs = list(Event.objects.filter(session=session).values_list("seq", flat=True))
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert Session.objects.get(pk=session.pk).last_seq == len(seqs)
+
+
+def test_it_rolls_back_the_sequence_with_the_event(session):
+    before = Session.objects.get(pk=session.pk).last_seq
+    with pytest.raises(RuntimeError):
+        with transaction.atomic():
+            emit(session.pk, "progress", {"message": "lost"})
+            raise RuntimeError("boom")
+    assert Session.objects.get(pk=session.pk).last_seq == before
+    emit(session.pk, "progress", {"message": "kept"})
+    assert Event.objects.filter(session=session).order_by("-seq").first().seq == before + 1
+
+
+def test_it_allows_only_one_active_run_per_session(session):
+    assert session.runs.filter(status__in=Run.ACTIVE).count() == 1
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Run.objects.create(session=session)
+
+
+def test_it_lets_only_one_worker_claim_a_run(session):
+    run = session.runs.get()
+    assert run.claim("worker-a") is True
+    duplicate = Run.objects.get(pk=run.pk)
+    assert duplicate.claim("worker-b") is False
+    assert Run.objects.get(pk=run.pk).lease_owner == "worker-a"
+
+
+def test_it_queues_a_follow_up_behind_the_active_run(session, django_capture_on_commit_callbacks):
+    run = session.runs.get()
+    run.claim("w")
+    session.add_message("and also this")
+    assert session.runs.count() == 1
+    with django_capture_on_commit_callbacks():
+        run.finish(Run.Status.COMPLETED)
+    assert session.runs.count() == 2
+    assert session.runs.filter(status=Run.Status.QUEUED).count() == 1
