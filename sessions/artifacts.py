@@ -1,0 +1,48 @@
+"""Storing artifacts: metadata row in the database, bytes in ``default_storage``."""
+
+from __future__ import annotations
+
+import hashlib
+
+from django.core.files.base import ContentFile
+from django.db import transaction
+
+from sessions.events import emit
+from sessions.models import Artifact
+
+
+def store_artifact(
+    session_id: int,
+    kind: str,
+    name: str,
+    data: bytes | str,
+    *,
+    run_id: int | None = None,
+    content_type: str = "text/plain; charset=utf-8",
+) -> Artifact:
+    """Write the bytes first, then the row and its ``artifact_created`` event in one transaction."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    artifact = Artifact(
+        session_id=session_id,
+        run_id=run_id,
+        kind=kind,
+        name=name,
+        content_type=content_type,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    artifact.file.save(name, ContentFile(data), save=False)
+    try:
+        with transaction.atomic():
+            artifact.save()
+            emit(
+                session_id,
+                "artifact_created",
+                {"artifact_id": artifact.pk, "kind": kind, "name": name, "size": artifact.size},
+                run_id=run_id,
+            )
+    except Exception:
+        artifact.file.delete(save=False)  # nothing half-written: no orphan bytes without a row
+        raise
+    return artifact
