@@ -113,6 +113,7 @@ STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "static"
 MEDIA_ROOT = DATA_DIR / "media"
+SERVE_STATIC = envbool("DEPUTIES_SERVE_STATIC", True)
 
 S3_BUCKET = envstr("DEPUTIES_S3_BUCKET")
 if S3_BUCKET:
@@ -170,7 +171,9 @@ Q_CLUSTER = {
     # retry must exceed timeout, or a slow run is delivered twice while still running.
     "retry": RUN_TIMEOUT + 120,
     "max_attempts": envint("DEPUTIES_TASK_MAX_ATTEMPTS", 2, minimum=1),
-    "poll": envfloat("DEPUTIES_QUEUE_POLL", 0.2, minimum=0.01),
+    # Workers are woken by LISTEN/NOTIFY on Postgres; the poll is the fallback (and SQLite's pace).
+    "broker_class": "deputies.broker.NotifyingORM",
+    "poll": envfloat("DEPUTIES_QUEUE_POLL", 0.2 if DATABASE_URL.startswith("sqlite") else 2.0, minimum=0.01),
     "catch_up": False,
     "ack_failures": True,
     "save_limit": 1000,

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# list_files returns at most this many entries; callers tell the model when a listing hits it.
+LIST_FILES_LIMIT = 2000
+
 
 class SandboxError(Exception):
     """A sandbox operation failed; the message is safe to show to users."""
@@ -77,14 +80,23 @@ class SandboxHandle(Protocol):
 
     def write_file(self, path: str, data: bytes) -> None: ...
 
-    def list_files(self, path: str = ".") -> list[str]: ...
+    def list_files(self, path: str = ".") -> list[str]:
+        """Files under ``path``, recursively, as sorted workspace-relative paths.
+
+        ``.git`` directories are skipped and at most ``LIST_FILES_LIMIT`` entries come back.
+        """
+        ...
 
     def put_archive(self, path: str, data: bytes) -> None:
         """Extract an uncompressed tar stream at ``path`` (relative to the workspace)."""
         ...
 
     def get_archive(self, path: str = ".") -> bytes:
-        """A tar stream of ``path`` (relative to the workspace)."""
+        """A tar stream of ``path`` (relative to the workspace).
+
+        Member names are relative to ``path``: a directory's entries without a leading ``./``, or a
+        file's base name; so ``put_archive(dest, get_archive(src))`` copies ``src`` into ``dest``.
+        """
         ...
 
 

@@ -1,0 +1,44 @@
+"""Shared set-up for benchmarks: a dedicated Postgres database, migrated, with a team and a repo."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_DB = os.environ.get("DEPUTIES_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/deputies_bench")
+
+
+def setup(data_dir: Path | None = None) -> None:
+    import psycopg
+
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = urlsplit(BENCH_DB)
+    name = url.path.lstrip("/")
+    with psycopg.connect(urlunsplit(url._replace(path="/postgres")), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    os.environ["DATABASE_URL"] = BENCH_DB
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deputies.settings")
+    if data_dir is not None:
+        os.environ["DEPUTIES_DATA_DIR"] = str(data_dir)
+    os.environ.setdefault("DEPUTIES_LOG_LEVEL", "WARNING")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", interactive=False, verbosity=0)
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+
+    def pick(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))], 3)
+
+    return {"p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "mean": round(statistics.fmean(ordered), 3)}

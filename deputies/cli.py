@@ -1,0 +1,416 @@
+"""The ``deputies`` command: Simple mode, the web and worker processes, and a terminal client.
+
+Errors a user can fix are printed as one line naming the problem; they never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+TERMINAL = {"completed", "failed", "cancelled", "archived"}
+
+
+class CLIError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def setup_django() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deputies.settings")
+    import django
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        django.setup()
+    except ImproperlyConfigured as exc:
+        raise CLIError(f"configuration error: {exc}") from None
+
+
+# --- up ------------------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    setup_django()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    print(f"deputies: data in {settings.DATA_DIR}", flush=True)
+    call_command("migrate", interactive=False, verbosity=0)
+    username, password = ensure_admin(Path(settings.DATA_DIR))
+    env = dict(os.environ)
+    fake = None
+    if not settings.LLM_PROVIDERS:
+        fake, repo_path = start_demo(env, Path(settings.DATA_DIR), username)
+        print("deputies: no LLM provider is configured (DEPUTIES_LLM_OPENAI_API_KEY, ...).", flush=True)
+        print(f"deputies: using the SCRIPTED DEMO MODEL (not a real LLM) at {fake.base_url}", flush=True)
+        print(f"deputies: sample repository with a failing test: {repo_path}", flush=True)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "deputies.cli", "web", "--host", args.host, "--port", str(args.port)],
+            env=env,
+        ),
+        subprocess.Popen([sys.executable, "-m", "deputies.cli", "worker"], env=env),
+    ]
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(
+        f"\nDeputies is starting at http://{host}:{args.port}/\n"
+        f"  log in at http://{host}:{args.port}/admin/ as {username!r} with password {password!r}\n"
+        f"  API docs: http://{host}:{args.port}/api/docs/\n"
+        f"  try it:   .venv/bin/deputies run --repo {Path(settings.DATA_DIR) / 'sample-repo'} "
+        '"Make the failing test pass"\n'
+        "  stop with Ctrl-C\n",
+        flush=True,
+    )
+    return supervise(children, fake)
+
+
+def supervise(children: list[subprocess.Popen], fake=None) -> int:
+    stopping = threading.Event()
+
+    def stop(signum, frame):  # noqa: ARG001
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while not stopping.is_set():
+        for child in children:
+            if child.poll() is not None:
+                print(
+                    f"deputies: a child process exited with status {child.returncode}; stopping", flush=True
+                )
+                code = child.returncode or 1
+                stopping.set()
+        stopping.wait(0.5)
+    print("deputies: stopping", flush=True)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    if fake is not None:
+        fake.close()
+    print("deputies: stopped", flush=True)
+    return code
+
+
+def ensure_admin(data_dir: Path) -> tuple[str, str]:
+    """Make the admin account and its team once; the first password is kept (0600) to print again."""
+    from django.contrib.auth import get_user_model
+
+    from sessions.models import Membership, Role, Team
+
+    User = get_user_model()
+    password_file = data_dir / "initial_admin_password"
+    username = "admin"
+    user = User.objects.filter(username=username).first()
+    if user is None:
+        password = secrets.token_urlsafe(12)
+        user = User.objects.create_superuser(username, "admin@localhost", password)
+        password_file.write_text(password)
+        password_file.chmod(0o600)
+    elif password_file.exists() and user.check_password(password_file.read_text().strip()):
+        password = password_file.read_text().strip()
+    else:
+        password = "(changed since first start)"
+    team, _ = Team.objects.get_or_create(slug="default", defaults={"name": "Default"})
+    Membership.objects.get_or_create(team=team, user=user, defaults={"role": Role.OWNER})
+    return username, password
+
+
+def start_demo(env: dict[str, str], data_dir: Path, username: str):
+    """Start the scripted demo model in-process and register the bundled sample repository."""
+    from sessions.agent.fake_llm import start_in_thread
+    from sessions.models import Repository, Team
+
+    script = json.loads((DEMO_DIR / "script.json").read_text())
+    fake = start_in_thread(script)
+    env["DEPUTIES_LLM_PROVIDERS"] = "scripted"
+    env["DEPUTIES_LLM_SCRIPTED_BASE_URL"] = fake.base_url
+    env["DEPUTIES_DEFAULT_MODEL"] = "scripted/demo"
+    repo_path = ensure_sample_repo(data_dir / "sample-repo")
+    team = Team.objects.get(slug="default")
+    Repository.objects.get_or_create(
+        team=team,
+        name="sample-repo",
+        defaults={"url": str(repo_path), "provider": "local", "default_branch": "main"},
+    )
+    return fake, repo_path
+
+
+def ensure_sample_repo(path: Path) -> Path:
+    import shutil
+
+    from sessions.runner import git
+
+    if (path / ".git").exists():
+        return path
+    shutil.copytree(DEMO_DIR / "sample_repo", path, dirs_exist_ok=True)
+    git("init", "--quiet", "-b", "main", cwd=path)
+    git("add", "-A", cwd=path)
+    git("commit", "--quiet", "-m", "Sample project with a failing test", cwd=path)
+    return path
+
+
+# --- web / worker ------------------------------------------------------------------------------
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    setup_django()
+    from daphne.cli import CommandLineInterface
+
+    CommandLineInterface().run(["-b", args.host, "-p", str(args.port), "deputies.asgi:application"])
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:  # noqa: ARG001
+    setup_django()
+    from django.core.management import call_command
+
+    call_command("qcluster")
+    return 0
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_django()
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+
+    from sessions.models import Membership, Repository, Source, start_session
+
+    if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+        from django.core.management import call_command
+
+        call_command("migrate", interactive=False, verbosity=0)  # Simple mode works without `up`
+    prompt = args.prompt.strip()
+    if not prompt:
+        raise CLIError("the prompt is empty")
+    repo_path = Path(args.repo).expanduser().resolve()
+    if not (repo_path / ".git").exists():
+        raise CLIError(f"--repo {args.repo}: not a git repository")
+    model = args.model or settings.DEFAULT_MODEL
+    if not model:
+        raise CLIError("no model: pass --model provider/model or set DEPUTIES_DEFAULT_MODEL")
+    provider = model.split("/", 1)[0]
+    if provider not in settings.LLM_PROVIDERS:
+        configured = ", ".join(sorted(settings.LLM_PROVIDERS)) or "none"
+        raise CLIError(f"--model {model}: provider {provider!r} is not configured (configured: {configured})")
+    user = get_user_model().objects.filter(username=args.user).first()
+    if user is None:
+        raise CLIError(f"--user {args.user}: no such user (run `deputies up` once to create 'admin')")
+    membership = Membership.objects.filter(user=user).select_related("team").order_by("pk").first()
+    if membership is None:
+        raise CLIError(f"user {args.user!r} belongs to no team")
+    branch = args.base_branch or _current_branch(repo_path)
+    repository = Repository.objects.filter(team=membership.team, url=str(repo_path)).first()
+    if repository is None:
+        repository = Repository.objects.create(
+            team=membership.team,
+            name=_unique_repo_name(membership.team, repo_path.name),
+            url=str(repo_path),
+            provider="local",
+            default_branch=branch,
+        )
+    session = start_session(
+        team=membership.team,
+        repository=repository,
+        prompt=prompt,
+        model=model,
+        created_by=user,
+        base_branch=branch,
+        source=Source.CLI,
+    )
+    print(f"session {session.pk}: {session.title}", flush=True)
+    if not args.queue_only:
+        from sessions.runner import execute
+
+        run = session.runs.get()
+        threading.Thread(target=_execute_in_thread, args=(execute, run.pk), daemon=True).start()
+    return tail(session.pk)
+
+
+def _execute_in_thread(execute, run_id: int) -> None:
+    from django.db import connection
+
+    try:
+        execute(run_id)
+    finally:
+        connection.close()
+
+
+def _current_branch(path: Path) -> str:
+    from sessions.runner import git
+
+    branch = git("rev-parse", "--abbrev-ref", "HEAD", cwd=path).strip()
+    return "main" if branch == "HEAD" else branch
+
+
+def _unique_repo_name(team, base: str) -> str:
+    from sessions.models import Repository
+
+    name, n = base, 1
+    while Repository.objects.filter(team=team, name=name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def tail(session_id: int) -> int:
+    """Print events as they land with a live status line; exit 0 only when the session completed."""
+    from sessions.models import Event, Session
+
+    after = 0
+    started = time.monotonic()
+    interactive = sys.stdout.isatty()
+    try:
+        while True:
+            events = list(Event.objects.filter(session_id=session_id, seq__gt=after).order_by("seq")[:500])
+            for event in events:
+                after = event.seq
+                line = describe(event.type, event.payload)
+                if line:
+                    print(("\r\033[K" if interactive else "") + line, flush=True)
+            session = Session.objects.get(pk=session_id)
+            if interactive:
+                sys.stdout.write(
+                    f"\r\033[K[{session.status}] {time.monotonic() - started:5.1f}s  "
+                    f"tokens {session.input_tokens}+{session.output_tokens}  ${session.cost_usd:.4f}"
+                )
+                sys.stdout.flush()
+            if session.status in TERMINAL and not events:
+                break
+            if not events:
+                time.sleep(0.2)
+    except KeyboardInterrupt:
+        Session.objects.get(pk=session_id).cancel()
+        print("\ncancelled", flush=True)
+        return 130
+    if interactive:
+        print()
+    print(
+        f"session {session_id} {session.status}: {session.summary or session.error}".rstrip(": "), flush=True
+    )
+    return 0 if session.status == "completed" else 1
+
+
+def describe(type: str, p: dict) -> str:
+    if type == "tool_started":
+        args = json.dumps(p.get("arguments"), ensure_ascii=False)
+        return f"  -> {p.get('name')} {args[:160]}"
+    if type == "tool_finished":
+        first = (p.get("output") or "").strip().splitlines()
+        return (
+            f"  <- {p.get('name')} {'ok' if p.get('ok') else 'error'}: {(first[-1] if first else '')[:160]}"
+        )
+    if type == "assistant_text":
+        return f"agent: {p.get('text', '').strip()}"
+    if type == "progress":
+        return f"progress: {p.get('message')}"
+    if type == "todo":
+        return "todo: " + "; ".join(f"[{t.get('status')}] {t.get('content')}" for t in p.get("todos", []))
+    if type == "sandbox_ready":
+        note = "" if p.get("isolated") else f" (NOT ISOLATED: {p.get('reason')})"
+        return f"sandbox ready: {p.get('provider')}{note}"
+    if type == "repository_ready":
+        return f"repository ready: {p.get('base_branch')} @ {str(p.get('commit'))[:10]} -> {p.get('branch')}"
+    if type == "artifact_created":
+        return f"artifact: {p.get('kind')} {p.get('name')} ({p.get('size')} bytes)"
+    if type in ("run_failed", "llm_error"):
+        return f"error: {p.get('error')}"
+    if type == "run_completed":
+        return "run completed"
+    return ""
+
+
+# --- fake-llm, token ---------------------------------------------------------------------------
+
+
+def cmd_fake_llm(args: argparse.Namespace) -> int:
+    from sessions.agent.fake_llm import main as fake_main
+
+    argv = ["--script", args.script, "--port", str(args.port), "--host", args.host]
+    return fake_main(argv)
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    setup_django()
+    from django.core.management import CommandError, call_command
+
+    try:
+        call_command("create_token", args.user, name=args.name)
+    except CommandError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deputies", description="Control plane for background coding agents"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="Simple mode: migrate, make an admin, run web and worker together")
+    up.add_argument("--host", default=os.environ.get("DEPUTIES_HOST", "127.0.0.1"))
+    up.add_argument("--port", type=int, default=int(os.environ.get("DEPUTIES_PORT", "8000")))
+    up.set_defaults(func=cmd_up)
+
+    web = sub.add_parser("web", help="HTTP and websocket server (daphne)")
+    web.add_argument("--host", default="0.0.0.0")
+    web.add_argument("--port", type=int, default=8000)
+    web.set_defaults(func=cmd_web)
+
+    worker = sub.add_parser("worker", help="queue worker (django-q2 qcluster)")
+    worker.set_defaults(func=cmd_worker)
+
+    run = sub.add_parser("run", help="submit a prompt on a local repository and follow it")
+    run.add_argument("--repo", required=True, help="path to a local git repository")
+    run.add_argument("--model", default="", help="provider/model (default: DEPUTIES_DEFAULT_MODEL)")
+    run.add_argument("--base-branch", default="", help="branch to start from (default: the checked-out one)")
+    run.add_argument("--user", default="admin")
+    run.add_argument("--queue-only", action="store_true", help="leave the run to the workers, just follow it")
+    run.add_argument("prompt")
+    run.set_defaults(func=cmd_run)
+
+    fake = sub.add_parser("fake-llm", help="serve a SCRIPTED OpenAI-compatible model (tests, demos)")
+    fake.add_argument("--script", required=True)
+    fake.add_argument("--port", type=int, default=8099)
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.set_defaults(func=cmd_fake_llm)
+
+    token = sub.add_parser("token", help="API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a bearer token for USER and print it once")
+    create.add_argument("user")
+    create.add_argument("--name", default="")
+    create.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CLIError as exc:
+        print(f"deputies: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""The local sandbox provider: a per-session directory on the worker host, commands as subprocesses.
+
+With bubblewrap (``bwrap``) each command runs in fresh namespaces that see a read-only ``/usr`` and
+``/etc``, a private ``/tmp``, ``/proc`` and ``/dev``, and the session's workspace at ``/workspace``
+as the only writable persistent path; no network unless the spec asks for it; all capabilities
+dropped. Without bubblewrap commands run directly on the worker host: the environment is still
+minimal (the worker's secrets never reach the child), but nothing else is isolated, and
+``capabilities().reason`` says so plainly.
+
+File operations (read, write, archives) are done by the worker on the host path, so every path goes
+through one resolver (``LocalHandle.resolve``) that refuses anything whose real path leaves the
+workspace.
+
+Exec semantics, shared by both modes:
+
+* Each ``exec`` is self-contained: when the command exits, whatever it left running in its process
+  group is killed (under bubblewrap the whole PID namespace dies with it anyway), so background
+  processes never outlive the call and never hold it open.
+* On timeout the whole process group is killed with SIGKILL, and the result has ``timed_out=True``
+  and ``exit_code=124`` (the convention of coreutils ``timeout``). A command killed by a signal for
+  any other reason reports ``128 + signal``, as a shell would.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path, PurePosixPath
+
+from django.conf import settings
+
+from sandboxes.base import (
+    LIST_FILES_LIMIT,
+    Capabilities,
+    ExecResult,
+    OutputCallback,
+    PathEscape,
+    SandboxError,
+    SandboxSpec,
+)
+
+SANDBOX_WORKSPACE = "/workspace"  # where the workspace appears inside bubblewrap
+TIMEOUT_EXIT_CODE = 124
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_CAPTURE_CHARS = 16 * 1024 * 1024  # per stream; protects the worker's memory, not a tool limit
+DRAIN_GRACE = 1.0  # seconds to keep reading after the process group is dead
+METADATA_FILE = "sandbox.json"
+SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+UNISOLATED = "commands run on the worker host without isolation"
+ISOLATION_OFF_REASON = f"isolation is switched off (DEPUTIES_SANDBOX_ISOLATION=none): {UNISOLATED}"
+
+# bwrap path -> (works, reason); probing starts a process, so do it once per worker process.
+_probe_cache: dict[str, tuple[bool, str]] = {}
+
+
+def _minimal_env(home: str, *extra: dict[str, str] | None) -> dict[str, str]:
+    """The child's whole environment. Never derived from os.environ: the worker's holds secrets."""
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", "TERM": "dumb"}
+    for more in extra:
+        env.update({str(k): str(v) for k, v in (more or {}).items()})
+    return env
+
+
+def _bwrap_args(bwrap: str, workspace: Path, network: str, chdir: str = SANDBOX_WORKSPACE) -> list[str]:
+    args = [bwrap, "--ro-bind", "/usr", "/usr"]
+    # Merged-/usr hosts have /bin -> usr/bin and so on; older layouts have real directories.
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = Path("/") / name
+        if host.is_symlink():
+            args += ["--symlink", os.readlink(host), f"/{name}"]
+        elif host.is_dir():
+            args += ["--ro-bind", str(host), f"/{name}"]
+    args += [
+        "--ro-bind", "/etc", "/etc",
+        "--tmpfs", "/tmp",
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--bind", str(workspace), SANDBOX_WORKSPACE,
+        "--unshare-all",
+    ]  # fmt: skip
+    if network == "bridge":
+        args += ["--share-net", "--ro-bind-try", "/run/systemd/resolve", "/run/systemd/resolve"]
+    args += ["--cap-drop", "ALL", "--die-with-parent", "--chdir", chdir]
+    return args
+
+
+def probe_bwrap() -> tuple[bool, str]:
+    """Whether bubblewrap is installed and can actually create namespaces here (cached)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return False, "bubblewrap (bwrap) is not installed"
+    if bwrap not in _probe_cache:
+        with tempfile.TemporaryDirectory(prefix="deputies-bwrap-probe-") as tmp:
+            try:
+                proc = subprocess.run(
+                    [*_bwrap_args(bwrap, Path(tmp), "none"), "true"],
+                    env=_minimal_env(SANDBOX_WORKSPACE),
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=10,
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                result = (False, f"bubblewrap (bwrap) could not start: {exc}")
+            else:
+                if proc.returncode == 0:
+                    result = (True, "")
+                else:
+                    detail = proc.stderr.decode("utf-8", "replace").strip() or f"exit code {proc.returncode}"
+                    result = (False, f"bubblewrap (bwrap) is installed but does not work here: {detail}")
+        _probe_cache[bwrap] = result
+    return _probe_cache[bwrap]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _has_exited(pid: int) -> bool:
+    """True once the child is dead, without reaping it: its pid (our process group id) stays ours."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def run_process(
+    argv: list[str],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    timeout: float,
+    on_output: OutputCallback | None = None,
+) -> ExecResult:
+    """Run ``argv`` in its own process group, streaming stdout and stderr, killing the group at the end.
+
+    Everything happens on the calling thread with a selector (no reader threads to leak). A pidfd,
+    when the kernel has them, wakes the loop as soon as the child exits even if a grandchild still
+    holds the pipes open.
+    """
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise SandboxError(f"could not start {argv[0]!r}: {exc.strerror or exc}") from exc
+
+    selector = selectors.DefaultSelector()
+    streams = {"stdout": proc.stdout, "stderr": proc.stderr}
+    decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in streams}
+    chunks: dict[str, list[str]] = {name: [] for name in streams}
+    captured = dict.fromkeys(streams, 0)
+    dropped = dict.fromkeys(streams, 0)
+    for name, pipe in streams.items():
+        os.set_blocking(pipe.fileno(), False)
+        selector.register(pipe, selectors.EVENT_READ, name)
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            selector.register(pidfd, selectors.EVENT_READ, "exit")
+        except OSError:
+            pidfd = None
+
+    def emit(name: str, text: str) -> None:
+        if not text:
+            return
+        size = len(text)
+        if captured[name] + size > MAX_CAPTURE_CHARS:
+            dropped[name] += size
+        else:
+            captured[name] += size
+            chunks[name].append(text)
+        if on_output is not None:
+            on_output(name, text)
+
+    deadline = started + timeout
+    exited = False
+    drain_until = 0.0
+    timed_out = False
+    try:
+        while True:
+            now = time.monotonic()
+            if not exited and _has_exited(proc.pid):
+                exited = True
+                _kill_group(proc.pid)  # leftovers in the group must not outlive the call
+                drain_until = now + DRAIN_GRACE
+                if pidfd is not None:
+                    selector.unregister(pidfd)
+            if exited and (now >= drain_until or not selector.get_map()):
+                break  # all output read, or something outside the group holds the pipe
+            if not exited and not timed_out and now >= deadline:
+                timed_out = True
+                _kill_group(proc.pid)
+            if exited:
+                wait = drain_until - now
+            elif timed_out:
+                wait = 1.0  # the kill is on its way; the pidfd (or the cap below) wakes us
+            else:
+                wait = deadline - now
+            if pidfd is None and not exited:
+                wait = min(wait, 0.05)
+            for key, _ in selector.select(max(0.0, wait)):
+                if key.data == "exit":
+                    continue
+                try:
+                    data = os.read(key.fileobj.fileno(), 65536)
+                except BlockingIOError:
+                    continue
+                if data:
+                    emit(key.data, decoders[key.data].decode(data))
+                else:
+                    selector.unregister(key.fileobj)
+    finally:
+        if not exited:  # an exception (e.g. from on_output) interrupted the loop
+            _kill_group(proc.pid)
+        returncode = proc.wait()
+        selector.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        if pidfd is not None:
+            os.close(pidfd)
+
+    for name in streams:
+        emit(name, decoders[name].decode(b"", final=True))
+        if dropped[name]:
+            chunks[name].append(f"\n[{dropped[name]} characters of {name} not kept by the sandbox]\n")
+    if timed_out:
+        exit_code = TIMEOUT_EXIT_CODE
+    elif returncode < 0:
+        exit_code = 128 - returncode
+    else:
+        exit_code = returncode
+    return ExecResult(
+        exit_code=exit_code,
+        stdout="".join(chunks["stdout"]),
+        stderr="".join(chunks["stderr"]),
+        timed_out=timed_out,
+        duration=time.monotonic() - started,
+    )
+
+
+def _check_sandbox_id(sandbox_id: str) -> None:
+    if not isinstance(sandbox_id, str) or not SANDBOX_ID.match(sandbox_id):
+        raise SandboxError(f"invalid local sandbox id {sandbox_id!r}")
+
+
+class LocalHandle:
+    def __init__(self, sandbox_id: str, directory: Path, *, isolated: bool, network: str, env: dict):
+        self.id = sandbox_id
+        self.directory = directory
+        self.host_workspace = Path(os.path.realpath(directory / "workspace"))
+        self.isolated = isolated
+        self.network = network
+        self.env = dict(env)
+        self.workspace = SANDBOX_WORKSPACE if isolated else str(self.host_workspace)
+
+    def __repr__(self) -> str:
+        return f"<LocalHandle {self.id} isolated={self.isolated}>"
+
+    # --- paths ----------------------------------------------------------------------------------
+
+    def resolve(self, path: str) -> Path:
+        """The real host path for a workspace path; PathEscape when it resolves outside.
+
+        Symlinks are followed (``os.path.realpath``) before the containment check, including the
+        parents of a file that does not exist yet, so a link pointing out cannot be written through.
+        """
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise SandboxError(f"invalid path {path!r}")
+        shown = path
+        if path.startswith("/"):
+            inner = PurePosixPath(os.path.normpath(path))
+            try:
+                path = str(inner.relative_to(self.workspace))
+            except ValueError:
+                raise PathEscape(
+                    f"{shown!r} is outside the workspace: use a path relative to the workspace "
+                    f"or under {self.workspace}"
+                ) from None
+        real = Path(os.path.realpath(self.host_workspace / path))
+        if real != self.host_workspace and self.host_workspace not in real.parents:
+            raise PathEscape(f"{shown!r} is outside the workspace ({self.workspace})")
+        return real
+
+    def _relative(self, real: Path) -> str:
+        return real.relative_to(self.host_workspace).as_posix() or "."
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def exec(
+        self,
+        argv: list[str],
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecResult:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise SandboxError("exec needs a non-empty list of strings")
+        if not self.host_workspace.is_dir():
+            raise SandboxError(f"sandbox {self.id} has no workspace any more")
+        host_cwd = self.resolve(cwd or ".")
+        if not host_cwd.is_dir():
+            raise SandboxError(f"working directory {cwd!r} is not a directory in the workspace")
+        timeout = float(timeout if timeout is not None else settings.SANDBOX_EXEC_TIMEOUT)
+        if timeout <= 0:
+            raise SandboxError("exec timeout must be positive")
+        child_env = _minimal_env(self.workspace, self.env, env)
+        if self.isolated:
+            bwrap = shutil.which("bwrap")
+            if bwrap is None:
+                raise SandboxError("bubblewrap (bwrap) is no longer installed on this worker")
+            inner_cwd = str(PurePosixPath(SANDBOX_WORKSPACE) / self._relative(host_cwd))
+            # bwrap's own environment is the child's: /proc/1/environ inside must hold no secrets.
+            full = [*_bwrap_args(bwrap, self.host_workspace, self.network, inner_cwd), "--", *argv]
+            return run_process(full, cwd=str(host_cwd), env=child_env, timeout=timeout, on_output=on_output)
+        return run_process(list(argv), cwd=str(host_cwd), env=child_env, timeout=timeout, on_output=on_output)
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def read_file(self, path: str) -> bytes:
+        real = self.resolve(path)
+        try:
+            return real.read_bytes()
+        except FileNotFoundError:
+            raise SandboxError(f"no such file: {path}") from None
+        except IsADirectoryError:
+            raise SandboxError(f"{path} is a directory") from None
+        except OSError as exc:
+            raise SandboxError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def write_file(self, path: str, data: bytes) -> None:
+        real = self.resolve(path)
+        if real == self.host_workspace:
+            raise SandboxError("cannot write to the workspace directory itself")
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            # Re-check: mkdir may have walked through something created meanwhile.
+            self.resolve(str(real.relative_to(self.host_workspace)))
+            real.write_bytes(data)
+        except IsADirectoryError:
+            raise SandboxError(f"{path} is a directory") from None
+        except OSError as exc:
+            raise SandboxError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def list_files(self, path: str = ".") -> list[str]:
+        real = self.resolve(path)
+        if real.is_file():
+            return [self._relative(real)]
+        if not real.is_dir():
+            raise SandboxError(f"no such file or directory: {path}")
+        found: list[str] = []
+        for top, dirs, files in os.walk(real):
+            dirs[:] = sorted(d for d in dirs if d != ".git")
+            base = Path(top)
+            for name in sorted(files):
+                found.append(self._relative(base / name))
+                if len(found) >= LIST_FILES_LIMIT:
+                    return sorted(found)
+            # Symlinks to directories are listed as entries, never followed.
+            for name in list(dirs):
+                if (base / name).is_symlink():
+                    dirs.remove(name)
+                    found.append(self._relative(base / name))
+        return sorted(found)[:LIST_FILES_LIMIT]
+
+    def put_archive(self, path: str, data: bytes) -> None:
+        dest = self.resolve(path)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SandboxError(f"cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            with tarfile.open(fileobj=BytesIO(data), mode="r:") as tar:
+                members = tar.getmembers()
+                for member in members:
+                    self._check_member(member, dest)
+                # The "data" filter checks every member again as it is extracted, which also
+                # catches links made dangerous by earlier members of the same archive.
+                tar.extractall(dest, members=members, filter="data")
+        except tarfile.SpecialFileError as exc:
+            raise SandboxError(f"archive member refused: {exc}") from None
+        except tarfile.FilterError as exc:
+            raise PathEscape(f"archive member refused: {exc}") from None
+        except tarfile.TarError as exc:
+            raise SandboxError(f"not a valid tar archive: {exc}") from None
+        except OSError as exc:
+            raise SandboxError(f"cannot extract the archive: {exc.strerror or exc}") from None
+
+    def _check_member(self, member: tarfile.TarInfo, dest: Path) -> None:
+        name = member.name
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or ".." in parts:
+            raise PathEscape(f"archive member {name!r} is outside the workspace")
+        target = Path(os.path.realpath(dest / name))
+        if not self._inside(target):
+            raise PathEscape(f"archive member {name!r} is outside the workspace")
+        if member.issym() or member.islnk():
+            link = member.linkname
+            if link.startswith("/"):
+                raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
+            base = (dest / name).parent if member.issym() else dest
+            if not self._inside(Path(os.path.realpath(base / link))):
+                raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
+        tarfile.data_filter(member, str(dest))
+
+    def _inside(self, real: Path) -> bool:
+        return real == self.host_workspace or self.host_workspace in real.parents
+
+    def get_archive(self, path: str = ".") -> bytes:
+        real = self.resolve(path)
+        if not real.exists():
+            raise SandboxError(f"no such file or directory: {path}")
+        buffer = BytesIO()
+        try:
+            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                if real.is_dir():
+                    for entry in sorted(os.listdir(real)):
+                        tar.add(real / entry, arcname=entry)  # symlinks stay symlinks
+                else:
+                    tar.add(real, arcname=real.name)
+        except OSError as exc:
+            raise SandboxError(f"cannot archive {path}: {exc.strerror or exc}") from None
+        return buffer.getvalue()
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, root: str | Path | None = None, isolation: str | None = None):
+        self.root = Path(root if root is not None else settings.SANDBOX_ROOT)
+        self.isolation = isolation or settings.SANDBOX_ISOLATION
+        if self.isolation not in ("auto", "bwrap", "none"):
+            raise SandboxError(f"unknown sandbox isolation {self.isolation!r}: use auto, bwrap or none")
+
+    def _isolation(self) -> tuple[bool, str]:
+        """(use bubblewrap, reason when not) for the configured mode."""
+        if self.isolation == "none":
+            return False, ISOLATION_OFF_REASON
+        works, reason = probe_bwrap()
+        if works:
+            return True, ""
+        if self.isolation == "bwrap":
+            raise SandboxError(
+                f"DEPUTIES_SANDBOX_ISOLATION=bwrap, but {reason}; "
+                "install bubblewrap or choose another isolation mode"
+            )
+        return False, f"{reason}: {UNISOLATED}"
+
+    def capabilities(self) -> Capabilities:
+        try:
+            isolated, reason = self._isolation()
+        except SandboxError as exc:
+            return Capabilities(isolated=False, network_policy=False, resource_limits=False, reason=str(exc))
+        return Capabilities(isolated=isolated, network_policy=isolated, resource_limits=False, reason=reason)
+
+    def create(self, spec: SandboxSpec) -> LocalHandle:
+        isolated, _ = self._isolation()
+        if spec.network not in ("none", "bridge"):
+            raise SandboxError(f"unknown network policy {spec.network!r}: use none or bridge")
+        sandbox_id = f"s{spec.session_id}-{secrets.token_hex(4)}"
+        directory = self.root / sandbox_id
+        try:
+            (directory / "workspace").mkdir(parents=True, mode=0o700)
+            meta = {"session_id": spec.session_id, "network": spec.network, "env": dict(spec.env)}
+            # Outside the workspace, so the sandboxed process never sees it; it may hold env values.
+            fd = os.open(directory / METADATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(meta, fh)
+        except OSError as exc:
+            raise SandboxError(f"cannot create the sandbox directory under {self.root}: {exc}") from exc
+        return LocalHandle(sandbox_id, directory, isolated=isolated, network=spec.network, env=spec.env)
+
+    def connect(self, sandbox_id: str) -> LocalHandle:
+        _check_sandbox_id(sandbox_id)
+        directory = self.root / sandbox_id
+        if not (directory / "workspace").is_dir():
+            raise SandboxError(f"sandbox {sandbox_id} does not exist")
+        try:
+            meta = json.loads((directory / METADATA_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise SandboxError(f"sandbox {sandbox_id} has no readable metadata: {exc}") from exc
+        isolated, _ = self._isolation()
+        return LocalHandle(
+            sandbox_id,
+            directory,
+            isolated=isolated,
+            network=meta.get("network", "none"),
+            env=meta.get("env") or {},
+        )
+
+    def destroy(self, sandbox_id: str) -> None:
+        _check_sandbox_id(sandbox_id)
+        directory = self.root / sandbox_id
+        if not directory.exists() and not directory.is_symlink():
+            return
+
+        def make_writable_and_retry(func, path, _exc):
+            # The sandboxed code may have left read-only directories behind.
+            os.chmod(os.path.dirname(path), stat.S_IRWXU)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, stat.S_IRWXU)
+            func(path)
+
+        try:
+            if directory.is_symlink():
+                directory.unlink()
+            else:
+                shutil.rmtree(directory, onerror=make_writable_and_retry)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SandboxError(f"cannot remove sandbox {sandbox_id}: {exc}") from exc
+
+    def health(self) -> dict:
+        result = {"ok": True, "provider": self.name, "isolated": False, "reason": "", "root": str(self.root)}
+        try:
+            isolated, reason = self._isolation()
+            result.update(isolated=isolated, reason=reason)
+        except SandboxError as exc:
+            result.update(ok=False, reason=str(exc))
+            return result
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            result.update(ok=False, reason=f"cannot create the sandbox root {self.root}: {exc}")
+            return result
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            result.update(ok=False, reason=f"the sandbox root {self.root} is not writable")
+        return result

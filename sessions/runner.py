@@ -1,0 +1,295 @@
+"""Executes one Run as ordered steps: provision sandbox, prepare repository, agent loop, collect diff.
+
+The runner owns error capture so each step only does its work; a step that raises fails the run
+with the error kept on the Run, the Session and a ``run_failed`` event.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from sandboxes.base import SandboxHandle, SandboxSpec, get_provider
+from sandboxes.models import Sandbox
+from sessions.artifacts import store_artifact
+from sessions.events import emit
+from sessions.models import Message, Run, Session
+
+log = logging.getLogger(__name__)
+
+BASE_REF = "refs/deputies/base"
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StepFailed(Exception):
+    """A step failed in a way the user can act on; the message is shown as the run's error."""
+
+
+def git(
+    *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> str:
+    base_env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_AUTHOR_NAME": "Deputies",
+        "GIT_AUTHOR_EMAIL": "deputies@localhost",
+        "GIT_COMMITTER_NAME": "Deputies",
+        "GIT_COMMITTER_EMAIL": "deputies@localhost",
+        "LC_ALL": "C",
+        **(env or {}),
+    }
+    hardening = ["-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+    proc = subprocess.run(
+        ["git", *hardening, *args],
+        cwd=cwd,
+        env=base_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise StepFailed(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return proc.stdout
+
+
+def execute(run_id: int) -> str:
+    """Queue entry point. Claiming is a conditional update, so a duplicate delivery is a no-op."""
+    try:
+        run = Run.objects.select_related("session__repository", "session__environment").get(pk=run_id)
+    except Run.DoesNotExist:
+        return "missing"
+    if not run.claim(WORKER_ID):
+        return f"skipped: run is {run.status}"
+    return Runner(run).execute()
+
+
+def extract_workspace(data: bytes, tree: Path) -> None:
+    """Unpack a workspace archive for diffing: no ``.git``, nothing written through a link.
+
+    Files and directories go through tarfile's ``data`` filter; symlinks (which may point anywhere,
+    that is the agent's business and shows in the diff) are created last, as links, never followed.
+    """
+    links = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = []
+        for m in tar.getmembers():
+            name = m.name.removeprefix("./")
+            if name == ".git" or name.startswith(".git/"):
+                continue
+            if m.issym():
+                links.append((name, m.linkname))
+            elif m.isfile() or m.isdir():
+                members.append(m)
+        tar.extractall(tree, members=members, filter="data")
+    root = tree.resolve()
+    for name, target in links:
+        path = tree / name
+        if not path.parent.resolve().is_relative_to(root) or path.exists() or path.is_symlink():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, path)
+
+
+class Runner:
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.session: Session = run.session
+        self.sandbox: Sandbox | None = None
+        self.handle: SandboxHandle | None = None
+
+    def emit(self, type: str, payload: dict) -> None:
+        emit(self.session.pk, type, payload, run_id=self.run.pk)
+
+    def execute(self) -> str:
+        self.emit("run_started", {"run_id": self.run.pk, "attempt": self.run.attempt})
+        self.emit("status", {"status": "running"})
+        try:
+            fresh = self.provision_sandbox()
+            if fresh:
+                self.prepare_repository()
+            result = self.agent_loop()
+            self.collect_diff()
+        except Exception as exc:  # the runner owns error capture
+            log.exception("run %s failed", self.run.pk)
+            return self.fail(exc)
+        finally:
+            if self.sandbox is not None:
+                Sandbox.objects.filter(pk=self.sandbox.pk).update(last_used=timezone.now())
+        if result.status == "cancelled" or self.run.is_cancelled():
+            return "cancelled"
+        if result.status != "completed":
+            return self.fail(StepFailed(result.error or "the agent stopped without finishing"))
+        Session.objects.filter(pk=self.session.pk).update(summary=result.summary)
+        if self.run.finish(Run.Status.COMPLETED):
+            self.emit("run_completed", {"run_id": self.run.pk, "summary": result.summary})
+            self.emit("status", {"status": "completed"})
+        return "completed"
+
+    def fail(self, exc: Exception) -> str:
+        error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+        if self.run.finish(Run.Status.FAILED, error):
+            self.emit("run_failed", {"run_id": self.run.pk, "error": error})
+            self.emit("status", {"status": "failed"})
+            return "failed"
+        return "cancelled"
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def provision_sandbox(self) -> bool:
+        """Reuse the session's live sandbox for follow-ups; returns True when a new one was made."""
+        env = self.session.environment
+        provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
+        live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
+        if live is not None:
+            try:
+                self.handle = provider.connect(live.external_id)
+                self.sandbox = live
+                return False
+            except Exception as exc:
+                log.warning("sandbox %s is gone (%s); making a new one", live.external_id, exc)
+                Sandbox.objects.filter(pk=live.pk).update(
+                    status=Sandbox.Status.DESTROYED, destroyed=timezone.now()
+                )
+        caps = provider.capabilities()
+        self.sandbox = Sandbox.objects.create(
+            session=self.session,
+            provider=provider.name,
+            isolated=caps.isolated,
+            isolation_note=caps.reason[:300],
+        )
+        spec = SandboxSpec(
+            session_id=self.session.pk,
+            image=env.image if env else "",
+            env={str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
+            network=env.network_policy if env else "none",
+            cpu_limit=env.cpu_limit if env else None,
+            memory_mb=env.memory_mb if env else None,
+            labels={"deputies.session": str(self.session.pk)},
+        )
+        try:
+            self.handle = provider.create(spec)
+        except Exception as exc:
+            Sandbox.objects.filter(pk=self.sandbox.pk).update(
+                status=Sandbox.Status.FAILED, error=str(exc)[:2000]
+            )
+            raise StepFailed(f"could not create the sandbox: {exc}") from exc
+        Sandbox.objects.filter(pk=self.sandbox.pk).update(
+            status=Sandbox.Status.READY, external_id=self.handle.id, last_used=timezone.now()
+        )
+        payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
+        if not caps.isolated:
+            payload["reason"] = caps.reason
+        self.emit("sandbox_ready", payload)
+        return True
+
+    def checkout_dir(self) -> Path:
+        """The worker's trusted clone for this session; the sandbox's own .git is never trusted."""
+        return Path(settings.DATA_DIR) / "checkouts" / f"session-{self.session.pk}"
+
+    def prepare_repository(self) -> None:
+        """Clone in the worker (credentials never enter the sandbox) and upload the tree."""
+        repo = self.session.repository
+        checkout = self.checkout_dir()
+        if checkout.exists():
+            shutil.rmtree(checkout)
+        checkout.parent.mkdir(parents=True, exist_ok=True)
+        git(
+            "clone",
+            "--quiet",
+            "--no-hardlinks",
+            "--branch",
+            self.session.base_branch,
+            "--",
+            repo.url,
+            str(checkout),
+        )
+        commit = git("rev-parse", "HEAD", cwd=checkout).strip()
+        git("update-ref", BASE_REF, commit, cwd=checkout)
+        git("checkout", "--quiet", "-b", self.session.branch, cwd=checkout)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for entry in sorted(os.listdir(checkout)):
+                tar.add(checkout / entry, arcname=entry)
+        self.handle.put_archive(".", buffer.getvalue())
+        self.emit(
+            "repository_ready",
+            {
+                "url": repo.url,
+                "base_branch": self.session.base_branch,
+                "branch": self.session.branch,
+                "commit": commit,
+            },
+        )
+
+    def agent_loop(self):
+        from sessions.agent.loop import build_system_prompt, run_agent
+
+        session = Session.objects.get(pk=self.session.pk)
+        transcript = list(session.transcript) or [
+            {"role": "system", "content": build_system_prompt(session, self.handle)}
+        ]
+        for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
+            transcript.append({"role": "user", "content": message.content})
+        result = run_agent(self.run, self.handle, transcript)
+        Session.objects.filter(pk=session.pk).update(transcript=result.transcript)
+        return result
+
+    def collect_diff(self) -> None:
+        """Pull the workspace out and diff it against the base commit using the worker's own .git.
+
+        Only regular files and directories come back, and the sandbox's ``.git`` is dropped: a
+        hostile ``.git/config`` (hooks, fsmonitor) must never run on the worker.
+        """
+        checkout = self.checkout_dir()
+        if not (checkout / ".git").exists():
+            self.restore_checkout(checkout)
+        data = self.handle.get_archive(".")
+        with tempfile.TemporaryDirectory(prefix="deputies-diff-") as tmp:
+            tree = Path(tmp) / "tree"
+            tree.mkdir()
+            extract_workspace(data, tree)
+            trusted = ["--git-dir", str(checkout / ".git"), "--work-tree", str(tree)]
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            git(*trusted, "read-tree", BASE_REF, env=index)
+            git(*trusted, "add", "-A", env=index)
+            diff = git(*trusted, "diff", "--cached", "--binary", BASE_REF, env=index)
+        if diff.strip():
+            store_artifact(
+                self.session.pk,
+                "diff",
+                f"session-{self.session.pk}-run-{self.run.attempt}.diff",
+                diff,
+                run_id=self.run.pk,
+                content_type="text/x-diff; charset=utf-8",
+            )
+
+    def restore_checkout(self, checkout: Path) -> None:
+        """A follow-up on another worker host: clone again and pin the recorded base commit."""
+        ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
+        if ready is None:
+            raise StepFailed("the repository was never prepared for this session")
+        if checkout.exists():
+            shutil.rmtree(checkout)
+        checkout.parent.mkdir(parents=True, exist_ok=True)
+        git(
+            "clone",
+            "--quiet",
+            "--no-checkout",
+            "--no-hardlinks",
+            "--",
+            self.session.repository.url,
+            str(checkout),
+        )
+        git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)

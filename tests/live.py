@@ -1,0 +1,84 @@
+"""Helpers for end-to-end tests that run real processes against the test database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from django.conf import settings
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def database_url_for_children() -> str:
+    """The URL of the database this test runs on, so child processes share it."""
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s["PASSWORD"] else "")
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPUTIES_", "PYTEST_", "DJANGO_"))}
+    env.update(
+        {
+            # Same key as the test process: django-q2 signs task payloads with it.
+            "DEPUTIES_SECRET_KEY": settings.SECRET_KEY,
+            "DATABASE_URL": database_url_for_children(),
+            "DEPUTIES_DATA_DIR": str(data_dir),
+            "DEPUTIES_QUEUE_POLL": "0.05",
+            "DEPUTIES_LOG_LEVEL": "WARNING",
+            "DJANGO_SETTINGS_MODULE": "deputies.settings",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A real django-q2 cluster; stopped with SIGTERM (then SIGKILL) when the block ends."""
+    log = open(Path(env["DEPUTIES_DATA_DIR"]) / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "qcluster"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
