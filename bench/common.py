@@ -13,9 +13,9 @@ BENCH_DB = os.environ.get("DEPUTIES_BENCH_DATABASE_URL", "postgres://postgres@12
 
 
 def setup(data_dir: Path | None = None) -> None:
-    import psycopg
-
     from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
 
     url = urlsplit(BENCH_DB)
     name = url.path.lstrip("/")
@@ -41,4 +41,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     def pick(p: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(round(p * (len(ordered) - 1))))], 3)
 
-    return {"p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "mean": round(statistics.fmean(ordered), 3)}
+    return {
+        "p50": pick(0.5),
+        "p95": pick(0.95),
+        "p99": pick(0.99),
+        "mean": round(statistics.fmean(ordered), 3),
+    }

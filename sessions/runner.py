@@ -172,7 +172,11 @@ class Runner:
         spec = SandboxSpec(
             session_id=self.session.pk,
             image=env.image if env else "",
-            env={str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
+            # Bytecode caches go stale when an edit keeps size and mtime second; tests must see edits.
+            env={
+                "PYTHONDONTWRITEBYTECODE": "1",
+                **{str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
+            },
             network=env.network_policy if env else "none",
             cpu_limit=env.cpu_limit if env else None,
             memory_mb=env.memory_mb if env else None,

@@ -34,6 +34,11 @@ def make_git_repo(path: Path, source: Path = SAMPLE_REPO, branch: str = "main") 
     return path
 
 
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def sample_repo(tmp_path: Path) -> Path:
     return make_git_repo(tmp_path / "sample")

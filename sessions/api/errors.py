@@ -1,1 +1,86 @@
-from rest_framework.views import exception_handler  # noqa: F401
+"""Every API error is JSON with a ``detail``; validation errors also name each bad field.
+
+Shapes::
+
+    {"detail": "Invalid input: prompt, model.", "errors": {"prompt": ["..."], "model": ["..."]}}
+    {"detail": "Not found.", "code": "not_found"}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import ProtectedError
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
+
+logger = logging.getLogger(__name__)
+
+
+class Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The request conflicts with the current state of the object."
+    default_code = "conflict"
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()  # the same answer for "missing" and "not yours"
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    elif isinstance(exc, ProtectedError):
+        exc = Conflict(f"It is still in use by {len(exc.protected_objects)} other object(s).")
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        # An unexpected error: log it with the traceback, answer in JSON like every other error.
+        view = context.get("view")
+        logger.exception("unhandled error in %s", type(view).__name__ if view else "API view")
+        set_rollback()
+        return Response({"detail": "Internal server error.", "code": "error"}, status=500)
+    if isinstance(exc, exceptions.ValidationError):
+        response.data = _validation_body(exc.detail)
+    elif isinstance(exc, exceptions.APIException):
+        response.data = {"detail": _text(exc.detail), "code": _code(exc)}
+    return response
+
+
+def _validation_body(detail: Any) -> dict[str, Any]:
+    if isinstance(detail, dict):
+        errors = {field: _messages(value) for field, value in detail.items()}
+    else:
+        errors = {"non_field_errors": _messages(detail)}
+    fields = [f for f in errors if f != "non_field_errors"]
+    if fields:
+        summary = "Invalid input: " + ", ".join(fields) + "."
+    else:
+        summary = " ".join(str(m) for m in errors["non_field_errors"]) or "Invalid input."
+    return {"detail": summary, "errors": errors}
+
+
+def _messages(value: Any) -> Any:
+    """Flat lists of strings, except for nested objects which keep their field names."""
+    if isinstance(value, dict):
+        return {k: _messages(v) for k, v in value.items()}
+    if isinstance(value, list):
+        if any(isinstance(v, dict) for v in value):
+            return [_messages(v) for v in value]
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def _text(detail: Any) -> str:
+    if isinstance(detail, list):
+        return " ".join(str(d) for d in detail)
+    if isinstance(detail, dict):
+        return " ".join(f"{k}: {_text(v)}" for k, v in detail.items())
+    return str(detail)
+
+
+def _code(exc: exceptions.APIException) -> str:
+    codes = exc.get_codes()
+    return codes if isinstance(codes, str) else exc.default_code

@@ -1,3 +1,32 @@
 from __future__ import annotations
 
-urlpatterns: list = []
+from django.http import HttpRequest, JsonResponse
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView
+from rest_framework.routers import SimpleRouter
+
+from sessions.api import docs, health, views
+from sessions.api.schema import Generator
+
+# "/?": both /api/v1/sessions and /api/v1/sessions/ answer, without a redirect that drops a POST body.
+router = SimpleRouter()
+router.trailing_slash = "/?"  # the constructor only knows "/" or ""
+router.register("sessions", views.SessionViewSet, basename="api-session")
+router.register("artifacts", views.ArtifactViewSet, basename="api-artifact")
+router.register("repositories", views.RepositoryViewSet, basename="api-repository")
+router.register("environments", views.EnvironmentViewSet, basename="api-environment")
+
+
+def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    """Unknown paths under /api/ answer in JSON like every other API error."""
+    return JsonResponse({"detail": f"No API endpoint at {request.path}.", "code": "not_found"}, status=404)
+
+
+urlpatterns = [
+    path("api/v1/", include(router.urls)),
+    re_path(r"^api/schema/?$", SpectacularAPIView.as_view(generator_class=Generator), name="api-schema"),
+    re_path(r"^api/docs/?$", docs.api_docs, name="api-docs"),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    re_path(r"^api/(?P<rest>.*)$", api_not_found),
+]

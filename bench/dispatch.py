@@ -1,0 +1,163 @@
+"""Dispatch latency on Postgres: POST /api/v1/sessions -> run started -> first model request.
+
+Starts the real processes (daphne via `deputies web`, a qcluster via `deputies worker`) and the
+scripted model in-process, then submits sessions one at a time and reports percentiles in ms.
+Usage: .venv/bin/python bench/dispatch.py [--sessions 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, percentiles, setup  # noqa: E402
+
+SCRIPT = {"responses": [{"tool_calls": [{"name": "finish", "arguments": {"summary": "done"}}]}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sessions", type=int, default=50)
+    args = parser.parse_args()
+
+    data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-"))
+    setup(data_dir)
+    import httpx
+    from django.conf import settings
+
+    from sessions.agent.fake_llm import start_in_thread
+    from sessions.models import APIToken, Event, Membership, Repository, Team
+    from tests.conftest import make_git_repo
+
+    first_request: dict[str, float] = {}
+    fake = start_in_thread(SCRIPT)
+
+    def on_request(body: dict) -> None:
+        prompt = next((m.get("content") for m in body.get("messages", []) if m.get("role") == "user"), "")
+        first_request.setdefault(prompt, time.time())
+
+    fake.on_request = on_request
+    from django.contrib.auth import get_user_model
+
+    user, _ = get_user_model().objects.get_or_create(username="bench")
+    team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
+    Membership.objects.get_or_create(team=team, user=user, defaults={"role": "owner"})
+    repo_path = make_git_repo(data_dir / "repo")
+    repo, _ = Repository.objects.update_or_create(
+        team=team, name="bench-dispatch", defaults={"url": str(repo_path), "provider": "local"}
+    )
+    _, secret = APIToken.issue(user, "bench")
+    port = free_port()
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=os.environ["DATABASE_URL"],
+        DEPUTIES_DATA_DIR=str(data_dir),
+        DEPUTIES_SECRET_KEY=settings.SECRET_KEY,
+        DEPUTIES_LLM_PROVIDERS="scripted",
+        DEPUTIES_LLM_SCRIPTED_BASE_URL=fake.base_url,
+        DEPUTIES_LOG_LEVEL="WARNING",
+    )
+    deputies = str(Path(sys.executable).parent / "deputies")
+    procs = [
+        subprocess.Popen(
+            [deputies, "web", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [deputies, "worker"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ),
+    ]
+    try:
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}
+        )
+        wait_until(lambda: _ok(client), 30, "the web server")
+        time.sleep(2)  # let the qcluster finish starting before measuring
+        dispatch, first_llm, done = [], [], []
+        for i in range(args.sessions + 3):
+            prompt = f"bench dispatch {i} {time.time()}"
+            t0 = time.time()
+            r = client.post(
+                "/api/v1/sessions", json={"repository": repo.pk, "prompt": prompt, "model": "scripted/demo"}
+            )
+            r.raise_for_status()
+            sid = r.json()["id"]
+            wait_until(lambda prompt=prompt: prompt in first_request, 30, "the first model request")
+            status = wait_until(
+                lambda sid=sid: (
+                    (s := client.get(f"/api/v1/sessions/{sid}").json()["status"]) in ("completed", "failed")
+                    and s
+                ),
+                30,
+                "the session to finish",
+            )
+            t_done = time.time()
+            started = Event.objects.get(session_id=sid, type="run_started").created.timestamp()
+            if i < 3:
+                continue  # warm-up
+            if status != "completed":
+                raise SystemExit(f"session {sid} {status}")
+            dispatch.append((started - t0) * 1000)
+            first_llm.append((first_request[prompt] - t0) * 1000)
+            done.append((t_done - t0) * 1000)
+        print(
+            json.dumps(
+                {
+                    "database": "postgresql",
+                    "sessions": args.sessions,
+                    "post_to_run_started_ms": percentiles(dispatch),
+                    "post_to_first_llm_request_ms": percentiles(first_llm),
+                    "post_to_completed_seen_by_client_ms": percentiles(done),
+                },
+                indent=2,
+            )
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        fake.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _ok(client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    main()

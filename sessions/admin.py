@@ -1,0 +1,321 @@
+"""The operator console. State changes go through the model methods (cancel, retry), never raw edits."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+
+from sessions.models import (
+    APIToken,
+    Artifact,
+    Environment,
+    Event,
+    LLMCall,
+    Membership,
+    Message,
+    Repository,
+    Run,
+    Session,
+    Team,
+)
+
+# A session page shows this many of the latest events; the Event list has them all.
+EVENTS_INLINE_LIMIT = 500
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows written by runs: operators look, the runner writes."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+# --- teams ----------------------------------------------------------------------------------------
+
+
+class MembershipInline(admin.TabularInline):
+    model = Membership
+    extra = 0
+    autocomplete_fields = ["user"]
+
+
+@admin.register(Team)
+class TeamAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "member_count", "created"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [MembershipInline]
+
+    @admin.display(description="members")
+    def member_count(self, obj: Team) -> int:
+        return obj.memberships.count()
+
+
+@admin.register(Membership)
+class MembershipAdmin(admin.ModelAdmin):
+    list_display = ["user", "team", "role", "created"]
+    list_filter = ["role", "team"]
+    search_fields = ["user__username", "user__email", "team__name", "team__slug"]
+    autocomplete_fields = ["user", "team"]
+    list_select_related = ["user", "team"]
+
+
+# --- repositories and environments ----------------------------------------------------------------
+
+
+@admin.register(Repository)
+class RepositoryAdmin(admin.ModelAdmin):
+    list_display = ["name", "team", "provider", "url", "default_branch", "created"]
+    list_filter = ["provider", "team"]
+    search_fields = ["name", "url"]
+    list_select_related = ["team"]
+    autocomplete_fields = ["team"]
+
+
+@admin.register(Environment)
+class EnvironmentAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "team",
+        "revision",
+        "sandbox_provider",
+        "network_policy",
+        "default_model",
+        "updated",
+    ]
+    list_filter = ["team", "sandbox_provider", "network_policy"]
+    search_fields = ["name", "image", "default_model"]
+    readonly_fields = ["revision", "created", "updated"]
+    list_select_related = ["team"]
+    autocomplete_fields = ["team"]
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+
+
+class MessageInline(ReadOnlyInline):
+    model = Message
+    fields = ["position", "status", "author", "content", "run", "created"]
+    readonly_fields = fields
+    ordering = ["position"]
+
+
+class RunInline(ReadOnlyInline):
+    model = Run
+    fields = ["attempt", "status", "lease_owner", "started", "finished", "steps", "cost_usd", "error"]
+    readonly_fields = fields
+    ordering = ["attempt"]
+
+
+class EventInline(ReadOnlyInline):
+    model = Event
+    fields = ["seq", "type", "run", "payload", "created"]
+    readonly_fields = fields
+    ordering = ["seq"]
+    show_change_link = False
+    verbose_name_plural = f"events (the latest {EVENTS_INLINE_LIMIT})"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Event]:
+        queryset = super().get_queryset(request)
+        session_id = (request.resolver_match.kwargs if request.resolver_match else {}).get("object_id")
+        if session_id and str(session_id).isdigit():
+            latest = Event.objects.filter(session_id=session_id).order_by("-seq")[:EVENTS_INLINE_LIMIT]
+            queryset = queryset.filter(pk__in=latest.values("pk"))
+        return queryset
+
+
+@admin.register(Session)
+class SessionAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "title",
+        "team",
+        "repository",
+        "status",
+        "source",
+        "model",
+        "created_by",
+        "cost_usd",
+        "created",
+    ]
+    list_display_links = ["id", "title"]
+    list_filter = ["status", "source", "team", "model"]
+    search_fields = ["title", "summary", "branch", "pull_request_url", "repository__name"]
+    date_hierarchy = "created"
+    list_select_related = ["team", "repository", "created_by"]
+    actions = ["cancel_sessions", "retry_sessions"]
+    inlines = [MessageInline, RunInline, EventInline]
+    # Status and usage change only through runs and the actions above.
+    readonly_fields = [
+        "team",
+        "created_by",
+        "repository",
+        "base_branch",
+        "branch",
+        "environment",
+        "environment_revision",
+        "model",
+        "status",
+        "source",
+        "external_ref",
+        "pull_request_url",
+        "summary",
+        "error",
+        "input_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "cost_usd",
+        "last_seq",
+        "created",
+        "updated",
+        "finished",
+    ]
+    exclude = ["transcript"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # sessions start through start_session (web, API, integrations)
+
+    @admin.action(description="Cancel selected sessions", permissions=["change"])
+    def cancel_sessions(self, request: HttpRequest, queryset: QuerySet[Session]) -> None:
+        done = skipped = 0
+        for session in queryset:
+            if session.cancel():
+                done += 1
+            else:
+                skipped += 1
+        self.message_user(request, f"Cancelled {done} session(s).", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request, f"{skipped} session(s) were already cancelled or archived.", messages.WARNING
+            )
+
+    @admin.action(description="Retry selected sessions", permissions=["change"])
+    def retry_sessions(self, request: HttpRequest, queryset: QuerySet[Session]) -> None:
+        done = skipped = 0
+        for session in queryset:
+            if session.retry() is not None:
+                done += 1
+            else:
+                skipped += 1
+        self.message_user(request, f"Queued a new run for {done} session(s).", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request,
+                f"{skipped} session(s) still have an active run; cancel them first.",
+                messages.WARNING,
+            )
+
+
+@admin.register(Message)
+class MessageAdmin(ReadOnlyAdmin):
+    list_display = ["session", "position", "status", "author", "created"]
+    list_filter = ["status"]
+    search_fields = ["content"]
+    date_hierarchy = "created"
+    list_select_related = ["session", "author"]
+    raw_id_fields = ["session", "run"]
+
+
+@admin.register(Run)
+class RunAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "session",
+        "attempt",
+        "status",
+        "lease_owner",
+        "heartbeat",
+        "started",
+        "finished",
+        "cost_usd",
+    ]
+    list_filter = ["status"]
+    search_fields = ["lease_owner", "error", "session__title"]
+    date_hierarchy = "created"
+    list_select_related = ["session"]
+    raw_id_fields = ["session"]
+
+
+@admin.register(Event)
+class EventAdmin(ReadOnlyAdmin):
+    """Append-only: no add, change or delete."""
+
+    list_display = ["session", "seq", "type", "run", "created"]
+    list_filter = ["type"]
+    search_fields = ["type", "session__title"]
+    date_hierarchy = "created"
+    list_select_related = ["session"]
+    raw_id_fields = ["session", "run"]
+    ordering = ["-session", "seq"]
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(Artifact)
+class ArtifactAdmin(ReadOnlyAdmin):
+    list_display = ["name", "kind", "session", "size", "content_type", "created", "download"]
+    list_filter = ["kind"]
+    search_fields = ["name", "sha256"]
+    date_hierarchy = "created"
+    list_select_related = ["session"]
+    raw_id_fields = ["session", "run"]
+
+    @admin.display(description="download")
+    def download(self, obj: Artifact) -> str:
+        return format_html('<a href="{}">download</a>', reverse("api-artifact-download", args=[obj.pk]))
+
+
+@admin.register(LLMCall)
+class LLMCallAdmin(ReadOnlyAdmin):
+    list_display = [
+        "created",
+        "session",
+        "provider",
+        "model",
+        "outcome",
+        "status_code",
+        "input_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "cost_usd",
+        "latency_ms",
+    ]
+    list_filter = ["outcome", "provider", "model"]
+    search_fields = ["model", "error"]
+    date_hierarchy = "created"
+    list_select_related = ["session"]
+    raw_id_fields = ["session", "run"]
+
+
+@admin.register(APIToken)
+class APITokenAdmin(ReadOnlyAdmin):
+    """Tokens are created with ``deputies token create``; here they can be seen and revoked (deleted)."""
+
+    list_display = ["prefix", "name", "user", "created", "last_used"]
+    list_filter = ["created", "last_used"]
+    search_fields = ["name", "prefix", "user__username"]
+    list_select_related = ["user"]
+    fields = ["user", "name", "prefix", "created", "last_used"]  # never key_hash
+    readonly_fields = fields

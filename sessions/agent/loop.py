@@ -1,0 +1,262 @@
+"""The agent loop: ask the model, run the tools it asks for in the sandbox, repeat until it finishes.
+
+It runs in the worker, so model keys never reach the sandbox. Everything the user sees is an event;
+every model attempt is an LLMCall row. The loop stops on its own in all cases: the model finishes
+(``finish`` tool or a reply without tool calls), the step limit, a model error after retries, or a
+cancelled run (checked before every model call and between tool calls).
+
+The conversation is kept in the canonical (OpenAI chat) format. Every assistant tool call gets a
+``tool`` message back, even when it was skipped, so the stored transcript is always a valid
+conversation for the follow-up run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from sandboxes.base import SandboxError
+from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, client_for, cost_usd
+from sessions.agent.prompts import build_system_prompt
+from sessions.agent.tools import TOOL_SPECS, ToolError, ToolResult, execute_tool
+from sessions.artifacts import store_artifact
+from sessions.events import emit
+from sessions.models import LLMCall, Run
+
+__all__ = ["AgentResult", "build_system_prompt", "run_agent"]
+
+logger = logging.getLogger(__name__)
+
+COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+EVENT_TEXT_LIMIT = 20_000  # assistant text in one event
+EVENT_ARGUMENT_LIMIT = 2_000  # each string inside tool arguments, in events only
+ERROR_LIMIT = 2_000
+
+
+@dataclass
+class AgentResult:
+    status: str  # "completed", "failed" or "cancelled"
+    summary: str = ""
+    transcript: list[dict[str, Any]] = field(default_factory=list)  # the input messages + this run's
+    error: str = ""
+
+
+def run_agent(
+    run: Run,
+    handle: Any,
+    messages: list[dict[str, Any]],
+    *,
+    model: str | None = None,
+    client: LLMClient | None = None,
+) -> AgentResult:
+    """Drive the conversation ``messages`` (canonical format, system prompt first) to an end.
+
+    ``model`` overrides the session's model ("provider/model"); ``client`` replaces the client made
+    from it (the caller then closes it). The run must already be claimed (status running).
+    """
+    transcript = list(messages)
+    try:
+        llm = client or client_for(model or run.session.model)
+    except LLMError as exc:
+        return AgentResult(FAILED, transcript=transcript, error=str(exc))
+    try:
+        return _Agent(run, handle, llm, transcript).loop()
+    finally:
+        if client is None:
+            llm.close()
+        Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(steps=run.steps)
+
+
+class _Agent:
+    def __init__(self, run: Run, handle: Any, llm: LLMClient, transcript: list[dict[str, Any]]):
+        self.run = run
+        self.handle = handle
+        self.llm = llm
+        self.transcript = transcript
+
+    def emit(self, type: str, payload: dict[str, Any]) -> None:
+        emit(self.run.session_id, type, payload, run_id=self.run.pk)
+
+    def result(self, status: str, summary: str = "", error: str = "") -> AgentResult:
+        return AgentResult(status, summary, self.transcript, error)
+
+    def loop(self) -> AgentResult:
+        max_steps = settings.AGENT_MAX_STEPS
+        for _ in range(max_steps):
+            if not self.run.beat():  # also persists the step count; False once cancelled
+                return self.result(CANCELLED, error="cancelled")
+            self.run.steps += 1
+            try:
+                response = self.llm.complete(self.transcript, TOOL_SPECS, on_attempt=self.record_attempt)
+            except LLMError as exc:
+                return self.result(FAILED, error=str(exc))
+            self.transcript.append(response.to_message())
+            text = response.text.strip()
+            if text:
+                self.emit("assistant_text", {"text": _clip(text, EVENT_TEXT_LIMIT)})
+            if not response.tool_calls:
+                return self.result(COMPLETED, summary=text)
+            summary: str | None = None
+            for n, call in enumerate(response.tool_calls):
+                if summary is not None:
+                    self.skip(call, "not run: `finish` was called earlier in the same reply")
+                    continue
+                if n > 0 and self.run.is_cancelled():
+                    for rest in response.tool_calls[n:]:
+                        self.skip(rest, "not run: the run was cancelled")
+                    return self.result(CANCELLED, error="cancelled")
+                try:
+                    result = self.run_tool(call)
+                except SandboxError as exc:  # the sandbox itself is broken: no point going on
+                    for rest in response.tool_calls[n:]:
+                        self.skip(rest, f"not run: the sandbox failed ({exc})")
+                    return self.result(FAILED, error=f"sandbox error in {call.name}: {exc}")
+                if result is not None and result.finished:
+                    summary = (result.summary or "").strip() or text
+            if summary is not None:
+                return self.result(COMPLETED, summary=summary)
+        return self.result(FAILED, error=f"step limit ({max_steps}) reached")
+
+    def record_attempt(self, record: AttemptRecord) -> None:
+        """One LLMCall row per HTTP attempt; usage and cost count only for successful ones."""
+        usage = record.usage
+        ok = record.outcome == LLMCall.Outcome.OK and usage is not None
+        cost = cost_usd(record.model_key, usage) if ok else Decimal("0")
+        with transaction.atomic():
+            LLMCall.objects.create(
+                session_id=self.run.session_id,
+                run=self.run,
+                provider=record.provider,
+                model=record.model,
+                input_tokens=usage.input_tokens if ok else 0,
+                output_tokens=usage.output_tokens if ok else 0,
+                cached_tokens=usage.cached_tokens if ok else 0,
+                cost_usd=cost,
+                latency_ms=record.latency_ms,
+                status_code=record.status_code,
+                outcome=record.outcome,
+                error=record.error[:ERROR_LIMIT],
+            )
+            if ok:
+                self.run.add_usage(usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost)
+                self.emit(
+                    "usage",
+                    {
+                        "input_tokens": usage.input_tokens,
+                        "output_tokens": usage.output_tokens,
+                        "cached_tokens": usage.cached_tokens,
+                        "cost_usd": str(cost),
+                        "model": record.model_key,
+                    },
+                )
+            else:
+                self.emit(
+                    "llm_error",
+                    {
+                        "error": _clip(record.error, 500),
+                        "attempt": record.attempt,
+                        "will_retry": record.outcome == LLMCall.Outcome.RETRY,
+                    },
+                )
+
+    def run_tool(self, call: ToolCall) -> ToolResult | None:
+        """Run one tool call; a ToolError goes back to the model as the result text.
+
+        A SandboxError (the sandbox is broken, per the tools contract) propagates to the caller.
+        """
+        self.emit(
+            "tool_started",
+            {"call_id": call.id, "name": call.name, "arguments": _event_arguments(call.arguments)},
+        )
+        result: ToolResult | None = None
+        try:
+            result = execute_tool(self.handle, call.name, call.arguments)
+            ok, output = result.ok, result.output or ""
+        except ToolError as exc:
+            ok, output = False, f"error: {exc}"
+        except SandboxError as exc:
+            self.emit(
+                "tool_finished",
+                {
+                    "call_id": call.id,
+                    "name": call.name,
+                    "ok": False,
+                    "output": f"sandbox error: {exc}",
+                    "truncated": False,
+                },
+            )
+            raise
+        text, artifact_id = self.truncate(call, output)
+        payload: dict[str, Any] = {
+            "call_id": call.id,
+            "name": call.name,
+            "ok": ok,
+            "output": text,
+            "truncated": artifact_id is not None,
+        }
+        if artifact_id is not None:
+            payload["artifact_id"] = artifact_id
+        self.emit("tool_finished", payload)
+        if result is not None and result.todos is not None:
+            self.emit("todo", {"todos": result.todos})
+        if result is not None and result.progress:
+            self.emit("progress", {"message": result.progress})
+        self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": text})
+        return result
+
+    def truncate(self, call: ToolCall, output: str) -> tuple[str, int | None]:
+        """Head and tail within TOOL_OUTPUT_LIMIT; the whole output is kept as an artifact."""
+        limit = settings.TOOL_OUTPUT_LIMIT
+        if len(output) <= limit:
+            return output, None
+        safe_id = re.sub(r"[^A-Za-z0-9_-]", "", call.id)[:40] or "call"
+        artifact = store_artifact(
+            self.run.session_id,
+            "tool_output",
+            f"{re.sub(r'[^A-Za-z0-9_-]', '', call.name)[:40] or 'tool'}-{safe_id}.txt",
+            output,
+            run_id=self.run.pk,
+        )
+        head = limit * 3 // 4
+        tail = limit - head
+        omitted = len(output) - head - tail
+        marker = (
+            f"\n[... {omitted} characters omitted; the full output ({len(output)} characters) "
+            f"is saved as artifact {artifact.pk} ...]\n"
+        )
+        return output[:head] + marker + output[-tail:], artifact.pk
+
+    def skip(self, call: ToolCall, reason: str) -> None:
+        self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": reason})
+
+
+def _event_arguments(raw: str) -> Any:
+    """The arguments for the event stream: parsed when possible, long strings clipped."""
+    try:
+        value = json.loads(raw) if raw and raw.strip() else {}
+    except ValueError:
+        return _clip(raw, EVENT_ARGUMENT_LIMIT)
+    return _clip_strings(value)
+
+
+def _clip_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clip(value, EVENT_ARGUMENT_LIMIT)
+    if isinstance(value, dict):
+        return {k: _clip_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clip_strings(v) for v in value]
+    return value
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... [{len(text) - limit} more characters]"

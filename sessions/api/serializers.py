@@ -1,0 +1,522 @@
+"""Request validation and response shapes. Validation names the field; writes go through the models."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+from rest_framework.reverse import reverse
+
+from sandboxes.models import Sandbox
+from sessions.api.permissions import MAX_ID, find_team
+from sessions.models import (
+    Artifact,
+    Environment,
+    Event,
+    Message,
+    Repository,
+    Run,
+    Session,
+    Source,
+    Team,
+    start_session,
+)
+
+# --- shared checks --------------------------------------------------------------------------------
+
+CLONE_URL = re.compile(
+    r"""^(?:
+        (?:https?|ssh|git|file)://\S+      # scheme URLs
+      | [\w.-]+@[\w.-]+:[^\s:]\S*          # scp-like: git@github.com:org/repo.git
+      | /\S*                               # an absolute path on the worker host
+    )$""",
+    re.VERBOSE,
+)
+BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$")
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be used, or ``None``. It must be ``provider/model`` with a configured provider."""
+    providers = sorted(settings.LLM_PROVIDERS)
+    configured = ", ".join(providers) if providers else "none (set DEPUTIES_LLM_<NAME>_BASE_URL)"
+    provider, sep, name = model.partition("/")
+    if not sep or not provider or not name.strip():
+        return f"{model!r} is not of the form provider/model; configured providers: {configured}."
+    if provider not in settings.LLM_PROVIDERS:
+        return f"Unknown provider {provider!r} in {model!r}; configured providers: {configured}."
+    return None
+
+
+def text_problem(value: str, what: str) -> str | None:
+    if not value.strip():
+        return f"The {what} is empty."
+    limit = settings.MAX_PROMPT_CHARS
+    if len(value) > limit:
+        return f"The {what} is {len(value)} characters long; the limit is {limit}."
+    return None
+
+
+def clean_clone_url(value: str) -> str:
+    value = value.strip()
+    if not CLONE_URL.match(value) or value.startswith("-"):
+        raise serializers.ValidationError(
+            "Expected a clone URL (https://, ssh://, git://, file://, or git@host:path) "
+            "or an absolute path on the worker host."
+        )
+    return value
+
+
+def clean_branch(value: str) -> str:
+    value = value.strip()
+    if value and (
+        not BRANCH.match(value) or ".." in value or "//" in value or value.endswith(("/", ".", ".lock"))
+    ):
+        raise serializers.ValidationError(f"{value!r} is not a valid branch name.")
+    return value
+
+
+def repository_name_for(url: str) -> str:
+    """``https://github.com/acme/widgets.git`` -> ``widgets``."""
+    path = url.strip().rstrip("/")
+    if path.endswith(".git"):
+        path = path[:-4]
+    return (re.split(r"[/:]", path)[-1] or "repository")[:180]
+
+
+# --- teams ----------------------------------------------------------------------------------------
+
+
+class TeamSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Team
+        fields = ["id", "slug", "name"]
+
+
+class TeamField(serializers.Field):
+    """Shown as ``{id, slug, name}``; given as an id or a slug of a team the user belongs to."""
+
+    def to_representation(self, value: Team) -> dict[str, Any]:
+        return TeamSummarySerializer(value).data
+
+    def to_internal_value(self, data: Any) -> Team:
+        team = find_team(self.context["request"].user, data)
+        if team is None:
+            raise serializers.ValidationError(f"Unknown team {data!r}.")
+        return team
+
+
+class TeamFieldExtension(OpenApiSerializerFieldExtension):
+    target_class = TeamField
+
+    def map_serializer_field(self, auto_schema, direction):
+        if direction == "request":
+            return {"oneOf": [{"type": "integer"}, {"type": "string"}], "description": "Team id or slug."}
+        return auto_schema._map_serializer(TeamSummarySerializer, direction)
+
+
+class TeamOwnedSerializer(serializers.ModelSerializer):
+    """Repositories and environments: a unique name per team, and they never move between teams.
+
+    The view decides the team of a new object (``context["team"]``), so permission errors come first.
+    """
+
+    team = TeamField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        team = self.instance.team if self.instance else self.context["team"]
+        given = attrs.pop("team", None)
+        if given is not None and given.pk != team.pk:
+            if self.instance:
+                raise serializers.ValidationError({"team": ["Moving to another team is not supported."]})
+            raise serializers.ValidationError({"team": ["Does not match the team of the request."]})
+        name = attrs.get("name", self.instance.name if self.instance else None)
+        model = self.Meta.model
+        clash = model.objects.filter(team=team, name=name)
+        if self.instance:
+            clash = clash.exclude(pk=self.instance.pk)
+        if clash.exists():
+            noun = model._meta.verbose_name
+            raise serializers.ValidationError(
+                {"name": [f"A {noun} named {name!r} already exists in team {team.slug!r}."]}
+            )
+        if not self.instance:
+            attrs["team"] = team
+        return attrs
+
+    def save(self, **kwargs):
+        try:
+            with transaction.atomic():
+                return super().save(**kwargs)
+        except IntegrityError:  # lost a race with a concurrent request for the same name
+            raise serializers.ValidationError(
+                {"name": ["That name was just taken; choose another."]}
+            ) from None
+
+
+# --- repositories and environments -----------------------------------------------------------------
+
+
+class RepositorySerializer(TeamOwnedSerializer):
+    provider = serializers.ChoiceField(
+        choices=Repository.Provider.choices, required=False, help_text="Default: derived from the URL."
+    )
+
+    class Meta:
+        model = Repository
+        fields = ["id", "team", "name", "url", "default_branch", "provider", "created"]
+        read_only_fields = ["created"]
+        validators: list = []  # the unique name per team is checked in validate(), with the team known
+
+    def validate_url(self, value: str) -> str:
+        return clean_clone_url(value)
+
+    def validate_default_branch(self, value: str) -> str:
+        value = clean_branch(value)
+        if not value:
+            raise serializers.ValidationError("This field may not be blank.")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        if "url" in attrs and "provider" not in attrs:
+            attrs["provider"] = Repository.provider_for(attrs["url"])
+        return attrs
+
+
+class EnvironmentSerializer(TeamOwnedSerializer):
+    class Meta:
+        model = Environment
+        fields = [
+            "id",
+            "team",
+            "name",
+            "revision",
+            "image",
+            "setup_script",
+            "env_vars",
+            "sandbox_provider",
+            "network_policy",
+            "cpu_limit",
+            "memory_mb",
+            "timeout_seconds",
+            "default_model",
+            "created",
+            "updated",
+        ]
+        read_only_fields = ["revision", "created", "updated"]
+        validators: list = []
+        extra_kwargs = {
+            "cpu_limit": {"min_value": 0.1},
+            "memory_mb": {"min_value": 16},
+            "timeout_seconds": {"min_value": 10},
+        }
+
+    def validate_env_vars(self, value: Any) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("Expected an object of NAME: value strings.")
+        for key, item in value.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise serializers.ValidationError(f"{key!r} is not a valid environment variable name.")
+            if not isinstance(item, str):
+                raise serializers.ValidationError(f"The value of {key} must be a string.")
+        return value
+
+    def validate_sandbox_provider(self, value: str) -> str:
+        if value and value not in ("local", "docker"):
+            raise serializers.ValidationError(
+                f"Unknown sandbox provider {value!r}; use local, docker or leave empty."
+            )
+        return value
+
+    def validate_default_model(self, value: str) -> str:
+        value = value.strip()
+        if value and (problem := model_problem(value)):
+            raise serializers.ValidationError(problem)
+        return value
+
+
+# --- sessions ---------------------------------------------------------------------------------------
+
+
+class RepositorySummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Repository
+        fields = ["id", "name", "url"]
+
+
+class EnvironmentSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Environment
+        fields = ["id", "name"]
+
+
+class ActiveRunSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Run
+        fields = ["id", "status", "attempt"]
+
+
+class SandboxSummarySerializer(serializers.ModelSerializer):
+    isolated = serializers.BooleanField(
+        help_text="False means the agent's commands run on the worker host without isolation."
+    )
+
+    class Meta:
+        model = Sandbox
+        fields = ["provider", "isolated", "isolation_note", "status"]
+
+
+class SessionSerializer(serializers.ModelSerializer):
+    """The session as the API shows it. Use with ``views.session_queryset()`` to avoid N+1 queries."""
+
+    team = TeamSummarySerializer(read_only=True)
+    repository = RepositorySummarySerializer(read_only=True)
+    environment = EnvironmentSummarySerializer(read_only=True, allow_null=True)
+    created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    active_run = serializers.SerializerMethodField()
+    pending_messages = serializers.SerializerMethodField()
+    sandbox = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Session
+        fields = [
+            "id",
+            "team",
+            "title",
+            "status",
+            "source",
+            "repository",
+            "base_branch",
+            "branch",
+            "environment",
+            "environment_revision",
+            "model",
+            "summary",
+            "error",
+            "pull_request_url",
+            "input_tokens",
+            "output_tokens",
+            "cached_tokens",
+            "cost_usd",
+            "created",
+            "updated",
+            "finished",
+            "created_by",
+            "active_run",
+            "pending_messages",
+            "sandbox",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ActiveRunSerializer(allow_null=True))
+    def get_active_run(self, obj: Session) -> dict[str, Any] | None:
+        runs = obj.active_runs if hasattr(obj, "active_runs") else [obj.active_run]
+        run = runs[0] if runs else None
+        return ActiveRunSerializer(run).data if run else None
+
+    @extend_schema_field(serializers.IntegerField())
+    def get_pending_messages(self, obj: Session) -> int:
+        if hasattr(obj, "pending_message_count"):
+            return obj.pending_message_count
+        return obj.messages.filter(status=Message.Status.PENDING).count()
+
+    @extend_schema_field(SandboxSummarySerializer(allow_null=True))
+    def get_sandbox(self, obj: Session) -> dict[str, Any] | None:
+        if hasattr(obj, "latest_sandboxes"):
+            sandbox = obj.latest_sandboxes[0] if obj.latest_sandboxes else None
+        else:
+            sandbox = obj.sandboxes.order_by("-created", "-pk").first()
+        return SandboxSummarySerializer(sandbox).data if sandbox else None
+
+
+class SessionCreateSerializer(serializers.Serializer):
+    """``context["team"]`` is decided by the view before validation (so a viewer gets 403 first)."""
+
+    team = serializers.CharField(
+        required=False, allow_blank=True, help_text="Team id or slug; optional with one writable team."
+    )
+    repository = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=MAX_ID, help_text="Repository id."
+    )
+    repository_url = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=1000,
+        help_text="Instead of repository: found or created in the team by URL.",
+    )
+    prompt = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    base_branch = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    environment = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=MAX_ID, help_text="Environment id."
+    )
+    model = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=200,
+        help_text="provider/model; default: the environment's, then DEPUTIES_DEFAULT_MODEL.",
+    )
+    title = serializers.CharField(required=False, allow_blank=True, max_length=200)
+
+    @property
+    def target_team(self) -> Team:
+        return self.context["team"]
+
+    def validate_prompt(self, value: str) -> str:
+        if problem := text_problem(value, "prompt"):
+            raise serializers.ValidationError(problem)
+        return value.strip()
+
+    def validate_repository(self, value: int | None) -> Repository | None:
+        if value is None:
+            return None
+        repository = self.target_team.repositories.filter(pk=value).first()
+        if repository is None:
+            # The same words whether it is missing or another team's: existence does not leak.
+            raise serializers.ValidationError(
+                f"Unknown repository {value} in team {self.target_team.slug!r}."
+            )
+        return repository
+
+    def validate_repository_url(self, value: str) -> str:
+        return clean_clone_url(value) if value.strip() else ""
+
+    def validate_environment(self, value: int | None) -> Environment | None:
+        if value is None:
+            return None
+        environment = self.target_team.environments.filter(pk=value).first()
+        if environment is None:
+            raise serializers.ValidationError(
+                f"Unknown environment {value} in team {self.target_team.slug!r}."
+            )
+        return environment
+
+    def validate_base_branch(self, value: str) -> str:
+        return clean_branch(value)
+
+    def validate_model(self, value: str) -> str:
+        value = value.strip()
+        if value and (problem := model_problem(value)):
+            raise serializers.ValidationError(problem)
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        repository, url = attrs.get("repository"), attrs.get("repository_url")
+        if repository and url:
+            raise serializers.ValidationError(
+                {"repository": ["Give either repository or repository_url, not both."]}
+            )
+        if not repository and not url:
+            raise serializers.ValidationError(
+                {"repository": ["This field is required (or give repository_url)."]}
+            )
+        environment = attrs.get("environment")
+        model = (
+            attrs.get("model") or (environment.default_model if environment else "") or settings.DEFAULT_MODEL
+        )
+        if not model:
+            providers = ", ".join(sorted(settings.LLM_PROVIDERS)) or "none"
+            raise serializers.ValidationError(
+                {
+                    "model": [
+                        f"No model given and no default is configured; configured providers: {providers}."
+                    ]
+                }
+            )
+        if problem := model_problem(model):
+            source = "" if attrs.get("model") else "The default model: "
+            raise serializers.ValidationError({"model": [source + problem]})
+        attrs["model"] = model
+        return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Session:
+        user = self.context["request"].user
+        with transaction.atomic():
+            repository = validated_data.get("repository") or self._repository_for_url(
+                validated_data["repository_url"]
+            )
+            return start_session(
+                team=self.target_team,
+                repository=repository,
+                prompt=validated_data["prompt"],
+                model=validated_data["model"],
+                created_by=user,
+                base_branch=validated_data.get("base_branch", ""),
+                environment=validated_data.get("environment"),
+                title=validated_data.get("title", ""),
+                source=Source.API,
+            )
+
+    def _repository_for_url(self, url: str) -> Repository:
+        # Serialize per team so two requests for one new URL make one repository.
+        Team.objects.select_for_update().filter(pk=self.target_team.pk).first()
+        existing = self.target_team.repositories.filter(url=url).order_by("pk").first()
+        if existing is not None:
+            return existing
+        base = repository_name_for(url)
+        taken = set(
+            self.target_team.repositories.filter(name__startswith=base).values_list("name", flat=True)
+        )
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        return Repository.objects.create(
+            team=self.target_team, name=name, url=url, provider=Repository.provider_for(url)
+        )
+
+
+class MessageCreateSerializer(serializers.Serializer):
+    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+
+    def validate_content(self, value: str) -> str:
+        if problem := text_problem(value, "message"):
+            raise serializers.ValidationError(problem)
+        return value.strip()
+
+
+class MessageCreatedSerializer(serializers.ModelSerializer):
+    queued_behind_active_run = serializers.BooleanField(
+        help_text="True when a run is in progress: the message waits and the next run picks it up."
+    )
+
+    class Meta:
+        model = Message
+        fields = ["id", "position", "status", "queued_behind_active_run"]
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Event
+        fields = ["seq", "type", "payload", "created", "run"]
+
+
+class EventPageSerializer(serializers.Serializer):
+    events = EventSerializer(many=True)
+    next_after = serializers.IntegerField(help_text="Pass as ?after= to get the events that follow.")
+
+
+class ArtifactSerializer(serializers.ModelSerializer):
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Artifact
+        fields = [
+            "id",
+            "session",
+            "run",
+            "kind",
+            "name",
+            "content_type",
+            "size",
+            "sha256",
+            "created",
+            "download_url",
+        ]
+
+    def get_download_url(self, obj: Artifact) -> str:
+        return reverse("api-artifact-download", args=[obj.pk], request=self.context.get("request"))
