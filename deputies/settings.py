@@ -186,6 +186,8 @@ SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "do
 SANDBOX_ROOT = Path(envstr("DEPUTIES_SANDBOX_ROOT", str(DATA_DIR / "sandboxes"))).resolve()
 SANDBOX_ISOLATION = envchoice("DEPUTIES_SANDBOX_ISOLATION", "auto", ("auto", "bwrap", "none"))
 SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
+# A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
+RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300), minimum=30)
 
 
 # --- Agent and models -------------------------------------------------------------------------

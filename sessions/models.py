@@ -330,6 +330,40 @@ class Run(models.Model):
         self.refresh_from_db()
         return True
 
+    MAX_RECOVERIES = 2
+
+    @classmethod
+    def recover_stale(cls, cutoff) -> list[int]:
+        """Queue runs again whose worker stopped heartbeating (crash, OOM, lost host).
+
+        The conditional update makes this safe to run anywhere, any number of times; a run that
+        lost its worker MAX_RECOVERIES times fails instead of looping forever.
+        """
+        from sessions import tasks
+        from sessions.events import emit
+
+        requeued = []
+        for run in cls.objects.filter(status=cls.Status.RUNNING, heartbeat__lt=cutoff):
+            recoveries = Event.objects.filter(run=run, type="run_requeued").count()
+            if recoveries >= cls.MAX_RECOVERIES:
+                run.finish(cls.Status.FAILED, f"the worker running it was lost {recoveries + 1} times")
+                emit(run.session_id, "run_failed", {"run_id": run.pk, "error": run.error}, run_id=run.pk)
+                continue
+            with transaction.atomic():
+                changed = cls.objects.filter(
+                    pk=run.pk, status=cls.Status.RUNNING, heartbeat__lt=cutoff
+                ).update(status=cls.Status.QUEUED, lease_owner="")
+                if changed:
+                    emit(
+                        run.session_id,
+                        "run_requeued",
+                        {"run_id": run.pk, "lost_worker": run.lease_owner},
+                        run_id=run.pk,
+                    )
+                    transaction.on_commit(lambda pk=run.pk: tasks.enqueue_run(pk))
+                    requeued.append(run.pk)
+        return requeued
+
     def is_cancelled(self) -> bool:
         return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
 

@@ -13,3 +13,16 @@ def execute_run(run_id: int) -> str:
     from sessions.runner import execute
 
     return execute(run_id)
+
+
+def recover_stale_runs() -> str:
+    """Scheduled every minute (see the migration that creates the Schedule)."""
+    from datetime import timedelta
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    from sessions.models import Run
+
+    cutoff = timezone.now() - timedelta(seconds=settings.RUN_LEASE_SECONDS)
+    return f"requeued {Run.recover_stale(cutoff)}"

@@ -56,3 +56,38 @@ def test_it_queues_a_follow_up_behind_the_active_run(session, django_capture_on_
         run.finish(Run.Status.COMPLETED)
     assert session.runs.count() == 2
     assert session.runs.filter(status=Run.Status.QUEUED).count() == 1
+
+
+def test_it_requeues_a_run_whose_worker_stopped_heartbeating(session, django_capture_on_commit_callbacks):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = session.runs.get()
+    run.claim("lost-worker")
+    Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
+    cutoff = timezone.now() - timedelta(minutes=15)
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert Run.recover_stale(cutoff) == [run.pk]
+    assert len(callbacks) == 1  # enqueued again
+    assert Run.objects.get(pk=run.pk).status == Run.Status.QUEUED
+    assert Run.recover_stale(cutoff) == []  # a fresh or queued run is left alone
+    assert run.claim("second-worker") is True
+
+
+def test_it_fails_a_run_that_keeps_losing_its_worker(session):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = session.runs.get()
+    cutoff = timezone.now() - timedelta(minutes=15)
+    for attempt in range(Run.MAX_RECOVERIES + 1):
+        run.claim(f"worker-{attempt}")
+        Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
+        Run.recover_stale(cutoff)
+    run.refresh_from_db()
+    assert run.status == Run.Status.FAILED
+    assert "lost" in run.error
+    assert Session.objects.get(pk=session.pk).status == "failed"
+    assert Event.objects.filter(session=session, type="run_failed").exists()
