@@ -10,7 +10,8 @@ import pytest
 from django.db.models import Sum
 
 from sessions.agent.fake_llm import start_in_thread
-from sessions.models import APIToken, LLMCall, Repository, Run, Session
+from sessions.models import APIToken, Event, LLMCall, Repository, Run, Session
+from sessions.runner import execute
 from tests.live import child_env, wait_for, worker_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -119,6 +120,12 @@ def test_it_runs_a_session_from_the_api_to_a_diff(live_server, settings, tmp_pat
             session = Session.objects.get(pk=session_id)
             assert (session.input_tokens, session.output_tokens, session.cached_tokens) == usage_of(first)
             assert session.cost_usd == calls.aggregate(s=Sum("cost_usd"))["s"] > Decimal("0")
+
+            # A duplicate delivery of the finished run's task changes nothing.
+            first_run = Run.objects.get(session_id=session_id)
+            before = Event.objects.filter(session_id=session_id).count()
+            assert execute(first_run.pk) == "skipped: run is completed"
+            assert Event.objects.filter(session_id=session_id).count() == before
 
             # A follow-up runs a second Run in the same session, continuing the conversation.
             reply = client.post(
