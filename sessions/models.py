@@ -313,21 +313,35 @@ class Run(models.Model):
         return f"Run {self.pk} ({self.status})"
 
     def claim(self, owner: str) -> bool:
-        """Conditional update: exactly one worker wins; a duplicate delivery changes zero rows."""
+        """Conditional update: exactly one worker wins; a duplicate delivery changes zero rows.
+
+        The claim, the session's status, the claimed messages and the ``run_started`` event commit
+        together, in as few round trips as possible: this is on the dispatch path.
+        """
+        from sessions.events import emit_many
+
         now = timezone.now()
-        changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
-            status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
-        )
-        if not changed:
-            return False
         with transaction.atomic():
+            changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
+                status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
+            )
+            if not changed:
+                return False
             Session.objects.filter(pk=self.session_id).exclude(
                 status__in=(SessionStatus.CANCELLED, SessionStatus.ARCHIVED)
             ).update(status=SessionStatus.RUNNING)
             Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).update(
                 status=Message.Status.CLAIMED, run=self
             )
-        self.refresh_from_db()
+            emit_many(
+                self.session_id,
+                [
+                    ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
+                    ("status", {"status": "running"}),
+                ],
+                run_id=self.pk,
+            )
+        self.status, self.lease_owner, self.started, self.heartbeat = Run.Status.RUNNING, owner, now, now
         return True
 
     MAX_RECOVERIES = 2

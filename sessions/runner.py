@@ -113,8 +113,6 @@ class Runner:
         emit(self.session.pk, type, payload, run_id=self.run.pk)
 
     def execute(self) -> str:
-        self.emit("run_started", {"run_id": self.run.pk, "attempt": self.run.attempt})
-        self.emit("status", {"status": "running"})
         try:
             fresh = self.provision_sandbox()
             if fresh:
