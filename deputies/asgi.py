@@ -8,8 +8,12 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
+
+from deputies.routing import websocket_urlpatterns  # noqa: E402
+from sessions.streaming.wire import SessionAuthMiddleware  # noqa: E402
 
 http_app = django_asgi_app
 if settings.SERVE_STATIC:
@@ -18,4 +22,12 @@ if settings.SERVE_STATIC:
 
     http_app = ASGIStaticFilesHandler(django_asgi_app)
 
-application = ProtocolTypeRouter({"http": http_app})
+application = ProtocolTypeRouter(
+    {
+        "http": http_app,
+        # Browsers send the session cookie with websockets, so the origin check is what stops
+        # another site's page from opening a stream as the logged-in user. SessionAuthMiddleware is
+        # channels' AuthMiddlewareStack without its per-message cost (see sessions/streaming/wire.py).
+        "websocket": AllowedHostsOriginValidator(SessionAuthMiddleware(URLRouter(websocket_urlpatterns))),
+    }
+)

@@ -63,7 +63,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(
         f"\nDeputies is starting at http://{host}:{args.port}/\n"
-        f"  log in at http://{host}:{args.port}/admin/ as {username!r} with password {password!r}\n"
+        f"  log in at http://{host}:{args.port}/ as {username!r} with password {password!r}\n"
+        f"  operator console (Django admin): http://{host}:{args.port}/admin/\n"
         f"  API docs: http://{host}:{args.port}/api/docs/\n"
         f"  try it:   .venv/bin/deputies run --repo {Path(settings.DATA_DIR) / 'sample-repo'} "
         '"Make the failing test pass"\n'

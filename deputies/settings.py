@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -103,7 +104,8 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "session-list"
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = False
@@ -160,6 +162,20 @@ SPECTACULAR_SETTINGS = {
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = envstr("DEPUTIES_REDIS_URL")
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Websocket pushes (sessions/streaming): how a web process hears that events were written.
+# auto = Redis pub/sub when DEPUTIES_REDIS_URL is set, else Postgres LISTEN/NOTIFY, else polling (SQLite).
+STREAM_BACKEND = envchoice("DEPUTIES_STREAM_BACKEND", "auto", ("auto", "redis", "postgres", "poll"))
+if STREAM_BACKEND == "auto":
+    STREAM_BACKEND = "redis" if REDIS_URL else "postgres" if _db["ENGINE"].endswith("postgresql") else "poll"
+if STREAM_BACKEND == "redis" and not REDIS_URL:
+    raise ImproperlyConfigured("DEPUTIES_STREAM_BACKEND=redis needs DEPUTIES_REDIS_URL")
+if STREAM_BACKEND == "postgres" and not _db["ENGINE"].endswith("postgresql"):
+    raise ImproperlyConfigured("DEPUTIES_STREAM_BACKEND=postgres needs a Postgres DATABASE_URL")
+# Seconds between database checks: the only source with "poll", a safety net for missed notifications.
+STREAM_POLL_INTERVAL = envfloat("DEPUTIES_STREAM_POLL", 0.5, minimum=0.05)
+STREAM_SAFETY_POLL_INTERVAL = envfloat("DEPUTIES_STREAM_SAFETY_POLL", 5.0, minimum=0.5)
+# Under daphne, write each event's frame straight to the subscribers' sockets (sessions/streaming/wire.py).
+STREAM_DIRECT_WRITE = envbool("DEPUTIES_STREAM_DIRECT_WRITE", True)
 
 # --- Queue (django-q2, ORM broker) ----------------------------------------------------------
 RUN_TIMEOUT = envint("DEPUTIES_RUN_TIMEOUT", 3600, minimum=10)
@@ -188,6 +204,21 @@ SANDBOX_ISOLATION = envchoice("DEPUTIES_SANDBOX_ISOLATION", "auto", ("auto", "bw
 SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
 # A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
 RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300), minimum=30)
+# Docker provider: the engine is whatever DEPUTIES_DOCKER_HOST (else DOCKER_HOST) points at, Docker
+# Engine or Podman's Docker-compatible API. Limits apply when an environment sets none.
+DOCKER_HOST = envstr("DEPUTIES_DOCKER_HOST")
+DOCKER_IMAGE = envstr("DEPUTIES_DOCKER_IMAGE", "python:3.12-slim")
+# Labels every container and volume, so several deployments can share one engine and the reaper
+# only ever touches its own.
+DOCKER_DEPLOYMENT = envstr("DEPUTIES_DOCKER_DEPLOYMENT", "default")
+DOCKER_USER = envstr("DEPUTIES_DOCKER_USER", "1000:1000")
+if not re.fullmatch(r"[1-9][0-9]*:[0-9]+", DOCKER_USER):
+    raise ImproperlyConfigured(f"DEPUTIES_DOCKER_USER={DOCKER_USER!r} must be a non-root numeric uid:gid")
+DOCKER_CPUS = envfloat("DEPUTIES_DOCKER_CPUS", 2.0, minimum=0.01)
+DOCKER_MEMORY_MB = envint("DEPUTIES_DOCKER_MEMORY_MB", 4096, minimum=64)
+DOCKER_PIDS_LIMIT = envint("DEPUTIES_DOCKER_PIDS_LIMIT", 512, minimum=16)
+DOCKER_TMP_MB = envint("DEPUTIES_DOCKER_TMP_MB", 512, minimum=1)
+DOCKER_API_TIMEOUT = envint("DEPUTIES_DOCKER_API_TIMEOUT", 120, minimum=5)
 
 
 # --- Agent and models -------------------------------------------------------------------------

@@ -135,3 +135,12 @@ def _insert_postgres(
 def _notify(events: list[Event]) -> None:
     for listener in list(_listeners):
         listener(events)
+
+
+def _push_to_websockets(events: list[Event]) -> None:
+    from sessions.streaming.notify import publish  # never raises: a failed push is only logged
+
+    publish(events)
+
+
+add_listener(_push_to_websockets)

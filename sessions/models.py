@@ -227,6 +227,22 @@ class Session(models.Model):
         self.refresh_from_db()
         return True
 
+    def archive(self) -> bool:
+        """Cancel whatever is running, then mark the session archived; False when it already was."""
+        from sessions.events import emit
+
+        with transaction.atomic():
+            # The row lock orders this against add_message, so no follow-up starts a run in between.
+            locked = Session.objects.select_for_update().get(pk=self.pk)
+            if locked.status == SessionStatus.ARCHIVED:
+                return False
+            if locked.runs.filter(status__in=Run.ACTIVE).exists():
+                locked.cancel()
+            Session.objects.filter(pk=self.pk).update(status=SessionStatus.ARCHIVED)
+            emit(self.pk, "status", {"status": SessionStatus.ARCHIVED})
+        self.refresh_from_db()
+        return True
+
     def retry(self) -> Run | None:
         """Start a fresh run over the last prompt of a failed or cancelled session."""
         with transaction.atomic():

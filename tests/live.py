@@ -75,7 +75,9 @@ def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen]:
         yield proc
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            # The cluster's main process stops its workers itself; signalling the whole group at
+            # once can leave it hanging.
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,376 @@
+"""Websocket fan-out: 100 subscribers on one session in a real daphne while another process emits.
+
+Latency is measured from the start of the emit() call (a wall-clock timestamp in the event's payload)
+to the moment a subscriber's ``recv()`` returns the frame, for every (event, subscriber) pair. Two
+phases: ``paced`` (events at a steady rate, the latency figure) and ``burst`` (as fast as one emitter
+can write, the events/s figure). Subscribers are spread over a few client processes so that the
+clients' own parsing does not dominate the numbers. Prints JSON.
+
+    .venv/bin/python bench/stream.py [--subscribers 100] [--backend postgres|redis|poll]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BENCH_DB, ROOT, percentiles, setup  # noqa: E402
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+REDIS_URL = os.environ.get("DEPUTIES_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+# --- subscribers (child processes) -----------------------------------------------------------------
+
+
+class Subscriber(asyncio.Protocol):
+    """A deliberately small websocket client: it is the measuring instrument, so it must cost less
+    per frame than the server being measured (the ``websockets`` library's parser costs ~60 us per
+    frame in Python, as much as daphne). The handshake is checked like RFC 6455 says; server frames
+    (unmasked) are parsed by hand; pings are answered. Each frame is stamped with the time its bytes
+    reached this process and parsed as JSON only after the run."""
+
+    def __init__(self, url: str, headers: dict[str, str], expect: int) -> None:
+        from urllib.parse import urlsplit
+
+        target = urlsplit(url)
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {target.path}?{target.query} HTTP/1.1",
+            f"Host: {target.netloc}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {self.key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{name}: {value}" for name, value in headers.items()),
+        ]
+        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        self.buffer = b""
+        self.handshaken = False
+        self.expect = expect
+        self.frames: list[tuple[float, bytes]] = []
+        loop = asyncio.get_running_loop()
+        self.opened = loop.create_future()
+        self.done = loop.create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        self.buffer += data
+        if not self.handshaken:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            accept = base64.b64encode(hashlib.sha1((self.key + WS_GUID).encode()).digest())
+            if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+                self.opened.set_exception(RuntimeError(head.decode(errors="replace")))
+                return
+            self.handshaken, self.buffer = True, rest
+            self.opened.set_result(None)
+        while len(self.buffer) >= 2:
+            first, size = self.buffer[0], self.buffer[1] & 0x7F
+            start = 2
+            if size == 126:
+                if len(self.buffer) < 4:
+                    return
+                size, start = struct.unpack_from("!H", self.buffer, 2)[0], 4
+            elif size == 127:
+                if len(self.buffer) < 10:
+                    return
+                size, start = struct.unpack_from("!Q", self.buffer, 2)[0], 10
+            if len(self.buffer) < start + size:
+                return
+            payload, self.buffer = self.buffer[start : start + size], self.buffer[start + size :]
+            opcode = first & 0x0F
+            if opcode == 0x1:
+                assert first & 0x80, "fragmented frames are not expected from the server"
+                self.frames.append((now, payload))
+                if len(self.frames) == self.expect and not self.done.done():
+                    self.done.set_result(None)
+            elif opcode == 0x9:  # ping: answer with a masked pong carrying the same payload
+                mask = os.urandom(4)
+                masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + mask + masked)
+            elif opcode == 0x8:
+                self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        for future in (self.opened, self.done):
+            if not future.done():
+                future.set_exception(ConnectionError(f"closed after {len(self.frames)} frames"))
+
+
+async def client_main(args: argparse.Namespace) -> None:
+    from urllib.parse import urlsplit
+
+    loop = asyncio.get_running_loop()
+    target = urlsplit(args.url)
+    headers = {"Cookie": args.cookie, "Origin": args.origin}
+    clients = []
+    for _ in range(args.clients):
+        _, client = await loop.create_connection(
+            lambda: Subscriber(args.url, headers, args.expect), target.hostname, target.port
+        )
+        clients.append(client)
+    await asyncio.gather(*(c.opened for c in clients))
+    print("ready", flush=True)
+    cpu_before = time.process_time()
+    await asyncio.wait_for(asyncio.gather(*(c.done for c in clients)), timeout=args.timeout)
+    cpu = time.process_time() - cpu_before
+    # Parse only now, so parsing never sits between a frame's arrival and its timestamp.
+    samples = []
+    for client in clients:
+        seqs = []
+        for received_at, data in client.frames:
+            event = json.loads(data)["event"]
+            seqs.append(event["seq"])
+            samples.append((event["payload"]["phase"], event["payload"]["t"], received_at))
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "frames out of order, repeated or missing"
+        client.transport.close()
+    print(json.dumps({"cpu_s": cpu, "samples": samples}), flush=True)
+
+
+# --- emitter (child process) ---------------------------------------------------------------------------
+
+
+def emitter_main(args: argparse.Namespace) -> None:
+    setup()
+    from django.db import connection
+
+    from sessions.events import emit
+
+    durations: list[float] = []
+
+    def run(phase: str, count: int, interval: float) -> None:
+        next_at = time.perf_counter()
+        for i in range(count):
+            started = time.perf_counter()
+            emit(args.session, "progress", {"message": f"{phase} {i}", "phase": phase, "t": time.time()})
+            if phase == "paced":
+                durations.append((time.perf_counter() - started) * 1000)
+            if interval:
+                next_at += interval
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+
+    run("warmup", args.warmup, args.interval)
+    run("paced", args.paced, args.interval)
+    started = time.time()
+    run("burst", args.burst, 0)
+    print(json.dumps({"burst_emit_s": time.time() - started, "paced_emit_ms": durations}), flush=True)
+    connection.close()
+
+
+# --- coordinator -----------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process (Linux /proc), to express cost per frame independently
+    of how busy the rest of the machine is."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(args: argparse.Namespace) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-stream-"))
+    setup(data_dir)
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from sessions.models import Membership, Repository, Session, Team
+
+    team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
+    repo, _ = Repository.objects.get_or_create(team=team, name="bench", defaults={"url": "/tmp/none"})
+    user = get_user_model().objects.filter(username="bench-stream").first()
+    if user is None:
+        user = get_user_model().objects.create_user("bench-stream", "b@example.com", "pw")
+    Membership.objects.get_or_create(team=team, user=user)
+    session = Session.objects.create(team=team, repository=repo, base_branch="main", model="scripted/demo")
+    browser = Client()
+    browser.force_login(user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={browser.cookies[settings.SESSION_COOKIE_NAME].value}"
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEPUTIES_")}
+    env.update(
+        DATABASE_URL=BENCH_DB,
+        DEPUTIES_SECRET_KEY=settings.SECRET_KEY,
+        DEPUTIES_DATA_DIR=str(data_dir),
+        DEPUTIES_LOG_LEVEL="WARNING",
+        DEPUTIES_STREAM_BACKEND=args.backend,
+        DJANGO_SETTINGS_MODULE="deputies.settings",
+    )
+    if args.backend == "redis":
+        env["DEPUTIES_REDIS_URL"] = REDIS_URL
+    if args.no_direct_write:
+        env["DEPUTIES_STREAM_DIRECT_WRITE"] = "false"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    web_log = open(data_dir / "web.log", "wb")  # noqa: SIM115
+    web = subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "deputies"), "web", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=web_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    clients: list[subprocess.Popen] = []
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or web.poll() is not None:
+                raise SystemExit("daphne did not start: " + (data_dir / "web.log").read_text()[-2000:])
+            time.sleep(0.05)
+
+        expect = args.warmup + args.paced + args.burst
+        per_proc = [args.subscribers // args.client_procs] * args.client_procs
+        for i in range(args.subscribers % args.client_procs):
+            per_proc[i] += 1
+        url = f"ws://127.0.0.1:{port}/ws/sessions/{session.pk}/?after={session.last_seq}"
+        for n in per_proc:
+            clients.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--role", "client", "--clients", str(n), "--url", url]
+                    + ["--cookie", cookie, "--origin", base, "--expect", str(expect), "--timeout", "300"],
+                    stdout=subprocess.PIPE,
+                    cwd=ROOT,
+                    text=True,
+                )
+            )
+        for client in clients:
+            line = client.stdout.readline()
+            if line.strip() != "ready":
+                raise SystemExit(f"a client process did not connect: {line!r}")
+
+        web_pid = web.pid  # the console script is the daphne process itself
+        cpu_before = cpu_seconds(web_pid)
+        emitter_env = {**env, "DEPUTIES_BENCH_DATABASE_URL": BENCH_DB}
+        emitter = subprocess.run(
+            [sys.executable, __file__, "--role", "emitter", "--session", str(session.pk)]
+            + ["--warmup", str(args.warmup), "--paced", str(args.paced), "--burst", str(args.burst)]
+            + ["--interval", str(1 / args.rate)],
+            env=emitter_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        emitted = json.loads(emitter.stdout.strip().splitlines()[-1])
+        samples, client_cpu = [], 0.0
+        for client in clients:
+            out, _ = client.communicate(timeout=300)
+            if client.returncode:
+                raise SystemExit(f"a client process failed with status {client.returncode}")
+            report = json.loads(out.strip().splitlines()[-1])
+            samples += report["samples"]
+            client_cpu += report["cpu_s"]
+        cpu_after = cpu_seconds(web_pid)
+        web_user, web_sys = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+        os.killpg(web.pid, signal.SIGTERM)
+        web.wait(timeout=15)
+        web_log.close()
+
+    paced = [(received - sent) * 1000 for phase, sent, received in samples if phase == "paced"]
+    burst = [(sent, received) for phase, sent, received in samples if phase == "burst"]
+    burst_start = min(s for s, _ in burst)
+    burst_end = max(r for _, r in burst)
+    result = {
+        "transport": args.backend,
+        "subscribers": args.subscribers,
+        "client_processes": args.client_procs,
+        "direct_write": not args.no_direct_write,
+        "paced": {
+            "events": args.paced,
+            "rate_per_s": args.rate,
+            "latency_ms": percentiles(paced),
+            "max_ms": round(max(paced), 3),
+            "emit_call_ms": percentiles(emitted["paced_emit_ms"]),
+        },
+        "burst": {
+            "events": args.burst,
+            "emit_events_per_s": round(args.burst / emitted["burst_emit_s"], 1),
+            "delivered_events_per_s_per_subscriber": round(args.burst / (burst_end - burst_start), 1),
+            "delivered_frames_per_s": round(len(burst) / (burst_end - burst_start), 1),
+            "latency_ms": percentiles([(r - s) * 1000 for s, r in burst]),
+        },
+        "web_process": {
+            "user_cpu_s": round(web_user, 3),
+            "system_cpu_s": round(web_sys, 3),
+            "cpu_us_per_frame": round((web_user + web_sys) / len(samples) * 1e6, 1),
+        },
+        "client_processes_cpu_us_per_frame": round(client_cpu / len(samples) * 1e6, 1),
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(json.dumps(result, indent=2))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--role", choices=("main", "client", "emitter"), default="main")
+    p.add_argument("--subscribers", type=int, default=100)
+    p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--backend", choices=("postgres", "redis", "poll"), default="postgres")
+    p.add_argument(
+        "--no-direct-write", action="store_true", help="send every frame through channels and daphne"
+    )
+    p.add_argument("--rate", type=float, default=50.0, help="events/s in the paced phase")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--paced", type=int, default=300)
+    p.add_argument("--burst", type=int, default=1000)
+    # child roles
+    p.add_argument("--clients", type=int)
+    p.add_argument("--url")
+    p.add_argument("--cookie")
+    p.add_argument("--origin")
+    p.add_argument("--expect", type=int)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--session", type=int)
+    p.add_argument("--interval", type=float, default=0.02)
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.role == "client":
+        asyncio.run(client_main(arguments))
+    elif arguments.role == "emitter":
+        emitter_main(arguments)
+    else:
+        main(arguments)

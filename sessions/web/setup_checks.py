@@ -1,0 +1,225 @@
+"""What the setup-status page checks. Each check says ok / warn / error / off and, when not ok, one fix.
+
+Nothing secret is shown: LLM keys only as "set", URLs without credentials, errors as class names
+where their message could carry hostnames or user names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from urllib.parse import urlsplit, urlunsplit
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+logger = logging.getLogger(__name__)
+
+QUEUE_STALL = timedelta(seconds=60)  # a task waiting longer than this means no worker is taking tasks
+HEARTBEAT_STALE = timedelta(minutes=5)
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, warn, error, off
+    summary: str
+    fix: str = ""
+    details: list[tuple[str, str]] = field(default_factory=list)
+
+
+def safe_url(url: str) -> str:
+    """The URL without user, password, query or fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def check_database() -> Check:
+    from django.db.migrations.executor import MigrationExecutor
+
+    vendor = connection.vendor
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            executor = MigrationExecutor(connection)
+            pending = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    except Exception as exc:
+        logger.warning("setup: database check failed", exc_info=True)
+        return Check(
+            "Database",
+            "error",
+            f"{vendor} does not answer ({type(exc).__name__}).",
+            "Check DATABASE_URL and that the database server is running.",
+        )
+    details = [("Engine", vendor), ("Name", str(settings.DATABASES["default"]["NAME"]))]
+    if pending:
+        return Check(
+            "Database",
+            "error",
+            f"{len(pending)} migration(s) not applied.",
+            "Run `deputies up` or `python manage.py migrate`.",
+            details,
+        )
+    if vendor == "sqlite":
+        return Check("Database", "ok", "SQLite (Simple mode).", details=details)
+    return Check("Database", "ok", f"{vendor} answers; migrations applied.", details=details)
+
+
+def check_queue() -> Check:
+    from django_q.models import Failure, OrmQ, Success
+    from django_q.status import Stat
+
+    from sessions.models import Run
+
+    now = timezone.now()
+    waiting = OrmQ.objects.filter(lock__lte=now)
+    oldest = waiting.order_by("lock").values_list("lock", flat=True).first()
+    last_success = Success.objects.order_by("-stopped").values_list("stopped", flat=True).first()
+    last_failure = Failure.objects.order_by("-stopped").values_list("stopped", flat=True).first()
+    running = Run.objects.filter(status=Run.Status.RUNNING)
+    fresh = running.filter(heartbeat__gte=now - HEARTBEAT_STALE).count()
+    stale = running.filter(heartbeat__lt=now - HEARTBEAT_STALE).count()
+    try:
+        clusters = len(Stat.get_all())
+    except Exception:
+        logger.warning("setup: could not read django-q cluster stats", exc_info=True)
+        clusters = 0
+    details = [
+        ("Tasks waiting", str(waiting.count())),
+        ("Tasks being worked on", str(OrmQ.objects.filter(lock__gt=now).count())),
+        ("Runs with a live heartbeat", str(fresh)),
+        (
+            "Clusters visible from this process",
+            str(clusters) if clusters else "none (stats live in a per-process cache)",
+        ),
+        ("Last task succeeded", _ago(last_success, now)),
+        ("Last task failed", _ago(last_failure, now)),
+    ]
+    if oldest is not None and now - oldest > QUEUE_STALL:
+        return Check(
+            "Queue workers",
+            "error",
+            f"A task has waited {_seconds(now - oldest)} for a worker.",
+            "Start a worker: `deputies worker` (or `deputies up`, which runs one with the web server).",
+            details,
+        )
+    if stale:
+        return Check(
+            "Queue workers",
+            "warn",
+            f"{stale} running run(s) have not sent a heartbeat for {int(HEARTBEAT_STALE.total_seconds() // 60)} minutes.",
+            "A worker may have died mid-run: check the worker logs, then cancel or retry those sessions.",
+            details,
+        )
+    if clusters or fresh or (last_success and now - last_success < timedelta(hours=1)):
+        return Check("Queue workers", "ok", "Workers are taking tasks.", details=details)
+    return Check(
+        "Queue workers",
+        "ok",
+        "Nothing is waiting. Worker liveness shows once a task runs.",
+        details=details,
+    )
+
+
+def check_sandbox() -> Check:
+    from sandboxes.base import get_provider
+
+    try:
+        provider = get_provider()
+        health = provider.health()
+        caps = provider.capabilities()
+    except Exception as exc:
+        logger.warning("setup: sandbox provider check failed", exc_info=True)
+        return Check(
+            "Sandbox provider",
+            "error",
+            f"{settings.SANDBOX_PROVIDER}: {type(exc).__name__}: {str(exc)[:200]}",
+            "Check DEPUTIES_SANDBOX_PROVIDER and that the provider (e.g. Docker) is reachable from the worker.",
+        )
+    details = [
+        ("Provider", provider.name),
+        ("Isolated", "yes" if caps.isolated else "no"),
+        ("Network policy", "yes" if caps.network_policy else "no"),
+        ("Resource limits", "yes" if caps.resource_limits else "no"),
+    ]
+    if not health.get("ok", False):
+        return Check(
+            "Sandbox provider",
+            "error",
+            f"{provider.name}: {health.get('reason') or 'unhealthy'}",
+            "Fix the reason above on the worker host (for local: DEPUTIES_SANDBOX_ROOT must be writable).",
+            details,
+        )
+    if not caps.isolated:
+        return Check(
+            "Sandbox provider",
+            "warn",
+            f"{provider.name} runs agent commands WITHOUT isolation: {caps.reason or 'no isolation available'}",
+            "Install bubblewrap on the worker host (`apt-get install bubblewrap`) or use "
+            "DEPUTIES_SANDBOX_PROVIDER=docker.",
+            details,
+        )
+    return Check("Sandbox provider", "ok", f"{provider.name} is healthy and isolated.", details=details)
+
+
+def check_llm() -> Check:
+    providers = settings.LLM_PROVIDERS
+    details = [
+        (
+            name,
+            f"{p['kind']} at {safe_url(p['base_url'])}; API key {'set' if p.get('api_key') else 'not set'}",
+        )
+        for name, p in sorted(providers.items())
+    ]
+    details.append(("Default model", settings.DEFAULT_MODEL or "none"))
+    if not providers:
+        return Check(
+            "LLM providers",
+            "error",
+            "No LLM provider is configured.",
+            "Set DEPUTIES_LLM_OPENAI_API_KEY or DEPUTIES_LLM_ANTHROPIC_API_KEY (or DEPUTIES_LLM_<NAME>_BASE_URL "
+            "with DEPUTIES_LLM_PROVIDERS).",
+            details,
+        )
+    if not settings.DEFAULT_MODEL:
+        return Check(
+            "LLM providers",
+            "warn",
+            f"{len(providers)} configured; no default model, so every session must name one.",
+            "Set DEPUTIES_DEFAULT_MODEL=provider/model.",
+            details,
+        )
+    return Check("LLM providers", "ok", f"{len(providers)} configured.", details=details)
+
+
+INTEGRATIONS = ("Slack", "GitHub", "Webhooks")
+
+
+def check_integrations() -> list[Check]:
+    """Inbound integrations are not part of this build yet; say so rather than show them as broken."""
+    return [
+        Check(name, "off", "Not configured.", "This integration is not available in this version yet.")
+        for name in INTEGRATIONS
+    ]
+
+
+def all_checks() -> list[Check]:
+    return [check_database(), check_queue(), check_sandbox(), check_llm(), *check_integrations()]
+
+
+def _seconds(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min"
+
+
+def _ago(when, now) -> str:
+    return "never" if when is None else f"{_seconds(now - when)} ago"

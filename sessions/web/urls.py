@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from sessions.web import views
+
+urlpatterns = [
+    path("", views.session_list, name="session-list"),
+    path("sessions/new", views.session_new, name="session-new"),
+    path("sessions/<int:pk>", views.session_detail, name="session-detail"),
+    path("sessions/<int:pk>/messages", views.session_message, name="session-message"),
+    path("sessions/<int:pk>/cancel", views.session_cancel, name="session-cancel"),
+    path("sessions/<int:pk>/archive", views.session_archive, name="session-archive"),
+    path("sessions/<int:pk>/diff", views.session_diff, name="session-diff"),
+    path("usage", views.usage, name="usage"),
+    path("setup", views.setup_status, name="setup"),
+]
