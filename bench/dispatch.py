@@ -101,13 +101,14 @@ def main() -> None:
         )
         wait_until(lambda: _ok(client), 30, "the web server")
         time.sleep(2)  # let the qcluster finish starting before measuring
-        dispatch, first_llm, done = [], [], []
+        dispatch, first_llm, done, post = [], [], [], []
         for i in range(args.sessions + 3):
             prompt = f"bench dispatch {i} {time.time()}"
             t0 = time.time()
             r = client.post(
                 "/api/v1/sessions", json={"repository": repo.pk, "prompt": prompt, "model": "scripted/demo"}
             )
+            t_post = time.time()
             r.raise_for_status()
             sid = r.json()["id"]
             wait_until(lambda prompt=prompt: prompt in first_request, 30, "the first model request")
@@ -126,6 +127,7 @@ def main() -> None:
             if status != "completed":
                 raise SystemExit(f"session {sid} {status}")
             dispatch.append((started - t0) * 1000)
+            post.append((t_post - t0) * 1000)
             first_llm.append((first_request[prompt] - t0) * 1000)
             done.append((t_done - t0) * 1000)
         print(
@@ -133,6 +135,7 @@ def main() -> None:
                 {
                     "database": "postgresql",
                     "sessions": args.sessions,
+                    "post_response_ms": percentiles(post),
                     "post_to_run_started_ms": percentiles(dispatch),
                     "post_to_first_llm_request_ms": percentiles(first_llm),
                     "post_to_completed_seen_by_client_ms": percentiles(done),

@@ -182,11 +182,15 @@ class Session(models.Model):
     def active_run(self) -> Run | None:
         return self.runs.filter(status__in=Run.ACTIVE).first()
 
-    def enqueue_run(self) -> Run:
-        """Create the next Run and queue it after commit. Caller holds a transaction."""
-        attempt = self.runs.count() + 1
+    def enqueue_run(self, first: bool = False) -> Run:
+        """Create the next Run and queue it after commit. Caller holds a transaction.
+
+        ``first``: the session was just created queued, so skip the count and the status reset.
+        """
+        attempt = 1 if first else self.runs.count() + 1
         run = Run.objects.create(session=self, attempt=attempt)
-        Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
+        if not first:
+            Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
         self.status = SessionStatus.QUEUED
         from sessions import tasks
 
@@ -554,7 +558,7 @@ def start_session(
     external_ref: dict | None = None,
 ) -> Session:
     """Create a session with its first prompt and queue its first run (after commit)."""
-    from sessions.events import emit
+    from sessions.events import emit_many
 
     with transaction.atomic():
         session = Session.objects.create(
@@ -572,7 +576,12 @@ def start_session(
         Session.objects.filter(pk=session.pk).update(branch=f"deputies/session-{session.pk}")
         session.branch = f"deputies/session-{session.pk}"
         message = Message.objects.create(session=session, position=1, content=prompt, author=created_by)
-        emit(session.pk, "status", {"status": SessionStatus.QUEUED})
-        emit(session.pk, "message", {"message_id": message.pk, "content": prompt, "position": 1})
-        session.enqueue_run()
+        emit_many(
+            session.pk,
+            [
+                ("status", {"status": SessionStatus.QUEUED}),
+                ("message", {"message_id": message.pk, "content": prompt, "position": 1}),
+            ],
+        )
+        session.enqueue_run(first=True)
     return session
