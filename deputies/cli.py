@@ -331,6 +331,10 @@ def describe(type: str, p: dict) -> str:
         return f"sandbox ready: {p.get('provider')}{note}"
     if type == "repository_ready":
         return f"repository ready: {p.get('base_branch')} @ {str(p.get('commit'))[:10]} -> {p.get('branch')}"
+    if type == "setup_output":
+        return "setup: " + p.get("text", "").rstrip()
+    if type == "setup_finished":
+        return f"setup finished: exit code {p.get('exit_code')} in {p.get('duration')}s"
     if type == "artifact_created":
         return f"artifact: {p.get('kind')} {p.get('name')} ({p.get('size')} bytes)"
     if type in ("run_failed", "llm_error"):

@@ -202,8 +202,14 @@ SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "do
 SANDBOX_ROOT = Path(envstr("DEPUTIES_SANDBOX_ROOT", str(DATA_DIR / "sandboxes"))).resolve()
 SANDBOX_ISOLATION = envchoice("DEPUTIES_SANDBOX_ISOLATION", "auto", ("auto", "bwrap", "none"))
 SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
+# The repository's .deputies/setup runs once per new sandbox, before the agent, within this limit.
+SETUP_TIMEOUT = envint("DEPUTIES_SETUP_TIMEOUT", 600, minimum=1)
+# A ready sandbox unused for this long is destroyed by the reaper (an environment may set its own).
+SANDBOX_IDLE_TTL = envint("DEPUTIES_SANDBOX_IDLE_TTL", 1800, minimum=60)
 # A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
-RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300), minimum=30)
+RUN_LEASE_SECONDS = envint(
+    "DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300, SETUP_TIMEOUT + 300), minimum=30
+)
 # Docker provider: the engine is whatever DEPUTIES_DOCKER_HOST (else DOCKER_HOST) points at, Docker
 # Engine or Podman's Docker-compatible API. Limits apply when an environment sets none.
 DOCKER_HOST = envstr("DEPUTIES_DOCKER_HOST")

@@ -20,6 +20,9 @@ class Sandbox(models.Model):
     created = models.DateTimeField(default=timezone.now)
     last_used = models.DateTimeField(default=timezone.now)
     destroyed = models.DateTimeField(null=True, blank=True)
+    # When the repository was uploaded and its setup script succeeded. A sandbox whose first run
+    # died or failed before that is prepared again by the next run instead of being trusted.
+    prepared = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
 
     class Meta:

@@ -10,6 +10,8 @@ Event types and their payloads (all JSON objects):
 - ``run_started``       {run_id, attempt}
 - ``sandbox_ready``     {sandbox_id, provider, isolated, reason?}
 - ``repository_ready``  {url, base_branch, branch, commit}
+- ``setup_output``      {stream, text}  (``.deputies/setup`` output, coalesced)
+- ``setup_finished``    {exit_code, duration, timed_out}
 - ``assistant_text``    {text}
 - ``tool_started``      {call_id, name, arguments}
 - ``tool_finished``     {call_id, name, ok, output, truncated, artifact_id?}
@@ -20,6 +22,7 @@ Event types and their payloads (all JSON objects):
 - ``artifact_created``  {artifact_id, kind, name, size}
 - ``run_completed``     {run_id, summary}
 - ``run_failed``        {run_id, error}
+- ``run_requeued``      {run_id, lost_worker}
 """
 
 from __future__ import annotations

@@ -98,6 +98,12 @@ class Environment(models.Model):
     cpu_limit = models.FloatField(null=True, blank=True)
     memory_mb = models.PositiveIntegerField(null=True, blank=True)
     timeout_seconds = models.PositiveIntegerField(default=3600)
+    idle_ttl_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Destroy a session's sandbox after this long unused. Empty: the deployment default "
+        "(DEPUTIES_SANDBOX_IDLE_TTL).",
+    )
     default_model = models.CharField(max_length=200, blank=True)
     created = models.DateTimeField(default=timezone.now)
     updated = models.DateTimeField(auto_now=True)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from django.conf import settings
@@ -28,6 +29,10 @@ from sessions.models import Message, Run, Session
 log = logging.getLogger(__name__)
 
 BASE_REF = "refs/deputies/base"
+SETUP_SCRIPT = ".deputies/setup"
+# Setup output is coalesced into events of at most this size, at most this often per stream.
+SETUP_FLUSH_CHARS = 4096
+SETUP_FLUSH_SECONDS = 0.2
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -102,6 +107,59 @@ def extract_workspace(data: bytes, tree: Path) -> None:
         os.symlink(target, path)
 
 
+def checkouts_root() -> Path:
+    return Path(settings.DATA_DIR) / "checkouts"
+
+
+def checkout_dir(session_id: int) -> Path:
+    """The worker's trusted clone for a session; the sandbox's own .git is never trusted."""
+    return checkouts_root() / f"session-{session_id}"
+
+
+class SetupOutput:
+    """Buffers a setup script's output per stream and emits it in coalesced ``setup_output`` events.
+
+    A buffer is flushed when it reaches ``SETUP_FLUSH_CHARS`` characters, when the other stream speaks (so the
+    interleaving stays readable), or on the next write after ``SETUP_FLUSH_SECONDS``. Writes only
+    happen on the exec's thread, so output that stops mid-way waits for the next write or the end.
+    """
+
+    def __init__(self, emit, run: Run) -> None:
+        self.emit = emit
+        self.run = run
+        self.pending: list[tuple[str, str]] = []
+        self.pending_size = 0
+        self.last_flush = time.monotonic()
+        self.last_beat = time.monotonic()
+        self.full: list[str] = []
+
+    def write(self, stream: str, text: str) -> None:
+        self.full.append(text)
+        if self.pending and self.pending[-1][0] != stream:
+            self.flush()
+        self.pending.append((stream, text))
+        self.pending_size += len(text)
+        now = time.monotonic()
+        if self.pending_size >= SETUP_FLUSH_CHARS or now - self.last_flush >= SETUP_FLUSH_SECONDS:
+            self.flush()
+        if now - self.last_beat >= 30:  # a long setup is still a live run
+            self.last_beat = now
+            self.run.beat()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        stream = self.pending[0][0]
+        text = "".join(t for _, t in self.pending)
+        self.pending, self.pending_size = [], 0
+        self.last_flush = time.monotonic()
+        for start in range(0, len(text), SETUP_FLUSH_CHARS):
+            self.emit("setup_output", {"stream": stream, "text": text[start : start + SETUP_FLUSH_CHARS]})
+
+    def log(self) -> str:
+        return "".join(self.full)
+
+
 class Runner:
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -115,8 +173,10 @@ class Runner:
     def execute(self) -> str:
         try:
             fresh = self.provision_sandbox()
-            if fresh:
+            if fresh or self.sandbox.prepared is None:
                 self.prepare_repository()
+                self.run_setup_script()
+                Sandbox.objects.filter(pk=self.sandbox.pk).update(prepared=timezone.now())
             result = self.agent_loop()
             self.collect_diff()
         except Exception as exc:  # the runner owns error capture
@@ -197,8 +257,7 @@ class Runner:
         return True
 
     def checkout_dir(self) -> Path:
-        """The worker's trusted clone for this session; the sandbox's own .git is never trusted."""
-        return Path(settings.DATA_DIR) / "checkouts" / f"session-{self.session.pk}"
+        return checkout_dir(self.session.pk)
 
     def prepare_repository(self) -> None:
         """Clone in the worker (credentials never enter the sandbox) and upload the tree."""
@@ -234,6 +293,48 @@ class Runner:
                 "commit": commit,
             },
         )
+
+    def run_setup_script(self) -> None:
+        """Run the repository's ``.deputies/setup`` once per fresh sandbox, before the agent starts.
+
+        The worker's trusted checkout decides whether there is a script (the sandbox's copy is the
+        same tree, just uploaded). Output is coalesced into ``setup_output`` events so a chatty
+        ``pip install`` writes dozens of rows, not thousands; the whole log is always kept as an
+        artifact, because a failing setup is debugged from it.
+        """
+        script = self.checkout_dir() / SETUP_SCRIPT
+        if not (script.is_file() or script.is_symlink()):
+            return
+        argv = [f"./{SETUP_SCRIPT}"] if os.access(script, os.X_OK) else ["sh", SETUP_SCRIPT]
+        timeout = settings.SETUP_TIMEOUT
+        output = SetupOutput(self.emit, self.run)
+        started = time.monotonic()
+        try:
+            result = self.handle.exec(argv, timeout=timeout, on_output=output.write)
+        finally:
+            output.flush()
+            duration = round(time.monotonic() - started, 3)
+            store_artifact(
+                self.session.pk,
+                "log",
+                f"session-{self.session.pk}-run-{self.run.attempt}-setup.log",
+                output.log(),
+                run_id=self.run.pk,
+            )
+        self.emit(
+            "setup_finished",
+            {"exit_code": result.exit_code, "duration": duration, "timed_out": result.timed_out},
+        )
+        if result.timed_out:
+            raise StepFailed(
+                f"repository setup script {SETUP_SCRIPT} timed out after {timeout:g} s "
+                "(DEPUTIES_SETUP_TIMEOUT); see the setup log"
+            )
+        if result.exit_code != 0:
+            raise StepFailed(
+                f"repository setup script {SETUP_SCRIPT} failed with exit code {result.exit_code}; "
+                "see the setup log"
+            )
 
     def agent_loop(self):
         from sessions.agent.loop import build_system_prompt, run_agent

@@ -38,6 +38,15 @@ def tool_summary(name: str, arguments: Any) -> str:
     return ""
 
 
+def notice_text(type: str, p: dict) -> str:
+    """Setup output and recoveries read as progress notes (same wording as static/deputies/js/timeline.js)."""
+    if type == "setup_output":
+        return f"Setup ({p.get('stream', 'stdout')}): {p.get('text', '')}"
+    if type == "setup_finished":
+        return f"Setup finished with exit code {p.get('exit_code')} in {p.get('duration')} s"
+    return "Run queued again: its worker was lost"
+
+
 def todo_counts(todos: list[dict]) -> tuple[int, int]:
     return sum(1 for t in todos if t.get("status") == "completed"), len(todos)
 
@@ -112,6 +121,8 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             item = Item("todo", event.seq, event.created, {"todos": todos, "done": done, "total": total})
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
+        elif t in ("setup_output", "setup_finished", "run_requeued"):
+            item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})
         elif t == "run_started":

@@ -86,6 +86,12 @@ function body(event, downloadUrl) {
     }
     case "progress":
       return ["progress", [h("div", { class: "ev-label" }, "Progress"), textBlock(p.message)]];
+    case "setup_output":
+      return ["progress", [h("div", { class: "ev-label" }, "Setup"), textBlock(`(${p.stream || "stdout"}) ${p.text || ""}`)]];
+    case "setup_finished":
+      return ["progress", [muted(`Setup finished with exit code ${p.exit_code} in ${p.duration} s`)]];
+    case "run_requeued":
+      return ["progress", [muted("Run queued again: its worker was lost")]];
     case "status":
       return ["status", [muted("Status ", h("span", { class: `badge status-${p.status}` }, p.status))]];
     case "run_started":
