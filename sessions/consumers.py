@@ -134,11 +134,11 @@ class SessionEventsConsumer(_Consumer):
         if write is None or self.busy or not self.queue.empty() or not self._continues(note):
             self.queue.put_nowait(note)
             return
-        for seq, _, data in note.frames:
-            if seq > self.cursor:
-                if not write(data):
-                    return  # the socket is closing; the disconnect handler cleans up
-                self.cursor = seq
+        cursor = self.cursor
+        fresh = [data for seq, _, data in note.frames if seq > cursor]
+        if write(fresh[0] if len(fresh) == 1 else b"".join(fresh)):  # one send for a batch
+            self.cursor = note.max_seq
+        # else the socket is closing; the disconnect handler cleans up
 
     def _continues(self, note: Note) -> bool:
         return (
@@ -153,26 +153,25 @@ class SessionEventsConsumer(_Consumer):
             if note.max_seq <= self.cursor:
                 continue
             if self._continues(note):
-                for seq, text, data in note.frames:
-                    if seq > self.cursor:
-                        await self.send_frame(text, data)
-                        self.cursor = seq
+                await self.send_frames([(seq, text) for seq, text, _ in note.frames if seq > self.cursor])
                 continue
             await self.catch_up()
 
-    async def send_frame(self, text: str, data: bytes | None = None) -> None:
+    async def send_frames(self, frames: list[tuple[int, str]]) -> None:
+        if not frames:
+            return
         if self.writer is not None:
-            self.writer(data if data is not None else frame_bytes(text))
+            self.writer(b"".join(frame_bytes(text) for _, text in frames))
         else:
-            await self.send(text_data=text)
+            for _, text in frames:
+                await self.send(text_data=text)
+        self.cursor = frames[-1][0]
 
     async def catch_up(self) -> None:
         """Everything the database has past the cursor, page by page (a gap, a replay, a resync)."""
         while True:
             frames = await database_sync_to_async(store.read_event_frames)(self.session_id, self.cursor)
-            for seq, text in frames:
-                await self.send_frame(text)
-                self.cursor = seq
+            await self.send_frames(frames)
             if len(frames) < store.PAGE:
                 return
 

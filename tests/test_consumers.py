@@ -227,6 +227,15 @@ async def test_it_replays_only_the_events_after_the_cursor(session, owner):
     await comm.disconnect()
 
 
+async def test_it_replays_a_long_history_page_by_page(session, owner):
+    await asyncio.to_thread(_in_thread, emit_many, session.pk, [("progress", {"message": "m"})] * 1203)
+    comm = await connect(f"/ws/sessions/{session.pk}/?after=1", owner)
+    assert await seqs(comm, 1202) == list(range(2, 1204))
+    await emit_elsewhere(session.pk, 1)
+    assert await seqs(comm, 1) == [1204]
+    await comm.disconnect()
+
+
 @pytest.mark.parametrize("backend", ["postgres", "redis", "poll"])
 async def test_it_pushes_events_written_by_another_connection(session, owner, settings, backend):
     use_backend(settings, backend)

@@ -17,8 +17,10 @@ notifications. When the listener connection drops it reconnects with backoff and
 every subscribed session against the database, since notifications sent meanwhile are gone.
 
 The hub lives on the event loop that first needed it (daphne has one per process; tests get one per
-test). Notes for one session are delivered in order: a notification too large to carry its events is
-resolved by one database read here, and later notes for that session wait behind it.
+test). Notes for one session are delivered in order. Whatever the subscribers would each have to read
+from the database (a notification too large to carry its events, one that arrives out of order or
+never arrives) is read once here, and later notes for that session wait behind the read. Notes that
+arrive together are merged, so a burst reaches each subscriber in one socket write.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class Hub:
         self._list_pending: set[int] = set()
         self._list_wakeup = asyncio.Event()
         self._list_cursor: int | None = None  # poll mode: last Event id looked at
+        self._pending: dict[int, list[Note | _Fetch]] = {}
+        self._flush_scheduled = False
         self.reconnects = 0
         self._lost_at: datetime | None = None
         self._backoff = MIN_BACKOFF
@@ -158,26 +162,76 @@ class Hub:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring a malformed event notification: %s", exc)
             return
-        topic = self.topics.get(session_id)
-        if topic is not None:
+        if session_id in self.topics:
             if events:
                 frames = tuple(framed(int(ev["seq"]), store.event_frame(ev)) for ev in events)
-                self._deliver(session_id, topic, Note(max_seq, frames))
+                item: Note | _Fetch = Note(max_seq, frames)
             else:
-                self._deliver(session_id, topic, _Fetch(max_seq - count, max_seq))
+                item = _Fetch(max_seq - count, max_seq)
+            self._pending.setdefault(session_id, []).append(item)
+            if not self._flush_scheduled:
+                # Fan out once the listener has handed over everything that arrived together, so a
+                # burst of events reaches each subscriber in one socket write instead of one each.
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
         if self.lists and (not events or any(ev.get("type") in store.LIST_TYPES for ev in events)):
             self._list_pending.add(session_id)
             self._list_wakeup.set()
 
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, {}
+        for session_id, items in pending.items():
+            topic = self.topics.get(session_id)
+            if topic is None:
+                continue
+            merged: list[Note | _Fetch] = []
+            for item in items:
+                last = merged[-1] if merged else None
+                if (
+                    isinstance(item, Note)
+                    and isinstance(last, Note)
+                    and item.frames
+                    and last.frames
+                    and item.frames[0][0] == last.max_seq + 1
+                ):
+                    merged[-1] = Note(item.max_seq, last.frames + item.frames)
+                else:
+                    merged.append(item)
+            for item in merged:
+                self._deliver(session_id, topic, item)
+
     def _deliver(self, session_id: int, topic: _Topic, item: Note | _Fetch) -> None:
         if topic.busy:
             topic.backlog.append(item)
-        elif isinstance(item, Note):
+            return
+        item = self._fit(topic, item)
+        if item is None:
+            return
+        if isinstance(item, Note):
             self._fan_out(topic, item)
         else:
             topic.busy = True
             topic.backlog.append(item)
             self._spawn(self._drain(session_id, topic))
+
+    @staticmethod
+    def _fit(topic: _Topic, item: Note | _Fetch) -> Note | _Fetch | None:
+        """What to do with an item given what was fanned out already: nothing (old news), fan it
+        out (it continues ``known``), or read the missing range here, once for every subscriber.
+
+        Notifications can arrive out of order (two writers to one session notify after their
+        commits, in either order) or be lost; either way this process reads the gap once, instead
+        of each of its subscribers noticing the gap and reading it on its own."""
+        if isinstance(item, Note):
+            if item.max_seq <= topic.known:
+                return None
+            if item.frames and item.frames[0][0] <= topic.known + 1:
+                return item
+            return _Fetch(topic.known, item.max_seq)
+        if item.upto <= topic.known:
+            return None
+        return _Fetch(max(item.after, topic.known), item.upto)
 
     def _fan_out(self, topic: _Topic, note: Note) -> None:
         if note.max_seq > topic.known:
@@ -192,18 +246,17 @@ class Hub:
         """Resolve fetches in order, so notes for one session never overtake each other."""
         try:
             while topic.backlog:
-                item = topic.backlog.popleft()
+                item = self._fit(topic, topic.backlog.popleft())
+                if item is None:
+                    continue
                 if isinstance(item, Note):
                     self._fan_out(topic, item)
                     continue
-                if item.upto <= topic.known:
-                    continue  # already fanned out
-                after = max(item.after, topic.known)
-                if item.upto - after > HUB_FETCH_LIMIT:
-                    self._fan_out(topic, Note(item.upto))
+                if item.upto - item.after > HUB_FETCH_LIMIT:
+                    self._fan_out(topic, Note(item.upto))  # too much: consumers page through it
                     continue
                 try:
-                    frames = await _db(store.read_event_frames)(session_id, after, item.upto)
+                    frames = await _db(store.read_event_frames)(session_id, item.after, item.upto)
                 except Exception as exc:  # noqa: BLE001 - consumers fall back to their own reads
                     log.warning("reading events of session %s failed: %s", session_id, exc)
                     frames = []

@@ -25,10 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PG_CHANNEL = "deputies_events"
-# Its own transaction, after the events' commit. A NOTIFY takes a transaction id, so its commit would
-# wait for a WAL flush like a write; there is nothing durable in it (notifications are never stored),
-# so this one transaction commits asynchronously: ~1 ms less per emit() on a busy disk.
-NOTIFY_SQL = "SELECT pg_notify(%s, %s), set_config('synchronous_commit', 'off', true)"
+# Its own statement (and transaction) right after the events' commit: one more round trip per emit().
+NOTIFY_SQL = "SELECT pg_notify(%s, %s)"
 LIMITS = {"postgres": 7000, "redis": 512 * 1024, "poll": 512 * 1024}
 _WARN_EVERY = 10.0
 
