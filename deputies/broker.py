@@ -23,20 +23,24 @@ def is_postgres(alias: str) -> bool:
     return connections[alias].vendor == "postgresql"
 
 
+def listen_kwargs(alias: str = "default") -> dict:
+    """psycopg arguments for a dedicated autocommit connection (LISTEN must not share Django's)."""
+    s = connections[alias].settings_dict
+    return {
+        "dbname": s["NAME"],
+        "user": s["USER"] or None,
+        "password": s["PASSWORD"] or None,
+        "host": s["HOST"] or None,
+        "port": s["PORT"] or None,
+        "autocommit": True,
+        "connect_timeout": 5,
+    }
+
+
 def listen_connection(alias: str):
-    """A dedicated autocommit connection; LISTEN must not share Django's transactional one."""
     import psycopg
 
-    s = connections[alias].settings_dict
-    return psycopg.connect(
-        dbname=s["NAME"],
-        user=s["USER"] or None,
-        password=s["PASSWORD"] or None,
-        host=s["HOST"] or None,
-        port=s["PORT"] or None,
-        autocommit=True,
-        connect_timeout=5,
-    )
+    return psycopg.connect(**listen_kwargs(alias))
 
 
 class NotifyingORM(ORM):

@@ -160,6 +160,13 @@ class SetupOutput:
         return "".join(self.full)
 
 
+def fresh_dir(path: Path) -> None:
+    """Make ``path`` absent with its parent present, ready for a clone."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 class Runner:
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -263,9 +270,7 @@ class Runner:
         """Clone in the worker (credentials never enter the sandbox) and upload the tree."""
         repo = self.session.repository
         checkout = self.checkout_dir()
-        if checkout.exists():
-            shutil.rmtree(checkout)
-        checkout.parent.mkdir(parents=True, exist_ok=True)
+        fresh_dir(checkout)
         git(
             "clone",
             "--quiet",
@@ -383,9 +388,7 @@ class Runner:
         ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
         if ready is None:
             raise StepFailed("the repository was never prepared for this session")
-        if checkout.exists():
-            shutil.rmtree(checkout)
-        checkout.parent.mkdir(parents=True, exist_ok=True)
+        fresh_dir(checkout)
         git(
             "clone",
             "--quiet",

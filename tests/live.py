@@ -59,6 +59,22 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM to the main process (started with ``start_new_session``), then SIGKILL to its group.
+
+    The main process stops its own children: a qcluster whose whole group is signalled at once can
+    hang on shutdown.
+    """
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextmanager
 def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen]:
     """A real django-q2 cluster; stopped with SIGTERM (then SIGKILL) when the block ends."""
@@ -74,13 +90,5 @@ def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            # The cluster's main process stops its workers itself; signalling the whole group at
-            # once can leave it hanging.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc)
         log.close()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from django.db import connection
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Event, Membership, Repository, Role, Run, Session
-from tests.live import ROOT, child_env, wait_for, worker_process
+from tests.live import ROOT, child_env, stop_process, wait_for, worker_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -103,14 +102,8 @@ class WebServer:
             return False
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
 
     def __enter__(self) -> WebServer:
         self.start()
@@ -118,19 +111,6 @@ class WebServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def stop_worker(proc: subprocess.Popen) -> None:
-    """SIGTERM to the cluster's main process only: it stops its children itself, in about a second.
-
-    (A SIGTERM to the whole process group, as ``worker_process`` sends, sometimes leaves the main
-    process stuck until the SIGKILL 15 s later.)
-    """
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass  # worker_process kills it
 
 
 class Gates:
@@ -377,7 +357,7 @@ def test_it_watches_steers_and_cancels_sessions_in_a_browser(tmp_path, monkeypat
                 browser.close()
                 # Playwright runs this block in its own context, which got its own database connection.
                 connection.close()
-                stop_worker(worker)
+                stop_process(worker, timeout=10)
         finally:
             gates.open_all()
             results = ROOT / "test-results"

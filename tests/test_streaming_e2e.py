@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from websockets.sync.client import connect as ws_connect
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import APIToken, Event, Repository, Session
-from tests.live import ROOT, child_env, wait_for, worker_process
+from tests.live import ROOT, child_env, stop_process, wait_for, worker_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -65,13 +64,7 @@ def web_process(env: dict[str, str], port: int) -> Iterator[str]:
         wait_for(answers, timeout=30, what="daphne to answer")
         yield base
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc)
         log.close()
 
 

@@ -352,15 +352,10 @@ class Hub:
     async def _postgres(self) -> None:
         import psycopg
 
-        s = settings.DATABASES["default"]
+        from deputies.broker import listen_kwargs
+
         conn = await psycopg.AsyncConnection.connect(
-            dbname=s["NAME"],
-            user=s["USER"] or None,
-            password=s["PASSWORD"] or None,
-            host=s["HOST"] or None,
-            port=s["PORT"] or None,
-            autocommit=True,
-            connect_timeout=5,
+            **listen_kwargs(),
             keepalives=1,
             keepalives_idle=30,
             keepalives_interval=10,
