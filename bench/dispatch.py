@@ -2,6 +2,10 @@
 
 Starts the real processes (daphne via `deputies web`, a qcluster via `deputies worker`) and the
 scripted model in-process, then submits sessions one at a time and reports percentiles in ms.
+The breakdown: ``post_to_session_row`` (HTTP, auth and validation until the session row is built),
+``session_row_to_run_started`` (the create transaction, its commit, the queue hop, the claim; split
+at the run row's ``created`` and ``started``, the claim's clock), and
+``get_healthz`` (the HTTP round trip of a trivial request, for what the machine costs at the moment).
 Usage: .venv/bin/python bench/dispatch.py [--sessions 50]
 """
 
@@ -16,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +56,7 @@ def main() -> None:
     from django.conf import settings
 
     from sessions.agent.fake_llm import start_in_thread
-    from sessions.models import APIToken, Event, Membership, Repository, Team
+    from sessions.models import APIToken, Event, Membership, Repository, Run, Session, Team
     from tests.conftest import make_git_repo
 
     first_request: dict[str, float] = {}
@@ -101,7 +106,9 @@ def main() -> None:
         )
         wait_until(lambda: _ok(client), 30, "the web server")
         time.sleep(2)  # let the qcluster finish starting before measuring
-        dispatch, first_llm, done, post = [], [], [], []
+        load_before = round(os.getloadavg()[0], 2)
+        dispatch, first_llm, done, post, to_row, row_to_started, healthz = [], [], [], [], [], [], []
+        parts: dict[str, list[float]] = defaultdict(list)
         for i in range(args.sessions + 3):
             prompt = f"bench dispatch {i} {time.time()}"
             t0 = time.time()
@@ -122,11 +129,22 @@ def main() -> None:
             )
             t_done = time.time()
             started = Event.objects.get(session_id=sid, type="run_started").created.timestamp()
+            row = Session.objects.get(pk=sid).created.timestamp()
+            run = Run.objects.get(session_id=sid)
+            queued, claimed = run.created.timestamp(), run.started.timestamp()
+            h0 = time.time()
+            client.get("/healthz").raise_for_status()
+            healthz.append((time.time() - h0) * 1000)
             if i < 3:
                 continue  # warm-up
             if status != "completed":
                 raise SystemExit(f"session {sid} {status}")
             dispatch.append((started - t0) * 1000)
+            to_row.append((row - t0) * 1000)
+            row_to_started.append((started - row) * 1000)
+            parts["session_row_to_run_row_ms"].append((queued - row) * 1000)
+            parts["run_row_to_claim_ms"].append((claimed - queued) * 1000)
+            parts["claim_to_run_started_event_ms"].append((started - claimed) * 1000)
             post.append((t_post - t0) * 1000)
             first_llm.append((first_request[prompt] - t0) * 1000)
             done.append((t_done - t0) * 1000)
@@ -139,6 +157,14 @@ def main() -> None:
                     "post_to_run_started_ms": percentiles(dispatch),
                     "post_to_first_llm_request_ms": percentiles(first_llm),
                     "post_to_completed_seen_by_client_ms": percentiles(done),
+                    "breakdown": {
+                        "post_to_session_row_ms": percentiles(to_row),
+                        "session_row_to_run_started_ms": percentiles(row_to_started),
+                        **{name: percentiles(values) for name, values in parts.items()},
+                        "get_healthz_ms": percentiles(healthz),
+                    },
+                    "cpus": os.cpu_count(),
+                    "load_average_1m_before_after": [load_before, round(os.getloadavg()[0], 2)],
                 },
                 indent=2,
             )

@@ -1,11 +1,21 @@
-"""Events emitted per second through emit(): by one run, and by 20 concurrent runs (threads).
+"""Event ingest: events per second stored through emit(), each durable when its emit() returns.
 
-Each emit() is its own transaction (seq reservation + insert), as in a real run. Prints JSON.
+"Ingest" here is N emitters in one process (threads: the runs on one worker's run pool), each calling
+emit() for its own session as fast as it can, one event per call, every call returning only after
+its row is committed (synchronous_commit on), measured over all N from start to the last return.
+Reported for N = 1, 20 and 100, each with group commit on (the default: concurrent emits of a
+process share one statement and commit) and off (one statement and commit per emit), plus one
+emitter calling emit_many() with batches of 100 (how bulky output should be written). Prints JSON
+with the machine's load average, since other work on a 2-core machine moves these numbers.
+
+    .venv/bin/python bench/events.py [--events 6000]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -13,10 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import setup  # noqa: E402
-
-PER_RUN_SINGLE = 3000
-CONCURRENT = 20
-PER_RUN_CONCURRENT = 300
 
 
 def make_sessions(n: int) -> list[int]:
@@ -56,18 +62,32 @@ def measure(sessions: list[int], per_run: int, batch: int = 1) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=6000, help="events per measurement")
+    args = parser.parse_args()
     setup()
+    from django.conf import settings
     from django.db import connection
 
-    single = make_sessions(1)
-    many = make_sessions(CONCURRENT)
-    result = {
-        "database": connection.vendor,
-        "one_run_events_per_s": measure(single, PER_RUN_SINGLE),
-        "concurrent_runs": CONCURRENT,
-        "concurrent_events_per_s": measure(many, PER_RUN_CONCURRENT),
-        "one_run_batched_100_events_per_s": measure(make_sessions(1), PER_RUN_SINGLE * 3, batch=100),
-    }
+    from sessions import events
+
+    result: dict = {"database": connection.vendor, "cpus": os.cpu_count()}
+    result["load_average_1m_before"] = round(os.getloadavg()[0], 2)
+    for group_commit in (True, False):
+        settings.EVENTS_GROUP_COMMIT = group_commit
+        key = "group_commit" if group_commit else "commit_per_emit"
+        for emitters in (1, 20, 100):
+            batches = events._group_commit().batches
+            per = max(1, args.events // emitters) if emitters > 1 else min(args.events, 3000)
+            rate = measure(make_sessions(emitters), per)
+            entry = {"events_per_s": rate}
+            if group_commit:
+                statements = events._group_commit().batches - batches
+                entry["events_per_statement"] = round(emitters * per / max(statements, 1), 1)
+            result.setdefault(key, {})[f"{emitters}_emitters"] = entry
+    settings.EVENTS_GROUP_COMMIT = True
+    result["one_emitter_emit_many_100_events_per_s"] = measure(make_sessions(1), args.events, batch=100)
+    result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
 
 

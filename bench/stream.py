@@ -301,6 +301,7 @@ def main(args: argparse.Namespace) -> None:
                 raise SystemExit(f"a client process did not connect: {line!r}")
 
         web_pid = web.pid  # the console script is the daphne process itself
+        load_before = round(os.getloadavg()[0], 2)
         cpu_before = cpu_seconds(web_pid)
         emitter_env = {**env, "DEPUTIES_BENCH_DATABASE_URL": BENCH_DB}
         emitter = subprocess.run(
@@ -337,6 +338,15 @@ def main(args: argparse.Namespace) -> None:
     paced = [(received - sent) * 1000 for phase, sent, received, _ in samples if phase == "paced"]
     returned = {int(seq): t for seq, t in emitted["returned"].items()}
     committed = [(received - returned[seq]) * 1000 for phase, _, received, seq in samples if phase == "paced"]
+    # Where the time goes, per paced event: emit() itself (statement + commit, its notification
+    # included), then the first subscriber's frame (notification delivery, decode, first socket
+    # write, the client's read), then the spread until the last subscriber's frame (the fan-out).
+    by_seq: dict[int, list[float]] = {}
+    for phase, _, received, seq in samples:
+        if phase == "paced":
+            by_seq.setdefault(int(seq), []).append(received)
+    first = [(min(times) - returned[seq]) * 1000 for seq, times in by_seq.items()]
+    spread = [(max(times) - min(times)) * 1000 for times in by_seq.values()]
     burst = [(sent, received) for phase, sent, received, _ in samples if phase == "burst"]
     burst_start = min(s for s, _ in burst)
     burst_end = max(r for _, r in burst)
@@ -352,6 +362,8 @@ def main(args: argparse.Namespace) -> None:
             "max_ms": round(max(paced), 3),
             "emit_call_ms": percentiles(emitted["paced_emit_ms"]),
             "latency_after_emit_returned_ms": percentiles(committed),
+            "first_subscriber_after_emit_returned_ms": percentiles(first),
+            "first_to_last_subscriber_ms": percentiles(spread),
         },
         "burst": {
             "events": args.burst,
@@ -368,7 +380,7 @@ def main(args: argparse.Namespace) -> None:
         },
         "client_processes_cpu_us_per_frame": round(client_cpu / len(samples) * 1e6, 1),
         "cpus": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1m_before_after": [load_before, round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(result, indent=2))
 

@@ -9,11 +9,14 @@ idle cluster costs few transactions.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from time import sleep
 
-from django.db import connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.utils import timezone
 from django_q.brokers.orm import ORM
 from django_q.conf import Conf
+from django_q.models import OrmQ
 
 log = logging.getLogger(__name__)
 CHANNEL = "deputies_queue"
@@ -43,27 +46,71 @@ def listen_connection(alias: str):
     return psycopg.connect(**listen_kwargs(alias))
 
 
+def queue_joins_transaction() -> bool:
+    """Whether an enqueue can be part of the caller's transaction: this broker, on Postgres, on the
+    default database, not in sync mode (which would run the task inside the transaction)."""
+    return (
+        not Conf.SYNC
+        and Conf.BROKER_CLASS == f"{__name__}.{NotifyingORM.__name__}"
+        and Conf.ORM == DEFAULT_DB_ALIAS
+        and is_postgres(DEFAULT_DB_ALIAS)
+    )
+
+
+# The row and the wake-up in one statement; inside a transaction the NOTIFY goes out at its commit.
+_ENQUEUE = """
+WITH q AS (INSERT INTO {table} (key, payload, lock) VALUES (%s, %s, %s) RETURNING id)
+SELECT id, pg_notify(%s, '') FROM q
+"""
+# Take up to BULK due tasks in one statement; SKIP LOCKED lets concurrent clusters take others.
+_DEQUEUE = """
+UPDATE {table} SET lock = %s
+WHERE id IN (
+    SELECT id FROM {table} WHERE key = %s AND lock < %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED
+)
+RETURNING id, payload
+"""
+
+
 class NotifyingORM(ORM):
+    """On Postgres, enqueue and dequeue are one statement each (django-q2's ORM broker takes two,
+    and 1 + N for a dequeue, each after a connection check)."""
+
     _listener = None
 
     def enqueue(self, task):
-        pk = super().enqueue(task)
-        if is_postgres(Conf.ORM):
-            with connections[Conf.ORM].cursor() as cursor:
-                cursor.execute(f"NOTIFY {CHANNEL}")
-        return pk
+        if not is_postgres(Conf.ORM):
+            return super().enqueue(task)
+        sql = _ENQUEUE.format(table=OrmQ._meta.db_table)
+        with connections[Conf.ORM].cursor() as cursor:
+            cursor.execute(sql, [self.list_key or Conf.CLUSTER_NAME, task, timezone.now(), CHANNEL])
+            return cursor.fetchone()[0]
 
     def dequeue(self):
-        tasks = self.get_connection().filter(key=self.list_key, lock__lt=self._now())[0 : Conf.BULK]
-        if tasks:
-            return self._lock(tasks)
+        if not is_postgres(Conf.ORM):
+            tasks = self.get_connection().filter(key=self.list_key, lock__lt=timezone.now())[0 : Conf.BULK]
+            if tasks:
+                return self._lock(tasks)
+            self._wait(Conf.POLL)
+            return None
+        now = timezone.now()
+        sql = _DEQUEUE.format(table=OrmQ._meta.db_table)
+        params = [now + timedelta(seconds=Conf.RETRY), self.list_key, now, Conf.BULK]
+        conn = connections[Conf.ORM]
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+        except DatabaseError:
+            # A dropped connection: one fresh try now, else the pusher's own error handling.
+            conn.close()
+            with conn.cursor() as cursor:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+        if rows:
+            return sorted(rows)
         self._wait(Conf.POLL)
         return None
-
-    def _now(self):
-        from django.utils import timezone
-
-        return timezone.now()
 
     def _lock(self, tasks):
         task_list = []

@@ -178,12 +178,30 @@ def cmd_web(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_worker(args: argparse.Namespace) -> int:  # noqa: ARG001
-    setup_django()
-    from django.core.management import call_command
+def cmd_worker(args: argparse.Namespace) -> int:
+    """One worker process (deputies/worker.py), or DEPUTIES_WORKERS of them under a light supervisor.
 
-    call_command("qcluster")
-    return 0
+    Each process runs up to DEPUTIES_RUNS_PER_WORKER runs at once, so one is plenty for most hosts;
+    more only help when the runs' own CPU work (not the waiting) needs more than one core.
+    """
+    from django.core.exceptions import ImproperlyConfigured
+
+    from deputies.env import envint
+
+    try:
+        count = 1 if args.one else envint("DEPUTIES_WORKERS", 1, minimum=1)
+    except ImproperlyConfigured as exc:
+        raise CLIError(f"configuration error: {exc}") from None
+    if count == 1:
+        setup_django()
+        from deputies.worker import main as worker_main
+
+        return worker_main()
+    # The supervisor stays small: no Django here, only the children load it.
+    children = [
+        subprocess.Popen([sys.executable, "-m", "deputies.cli", "worker", "--one"]) for _ in range(count)
+    ]
+    return supervise(children)
 
 
 # --- run -----------------------------------------------------------------------------------------
@@ -365,6 +383,17 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secrets_reencrypt(args: argparse.Namespace) -> int:  # noqa: ARG001
+    setup_django()
+    from django.core.management import CommandError, call_command
+
+    try:
+        call_command("reencrypt_secrets")
+    except CommandError as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deputies", description="Control plane for background coding agents"
@@ -381,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--port", type=int, default=8000)
     web.set_defaults(func=cmd_web)
 
-    worker = sub.add_parser("worker", help="queue worker (django-q2 qcluster)")
+    worker = sub.add_parser("worker", help="queue worker: many runs at once per process")
+    worker.add_argument("--one", action="store_true", help="one process, whatever DEPUTIES_WORKERS says")
     worker.set_defaults(func=cmd_worker)
 
     run = sub.add_parser("run", help="submit a prompt on a local repository and follow it")
@@ -398,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8099)
     fake.add_argument("--host", default="127.0.0.1")
     fake.set_defaults(func=cmd_fake_llm)
+
+    secrets = sub.add_parser("secrets", help="environment secrets")
+    secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
+    reencrypt = secrets_sub.add_parser(
+        "reencrypt", help="re-encrypt every secret with the first DEPUTIES_SECRETS_KEY key (rotation)"
+    )
+    reencrypt.set_defaults(func=cmd_secrets_reencrypt)
 
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)

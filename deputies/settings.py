@@ -29,6 +29,30 @@ if not SECRET_KEY:
         key_file.write_text(SECRET_KEY)
         key_file.chmod(0o600)
 
+# Environment secrets are encrypted with these keys (any strings; comma-separated, the first encrypts,
+# all decrypt, so a key can be rotated with `deputies secrets reencrypt`). Every web and worker process
+# must share them; Simple mode keeps one next to the data.
+_secrets_keys = envstr("DEPUTIES_SECRETS_KEY", "")
+if not _secrets_keys:
+    key_file = DATA_DIR / "secrets_key"
+    if not key_file.exists():
+        import secrets
+        import tempfile
+
+        # Written aside and linked into place: processes starting together all end up with one key.
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=DATA_DIR, prefix=".secrets_key.")  # mode 0600
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+        try:
+            os.link(tmp, key_file)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    _secrets_keys = key_file.read_text().strip()
+SECRETS_KEYS = [k.strip() for k in _secrets_keys.split(",") if k.strip()]
+
 ALLOWED_HOSTS = [h.strip() for h in envstr("DEPUTIES_ALLOWED_HOSTS", "*").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [
     o.strip() for o in envstr("DEPUTIES_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
@@ -97,6 +121,26 @@ if _db["ENGINE"] == "django.db.backends.sqlite3":
     _db["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 elif _db["ENGINE"] == "django.db.backends.postgresql":
     _db["CONN_HEALTH_CHECKS"] = True
+    # Django's psycopg pool, per process: a worker's run threads hold a connection only while they
+    # talk to the database (sessions/workpool.py), so dozens of runs share a few. 0 turns it off
+    # (e.g. behind PgBouncer in transaction mode), and connections are kept per thread instead.
+    import importlib.util
+
+    _have_pool = importlib.util.find_spec("psycopg_pool") is not None  # psycopg[pool]
+    DB_POOL_SIZE = envint("DEPUTIES_DB_POOL_SIZE", 10 if _have_pool else 0, minimum=0)
+    if DB_POOL_SIZE and not _have_pool:
+        raise ImproperlyConfigured("DEPUTIES_DB_POOL_SIZE needs psycopg_pool: pip install 'psycopg[pool]'")
+    if DB_POOL_SIZE:
+        _db["CONN_MAX_AGE"] = 0  # closing a connection gives it back to the pool
+        _db.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": DB_POOL_SIZE,
+            "timeout": envfloat("DEPUTIES_DB_POOL_TIMEOUT", 60.0, minimum=1),
+            "max_idle": 300,
+        }
+        from sessions.workpool import forget_inherited_pools
+
+        os.register_at_fork(after_in_child=forget_inherited_pools)  # django-q2 forks its workers
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -176,14 +220,34 @@ STREAM_POLL_INTERVAL = envfloat("DEPUTIES_STREAM_POLL", 0.5, minimum=0.05)
 STREAM_SAFETY_POLL_INTERVAL = envfloat("DEPUTIES_STREAM_SAFETY_POLL", 5.0, minimum=0.5)
 # Under daphne, write each event's frame straight to the subscribers' sockets (sessions/streaming/wire.py).
 STREAM_DIRECT_WRITE = envbool("DEPUTIES_STREAM_DIRECT_WRITE", True)
+# Postgres: concurrent emit() calls of one process share one insert statement and commit (events.py).
+EVENTS_GROUP_COMMIT = envbool("DEPUTIES_EVENTS_GROUP_COMMIT", True)
+# emit()'s statement is prepared once per connection (sessions/events.py); turn off behind a pooler
+# that does not keep a server connection per client (PgBouncer in transaction mode).
+DB_PREPARED_STATEMENTS = envbool("DEPUTIES_DB_PREPARED_STATEMENTS", True)
 
 # --- Queue (django-q2, ORM broker) ----------------------------------------------------------
 RUN_TIMEOUT = envint("DEPUTIES_RUN_TIMEOUT", 3600, minimum=10)
+# Each worker process runs up to this many runs at once, on threads (sessions/workpool.py). SQLite
+# serialises writes, so it gets fewer.
+RUNS_PER_WORKER = envint(
+    "DEPUTIES_RUNS_PER_WORKER", 4 if _db["ENGINE"].endswith("sqlite3") else 48, minimum=1
+)
+# Seconds a stopping worker process waits for its runs before leaving them to lease recovery.
+WORKER_GRACE = envint("DEPUTIES_WORKER_GRACE", 10, minimum=0)
+_workers = envint("DEPUTIES_WORKERS", 1, minimum=1)
 Q_CLUSTER = {
     "name": "deputies",
     "orm": "default",
-    "workers": envint("DEPUTIES_WORKERS", 2, minimum=1),
+    "workers": _workers,
+    # A run task returns once its run has started on the pool; it only blocks while the pool is
+    # full, and gives up (requeues the run) before this timeout, which would kill the whole process.
     "timeout": RUN_TIMEOUT,
+    # Recycling (or an RSS limit) ends a worker process, and with it the runs on its threads.
+    "recycle": None,
+    "max_rss": None,
+    # Prefetch little: a task waiting behind a full pool is better taken by another process.
+    "queue_limit": _workers,
     # retry must exceed timeout, or a slow run is delivered twice while still running.
     "retry": RUN_TIMEOUT + 120,
     "max_attempts": envint("DEPUTIES_TASK_MAX_ATTEMPTS", 2, minimum=1),
@@ -196,6 +260,7 @@ Q_CLUSTER = {
     "label": "Queue",
     "sync": envbool("DEPUTIES_QUEUE_SYNC", False),
 }
+RUN_SLOT_WAIT = max(1, RUN_TIMEOUT - 60)
 
 # --- Sandboxes --------------------------------------------------------------------------------
 SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "docker"))
@@ -206,9 +271,14 @@ SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
 SETUP_TIMEOUT = envint("DEPUTIES_SETUP_TIMEOUT", 600, minimum=1)
 # A ready sandbox unused for this long is destroyed by the reaper (an environment may set its own).
 SANDBOX_IDLE_TTL = envint("DEPUTIES_SANDBOX_IDLE_TTL", 1800, minimum=60)
+# Spending limits in USD (0: none). A session or team may set its own (sessions/budgets.py).
+SESSION_BUDGET_USD = envfloat("DEPUTIES_SESSION_BUDGET_USD", 0.0, minimum=0)
+TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, minimum=0)
+# No sandbox lives longer than this, used or not: its next run starts from a fresh one.
+SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
 # A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
 RUN_LEASE_SECONDS = envint(
-    "DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300, SETUP_TIMEOUT + 300), minimum=30
+    "DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300, SETUP_TIMEOUT + 300), minimum=2
 )
 # Docker provider: the engine is whatever DEPUTIES_DOCKER_HOST (else DOCKER_HOST) points at, Docker
 # Engine or Podman's Docker-compatible API. Limits apply when an environment sets none.
@@ -281,6 +351,8 @@ if not isinstance(LLM_PRICES, dict):
     raise ImproperlyConfigured("DEPUTIES_LLM_PRICES must be a JSON object of model -> prices")
 AGENT_MAX_STEPS = envint("DEPUTIES_AGENT_MAX_STEPS", 50, minimum=1)
 TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
+# Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
+CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
 
 LOGGING = {

@@ -55,6 +55,29 @@ class ExecResult:
 OutputCallback = Callable[[str, str], None]
 
 
+@dataclass
+class LogLine:
+    stream: str  # "stdout" or "stderr"
+    text: str
+
+
+@dataclass
+class SandboxLogs:
+    """What a provider itself knows about one sandbox, for operators (the admin's logs page).
+
+    ``exists`` is False when the provider has nothing by that id any more (destroyed, or removed
+    behind our back); ``summary`` then says so in words. ``details`` are facts in display order
+    (state, exit code, paths...). ``lines`` is the engine's own output of the sandbox, oldest first,
+    at most the ``tail`` asked for; ``note`` explains what the lines are, or why there are none.
+    """
+
+    exists: bool
+    summary: str
+    details: dict[str, str] = field(default_factory=dict)
+    lines: list[LogLine] = field(default_factory=list)
+    note: str = ""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     isolated: bool
@@ -114,6 +137,10 @@ class SandboxProvider(Protocol):
         ...
 
     def health(self) -> dict: ...
+
+    def logs(self, sandbox_id: str, tail: int = 500) -> SandboxLogs:
+        """The provider's view of a sandbox, for operators: never raises for a missing sandbox."""
+        ...
 
 
 def get_provider(name: str | None = None) -> SandboxProvider:

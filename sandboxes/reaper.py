@@ -4,8 +4,10 @@ Sandboxes stay alive between the runs of a session so follow-ups start fast; tha
 container, a workspace on disk) paid until the session's idle TTL runs out. ``reap`` runs on a
 django-q schedule (see the sandboxes migration that creates it) and:
 
-* destroys READY sandboxes unused for longer than their environment's ``idle_ttl_seconds`` (else
-  ``DEPUTIES_SANDBOX_IDLE_TTL``) whose session has no active run;
+* destroys READY sandboxes whose session has no active run and that are idle (unused for longer
+  than their environment's ``idle_ttl_seconds``, else ``DEPUTIES_SANDBOX_IDLE_TTL``) or expired
+  (older than ``DEPUTIES_SANDBOX_MAX_AGE`` however busy they were, or their session is archived);
+* marks rows left ``creating`` for longer than ``ORPHAN_GRACE`` by a worker that died as failed;
 * destroys orphans: docker containers with this deployment's labels, and directories under
   ``DEPUTIES_SANDBOX_ROOT``, that no live row names (a worker died between ``create`` and saving the
   row, or an earlier ``destroy`` failed); anything younger than ``ORPHAN_GRACE`` is left alone,
@@ -31,6 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.db.models import Exists, OuterRef
@@ -38,7 +41,7 @@ from django.utils import timezone
 
 from sandboxes.base import get_provider
 from sandboxes.models import Sandbox
-from sessions.models import Run
+from sessions.models import Run, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +49,26 @@ log = logging.getLogger(__name__)
 ORPHAN_GRACE = timedelta(minutes=15)
 LOCAL_SANDBOX_DIR = re.compile(r"^s[0-9]+-[0-9a-f]{8}$")  # LocalProvider.create's naming
 CHECKOUT_DIR = re.compile(r"^session-([0-9]+)$")
+REPO_TEMPLATE_DIR = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{40}$")  # repocache.template's naming
+TEMPLATE_GRACE = timedelta(hours=1)
 LIVE = (Sandbox.Status.CREATING, Sandbox.Status.READY)
 
 
 @dataclass
 class ReapReport:
     idle: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    stuck: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     checkouts: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = (
-            f"destroyed {len(self.idle)} idle and {len(self.orphans)} orphaned sandboxes, "
-            f"removed {len(self.checkouts)} checkouts"
+            f"destroyed {len(self.idle)} idle, {len(self.expired)} expired and {len(self.orphans)} "
+            f"orphaned sandboxes, marked {len(self.stuck)} stuck ones failed, "
+            f"removed {len(self.checkouts)} checkouts and {len(self.templates)} repository templates"
         )
         return f"{text}; {len(self.errors)} errors" if self.errors else text
 
@@ -111,15 +120,44 @@ def reap_idle(report: ReapReport, now=None) -> None:
         .filter(busy=False)
         .select_related("session__environment")
     )
+    max_age = timedelta(seconds=settings.SANDBOX_MAX_AGE)
     for sandbox in candidates:
         ttl = idle_ttl(sandbox)
-        if sandbox.last_used + timedelta(seconds=ttl) > now:
+        if sandbox.session.status == SessionStatus.ARCHIVED:
+            reason, kept_in = "its session is archived", report.expired
+        elif sandbox.created + max_age <= now:
+            reason, kept_in = (
+                f"older than DEPUTIES_SANDBOX_MAX_AGE ({settings.SANDBOX_MAX_AGE} s)",
+                report.expired,
+            )
+        elif sandbox.last_used + timedelta(seconds=ttl) <= now:
+            reason, kept_in = f"idle for over {ttl} s", report.idle
+        else:
             continue
         try:
-            if destroy_sandbox(sandbox, f"idle for over {ttl} s", expect_last_used=sandbox.last_used):
-                report.idle.append(sandbox.external_id or str(sandbox.pk))
+            if destroy_sandbox(sandbox, reason, expect_last_used=sandbox.last_used):
+                kept_in.append(sandbox.external_id or str(sandbox.pk))
         except Exception as exc:
             report.errors.append(f"{sandbox.external_id}: {exc}")
+
+
+def reap_stuck(report: ReapReport, now=None) -> None:
+    """Rows left CREATING by a worker that died mid-create: marked failed, so the orphan sweep may
+    remove whatever the engine made for them and the admin shows why."""
+    cutoff = (now or timezone.now()) - ORPHAN_GRACE
+    stuck = (
+        Sandbox.objects.filter(status=Sandbox.Status.CREATING, created__lt=cutoff)
+        .alias(busy=active_run_exists())
+        .filter(busy=False)
+    )
+    for pk in stuck.values_list("pk", flat=True):
+        if (
+            Sandbox.objects.filter(pk=pk, status=Sandbox.Status.CREATING)
+            .alias(busy=active_run_exists())
+            .filter(busy=False)
+            .update(status=Sandbox.Status.FAILED, error="The worker stopped while creating this sandbox.")
+        ):
+            report.stuck.append(str(pk))
 
 
 def live_ids(provider: str) -> set[str]:
@@ -209,14 +247,50 @@ def reap_checkouts(report: ReapReport) -> None:
             report.errors.append(f"{entry}: {exc}")
 
 
+def reap_repo_cache(report: ReapReport, now=None) -> None:
+    """Per-commit repository templates (sessions/repocache.py) that no checkout borrows objects from
+    and nobody used for ``TEMPLATE_GRACE``; checkouts are reaped first, so finished sessions free theirs."""
+    from sessions.repocache import cache_root
+    from sessions.runner import checkouts_root
+
+    root = cache_root()
+    if not root.is_dir():
+        return
+    borrowed = set()
+    if checkouts_root().is_dir():
+        for checkout in checkouts_root().iterdir():
+            try:
+                text = (checkout / ".git" / "objects" / "info" / "alternates").read_text()
+            except OSError:
+                continue
+            borrowed.update(
+                str(Path(line.strip()).parent.parent) for line in text.splitlines() if line.strip()
+            )
+    cutoff = ((now or timezone.now()) - TEMPLATE_GRACE).timestamp()
+    for entry in sorted(root.iterdir()):
+        if not REPO_TEMPLATE_DIR.match(entry.name) or str(entry) in borrowed:
+            continue
+        try:
+            if entry.stat().st_mtime > cutoff:
+                continue
+            shutil.rmtree(entry)
+            report.templates.append(entry.name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            report.errors.append(f"{entry}: {exc}")
+
+
 def reap(now=None) -> ReapReport:
     started = time.monotonic()
     report = ReapReport()
     reap_idle(report, now)
+    reap_stuck(report, now)
     reap_local_orphans(report, now)
     if uses_docker():
         reap_docker_orphans(report, now)
     reap_checkouts(report)
+    reap_repo_cache(report, now)
     for error in report.errors:
         log.warning("reaper: %s", error)
     log.info("reaper: %s in %.1f s", report, time.monotonic() - started)

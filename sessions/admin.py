@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from sessions.budgets import team_month_spend
 from sessions.models import (
     APIToken,
     Artifact,
     Environment,
+    EnvironmentSecret,
     Event,
     LLMCall,
     Membership,
@@ -21,6 +24,7 @@ from sessions.models import (
     Session,
     Team,
 )
+from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH, encrypt
 
 # A session page shows this many of the latest events; the Event list has them all.
 EVENTS_INLINE_LIMIT = 500
@@ -62,7 +66,7 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "member_count", "created"]
+    list_display = ["name", "slug", "member_count", "monthly_budget_usd", "spent_this_month", "created"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [MembershipInline]
@@ -70,6 +74,10 @@ class TeamAdmin(admin.ModelAdmin):
     @admin.display(description="members")
     def member_count(self, obj: Team) -> int:
         return obj.memberships.count()
+
+    @admin.display(description="spent this month (USD)")
+    def spent_this_month(self, obj: Team) -> str:
+        return f"{team_month_spend(obj.pk):.2f}"
 
 
 @admin.register(Membership)
@@ -93,6 +101,73 @@ class RepositoryAdmin(admin.ModelAdmin):
     autocomplete_fields = ["team"]
 
 
+class EnvironmentSecretForm(forms.ModelForm):
+    """The value is write-only: shown empty, and left empty it keeps the stored one."""
+
+    value = forms.CharField(
+        required=False,
+        strip=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Encrypted at rest and never shown again. Leave empty to keep the current value.",
+    )
+
+    class Meta:
+        model = EnvironmentSecret
+        fields = ["environment", "name", "value", "sandbox_visible"]
+
+    def clean(self) -> dict:
+        data = super().clean()
+        value = data.get("value") or ""
+        if not self.instance.pk and not value:
+            self.add_error("value", "A new secret needs a value.")
+        elif value and len(value) < MIN_SECRET_LENGTH:
+            self.add_error("value", f"At least {MIN_SECRET_LENGTH} characters, so it can be redacted.")
+        elif len(value.encode()) > MAX_SECRET_BYTES:
+            self.add_error("value", f"At most {MAX_SECRET_BYTES} bytes.")
+        return data
+
+    def save(self, commit: bool = True) -> EnvironmentSecret:
+        if self.cleaned_data.get("value"):
+            self.instance.ciphertext = encrypt(self.cleaned_data["value"])
+        return super().save(commit)
+
+
+@admin.register(EnvironmentSecret)
+class EnvironmentSecretAdmin(admin.ModelAdmin):
+    """Every secret by name, across environments; values are write-only here too."""
+
+    form = EnvironmentSecretForm
+    fields = ["environment", "name", "value", "sandbox_visible", "created", "updated"]
+    readonly_fields = ["created", "updated"]
+    list_display = ["name", "environment", "sandbox_visible", "updated"]
+    list_filter = ["sandbox_visible", "environment__team"]
+    search_fields = ["name", "environment__name"]
+    list_select_related = ["environment__team"]
+    autocomplete_fields = ["environment"]
+
+    def save_model(self, request: HttpRequest, obj: EnvironmentSecret, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        obj.environment.save(update_fields=["revision", "updated"])  # a new environment revision
+
+    def delete_model(self, request: HttpRequest, obj: EnvironmentSecret) -> None:
+        self.delete_queryset(request, EnvironmentSecret.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[EnvironmentSecret]) -> None:
+        environments = Environment.objects.filter(pk__in=queryset.values("environment"))
+        touched = list(environments)
+        queryset.delete()
+        for environment in touched:
+            environment.save(update_fields=["revision", "updated"])
+
+
+class EnvironmentSecretInline(admin.TabularInline):
+    model = EnvironmentSecret
+    form = EnvironmentSecretForm
+    extra = 0
+    fields = ["name", "value", "sandbox_visible", "updated"]
+    readonly_fields = ["updated"]
+
+
 @admin.register(Environment)
 class EnvironmentAdmin(admin.ModelAdmin):
     list_display = [
@@ -109,6 +184,13 @@ class EnvironmentAdmin(admin.ModelAdmin):
     readonly_fields = ["revision", "created", "updated"]
     list_select_related = ["team"]
     autocomplete_fields = ["team"]
+    inlines = [EnvironmentSecretInline]
+
+    def save_related(self, request: HttpRequest, form, formsets, change: bool) -> None:
+        super().save_related(request, form, formsets, change)
+        # A secret changed on its own is still a new revision of the environment.
+        if change and not form.has_changed() and any(f.has_changed() for f in formsets):
+            form.instance.save(update_fields=["revision", "updated"])
 
 
 # --- sessions ---------------------------------------------------------------------------------------

@@ -183,10 +183,12 @@ class SessionListConsumer(_Consumer):
         if not await self.authenticated():
             return
         teams = await database_sync_to_async(store.readable_team_ids)(self.scope["user"])
-        await self.accept()
         self.hub = get_hub()
         self.queue = asyncio.Queue()
+        # Listening before the client learns it is connected: a change it makes right after the
+        # handshake is announced (at its commit, which can be that soon) and must not be missed.
         await self.hub.subscribe_list(self.queue, teams)
+        await self.accept()
         self.start_pump(self.queue)
 
     def unsubscribe(self) -> None:

@@ -11,7 +11,7 @@ Event types and their payloads (all JSON objects):
 - ``sandbox_ready``     {sandbox_id, provider, isolated, reason?}
 - ``repository_ready``  {url, base_branch, branch, commit}
 - ``setup_output``      {stream, text}  (``.deputies/setup`` output, coalesced)
-- ``setup_finished``    {exit_code, duration, timed_out}
+- ``setup_finished``    {script, exit_code, duration, timed_out}  (environment's, then the repository's)
 - ``assistant_text``    {text}
 - ``tool_started``      {call_id, name, arguments}
 - ``tool_finished``     {call_id, name, ok, output, truncated, artifact_id?}
@@ -23,19 +23,27 @@ Event types and their payloads (all JSON objects):
 - ``run_completed``     {run_id, summary}
 - ``run_failed``        {run_id, error}
 - ``run_requeued``      {run_id, lost_worker}
+- ``context_compacted`` {elided, chars_before, chars_after}  (old output hidden from the model)
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import os
+import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection, transaction
+from django.conf import settings
+from django.db import DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from sessions.models import Event, Session
+
+log = logging.getLogger(__name__)
 
 # Called after commit with the stored events; the websocket layer registers itself here.
 _listeners: list[Callable[[list[Event]], None]] = []
@@ -69,11 +77,27 @@ def emit(
 def emit_many(
     session_id: int, items: Iterable[tuple[str, dict[str, Any]]], run_id: int | None = None
 ) -> list[Event]:
+    """Store the events (durably, when not inside a transaction) and return them, seqs filled in.
+
+    On Postgres outside a transaction, concurrent calls from threads of one process share one
+    statement and one commit (``_GroupCommit``); inside a transaction the events commit or roll back
+    with it. Either way the websocket notification is part of the same statement (``pg_notify`` is
+    delivered at commit, and never for a rollback).
+    """
     items = list(items)
     if not items:
         return []
     if connection.vendor == "postgresql":
-        events = _insert_postgres(session_id, items, run_id)
+        request = _Request(session_id, run_id, items)
+        if not connection.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
+            events = _group_commit().submit(request)
+            # Committed already: call the listeners here rather than through on_commit, which
+            # would take a (pooled) connection just to learn that we are in autocommit.
+            if _listeners:
+                _notify(events)
+            return events
+        _insert_postgres([request])
+        events = request.result()
     else:
         with transaction.atomic():
             last = _reserve(session_id, len(items))
@@ -88,51 +112,243 @@ def emit_many(
     return events
 
 
+# --- Postgres: one statement for any number of emits ------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Request:
+    """One emit_many() call: its events, and (once written) the stored Events or the error."""
+
+    session_id: int
+    run_id: int | None
+    items: list[tuple[str, dict[str, Any]]]
+    created: datetime = field(default_factory=timezone.now)
+    events: list[Event] | None = None
+    error: BaseException | None = None
+    woken: threading.Event = field(default_factory=threading.Event)
+
+    def result(self) -> list[Event]:
+        if self.error is not None:
+            raise self.error
+        assert self.events is not None
+        return self.events
+
+
+# One JSON document carries the events: [[session_id, run_id, type, payload, created, noted], ...].
+# Sessions are locked in id order (``l``) so that two multi-session statements cannot deadlock; each
+# session's last_seq moves by its number of events and the rows take the numbers in between, in the
+# order they were given. The notification (one per session, in notify.encode's format, built here
+# because only the statement knows the seqs; ``e`` only when ``noted``, i.e. when it fits) is
+# delivered at commit, so it never announces a row a reader cannot see, and costs no round trip.
 _PG_INSERT = """
-WITH s AS (UPDATE {session} SET last_seq = last_seq + %(n)s WHERE id = %(session_id)s RETURNING last_seq)
-INSERT INTO {event} (session_id, run_id, seq, type, payload, created)
-SELECT %(session_id)s, %(run_id)s, s.last_seq - %(n)s + i.ord, i.type, i.payload::jsonb, %(created)s
-FROM s, unnest(%(types)s::text[], %(payloads)s::text[]) WITH ORDINALITY AS i(type, payload, ord)
-RETURNING id, seq
+WITH i AS (
+    SELECT (e->>0)::bigint AS session_id, (e->>1)::bigint AS run_id, e->>2 AS type, e->3 AS payload,
+           e->>4 AS created, (e->>5)::boolean AS noted, ord
+    FROM json_array_elements(%(events)s::json) WITH ORDINALITY AS x(e, ord)
+),
+c AS (SELECT session_id, count(*) AS n FROM i GROUP BY session_id),
+l AS (SELECT id FROM {session} WHERE id IN (SELECT session_id FROM c) ORDER BY id FOR UPDATE),
+s AS (
+    UPDATE {session} t SET last_seq = t.last_seq + c.n FROM c, l
+    WHERE t.id = c.session_id AND l.id = t.id
+    RETURNING t.id, t.last_seq, c.n
+),
+k AS (
+    SELECT i.*, s.last_seq - s.n + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord) AS seq
+    FROM i JOIN s ON s.id = i.session_id
+),
+ins AS (
+    INSERT INTO {event} (session_id, run_id, seq, type, payload, created)
+    SELECT session_id, run_id, seq, type, payload::jsonb, created::timestamptz FROM k ORDER BY ord
+    RETURNING id, session_id, seq
+),
+nt AS (
+    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', (
+        SELECT json_agg(json_build_object(
+            'seq', k.seq, 'type', k.type, 'payload', k.payload, 'created', k.created, 'run', k.run_id
+        ) ORDER BY k.seq) FROM k WHERE k.session_id = s.id AND k.noted
+    ))::text)
+    FROM s WHERE %(notify)s
+)
+SELECT id, session_id, seq FROM ins WHERE (SELECT count(*) FROM nt) >= 0
 """
+# Room for the envelope and the seqs and keys a notification adds to the events' own JSON.
+_NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48
 
 
-def _insert_postgres(
-    session_id: int, items: list[tuple[str, dict[str, Any]]], run_id: int | None
-) -> list[Event]:
-    """Reserve the numbers and insert the rows in one statement: one round trip per emit.
+def _insert_postgres(requests: list[_Request]) -> None:
+    """Reserve the numbers, insert the rows and notify, in one statement: one round trip.
 
     In autocommit the statement is its own transaction; inside an outer atomic block it commits
-    (or rolls back, numbers included) with it, so seqs stay gap-free either way.
+    (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
+    Fills in each request's events, or its error (a session that does not exist).
     """
-    created = timezone.now()
+    from sessions.streaming.notify import LIMITS, PG_CHANNEL
+    from sessions.streaming.store import dumps, iso
+
+    notify = settings.STREAM_BACKEND == "postgres"
+    sizes: dict[int, int] = defaultdict(lambda: _NOTE_OVERHEAD)
+    rows: list[tuple[int, list[str]]] = []
+    for r in requests:
+        created = iso(r.created)
+        texts = [dumps([r.session_id, r.run_id, t, p, created]) for t, p in r.items]
+        sizes[r.session_id] += sum(len(text.encode()) + _NOTE_PER_EVENT for text in texts)
+        rows.append((r.session_id, texts))
+    limit = LIMITS["postgres"]
+    # Each item's JSON list ends with "]": append the "noted" flag before it.
+    flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
+    document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
     sql = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db_table)
-    params = {
-        "n": len(items),
-        "session_id": session_id,
-        "run_id": run_id,
-        "created": created,
-        "types": [t for t, _ in items],
-        "payloads": [json.dumps(p, cls=DjangoJSONEncoder) for _, p in items],
-    }
-    with connection.cursor() as cursor:
+    params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
+    with _prepared_cursor() as cursor:
         cursor.execute(sql, params)
-        ids = dict((seq, pk) for pk, seq in cursor.fetchall())
-    if not ids:
-        raise Session.DoesNotExist(f"session {session_id} does not exist")
-    first = min(ids)
-    return [
-        Event(
-            id=ids[first + i],
-            session_id=session_id,
-            run_id=run_id,
-            seq=first + i,
-            type=t,
-            payload=p,
-            created=created,
-        )
-        for i, (t, p) in enumerate(items)
-    ]
+        returned = cursor.fetchall()
+    ids: dict[int, dict[int, int]] = defaultdict(dict)
+    for pk, session_id, seq in returned:
+        ids[session_id][seq] = pk
+    taken: dict[int, int] = {sid: min(seqs) for sid, seqs in ids.items()}
+    for r in requests:
+        if r.session_id not in taken:
+            r.error = Session.DoesNotExist(f"session {r.session_id} does not exist")
+            continue
+        first = taken[r.session_id]
+        taken[r.session_id] = first + len(r.items)
+        r.events = [
+            Event(
+                id=ids[r.session_id][first + i],
+                session_id=r.session_id,
+                run_id=r.run_id,
+                seq=first + i,
+                type=t,
+                payload=p,
+                created=r.created,
+            )
+            for i, (t, p) in enumerate(r.items)
+        ]
+
+
+def _prepared_cursor():
+    """A Django cursor (query logging and execute wrappers included) whose statement Postgres
+    prepares once per connection: planning _PG_INSERT from scratch costs about as much as running
+    it. Django's own cursors bind client-side and never prepare; Django turns psycopg's automatic
+    preparing off (``prepare_threshold=None``), which also refuses explicit ``prepare=True``, so
+    the threshold is set out of reach instead: only this cursor's statements get prepared."""
+    global _PreparedCursor
+    if _PreparedCursor is None:
+        import psycopg
+
+        class PreparedCursor(psycopg.Cursor):
+            def execute(self, query, params=None, **kwargs):
+                return super().execute(query, params, prepare=True)
+
+            def _send_query_prepared(self, name, pgq, **kwargs):
+                self._query = pgq  # what Django's query log reads (psycopg sets it only unprepared)
+                return super()._send_query_prepared(name, pgq, **kwargs)
+
+        _PreparedCursor = PreparedCursor
+    if not settings.DB_PREPARED_STATEMENTS:
+        return connection.cursor()
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw.prepare_threshold is None:
+        raw.prepare_threshold = 1 << 30
+    if not getattr(raw, "_deputies_generic_plans", False) and not connection.in_atomic_block:
+        # Postgres would plan a custom plan per execution (no cheaper than not preparing); the
+        # generic plan is right for any batch. Only prepared statements are affected, and only
+        # ours are prepared. Outside a transaction, so no rollback can undo it.
+        with connection.cursor() as cursor:
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+        raw._deputies_generic_plans = True
+    with connection.wrap_database_errors:
+        return connection._prepare_cursor(_PreparedCursor(raw))
+
+
+_PreparedCursor = None
+
+
+class _GroupCommit:
+    """Concurrent emit() calls of one process share a statement and a commit.
+
+    The first caller to arrive while nothing is being written writes its own events at once (so a
+    lone emitter waits for nothing extra); whoever arrives during that write queues, and when it
+    completes the oldest queued caller writes everything queued, on its own connection. Every
+    caller returns only once its rows are committed, or with the error that stopped them. A failed
+    batch is retried one request at a time, so one bad event (an unknown session or run) fails
+    only its own emit().
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: list[_Request] = []
+        self.writing = False
+        self.batches = 0  # statements executed (for tests and the bench)
+
+    def submit(self, request: _Request) -> list[Event]:
+        with self.lock:
+            self.queue.append(request)
+            lead = not self.writing
+            self.writing = True
+        if not lead:
+            # Waiting holds no pooled connection: the writer may need one, and must not wait for
+            # the pool while every connection sits with a thread that is waiting for the writer.
+            if connection.connection is not None and connection.settings_dict.get("OPTIONS", {}).get("pool"):
+                connection.close()
+            request.woken.wait()
+            if request.events is not None or request.error is not None:
+                return request.result()
+            # Woken without a result: it is our turn to write.
+        with self.lock:
+            batch, self.queue = self.queue, []
+        try:
+            self._write(batch)
+        finally:
+            with self.lock:
+                if self.queue:
+                    self.queue[0].woken.set()  # the next writer
+                else:
+                    self.writing = False
+            for other in batch:
+                if other is not request:
+                    other.woken.set()
+        return request.result()
+
+    def _write(self, batch: list[_Request]) -> None:
+        self.batches += 1
+        try:
+            _insert_postgres(batch)
+            return
+        except (IntegrityError, DataError) as exc:
+            # The server refused the statement, so nothing of it was committed: find the request
+            # that spoiled it (an unknown run, a payload jsonb cannot store) and write the others.
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            failure = exc
+        except BaseException as exc:  # noqa: BLE001 - every caller gets an answer
+            # A lost connection may have lost only the reply to a commit: no retry, which could
+            # store the events twice. The callers see the error, as with any failed write.
+            for request in batch:
+                request.error = exc
+            return
+        log.info("a batch of %s emits failed (%s); writing them one by one", len(batch), failure)
+        for request in batch:  # find the one that spoiled the batch; the others still get written
+            request.events = request.error = None
+            try:
+                _insert_postgres([request])
+            except BaseException as exc:  # noqa: BLE001
+                request.error = exc
+
+
+_group: tuple[int, _GroupCommit] | None = None
+
+
+def _group_commit() -> _GroupCommit:
+    """One per process (a fork, like a qcluster worker, gets its own)."""
+    global _group
+    pid = os.getpid()
+    if _group is None or _group[0] != pid:
+        _group = (pid, _GroupCommit())
+    return _group[1]
 
 
 def _notify(events: list[Event]) -> None:
@@ -141,6 +357,8 @@ def _notify(events: list[Event]) -> None:
 
 
 def _push_to_websockets(events: list[Event]) -> None:
+    if settings.STREAM_BACKEND == "postgres":
+        return  # the insert statement notified (see _PG_INSERT)
     from sessions.streaming.notify import publish  # never raises: a failed push is only logged
 
     publish(events)

@@ -9,16 +9,28 @@ from __future__ import annotations
 import hashlib
 import secrets
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
+from django.core.validators import RegexValidator
 from django.db import models, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+
+from sessions.secrets import Secret, decrypt, encrypt
 
 
 class Team(models.Model):
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=100, unique=True)
+    monthly_budget_usd = models.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="Model spend per calendar month (UTC); runs stop when it is used up. "
+        "Empty: DEPUTIES_TEAM_MONTHLY_BUDGET_USD.",
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -125,6 +137,76 @@ class Environment(models.Model):
         if self.pk:
             self.refresh_from_db(fields=["revision"])
 
+    def decrypted_secrets(self) -> list[Secret]:
+        """Every secret with its value; raises SecretError naming one that cannot be decrypted."""
+        return [
+            Secret(
+                s.name,
+                decrypt(s.ciphertext, f"secret {s.name} of environment {self.name!r}"),
+                s.sandbox_visible,
+            )
+            for s in self.secrets.all()
+        ]
+
+    @transaction.atomic
+    def change_secrets(self, changes: dict[str, dict[str, Any] | None], new_revision: bool = True) -> None:
+        """Set, re-flag or delete secrets (``None`` deletes); any change is a new revision unless
+        the caller saves the environment itself.
+
+        ``changes`` maps NAME to ``{"value": str, "sandbox_visible": bool}`` (either key may be
+        missing for an existing secret) or to ``None``. Callers validate names and values.
+        """
+        changed = False
+        existing = {s.name: s for s in self.secrets.all()}
+        for name, change in changes.items():
+            secret = existing.get(name)
+            if change is None:
+                if secret is not None:
+                    secret.delete()
+                    changed = True
+                continue
+            if secret is None:
+                secret = EnvironmentSecret(environment=self, name=name)
+            if "value" in change:
+                secret.ciphertext = encrypt(change["value"])
+            if "sandbox_visible" in change:
+                secret.sandbox_visible = bool(change["sandbox_visible"])
+            secret.save()
+            changed = True
+        if changed and new_revision:
+            self.save(update_fields=["revision", "updated"])
+
+
+SECRET_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+class EnvironmentSecret(models.Model):
+    """One encrypted value. The plaintext exists only in the worker that hands it to a sandbox."""
+
+    environment = models.ForeignKey(Environment, models.CASCADE, related_name="secrets")
+    name = models.CharField(
+        max_length=100, validators=[RegexValidator(f"^{SECRET_NAME_RE}$", "Not a valid variable name.")]
+    )
+    ciphertext = models.TextField(editable=False)
+    sandbox_visible = models.BooleanField(
+        default=False,
+        help_text="Give it to the sandbox as an environment variable. Otherwise only the control "
+        "plane can use it. Either way its value is scrubbed from output, events and artifacts.",
+    )
+    created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["environment", "name"], name="unique_secret_name_per_environment"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name  # never the value
+
 
 class SessionStatus(models.TextChoices):
     QUEUED = "queued"
@@ -172,6 +254,13 @@ class Session(models.Model):
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    budget_usd = models.DecimalField(
+        max_digits=12,
+        decimal_places=2,
+        null=True,
+        blank=True,
+        help_text="Model spend this session may reach over all its runs. Empty: DEPUTIES_SESSION_BUDGET_USD.",
+    )
     last_seq = models.BigIntegerField(default=0, editable=False)
     created = models.DateTimeField(default=timezone.now, db_index=True)
     updated = models.DateTimeField(auto_now=True)
@@ -198,9 +287,15 @@ class Session(models.Model):
         if not first:
             Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
         self.status = SessionStatus.QUEUED
+        from deputies.broker import queue_joins_transaction
         from sessions import tasks
 
-        transaction.on_commit(lambda: tasks.enqueue_run(run.pk))
+        if queue_joins_transaction():
+            # The queue row is in this database: insert it with the run, so both commit (and the
+            # worker's NOTIFY is delivered) at once, or neither does. No round trip after commit.
+            tasks.enqueue_run(run.pk)
+        else:
+            transaction.on_commit(lambda: tasks.enqueue_run(run.pk))
         return run
 
     def add_message(self, content: str, author=None) -> Message:
@@ -348,6 +443,44 @@ class Run(models.Model):
 
         now = timezone.now()
         with transaction.atomic():
+            if not self._claim_rows(owner, now):
+                return False
+            emit_many(
+                self.session_id,
+                [
+                    ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
+                    ("status", {"status": "running"}),
+                ],
+                run_id=self.pk,
+            )
+        self.status, self.lease_owner, self.started, self.heartbeat = Run.Status.RUNNING, owner, now, now
+        return True
+
+    # The run, the session's status and the pending messages in one statement (a round trip each
+    # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``).
+    _CLAIM = """
+    WITH r AS (
+        UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = %(now)s, heartbeat = %(now)s
+        WHERE id = %(id)s AND status = %(queued)s
+        RETURNING id, session_id
+    ),
+    s AS (
+        UPDATE {session} t SET status = %(session_running)s FROM r
+        WHERE t.id = r.session_id AND t.status <> ALL(%(closed)s)
+        RETURNING t.id
+    ),
+    m AS (
+        UPDATE {message} t SET status = %(claimed)s, run_id = r.id FROM r
+        WHERE t.session_id = r.session_id AND t.status = %(pending)s
+        RETURNING t.id
+    )
+    SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM s), (SELECT count(*) FROM m)
+    """
+
+    def _claim_rows(self, owner: str, now) -> bool:
+        from django.db import connection
+
+        if connection.vendor != "postgresql":
             changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
                 status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
             )
@@ -359,16 +492,24 @@ class Run(models.Model):
             Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).update(
                 status=Message.Status.CLAIMED, run=self
             )
-            emit_many(
-                self.session_id,
-                [
-                    ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
-                    ("status", {"status": "running"}),
-                ],
-                run_id=self.pk,
-            )
-        self.status, self.lease_owner, self.started, self.heartbeat = Run.Status.RUNNING, owner, now, now
-        return True
+            return True
+        sql = self._CLAIM.format(
+            run=Run._meta.db_table, session=Session._meta.db_table, message=Message._meta.db_table
+        )
+        params = {
+            "id": self.pk,
+            "owner": owner,
+            "now": now,
+            "running": Run.Status.RUNNING,
+            "queued": Run.Status.QUEUED,
+            "session_running": SessionStatus.RUNNING,
+            "closed": [SessionStatus.CANCELLED, SessionStatus.ARCHIVED],
+            "claimed": Message.Status.CLAIMED,
+            "pending": Message.Status.PENDING,
+        }
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return bool(cursor.fetchone()[0])
 
     MAX_RECOVERIES = 2
 
@@ -408,11 +549,22 @@ class Run(models.Model):
         return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
 
     def beat(self) -> bool:
-        """Heartbeat; returns False when the run was cancelled under us."""
+        """Heartbeat; returns False when the run was cancelled under us or ran out of time.
+
+        Runs share their worker process (sessions/workpool.py), so DEPUTIES_RUN_TIMEOUT is enforced
+        here, at the next step, rather than by killing the process.
+        """
+        now = timezone.now()
+        if self.started and (now - self.started).total_seconds() > settings.RUN_TIMEOUT:
+            from sessions.events import emit
+
+            error = f"the run took longer than {settings.RUN_TIMEOUT} s (DEPUTIES_RUN_TIMEOUT)"
+            if self.finish(Run.Status.FAILED, error):
+                emit(self.session_id, "run_failed", {"run_id": self.pk, "error": error}, run_id=self.pk)
+                emit(self.session_id, "status", {"status": "failed"}, run_id=self.pk)
+            return False
         return bool(
-            Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
-                heartbeat=timezone.now(), steps=self.steps
-            )
+            Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(heartbeat=now, steps=self.steps)
         )
 
     def finish(self, status: str, error: str = "") -> bool:
@@ -521,6 +673,7 @@ class LLMCall(models.Model):
     class Meta:
         ordering = ["session", "created"]
         verbose_name = "LLM call"
+        indexes = [models.Index(fields=["created"], name="llmcall_created")]  # monthly team spend
 
 
 class APIToken(models.Model):
@@ -562,11 +715,16 @@ def start_session(
     title: str = "",
     source: str = Source.API,
     external_ref: dict | None = None,
+    budget_usd: Decimal | None = None,
 ) -> Session:
-    """Create a session with its first prompt and queue its first run (after commit)."""
+    """Create a session with its first prompt and queue its first run (at commit).
+
+    The returned session carries what ``views.session_queryset()`` annotates (its active run, one
+    pending message, no sandbox), so the API shows it without reading it back.
+    """
     from sessions.events import emit_many
 
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         session = Session.objects.create(
             team=team,
             created_by=created_by,
@@ -574,6 +732,7 @@ def start_session(
             base_branch=base_branch or repository.default_branch,
             environment=environment,
             environment_revision=environment.revision if environment else None,
+            budget_usd=budget_usd,
             model=model,
             title=title or prompt.strip().splitlines()[0][:120],
             source=source,
@@ -589,5 +748,6 @@ def start_session(
                 ("message", {"message_id": message.pk, "content": prompt, "position": 1}),
             ],
         )
-        session.enqueue_run(first=True)
+        run = session.enqueue_run(first=True)
+    session.active_runs, session.pending_message_count, session.latest_sandboxes = [run], 1, []
     return session

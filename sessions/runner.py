@@ -22,18 +22,27 @@ from django.utils import timezone
 
 from sandboxes.base import SandboxHandle, SandboxSpec, get_provider
 from sandboxes.models import Sandbox
+from sessions import repocache
 from sessions.artifacts import store_artifact
 from sessions.events import emit
 from sessions.models import Message, Run, Session
+from sessions.secrets import RedactingHandle, Redactor, SecretError
+from sessions.workpool import releasing_handle, releasing_llm
 
 log = logging.getLogger(__name__)
 
 BASE_REF = "refs/deputies/base"
 SETUP_SCRIPT = ".deputies/setup"
+# Tools that never write to the workspace (sessions/agent/tools.py); ``bash`` may do anything.
+READ_ONLY_TOOLS = ("read_file", "list_files", "grep", "todo_write", "report_progress", "finish")
 # Setup output is coalesced into events of at most this size, at most this often per stream.
 SETUP_FLUSH_CHARS = 4096
 SETUP_FLUSH_SECONDS = 0.2
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def worker_id() -> str:
+    """The lease owner: this host and process (computed each time: django-q2 forks its workers)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class StepFailed(Exception):
@@ -69,15 +78,25 @@ def git(
     return proc.stdout
 
 
-def execute(run_id: int) -> str:
-    """Queue entry point. Claiming is a conditional update, so a duplicate delivery is a no-op."""
+def claim(run_id: int) -> tuple[Run | None, str]:
+    """Load and claim a run: (the run, "claimed"), or (None, why not).
+
+    Claiming is a conditional update, so a duplicate delivery is a no-op. Workers claim before they
+    acknowledge the queue task, so from then on the run's lease is what protects it.
+    """
     try:
         run = Run.objects.select_related("session__repository", "session__environment").get(pk=run_id)
     except Run.DoesNotExist:
-        return "missing"
-    if not run.claim(WORKER_ID):
-        return f"skipped: run is {run.status}"
-    return Runner(run).execute()
+        return None, "missing"
+    if not run.claim(worker_id()):
+        return None, f"skipped: run is {run.status}"
+    return run, "claimed"
+
+
+def execute(run_id: int) -> str:
+    """Claim and run to the end on this thread (sync queue mode, tests, ``deputies run``)."""
+    run, why = claim(run_id)
+    return Runner(run).execute() if run is not None else why
 
 
 def extract_workspace(data: bytes, tree: Path) -> None:
@@ -173,19 +192,23 @@ class Runner:
         self.session: Session = run.session
         self.sandbox: Sandbox | None = None
         self.handle: SandboxHandle | None = None
+        self.redactor: Redactor | None = None
 
     def emit(self, type: str, payload: dict) -> None:
         emit(self.session.pk, type, payload, run_id=self.run.pk)
 
     def execute(self) -> str:
         try:
+            pristine = False  # the workspace is exactly the base commit
             fresh = self.provision_sandbox()
             if fresh or self.sandbox.prepared is None:
                 self.prepare_repository()
                 self.run_setup_script()
+                pristine = not (self.checkout_dir() / SETUP_SCRIPT).exists()
                 Sandbox.objects.filter(pk=self.sandbox.pk).update(prepared=timezone.now())
             result = self.agent_loop()
-            self.collect_diff()
+            if not (pristine and self.left_workspace_alone()):
+                self.collect_diff()
         except Exception as exc:  # the runner owns error capture
             log.exception("run %s failed", self.run.pk)
             return self.fail(exc)
@@ -202,6 +225,13 @@ class Runner:
             self.emit("status", {"status": "completed"})
         return "completed"
 
+    def left_workspace_alone(self) -> bool:
+        """Whether this run called only tools that cannot change the workspace: then the diff of a
+        pristine workspace is empty, and pulling the workspace out to find that is skipped."""
+        return not (
+            self.run.events.filter(type="tool_started").exclude(payload__name__in=READ_ONLY_TOOLS).exists()
+        )
+
     def fail(self, exc: Exception) -> str:
         error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
         if self.run.finish(Run.Status.FAILED, error):
@@ -215,11 +245,16 @@ class Runner:
     def provision_sandbox(self) -> bool:
         """Reuse the session's live sandbox for follow-ups; returns True when a new one was made."""
         env = self.session.environment
+        try:
+            secrets = env.decrypted_secrets() if env else []
+        except SecretError as exc:
+            raise StepFailed(str(exc)) from None
+        self.redactor = Redactor(secrets)
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
         live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
             try:
-                self.handle = provider.connect(live.external_id)
+                self.handle = self.scrubbed(provider.connect(live.external_id))
                 self.sandbox = live
                 return False
             except Exception as exc:
@@ -241,6 +276,7 @@ class Runner:
             env={
                 "PYTHONDONTWRITEBYTECODE": "1",
                 **{str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
+                **{s.name: s.value for s in secrets if s.sandbox_visible},
             },
             network=env.network_policy if env else "none",
             cpu_limit=env.cpu_limit if env else None,
@@ -248,7 +284,7 @@ class Runner:
             labels={"deputies.session": str(self.session.pk)},
         )
         try:
-            self.handle = provider.create(spec)
+            self.handle = self.scrubbed(provider.create(spec))
         except Exception as exc:
             Sandbox.objects.filter(pk=self.sandbox.pk).update(
                 status=Sandbox.Status.FAILED, error=str(exc)[:2000]
@@ -263,32 +299,28 @@ class Runner:
         self.emit("sandbox_ready", payload)
         return True
 
+    def scrubbed(self, handle: SandboxHandle) -> SandboxHandle:
+        """What the sandbox says passes through the secrets' redactor before anyone sees it."""
+        return RedactingHandle(handle, self.redactor) if self.redactor else handle
+
     def checkout_dir(self) -> Path:
         return checkout_dir(self.session.pk)
 
     def prepare_repository(self) -> None:
-        """Clone in the worker (credentials never enter the sandbox) and upload the tree."""
+        """Upload the base branch's tip on the session's branch; the worker fetches it (credentials
+        never enter the sandbox), from this host's per-commit template (sessions/repocache.py)."""
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
-        git(
-            "clone",
-            "--quiet",
-            "--no-hardlinks",
-            "--branch",
-            self.session.base_branch,
-            "--",
-            repo.url,
-            str(checkout),
-        )
-        commit = git("rev-parse", "HEAD", cwd=checkout).strip()
-        git("update-ref", BASE_REF, commit, cwd=checkout)
-        git("checkout", "--quiet", "-b", self.session.branch, cwd=checkout)
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for entry in sorted(os.listdir(checkout)):
-                tar.add(checkout / entry, arcname=entry)
-        self.handle.put_archive(".", buffer.getvalue())
+        commit = repocache.resolve(repo.url, self.session.base_branch)
+        if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
+            commit = self.clone_and_upload(checkout)
+        else:
+            template = repocache.template(repo.url, self.session.base_branch, commit)
+            repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
+            self.handle.put_archive(
+                ".", repocache.sandbox_tar(template, self.session.branch, commit, BASE_REF)
+            )
         self.emit(
             "repository_ready",
             {
@@ -299,26 +331,70 @@ class Runner:
             },
         )
 
-    def run_setup_script(self) -> None:
-        """Run the repository's ``.deputies/setup`` once per fresh sandbox, before the agent starts.
+    def clone_and_upload(self, checkout: Path) -> str:
+        git(
+            "clone",
+            "--quiet",
+            "--no-hardlinks",
+            "--branch",
+            self.session.base_branch,
+            "--",
+            self.session.repository.url,
+            str(checkout),
+        )
+        commit = git("rev-parse", "HEAD", cwd=checkout).strip()
+        git("update-ref", BASE_REF, commit, cwd=checkout)
+        git("checkout", "--quiet", "-b", self.session.branch, cwd=checkout)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for entry in sorted(os.listdir(checkout)):
+                tar.add(checkout / entry, arcname=entry)
+        self.handle.put_archive(".", buffer.getvalue())
+        return commit
 
-        The worker's trusted checkout decides whether there is a script (the sandbox's copy is the
-        same tree, just uploaded). Output is coalesced into ``setup_output`` events so a chatty
-        ``pip install`` writes dozens of rows, not thousands; the whole log is always kept as an
-        artifact, because a failing setup is debugged from it.
+    def run_setup_script(self) -> None:
+        """Run the environment's setup script, then the repository's ``.deputies/setup``, once per
+        fresh sandbox, before the agent starts.
+
+        The worker's trusted checkout decides whether the repository has a script (the sandbox's
+        copy is the same tree, just uploaded). Output is coalesced into ``setup_output`` events so a
+        chatty ``pip install`` writes dozens of rows, not thousands; the whole log is always kept as
+        an artifact, because a failing setup is debugged from it.
         """
+        scripts: list[tuple[str, list[str]]] = []
+        environment = self.session.environment
+        if environment is not None and environment.setup_script.strip():
+            scripts.append(("environment setup script", ["sh", "-c", environment.setup_script, "setup"]))
         script = self.checkout_dir() / SETUP_SCRIPT
-        if not (script.is_file() or script.is_symlink()):
+        if script.is_file() or script.is_symlink():
+            argv = [f"./{SETUP_SCRIPT}"] if os.access(script, os.X_OK) else ["sh", SETUP_SCRIPT]
+            scripts.append((f"repository setup script {SETUP_SCRIPT}", argv))
+        if not scripts:
             return
-        argv = [f"./{SETUP_SCRIPT}"] if os.access(script, os.X_OK) else ["sh", SETUP_SCRIPT]
         timeout = settings.SETUP_TIMEOUT
         output = SetupOutput(self.emit, self.run)
-        started = time.monotonic()
         try:
-            result = self.handle.exec(argv, timeout=timeout, on_output=output.write)
+            for label, argv in scripts:
+                started = time.monotonic()
+                result = self.handle.exec(argv, timeout=timeout, on_output=output.write)
+                output.flush()
+                self.emit(
+                    "setup_finished",
+                    {
+                        "script": label,
+                        "exit_code": result.exit_code,
+                        "duration": round(time.monotonic() - started, 3),
+                        "timed_out": result.timed_out,
+                    },
+                )
+                if result.timed_out:
+                    raise StepFailed(
+                        f"{label} timed out after {timeout:g} s (DEPUTIES_SETUP_TIMEOUT); see the setup log"
+                    )
+                if result.exit_code != 0:
+                    raise StepFailed(f"{label} failed with exit code {result.exit_code}; see the setup log")
         finally:
             output.flush()
-            duration = round(time.monotonic() - started, 3)
             store_artifact(
                 self.session.pk,
                 "log",
@@ -326,23 +402,10 @@ class Runner:
                 output.log(),
                 run_id=self.run.pk,
             )
-        self.emit(
-            "setup_finished",
-            {"exit_code": result.exit_code, "duration": duration, "timed_out": result.timed_out},
-        )
-        if result.timed_out:
-            raise StepFailed(
-                f"repository setup script {SETUP_SCRIPT} timed out after {timeout:g} s "
-                "(DEPUTIES_SETUP_TIMEOUT); see the setup log"
-            )
-        if result.exit_code != 0:
-            raise StepFailed(
-                f"repository setup script {SETUP_SCRIPT} failed with exit code {result.exit_code}; "
-                "see the setup log"
-            )
 
     def agent_loop(self):
-        from sessions.agent.loop import build_system_prompt, run_agent
+        from sessions.agent.llm import LLMError, client_for
+        from sessions.agent.loop import AgentResult, build_system_prompt, run_agent
 
         session = Session.objects.get(pk=self.session.pk)
         transcript = list(session.transcript) or [
@@ -350,7 +413,15 @@ class Runner:
         ]
         for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
             transcript.append({"role": "user", "content": message.content})
-        result = run_agent(self.run, self.handle, transcript)
+        try:
+            llm = releasing_llm(client_for(session.model))
+        except LLMError as exc:
+            result = AgentResult("failed", transcript=transcript, error=str(exc))
+        else:
+            try:  # the run's DB connection goes back to the pool while the model or a command works
+                result = run_agent(self.run, releasing_handle(self.handle), transcript, client=llm)
+            finally:
+                llm.close()
         Session.objects.filter(pk=session.pk).update(transcript=result.transcript)
         return result
 
@@ -373,6 +444,8 @@ class Runner:
             git(*trusted, "read-tree", BASE_REF, env=index)
             git(*trusted, "add", "-A", env=index)
             diff = git(*trusted, "diff", "--cached", "--binary", BASE_REF, env=index)
+        if self.redactor:
+            diff = self.redactor.text(diff)
         if diff.strip():
             store_artifact(
                 self.session.pk,

@@ -10,9 +10,29 @@ def enqueue_run(run_id: int) -> None:
 
 
 def execute_run(run_id: int) -> str:
-    from sessions.runner import execute
+    """Claim the run and start it on this worker process's run pool (sessions/workpool.py).
 
-    return execute(run_id)
+    Blocks while the pool is full, which is the queue's back-pressure; a run that found no slot
+    before the task's own timeout is queued again rather than killed with the worker process.
+    """
+    from django.conf import settings
+
+    from sessions.runner import Runner, claim, execute
+
+    if settings.Q_CLUSTER.get("sync"):
+        return execute(run_id)
+    from sessions.workpool import get_pool
+
+    pool = get_pool()
+    if not pool.reserve(wait=settings.RUN_SLOT_WAIT):
+        enqueue_run(run_id)
+        return "requeued: no free run slot"
+    run, why = claim(run_id)
+    if run is None:
+        pool.unreserve()
+        return why
+    pool.start(run.pk, Runner(run).execute)
+    return "started"
 
 
 def recover_stale_runs() -> str:

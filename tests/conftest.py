@@ -90,3 +90,14 @@ def client_for(user) -> APIClient:
     if user is not None:
         client.force_authenticate(user)
     return client
+
+
+@pytest.fixture
+def run_settings(settings, tmp_path):
+    """Settings for a run executed in the test process: a local sandbox without bwrap, files in tmp."""
+    settings.SANDBOX_ROOT = tmp_path / "sandboxes"
+    settings.SANDBOX_ISOLATION = "none"
+    settings.DATA_DIR = tmp_path / "data"
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.LLM_RETRY_BASE_DELAY = 0.001
+    return settings

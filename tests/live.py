@@ -48,6 +48,8 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
         {
             # Same key as the test process: django-q2 signs task payloads with it.
             "DEPUTIES_SECRET_KEY": settings.SECRET_KEY,
+            # And the same keys for environment secrets, which children decrypt.
+            "DEPUTIES_SECRETS_KEY": ",".join(settings.SECRETS_KEYS),
             "DATABASE_URL": database_url_for_children(),
             "DEPUTIES_DATA_DIR": str(data_dir),
             "DEPUTIES_QUEUE_POLL": "0.05",
@@ -76,11 +78,19 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 
 
 @contextmanager
-def worker_process(env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """A real django-q2 cluster; stopped with SIGTERM (then SIGKILL) when the block ends."""
-    log = open(Path(env["DEPUTIES_DATA_DIR"]) / "worker.log", "wb")  # noqa: SIM115
+def worker_process(
+    env: dict[str, str], kind: str = "deputies", name: str = "worker"
+) -> Iterator[subprocess.Popen]:
+    """A real ``deputies worker`` (what Scale mode runs), or with ``kind="qcluster"`` django-q2's own
+    cluster running the same tasks; output in ``DATA_DIR/<name>.log``; SIGTERM (then SIGKILL) when
+    the block ends."""
+    log = open(Path(env["DEPUTIES_DATA_DIR"]) / f"{name}.log", "wb")  # noqa: SIM115
+    argv = {
+        "deputies": [str(Path(sys.executable).parent / "deputies"), "worker"],
+        "qcluster": [sys.executable, str(ROOT / "manage.py"), "qcluster"],
+    }[kind]
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "manage.py"), "qcluster"],
+        argv,
         env=env,
         cwd=ROOT,
         stdout=log,

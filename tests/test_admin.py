@@ -6,6 +6,7 @@ import pytest
 from django.contrib import admin
 from django.test import Client
 from django.urls import reverse
+from django_q.models import OrmQ
 
 from sandboxes.models import Sandbox
 from sessions.artifacts import store_artifact
@@ -14,6 +15,7 @@ from sessions.models import (
     APIToken,
     Artifact,
     Environment,
+    EnvironmentSecret,
     Event,
     LLMCall,
     Membership,
@@ -57,11 +59,14 @@ def everything(team, owner, repository, session) -> dict[type, object]:
     emit(session.pk, "progress", {"message": "working"}, run_id=run.pk)
     token, _ = APIToken.issue(owner, name="ci")
     artifact = store_artifact(session.pk, "log", "run.log", "hello")
+    environment = Environment.objects.create(team=team, name="python")
+    environment.change_secrets({"API_TOKEN": {"value": "never-shown-1234"}})
     return {
         Team: team,
         Membership: Membership.objects.get(user=owner),
         Repository: repository,
-        Environment: Environment.objects.create(team=team, name="python"),
+        Environment: environment,
+        EnvironmentSecret: environment.secrets.get(),
         Session: session,
         Message: session.messages.get(),
         Run: run,
@@ -93,6 +98,7 @@ def test_it_renders_every_changelist_and_change_page(console, everything):
         assert changelist.status_code == 200, model
         change = console.get(admin_url(model, "change", obj.pk))
         assert change.status_code == 200, model
+        assert b"never-shown-1234" not in changelist.content + change.content, model
 
 
 def test_it_searches_and_filters_changelists(console, everything):
@@ -138,7 +144,8 @@ def test_it_cancels_selected_sessions(console, session, team, repository):
 
 def test_it_retries_selected_sessions(console, session, django_capture_on_commit_callbacks):
     session.cancel()
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    queued = OrmQ.objects.count()
+    with django_capture_on_commit_callbacks(execute=False):
         response = console.post(
             admin_url(Session, "changelist"),
             {"action": "retry_sessions", "_selected_action": [session.pk]},
@@ -146,7 +153,7 @@ def test_it_retries_selected_sessions(console, session, django_capture_on_commit
         )
     assert "Queued a new run for 1 session(s)." in response.content.decode()
     assert session.runs.filter(status=Run.Status.QUEUED).count() == 1
-    assert callbacks  # the run is enqueued after commit
+    assert OrmQ.objects.count() == queued + 1  # the run's task, in the same transaction
     session.refresh_from_db()
     assert session.status == SessionStatus.QUEUED
 

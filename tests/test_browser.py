@@ -1,4 +1,4 @@
-"""The dashboard in a real headless Chromium against live processes: daphne, a qcluster, the scripted LLM.
+"""The dashboard in a real headless Chromium against live processes: daphne, a worker, the scripted LLM.
 
 Debian's ``chromium`` is driven through Playwright's sync API (``playwright install`` is never needed).
 Without /usr/bin/chromium the test is skipped, except with CI=true where that is a failure.

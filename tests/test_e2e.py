@@ -1,4 +1,4 @@
-"""A session from the HTTP API to a finished run, on real processes: qcluster, scripted LLM, sandbox."""
+"""A session from the HTTP API to a finished run, on real processes: a worker, scripted LLM, sandbox."""
 
 from __future__ import annotations
 
@@ -44,7 +44,10 @@ def diff_artifacts(client: httpx.Client, session_id: int) -> list[dict]:
     return [a for a in items if a["kind"] == "diff"]
 
 
-def test_it_runs_a_session_from_the_api_to_a_diff(live_server, settings, tmp_path, team, owner, sample_repo):
+@pytest.mark.parametrize("worker", ["deputies", "qcluster"])
+def test_it_runs_a_session_from_the_api_to_a_diff(
+    live_server, settings, tmp_path, team, owner, sample_repo, worker
+):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     settings.MEDIA_ROOT = data_dir / "media"
@@ -64,7 +67,7 @@ def test_it_runs_a_session_from_the_api_to_a_diff(live_server, settings, tmp_pat
         )
         headers = {"Authorization": f"Bearer {secret}"}
         with (
-            worker_process(env),
+            worker_process(env, worker),
             httpx.Client(base_url=live_server.url, headers=headers, timeout=10) as client,
         ):
             created = client.post(

@@ -1,4 +1,4 @@
-"""One session end to end on the docker provider: a real qcluster worker, the scripted model over HTTP,
+"""One session end to end on the docker provider: a real worker process, the scripted model over HTTP,
 and a container on a real engine from the offline busybox test image.
 
 Skips (or, with CI=true, fails) like the docker contract tests when no engine answers.
@@ -24,7 +24,14 @@ SCRIPT = {
     "responses": [
         {
             "content": "Scripted: looking for the bug.",
-            "tool_calls": [{"name": "bash", "arguments": {"command": "grep -n 'return a' calc.py; id -u"}}],
+            "tool_calls": [
+                {
+                    "name": "bash",
+                    "arguments": {
+                        "command": "grep -n 'return a' calc.py; id -u; echo \"$NPM_TOKEN ${DEPLOY_KEY:-no-deploy-key}\""
+                    },
+                }
+            ],
         },
         {"tool_calls": [{"name": "read_file", "arguments": {"path": "calc.py"}}]},
         {
@@ -61,6 +68,12 @@ def test_it_runs_a_session_in_a_docker_sandbox(settings, tmp_path, team, owner, 
     settings.DOCKER_DEPLOYMENT = DEPLOYMENT  # the worker labels with it; cleanup below must match
     environment = Environment.objects.create(
         team=team, name="busybox", image=IMAGE, sandbox_provider="docker", network_policy="none"
+    )
+    environment.change_secrets(
+        {
+            "NPM_TOKEN": {"value": "npm-visible-0d7c31", "sandbox_visible": True},
+            "DEPLOY_KEY": {"value": "deploy-hidden-9a8b7c", "sandbox_visible": False},
+        }
     )
     sandbox_ids: list[str] = []
     with start_in_thread(SCRIPT) as fake:
@@ -107,6 +120,10 @@ def test_it_runs_a_session_in_a_docker_sandbox(settings, tmp_path, team, owner, 
                 if e.type == "tool_finished" and e.payload["name"] == "bash"
             ]
             assert "5:    return a - b" in outputs[0] and "1000" in outputs[0]  # not root
+            # The visible secret reached the container (scrubbed on the way out); the other did not.
+            assert "[secret NPM_TOKEN] no-deploy-key" in outputs[0]
+            stored = json.dumps([e.payload for e in events])
+            assert "npm-visible-0d7c31" not in stored and "deploy-hidden-9a8b7c" not in stored
             assert outputs[1].startswith("1\nNOTES.md")
             assert "sk-test-secret-value" not in json.dumps([e.payload for e in events])
 

@@ -498,6 +498,22 @@ def test_it_charts_usage_for_the_users_teams(session, owner, outsider, other_tea
     assert "Unknown team" in unknown and "scripted/demo" not in unknown
 
 
+def test_it_shows_each_teams_spend_against_its_monthly_budget(settings, session, team, owner):
+    settings.TEAM_MONTHLY_BUDGET_USD = 0
+    LLMCall.objects.create(session=session, provider="scripted", model="demo", cost_usd=Decimal("3"))
+    page = browser(owner).get(reverse("usage")).content.decode()
+    assert "Budgets this month" in page and "no limit" in page
+
+    team.monthly_budget_usd = Decimal("4")
+    team.save()
+    page = browser(owner).get(reverse("usage")).content.decode()
+    assert "$4.00" in page and 'value="75"' in page and "budget used up" not in page
+    team.monthly_budget_usd = Decimal("2")
+    team.save()
+    page = browser(owner).get(reverse("usage")).content.decode()
+    assert 'value="100"' in page and "runs stop: budget used up" in page
+
+
 @pytest.mark.parametrize("who", ["owner", "teammate", "viewer"])
 def test_it_renders_the_usage_page_for_every_role(request, who):
     assert browser(request.getfixturevalue(who)).get(reverse("usage")).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
@@ -111,6 +112,51 @@ def test_it_does_not_destroy_a_sandbox_used_since_it_looked(reaper_settings, tea
     assert exists(sandbox)
 
 
+def test_it_destroys_expired_sandboxes_however_recently_used(reaper_settings, team, owner, repository):
+    reaper_settings.SANDBOX_MAX_AGE = 3600
+    old = live_sandbox(new_session(team, owner, repository), idle_for=timedelta(seconds=5))
+    Sandbox.objects.filter(pk=old.pk).update(created=timezone.now() - timedelta(hours=2))
+    archived_session = new_session(team, owner, repository)
+    Session.objects.filter(pk=archived_session.pk).update(status="archived")
+    archived = live_sandbox(archived_session, idle_for=timedelta(seconds=5))
+    young = live_sandbox(new_session(team, owner, repository), idle_for=timedelta(seconds=5))
+
+    report = reap()
+
+    assert sorted(report.expired) == sorted([old.external_id, archived.external_id])
+    assert report.idle == []
+    for gone in (old, archived):
+        gone.refresh_from_db()
+        assert gone.status == Sandbox.Status.DESTROYED and not exists(gone)
+    young.refresh_from_db()
+    assert young.status == Sandbox.Status.READY and exists(young)
+
+
+def test_it_marks_sandboxes_stuck_in_creating_as_failed(reaper_settings, team, owner, repository):
+    dead_worker = Sandbox.objects.create(
+        session=new_session(team, owner, repository), provider="local", status=Sandbox.Status.CREATING
+    )
+    Sandbox.objects.filter(pk=dead_worker.pk).update(created=timezone.now() - ORPHAN_GRACE * 2)
+    creating_now = Sandbox.objects.create(
+        session=new_session(team, owner, repository), provider="local", status=Sandbox.Status.CREATING
+    )
+    busy = Sandbox.objects.create(
+        session=new_session(team, owner, repository, active=True),
+        provider="local",
+        status=Sandbox.Status.CREATING,
+    )
+    Sandbox.objects.filter(pk=busy.pk).update(created=timezone.now() - ORPHAN_GRACE * 2)
+
+    report = reap()
+
+    assert report.stuck == [str(dead_worker.pk)]
+    dead_worker.refresh_from_db()
+    assert dead_worker.status == Sandbox.Status.FAILED and "stopped while creating" in dead_worker.error
+    for kept in (creating_now, busy):
+        kept.refresh_from_db()
+        assert kept.status == Sandbox.Status.CREATING
+
+
 def test_it_is_idempotent(reaper_settings, team, owner, repository):
     sandbox = live_sandbox(new_session(team, owner, repository), idle_for=timedelta(days=1))
 
@@ -154,6 +200,31 @@ def test_it_removes_checkouts_of_sessions_without_a_live_sandbox(reaper_settings
     assert checkout_dir(live.pk).is_dir() and checkout_dir(running.pk).is_dir()
 
 
+def test_it_removes_repository_templates_no_checkout_borrows(reaper_settings, team, owner, repository):
+    from sessions.repocache import cache_root
+
+    session = start_session(
+        team=team, repository=repository, prompt="Go", model="scripted/demo", created_by=owner
+    )
+    with start_in_thread({"responses": [{"content": "done"}]}) as fake:
+        reaper_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
+        }
+        execute(session.runs.get().pk)
+    assert session.runs.get().status == Run.Status.COMPLETED
+    (template,) = [p for p in cache_root().iterdir() if not p.name.startswith(".")]
+
+    assert reap().templates == []  # used recently
+    old = (timezone.now() - LATER).timestamp()
+    os.utime(template, (old, old))
+    assert reap().templates == []  # unused for long, but the live sandbox's checkout borrows it
+    assert template.is_dir()
+    session.sandboxes.update(status=Sandbox.Status.DESTROYED)
+    report = reap()
+    assert report.checkouts == [f"session-{session.pk}"] and report.templates == [template.name]
+    assert not template.exists()
+
+
 def test_it_is_scheduled_by_a_migration(db):
     schedule = Schedule.objects.get(func="sandboxes.tasks.reap_sandboxes")
     assert schedule.schedule_type == Schedule.MINUTES and schedule.minutes == 5 and schedule.repeats == -1
@@ -161,7 +232,7 @@ def test_it_is_scheduled_by_a_migration(db):
 
 def test_the_task_reports_what_it_did(reaper_settings, team, owner, repository):
     live_sandbox(new_session(team, owner, repository), idle_for=timedelta(days=1))
-    assert reap_sandboxes().startswith("destroyed 1 idle and 0 orphaned sandboxes")
+    assert reap_sandboxes().startswith("destroyed 1 idle, 0 expired and 0 orphaned sandboxes")
 
 
 def test_a_follow_up_after_reaping_gets_a_new_sandbox(reaper_settings, team, owner, repository):

@@ -1,8 +1,10 @@
 """The docker provider against a real engine: the shared contract, plus what only containers promise.
 
-Needs an engine at ``DOCKER_HOST`` and the offline test image (busybox and a static bash), both
-provided by ``scripts/docker-engine.sh``. Without them these tests skip, saying so; with ``CI=true``
-they fail instead, because CI starts the engine and must not silently test less.
+Every test runs once per engine: Docker Engine at ``DOCKER_HOST`` and Podman's Docker-compatible API
+at ``DEPUTIES_TEST_PODMAN_HOST``, each with the offline test image (busybox and a static bash),
+provided by ``scripts/docker-engine.sh`` and ``scripts/podman-engine.sh``. Without an engine its tests
+skip, saying how to start it; with ``CI=true`` a missing Docker engine (or a Podman host that is set
+but does not answer) fails them instead, because CI must not silently test less.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 import tarfile
 import time
+from dataclasses import dataclass
 
 import docker
 import docker.errors
@@ -30,47 +33,91 @@ IMAGE = os.environ.get("DEPUTIES_TEST_DOCKER_IMAGE", "deputies/sandbox-test:busy
 # Per test process, so parallel runs never touch each other's sandboxes and leftovers are easy to find.
 DEPLOYMENT = f"test-{os.getpid()}"
 
-_engine_problem: list[str] = []
+
+@dataclass(frozen=True)
+class Engine:
+    name: str  # "docker" or "podman"
+    host: str  # "" when not configured
+    start: str  # the command that starts one
+
+    @property
+    def podman(self) -> bool:
+        """Whether Podman answers here (DOCKER_HOST may point at Podman too); asked once."""
+        if self.host not in _is_podman:
+            version = self.client(timeout=10).version()
+            names = [str(c.get("Name", "")) for c in version.get("Components") or []]
+            _is_podman[self.host] = any("podman" in n.lower() for n in names)
+        return _is_podman[self.host]
+
+    def client(self, timeout: int = 30) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.host, timeout=timeout)
 
 
-def engine_problem() -> str:
-    """Why the docker tests cannot run here ("" when they can); asks the engine once per process."""
-    if not _engine_problem:
-        where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+_is_podman: dict[str, bool] = {}
+
+ENGINES = {
+    "docker": Engine(
+        "docker",
+        os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+        'engine_env=$(scripts/docker-engine.sh) && eval "$engine_env"',
+    ),
+    "podman": Engine(
+        "podman",
+        os.environ.get("DEPUTIES_TEST_PODMAN_HOST", ""),
+        'engine_env=$(scripts/podman-engine.sh) && eval "$engine_env"',
+    ),
+}
+
+_engine_problems: dict[str, str] = {}
+
+
+def engine_problem(engine: Engine) -> str:
+    """Why the tests cannot run on ``engine`` ("" when they can); asks it once per process."""
+    if engine.name not in _engine_problems:
         problem = ""
-        try:
-            client = docker.from_env(timeout=10)
-            client.ping()
-            client.images.get(IMAGE)
-        except docker.errors.ImageNotFound:
-            problem = f"the test image {IMAGE} is not on the engine at {where}"
-        except Exception as exc:
-            problem = f"no Docker engine answers at {where} ({type(exc).__name__})"
-        _engine_problem.append(problem)
-    return _engine_problem[0]
+        if not engine.host:
+            problem = f"DEPUTIES_TEST_PODMAN_HOST is not set, so the {engine.name} tests do not run"
+        else:
+            try:
+                client = engine.client(timeout=10)
+                client.ping()
+                client.images.get(IMAGE)
+            except docker.errors.ImageNotFound:
+                problem = f"the test image {IMAGE} is not on the {engine.name} engine at {engine.host}"
+            except Exception as exc:
+                problem = f"no {engine.name} engine answers at {engine.host} ({type(exc).__name__})"
+        _engine_problems[engine.name] = problem
+    return _engine_problems[engine.name]
 
 
-def require_engine() -> None:
-    problem = engine_problem()
+def require_engine(engine: Engine | None = None) -> None:
+    engine = engine or ENGINES["docker"]
+    problem = engine_problem(engine)
     if not problem:
         return
-    message = f'{problem}; start one with: engine_env=$(scripts/docker-engine.sh) && eval "$engine_env"'
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true requires the docker tests to run, but {message}", pytrace=False)
+    message = f"{problem}; start one with: {engine.start}"
+    # CI starts Docker; Podman is required only where its host is set.
+    if os.environ.get("CI") == "true" and (engine.name == "docker" or engine.host):
+        pytest.fail(f"CI=true requires the {engine.name} tests to run, but {message}", pytrace=False)
     pytest.skip(message)
 
 
+@pytest.fixture(scope="module", params=list(ENGINES))
+def engine(request) -> Engine:
+    return ENGINES[request.param]
+
+
 @pytest.fixture
-def docker_settings(settings):
+def docker_settings(settings, engine):
     settings.DOCKER_IMAGE = IMAGE
     settings.DOCKER_DEPLOYMENT = DEPLOYMENT
-    settings.DOCKER_HOST = ""
+    settings.DOCKER_HOST = engine.host
     return settings
 
 
 @pytest.fixture
-def docker_provider(docker_settings) -> DockerProvider:
-    require_engine()
+def docker_provider(docker_settings, engine) -> DockerProvider:
+    require_engine(engine)
     return DockerProvider()
 
 
@@ -78,14 +125,15 @@ def docker_provider(docker_settings) -> DockerProvider:
 def remove_leftovers():
     """Whatever a failed test left behind goes, found by this process's deployment label."""
     yield
-    if engine_problem():
-        return
-    client = docker.from_env(timeout=30)
     label = f"{DEPLOYMENT_LABEL}={DEPLOYMENT}"
-    for container in client.containers.list(all=True, filters={"label": label}):
-        container.remove(force=True)
-    for volume in client.volumes.list(filters={"label": label}):
-        volume.remove(force=True)
+    for engine in ENGINES.values():
+        if engine_problem(engine):
+            continue
+        client = engine.client()
+        for container in client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
+        for volume in client.volumes.list(filters={"label": label}):
+            volume.remove(force=True)
 
 
 def gateway_of(handle) -> str:
@@ -139,7 +187,7 @@ def test_it_is_chosen_by_name(docker_settings):
     assert (caps.isolated, caps.network_policy, caps.resource_limits) == (True, True, True)
 
 
-def test_it_shapes_the_container_as_asked(docker_provider):
+def test_it_shapes_the_container_as_asked(docker_provider, engine):
     spec = SandboxSpec(
         session_id=31, cpu_limit=0.5, memory_mb=256, pids_limit=64, labels={"deputies.session": "31"}
     )
@@ -151,7 +199,11 @@ def test_it_shapes_the_container_as_asked(docker_provider):
         assert host["Memory"] == 256 * 1024 * 1024
         assert host["PidsLimit"] == 64
         assert host["ReadonlyRootfs"] is True
-        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
+        if engine.podman:  # Podman shows "ALL" expanded into the capabilities it would have given
+            assert {"CHOWN", "DAC_OVERRIDE", "KILL", "NET_BIND_SERVICE", "SETUID"} <= set(host["CapDrop"])
+        else:
+            assert host["CapDrop"] == ["ALL"]
+        assert not host["CapAdd"]
         assert host["SecurityOpt"] == ["no-new-privileges"]
         assert host["NetworkMode"] == "none"
         assert host["Privileged"] is False
@@ -280,10 +332,11 @@ def test_it_fails_cleanly_for_an_image_it_cannot_get(docker_provider):
     assert engine_client().volumes.list(filters=label) == []
 
 
-def test_it_reports_the_engine(docker_provider):
+def test_it_reports_the_engine(docker_provider, engine):
     health = docker_provider.health()
     assert health["ok"] is True
-    assert health["engine"] == "Docker Engine" and health["podman"] is False
+    expected = ("Podman", True) if engine.podman else ("Docker Engine", False)
+    assert (health["engine"], health["podman"]) == expected
     assert health["version"] and health["api_version"]
     assert health["image_present"] is True
 
@@ -368,5 +421,17 @@ def test_it_returns_when_the_command_ends_though_an_escaped_process_holds_its_ou
         result = handle.exec(["sh", "-c", "setsid sleep 30 & echo escaped"], timeout=60)
         assert time.monotonic() - started < 10
         assert (result.exit_code, result.stdout, result.timed_out) == (0, "escaped\n", False)
+    finally:
+        docker_provider.destroy(handle.id)
+
+
+def test_it_reads_files_whatever_the_engine_puts_in_the_archive_stat_header(docker_provider):
+    # Podman encodes that header as URL-safe base64. Its JSON starts with {"name":" (9 bytes), so a
+    # name starting "ab?" puts "?" (0x3f) last in an aligned group: "_" there, which the SDK rejected.
+    handle = docker_provider.create(SandboxSpec(session_id=1))
+    try:
+        for name in ("ab?.txt", "dïr/ab?ünï ☃.bin"):
+            handle.write_file(name, name.encode())
+            assert handle.read_file(name) == name.encode()
     finally:
         docker_provider.destroy(handle.id)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from sandboxes.providers.local import LocalProvider
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Artifact, Event, LLMCall, Repository, Run, start_session
@@ -21,16 +19,6 @@ GIT_ENV = {
     "PATH": "/usr/bin:/bin",
 }
 DONE = {"responses": [{"content": "Nothing to do."}]}
-
-
-@pytest.fixture
-def run_settings(settings, tmp_path):
-    settings.SANDBOX_ROOT = tmp_path / "sandboxes"
-    settings.SANDBOX_ISOLATION = "none"
-    settings.DATA_DIR = tmp_path / "data"
-    settings.MEDIA_ROOT = tmp_path / "media"
-    settings.LLM_RETRY_BASE_DELAY = 0.001
-    return settings
 
 
 def repo_with_setup(tmp_path: Path, script: str, *, executable: bool = False) -> Path:
@@ -189,3 +177,55 @@ def test_it_prepares_the_sandbox_again_after_a_failed_setup(run_settings, team, 
     assert "fixed" in setup_log(follow_up)
     sandbox.refresh_from_db()
     assert sandbox.prepared is not None and failed.session.sandboxes.count() == 1
+
+
+def test_it_runs_the_environments_setup_script_before_the_repositorys(run_settings, team, owner, tmp_path):
+    from sessions.models import Environment
+
+    repo = repo_with_setup(tmp_path, 'echo "repo setup sees $(cat .env-was-here)"\n')
+    environment = Environment.objects.create(
+        team=team, name="env", setup_script="echo from the environment > .env-was-here\necho env setup\n"
+    )
+    repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
+    session = start_session(
+        team=team,
+        repository=repository,
+        environment=environment,
+        prompt="Go",
+        model="scripted/demo",
+        created_by=owner,
+    )
+    with start_in_thread(DONE) as fake:
+        run_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
+        }
+        execute(session.runs.get().pk)
+    run = session.runs.get()
+
+    assert run.status == Run.Status.COMPLETED, run.error
+    finished = [e.payload for e in Event.objects.filter(run=run, type="setup_finished").order_by("seq")]
+    assert [f["script"] for f in finished] == [
+        "environment setup script",
+        "repository setup script .deputies/setup",
+    ]
+    log = setup_log(run)
+    assert log.index("env setup") < log.index("repo setup sees from the environment")
+
+
+def test_a_failing_environment_setup_script_stops_before_the_repositorys(run_settings, team, owner, tmp_path):
+    from sessions.models import Environment
+
+    repo = repo_with_setup(tmp_path, "echo repo setup ran\n")
+    environment = Environment.objects.create(
+        team=team, name="env", setup_script="echo no apt here >&2\nexit 7\n"
+    )
+    repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
+    session = start_session(
+        team=team, repository=repository, environment=environment, prompt="Go", model="x/y", created_by=owner
+    )
+    execute(session.runs.get().pk)
+    run = session.runs.get()
+
+    assert run.status == Run.Status.FAILED
+    assert run.error == "environment setup script failed with exit code 7; see the setup log"
+    assert "no apt here" in setup_log(run) and "repo setup ran" not in setup_log(run)

@@ -1,6 +1,6 @@
 """A websocket killed and reopened mid-run still shows exactly the database's timeline.
 
-Real processes: daphne (``deputies web``), a qcluster worker running the agent against the scripted
+Real processes: daphne (``deputies web``), a worker running the agent against the scripted
 LLM, and a real websocket client, over Postgres LISTEN/NOTIFY and over Redis pub/sub. (Polling, the
 SQLite path, is covered in test_consumers.py; each run here costs the worker's slow shutdown.)
 """

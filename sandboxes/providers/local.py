@@ -48,6 +48,7 @@ from sandboxes.base import (
     OutputCallback,
     PathEscape,
     SandboxError,
+    SandboxLogs,
     SandboxSpec,
 )
 
@@ -58,6 +59,12 @@ MAX_CAPTURE_CHARS = 16 * 1024 * 1024  # per stream; protects the worker's memory
 DRAIN_GRACE = 1.0  # seconds to keep reading after the process group is dead
 METADATA_FILE = "sandbox.json"
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+DISK_USAGE_LIMIT = 100_000  # entries the logs page walks to size a workspace before it stops counting
+NO_ENGINE_LOGS = (
+    "the local provider keeps no logs of its own: each command is a subprocess of the worker, and "
+    "what ran (with its output) is in the session's events"
+)
 
 UNISOLATED = "commands run on the worker host without isolation"
 ISOLATION_OFF_REASON = f"isolation is switched off (DEPUTIES_SANDBOX_ISOLATION=none): {UNISOLATED}"
@@ -261,6 +268,26 @@ def run_process(
         timed_out=timed_out,
         duration=time.monotonic() - started,
     )
+
+
+def _disk_usage(root: Path) -> str:
+    """Files and bytes under ``root`` without following links; stops counting after a bound."""
+    files = size = entries = 0
+    unreadable: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda exc: unreadable.append(exc.filename)):
+        for name in filenames + dirnames:
+            entries += 1
+            try:
+                info = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                files += 1
+                size += info.st_size
+        if entries >= DISK_USAGE_LIMIT:
+            return f"over {size:,} bytes in over {files:,} files (stopped counting at {entries:,} entries)"
+    text = f"{size:,} bytes in {files:,} files"
+    return f"{text} ({len(unreadable)} directories could not be read)" if unreadable else text
 
 
 def _check_sandbox_id(sandbox_id: str) -> None:
@@ -535,6 +562,41 @@ class LocalProvider:
             pass
         except OSError as exc:
             raise SandboxError(f"cannot remove sandbox {sandbox_id}: {exc}") from exc
+
+    def logs(self, sandbox_id: str, tail: int = 500) -> SandboxLogs:
+        _check_sandbox_id(sandbox_id)
+        directory = self.root / sandbox_id
+        workspace = directory / "workspace"
+        details = {"directory": str(directory), "workspace": str(workspace)}
+        if not workspace.is_dir():
+            details["workspace exists"] = "no"
+            return SandboxLogs(
+                exists=False,
+                summary=(
+                    f"the workspace {workspace} does not exist on this host: destroyed or removed "
+                    "(local sandboxes live on the worker host that created them)"
+                ),
+                details=details,
+                note=NO_ENGINE_LOGS,
+            )
+        details["workspace exists"] = "yes"
+        details["size"] = _disk_usage(workspace)
+        try:
+            meta = json.loads((directory / METADATA_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            details["metadata"] = f"unreadable: {exc}"
+        else:
+            details["network"] = str(meta.get("network", "none"))
+            # Names only: the values may be secrets the environment handed to the sandbox.
+            details["environment variables"] = ", ".join(sorted(meta.get("env") or {})) or "none"
+        caps = self.capabilities()
+        details["isolation now"] = "bubblewrap" if caps.isolated else f"none: {caps.reason}"
+        return SandboxLogs(
+            exists=True,
+            summary=f"workspace on the worker host at {workspace}",
+            details=details,
+            note=NO_ENGINE_LOGS,
+        )
 
     def health(self) -> dict:
         result = {"ok": True, "provider": self.name, "isolated": False, "reason": "", "root": str(self.root)}

@@ -21,12 +21,15 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from sandboxes.base import SandboxError
+from sessions.agent.context import compact
 from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, client_for, cost_usd
 from sessions.agent.prompts import build_system_prompt
 from sessions.agent.tools import TOOL_SPECS, ToolError, ToolResult, execute_tool
 from sessions.artifacts import store_artifact
+from sessions.budgets import budget_problem
 from sessions.events import emit
 from sessions.models import LLMCall, Run
 
@@ -80,6 +83,7 @@ class _Agent:
         self.handle = handle
         self.llm = llm
         self.transcript = transcript
+        self.started = timezone.now()
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
         emit(self.run.session_id, type, payload, run_id=self.run.pk)
@@ -92,6 +96,9 @@ class _Agent:
         for _ in range(max_steps):
             if not self.run.beat():  # also persists the step count; False once cancelled
                 return self.result(CANCELLED, error="cancelled")
+            if problem := budget_problem(self.run.session_id) or self.time_problem():
+                return self.result(FAILED, error=problem)
+            self.compact()
             self.run.steps += 1
             try:
                 response = self.llm.complete(self.transcript, TOOL_SPECS, on_attempt=self.record_attempt)
@@ -123,6 +130,27 @@ class _Agent:
             if summary is not None:
                 return self.result(COMPLETED, summary=summary)
         return self.result(FAILED, error=f"step limit ({max_steps}) reached")
+
+    def time_problem(self) -> str | None:
+        """The environment's time limit, checked between steps (a command in flight keeps its own
+        exec timeout, so a run can overrun by at most DEPUTIES_SANDBOX_EXEC_TIMEOUT)."""
+        environment = self.run.session.environment
+        limit = environment.timeout_seconds if environment else None
+        if not limit:
+            return None
+        elapsed = (timezone.now() - (self.run.started or self.started)).total_seconds()
+        if elapsed <= limit:
+            return None
+        return f"time limit: the run has taken {elapsed:.0f} s, over its environment's {limit} s limit"
+
+    def compact(self) -> None:
+        compacted, done = compact(self.transcript, settings.CONTEXT_CHARS)
+        if done is not None:
+            self.transcript[:] = compacted
+            self.emit(
+                "context_compacted",
+                {"elided": done.elided, "chars_before": done.chars_before, "chars_after": done.chars_after},
+            )
 
     def record_attempt(self, record: AttemptRecord) -> None:
         """One LLMCall row per HTTP attempt; usage and cost count only for successful ones."""

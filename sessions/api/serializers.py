@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -15,6 +16,7 @@ from rest_framework.reverse import reverse
 from sandboxes.models import Sandbox
 from sessions.api.permissions import MAX_ID, find_team
 from sessions.models import (
+    SECRET_NAME_RE,
     Artifact,
     Environment,
     Event,
@@ -26,6 +28,7 @@ from sessions.models import (
     Team,
     start_session,
 )
+from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH
 
 # --- shared checks --------------------------------------------------------------------------------
 
@@ -141,8 +144,9 @@ class TeamOwnedSerializer(serializers.ModelSerializer):
             clash = clash.exclude(pk=self.instance.pk)
         if clash.exists():
             noun = model._meta.verbose_name
+            article = "An" if noun[:1] in "aeiou" else "A"
             raise serializers.ValidationError(
-                {"name": [f"A {noun} named {name!r} already exists in team {team.slug!r}."]}
+                {"name": [f"{article} {noun} named {name!r} already exists in team {team.slug!r}."]}
             )
         if not self.instance:
             attrs["team"] = team
@@ -188,7 +192,85 @@ class RepositorySerializer(TeamOwnedSerializer):
         return attrs
 
 
+class SecretsField(serializers.Field):
+    """Read: ``[{name, sandbox_visible, updated}]``, never a value. Write: ``{NAME: change}`` where a
+    change is ``{"value": "...", "sandbox_visible": bool}`` (``value`` may be left out to re-flag an
+    existing secret) or ``null`` to delete it. Secrets not named are left as they are."""
+
+    def get_attribute(self, instance: Environment) -> Environment:
+        return instance
+
+    def to_representation(self, value: Environment) -> list[dict[str, Any]]:
+        return [
+            {"name": s.name, "sandbox_visible": s.sandbox_visible, "updated": s.updated.isoformat()}
+            for s in value.secrets.all()
+        ]
+
+    def to_internal_value(self, data: Any) -> dict[str, dict[str, Any] | None]:
+        if not isinstance(data, dict):
+            raise serializers.ValidationError(
+                'Expected an object: {"NAME": {"value": "...", "sandbox_visible": true}}.'
+            )
+        errors: dict[str, list[str]] = {}
+        changes: dict[str, dict[str, Any] | None] = {}
+        for name, change in data.items():
+            problem = None
+            if not re.fullmatch(SECRET_NAME_RE, name) or len(name) > 100:
+                problem = f"{name!r} is not a valid environment variable name."
+            elif change is None:
+                changes[name] = None
+                continue
+            elif not isinstance(change, dict) or set(change) - {"value", "sandbox_visible"}:
+                problem = 'Expected {"value": "...", "sandbox_visible": true|false} or null to delete.'
+            elif "value" in change and not isinstance(change["value"], str):
+                problem = "The value must be a string."
+            elif "value" in change and len(change["value"]) < MIN_SECRET_LENGTH:
+                problem = (
+                    f"The value is shorter than {MIN_SECRET_LENGTH} characters; it could not be told "
+                    "apart from ordinary output, so it cannot be redacted."
+                )
+            elif "value" in change and len(change["value"].encode()) > MAX_SECRET_BYTES:
+                problem = f"The value is larger than {MAX_SECRET_BYTES} bytes."
+            elif "sandbox_visible" in change and not isinstance(change["sandbox_visible"], bool):
+                problem = "sandbox_visible must be true or false."
+            if problem:
+                errors[name] = [problem]
+            else:
+                changes[name] = dict(change)
+        if errors:
+            raise serializers.ValidationError(errors)
+        return changes
+
+
+class SecretsFieldExtension(OpenApiSerializerFieldExtension):
+    target_class = SecretsField
+
+    def map_serializer_field(self, auto_schema, direction):
+        if direction == "request":
+            change = {
+                "type": "object",
+                "nullable": True,
+                "properties": {"value": {"type": "string"}, "sandbox_visible": {"type": "boolean"}},
+            }
+            return {"type": "object", "additionalProperties": change}
+        item = {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "sandbox_visible": {"type": "boolean"},
+                "updated": {"type": "string", "format": "date-time"},
+            },
+        }
+        return {"type": "array", "items": item}
+
+
 class EnvironmentSerializer(TeamOwnedSerializer):
+    secrets = SecretsField(
+        required=False,
+        help_text='Write {"NAME": {"value": "...", "sandbox_visible": false}} (null deletes); '
+        "read back as names and flags only. Values are encrypted at rest and never returned.",
+    )
+
     class Meta:
         model = Environment
         fields = [
@@ -204,7 +286,9 @@ class EnvironmentSerializer(TeamOwnedSerializer):
             "cpu_limit",
             "memory_mb",
             "timeout_seconds",
+            "idle_ttl_seconds",
             "default_model",
+            "secrets",
             "created",
             "updated",
         ]
@@ -214,6 +298,8 @@ class EnvironmentSerializer(TeamOwnedSerializer):
             "cpu_limit": {"min_value": 0.1},
             "memory_mb": {"min_value": 16},
             "timeout_seconds": {"min_value": 10},
+            # A shell script: leading indentation and the final newline are part of it.
+            "setup_script": {"trim_whitespace": False, "max_length": 64 * 1024},
         }
 
     def validate_env_vars(self, value: Any) -> dict[str, str]:
@@ -225,6 +311,43 @@ class EnvironmentSerializer(TeamOwnedSerializer):
             if not isinstance(item, str):
                 raise serializers.ValidationError(f"The value of {key} must be a string.")
         return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        attrs = super().validate(attrs)
+        env_vars = attrs.get("env_vars", self.instance.env_vars if self.instance else {})
+        clash = sorted(set(env_vars) & {n for n, c in attrs.get("secrets", {}).items() if c is not None})
+        if self.instance and "env_vars" in attrs:
+            clash += sorted(
+                set(attrs["env_vars"]) & set(self.instance.secrets.values_list("name", flat=True))
+            )
+        if clash:
+            raise serializers.ValidationError(
+                {"secrets": [f"{', '.join(sorted(set(clash)))}: also a plain variable in env_vars; use one."]}
+            )
+        if not self.instance:
+            for name, change in attrs.get("secrets", {}).items():
+                if change is not None and "value" not in change:
+                    raise serializers.ValidationError({"secrets": {name: ["A new secret needs a value."]}})
+        elif "secrets" in attrs:
+            known = set(self.instance.secrets.values_list("name", flat=True))
+            for name, change in attrs["secrets"].items():
+                if change is not None and "value" not in change and name not in known:
+                    raise serializers.ValidationError({"secrets": {name: ["A new secret needs a value."]}})
+        return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Environment:
+        changes = validated_data.pop("secrets", None)
+        environment = super().create(validated_data)
+        if changes:
+            environment.change_secrets(changes, new_revision=False)
+        return environment
+
+    def update(self, instance: Environment, validated_data: dict[str, Any]) -> Environment:
+        changes = validated_data.pop("secrets", None)
+        environment = super().update(instance, validated_data)  # saved: already a new revision
+        if changes:
+            environment.change_secrets(changes, new_revision=False)
+        return environment
 
     def validate_sandbox_provider(self, value: str) -> str:
         if value and value not in ("local", "docker"):
@@ -303,6 +426,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "output_tokens",
             "cached_tokens",
             "cost_usd",
+            "budget_usd",
             "created",
             "updated",
             "finished",
@@ -361,6 +485,14 @@ class SessionCreateSerializer(serializers.Serializer):
         help_text="provider/model; default: the environment's, then DEPUTIES_DEFAULT_MODEL.",
     )
     title = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    budget_usd = serializers.DecimalField(
+        required=False,
+        allow_null=True,
+        max_digits=12,
+        decimal_places=2,
+        min_value=Decimal("0.01"),
+        help_text="Model spend this session may reach over all its runs; default DEPUTIES_SESSION_BUDGET_USD.",
+    )
 
     @property
     def target_team(self) -> Team:
@@ -371,10 +503,19 @@ class SessionCreateSerializer(serializers.Serializer):
             raise serializers.ValidationError(problem)
         return value.strip()
 
+    def _checked(self, name: str, pk: int):
+        """The object the view already read for this request (``SessionViewSet._writable_repository``)."""
+        found = self.context.get(name)
+        if found is not None and found.pk == pk and found.team_id == self.target_team.pk:
+            return found
+        return None
+
     def validate_repository(self, value: int | None) -> Repository | None:
         if value is None:
             return None
-        repository = self.target_team.repositories.filter(pk=value).first()
+        repository = (
+            self._checked("repository", value) or self.target_team.repositories.filter(pk=value).first()
+        )
         if repository is None:
             # The same words whether it is missing or another team's: existence does not leak.
             raise serializers.ValidationError(
@@ -388,7 +529,9 @@ class SessionCreateSerializer(serializers.Serializer):
     def validate_environment(self, value: int | None) -> Environment | None:
         if value is None:
             return None
-        environment = self.target_team.environments.filter(pk=value).first()
+        environment = (
+            self._checked("environment", value) or self.target_team.environments.filter(pk=value).first()
+        )
         if environment is None:
             raise serializers.ValidationError(
                 f"Unknown environment {value} in team {self.target_team.slug!r}."
@@ -435,7 +578,7 @@ class SessionCreateSerializer(serializers.Serializer):
 
     def create(self, validated_data: dict[str, Any]) -> Session:
         user = self.context["request"].user
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             repository = validated_data.get("repository") or self._repository_for_url(
                 validated_data["repository_url"]
             )
@@ -449,6 +592,7 @@ class SessionCreateSerializer(serializers.Serializer):
                 environment=validated_data.get("environment"),
                 title=validated_data.get("title", ""),
                 source=Source.API,
+                budget_usd=validated_data.get("budget_usd"),
             )
 
     def _repository_for_url(self, url: str) -> Repository:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
+from django.db.models import Count, Exists, FilteredRelation, OuterRef, Prefetch, Q, QuerySet, Subquery
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -27,11 +27,23 @@ from sessions.api.permissions import (
     MAX_ID,
     TeamWritePermission,
     as_id,
+    read_only_denial,
     readable_teams,
     request_body,
     team_for_write,
 )
-from sessions.models import Artifact, Environment, Message, Repository, Run, Session, SessionStatus
+from sessions.models import (
+    WRITE_ROLES,
+    Artifact,
+    Environment,
+    Membership,
+    Message,
+    Repository,
+    Run,
+    Session,
+    SessionStatus,
+    Team,
+)
 
 EVENTS_DEFAULT_LIMIT = 200
 EVENTS_MAX_LIMIT = 1000
@@ -139,14 +151,50 @@ class SessionViewSet(
         responses={201: s.SessionSerializer},
     )
     def create(self, request: Request) -> Response:
+        """On the dispatch path: the usual request (a repository id, no team) costs one query to
+        check it (``_writable_repository``), the inserts, and no read-back (``tests/test_hot_paths.py``
+        pins the count)."""
         data = request_body(request.data)
-        self.request_team = team_for_write(
-            request.user, data.get("team"), hint=self._team_of_repository(data.get("repository"))
-        )
-        serializer = s.SessionCreateSerializer(data=data, context=self.get_serializer_context())
+        context = self.get_serializer_context()
+        found = self._writable_repository(data)
+        if found is not None:
+            self.request_team, context["repository"], context["environment"] = found
+        else:
+            self.request_team = team_for_write(
+                request.user, data.get("team"), hint=self._team_of_repository(data.get("repository"))
+            )
+        context["team"] = self.request_team
+        serializer = s.SessionCreateSerializer(data=data, context=context)
         serializer.is_valid(raise_exception=True)
         session = serializer.save()
-        return Response(self.show(session), status=status.HTTP_201_CREATED)
+        # start_session() fills in what session_queryset() would annotate: nothing to read back.
+        return Response(s.SessionSerializer(session, context=context).data, status=status.HTTP_201_CREATED)
+
+    def _writable_repository(self, data: Any) -> tuple[Team, Repository, Environment | None] | None:
+        """The repository's team, the repository and the environment (when given and in that team),
+        with the user's right to write there, in one query. ``None`` (rare: a team named, a
+        repository given by URL or not visible) leaves it to the general path and its errors."""
+        user = self.request.user
+        if data.get("team") not in (None, "") or (repository_id := as_id(data.get("repository"))) is None:
+            return None
+        environment_id = as_id(data.get("environment"))
+        team = (
+            Team.objects.annotate(
+                repository=FilteredRelation("repositories", condition=Q(repositories__pk=repository_id)),
+                environment=FilteredRelation(
+                    "environments", condition=Q(environments__pk=environment_id or 0)
+                ),
+                role=Subquery(Membership.objects.filter(team=OuterRef("pk"), user=user).values("role")[:1]),
+            )
+            .filter(repository__isnull=False)
+            .select_related("repository", "environment")
+            .first()
+        )
+        if team is None or (team.role is None and not user.is_staff):
+            return None  # not visible: the general path answers as for any unknown id
+        if not user.is_staff and team.role not in WRITE_ROLES:
+            raise read_only_denial(team)
+        return team, team.repository, getattr(team, "environment", None)
 
     def _team_of_repository(self, value: Any):
         """A new session goes to its repository's team unless the request names one."""
@@ -335,3 +383,6 @@ class EnvironmentViewSet(TeamOwnedViewSet):
     model = Environment
     queryset = Environment.objects.none()
     serializer_class = s.EnvironmentSerializer
+
+    def get_queryset(self) -> QuerySet:
+        return super().get_queryset().prefetch_related("secrets")

@@ -1,7 +1,10 @@
-"""The emitting side: after an emit() commits, tell every web process, once.
+"""The emitting side: when an emit() commits, tell every web process, once.
 
-One message per emit() call, whatever the number of subscribers: ``{"s": session, "m": last seq,
-"n": count, "e": [events]}``. ``e`` is left out when the message would not fit (Postgres NOTIFY
+One message per emit() call (on Postgres: per session per insert statement, which may carry several
+concurrent emit() calls), whatever the number of subscribers: ``{"s": session, "m": last seq,
+"n": count, "e": [events]}``. On Postgres the ``pg_notify`` is part of emit()'s own insert statement
+(``events._PG_INSERT``), so it is delivered exactly at commit and costs no
+round trip; Redis and poll mode use ``publish`` after commit. ``e`` is left out when the message would not fit (Postgres NOTIFY
 payloads stop at 8000 bytes); receivers then read those rows themselves. A failed notification is
 logged, never raised: the rows are committed and subscribers catch up from them (safety poll,
 reconnect with ``after``), so a broken notifier must not break the run that emitted.
@@ -25,8 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PG_CHANNEL = "deputies_events"
-# Its own statement (and transaction) right after the events' commit: one more round trip per emit().
-NOTIFY_SQL = "SELECT pg_notify(%s, %s)"
 LIMITS = {"postgres": 7000, "redis": 512 * 1024, "poll": 512 * 1024}
 _WARN_EVERY = 10.0
 
@@ -90,8 +91,8 @@ def publish(events: list[Event]) -> None:
     try:
         message = encode(events, LIMITS[backend])
         if backend == "postgres":
-            with connections[DEFAULT_DB_ALIAS].cursor() as cursor:
-                cursor.execute(NOTIFY_SQL, [PG_CHANNEL, message])
+            with connections[DEFAULT_DB_ALIAS].cursor() as cursor:  # emit() does this in its statement
+                cursor.execute("SELECT pg_notify(%s, %s)", [PG_CHANNEL, message])
         elif backend == "redis":
             _Redis.get(settings.REDIS_URL).publish(redis_channel(), message)
         else:

@@ -43,7 +43,13 @@ def notice_text(type: str, p: dict) -> str:
     if type == "setup_output":
         return f"Setup ({p.get('stream', 'stdout')}): {p.get('text', '')}"
     if type == "setup_finished":
-        return f"Setup finished with exit code {p.get('exit_code')} in {p.get('duration')} s"
+        what = str(p.get("script") or "setup")
+        return f"{what[:1].upper()}{what[1:]} finished with exit code {p.get('exit_code')} in {p.get('duration')} s"
+    if type == "context_compacted":
+        return (
+            f"Conversation compacted: {p.get('elided')} older outputs elided "
+            f"({p.get('chars_before')} → {p.get('chars_after')} characters)"
+        )
     return "Run queued again: its worker was lost"
 
 
@@ -121,7 +127,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             item = Item("todo", event.seq, event.created, {"todos": todos, "done": done, "total": total})
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
-        elif t in ("setup_output", "setup_finished", "run_requeued"):
+        elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted"):
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})

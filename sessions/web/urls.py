@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from sessions.web import views
+from sessions.web import environments, views
 
 urlpatterns = [
     path("", views.session_list, name="session-list"),
@@ -12,6 +12,9 @@ urlpatterns = [
     path("sessions/<int:pk>/cancel", views.session_cancel, name="session-cancel"),
     path("sessions/<int:pk>/archive", views.session_archive, name="session-archive"),
     path("sessions/<int:pk>/diff", views.session_diff, name="session-diff"),
+    path("environments", environments.environment_list, name="environment-list"),
+    path("environments/new", environments.environment_new, name="environment-new"),
+    path("environments/<int:pk>", environments.environment_detail, name="environment-detail"),
     path("usage", views.usage, name="usage"),
     path("setup", views.setup_status, name="setup"),
 ]

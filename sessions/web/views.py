@@ -9,6 +9,7 @@ import statistics
 from datetime import timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -26,6 +27,7 @@ from rest_framework.request import Request
 from sessions.api.permissions import can_write, find_team, readable_teams, writable_teams
 from sessions.api.serializers import MessageCreateSerializer
 from sessions.api.views import SessionViewSet, session_queryset
+from sessions.budgets import month_start
 from sessions.models import (
     Artifact,
     LLMCall,
@@ -392,8 +394,35 @@ def usage(request: HttpRequest) -> HttpResponse:
             "session_count": sum(status_counts.values()),
             "call_count": totals["n"],
             "error_count": totals["errors"],
+            "budgets": budget_rows(scope),
         },
     )
+
+
+def budget_rows(teams) -> list[dict]:
+    """This calendar month's spend against each team's monthly budget (sessions/budgets.py)."""
+    spent = {
+        row["session__team"]: row["cost"] or Decimal(0)
+        for row in LLMCall.objects.filter(session__team__in=teams, created__gte=month_start())
+        .values("session__team")
+        .annotate(cost=Sum("cost_usd"))
+    }
+    default = Decimal(str(settings.TEAM_MONTHLY_BUDGET_USD))
+    rows = []
+    for t in teams:
+        limit = t.monthly_budget_usd if t.monthly_budget_usd is not None else default
+        cost = spent.get(t.pk, Decimal(0))
+        share = min(100, int(cost * 100 / limit)) if limit else None
+        rows.append(
+            {
+                "team": t,
+                "spent": money(float(cost)),
+                "limit": money(float(limit)) if limit else "no limit",
+                "percent": share,
+                "over": bool(limit) and cost >= limit,
+            }
+        )
+    return rows
 
 
 # --- setup status ----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The docker provider: one container per sandbox, on whatever engine ``DOCKER_HOST`` points at.
 
 It speaks the Docker Engine API through the docker SDK (no CLI), so it works against Docker Engine
-and against Podman's Docker-compatible API. A sandbox is a container named
+and against Podman's Docker-compatible API (tests/test_sandbox_docker.py runs on both; Podman 4.3,
+rootful, as started by scripts/podman-engine.sh). A sandbox is a container named
 ``deputies-s<session>-<random>`` (that name is the sandbox id) plus a named volume
 ``<id>-workspace`` mounted at ``/workspace``; the volume outlives container restarts and is removed
 by ``destroy``. Both carry the labels ``deputies.session``, ``deputies.deployment`` and

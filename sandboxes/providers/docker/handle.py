@@ -72,13 +72,29 @@ class DockerHandle:
     # --- plumbing -------------------------------------------------------------------------------
 
     def _run(self, argv: list[str]) -> tuple[bytes, bytes]:
-        """A short internal command as the sandbox user: (stdout, stderr), no streaming."""
+        """A short internal command as the sandbox user: (stdout, stderr), no streaming.
+
+        Read through ``_ExecStream`` like ``exec``, not ``exec_start(demux=True)``: the SDK's own
+        reader misses frames the HTTP client buffered with the response headers.
+        """
         with engine_errors(f"sandbox {self.id}"):
             exec_id = self.api.exec_create(
                 self.id, argv, stdout=True, stderr=True, user=self.user, workdir=WORKSPACE
             )["Id"]
-            out, err = self.api.exec_start(exec_id, demux=True)
-        return out or b"", err or b""
+            sock = self.api.exec_start(exec_id, socket=True)
+        stream = _ExecStream(sock, None, binary=True)
+        try:
+            while True:
+                if not stream.wait_readable(settings.DOCKER_API_TIMEOUT):
+                    raise SandboxError(
+                        f"sandbox {self.id}: an internal command sent nothing for "
+                        f"{settings.DOCKER_API_TIMEOUT} s"
+                    )
+                if not stream.read():
+                    break
+        finally:
+            stream.close()
+        return bytes(stream.binary["stdout"]), bytes(stream.binary["stderr"])
 
     def _kill(self, token: str) -> None:
         try:
@@ -127,9 +143,19 @@ class DockerHandle:
             self.api.put_archive(self.id, directory, data)
 
     def _download(self, path: str) -> bytes:
+        # Not api.get_archive(): it decodes the X-Docker-Container-Path-Stat header, which Podman
+        # (4.3) encodes as URL-safe base64, so names whose encoding holds "-" or "_" failed with
+        # "Incorrect padding". Nothing here needs that header.
+        api = self.api
         with engine_errors(f"cannot read {_relative(path)} in sandbox {self.id}"):
-            stream, _ = self.api.get_archive(self.id, path)
-            return b"".join(stream)
+            response = api._get(
+                api._url("/containers/{0}/archive", self.id),
+                params={"path": path},
+                headers={"Accept-Encoding": "identity"},
+                stream=True,
+            )
+            api._raise_for_status(response)
+            return response.content
 
     def _owned(self, info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid, info.gid, info.uname, info.gname = self.uid, self.gid, "", ""
@@ -423,14 +449,44 @@ class DockerHandle:
         return out.getvalue()
 
 
-class _ExecStream:
-    """The hijacked socket of one exec: Docker's multiplexed frames, decoded as they arrive."""
+def _read_ahead(sock, raw) -> bytes:
+    """What the HTTP client already read past the upgrade response's headers.
 
-    def __init__(self, sock, on_output: OutputCallback | None):
+    The SDK hands out the bare socket, but ``http.client`` parsed the headers through a buffered
+    reader that may have taken the first frames with them; reading only the socket would lose that
+    output. Podman often sends both in one write; Docker on a loaded host does too. With the socket
+    non-blocking, ``read1`` returns the buffered bytes, or whatever is ready now, or nothing.
+    """
+    response = getattr(sock, "_response", None)
+    reader = getattr(getattr(getattr(response, "raw", None), "_fp", None), "fp", None)
+    if reader is None or not hasattr(reader, "read1"):
+        return b""
+    raw.setblocking(False)
+    try:
+        return reader.read1(1 << 20) or b""
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except (OSError, ValueError):  # closed already; the stream's own read reports the end
+        return b""
+    finally:
+        raw.settimeout(None)
+
+
+class _ExecStream:
+    """The hijacked socket of one exec: Docker's multiplexed frames, decoded as they arrive.
+
+    ``binary`` keeps the raw bytes per stream instead (internal commands print NUL-separated paths).
+    """
+
+    def __init__(self, sock, on_output: OutputCallback | None, *, binary: bool = False):
         self.sock = sock
         self.raw = getattr(sock, "_sock", sock)  # SocketIO wraps the socket on unix and plain tcp
+        self.early = _read_ahead(sock, self.raw)
         self.raw.settimeout(None)  # select() decides how long to wait, not the HTTP client's timeout
         self.on_output = on_output
+        self.binary: dict[str, bytearray] | None = (
+            {"stdout": bytearray(), "stderr": bytearray()} if binary else None
+        )
         self.buffer = bytearray()
         self.decoders = {n: codecs.getincrementaldecoder("utf-8")("replace") for n in ("stdout", "stderr")}
         self.chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
@@ -438,6 +494,8 @@ class _ExecStream:
         self.dropped = {"stdout": 0, "stderr": 0}
 
     def wait_readable(self, timeout: float) -> bool:
+        if self.early:
+            return True
         pending = getattr(self.raw, "pending", None)  # TLS may hold decrypted bytes select cannot see
         if pending is not None and pending() > 0:
             return True
@@ -446,14 +504,17 @@ class _ExecStream:
 
     def read(self) -> bool:
         """Read what is there; False at the end of the stream."""
-        try:
-            data = self.raw.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
-        if not data:
-            return False
+        if self.early:
+            data, self.early = self.early, b""
+        else:
+            try:
+                data = self.raw.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
         self.buffer += data
         while len(self.buffer) >= 8:
             size = int.from_bytes(self.buffer[4:8], "big")
@@ -462,7 +523,10 @@ class _ExecStream:
             name = "stderr" if self.buffer[0] == 2 else "stdout"
             payload = bytes(self.buffer[8 : 8 + size])
             del self.buffer[: 8 + size]
-            self.emit(name, self.decoders[name].decode(payload))
+            if self.binary is not None:
+                self.binary[name] += payload
+            else:
+                self.emit(name, self.decoders[name].decode(payload))
         return True
 
     def emit(self, name: str, text: str) -> None:

@@ -13,7 +13,7 @@ import docker.utils
 import requests
 from django.conf import settings
 
-from sandboxes.base import Capabilities, SandboxError, SandboxSpec
+from sandboxes.base import Capabilities, LogLine, SandboxError, SandboxLogs, SandboxSpec
 from sandboxes.providers.docker.engine import (
     DEPLOYMENT_LABEL,
     MANAGED_LABEL,
@@ -91,13 +91,14 @@ class DockerProvider:
         return DockerHandle(sandbox_id, user)
 
     def _host_config(self, spec: SandboxSpec, volume: str, user: str) -> dict:
-        uid, _, gid = user.partition(":")
         memory_mb = spec.memory_mb or settings.DOCKER_MEMORY_MB
         return self.api.create_host_config(
             mounts=[docker.types.Mount(WORKSPACE, volume, type="volume", no_copy=True)],
+            # No uid=/gid= tmpfs options: Podman (4.3) refuses them ("unknown mount option"). Every
+            # process in the container runs as the sandbox user, so a sticky 1777 is as private.
             tmpfs={
                 "/tmp": f"rw,nosuid,nodev,size={settings.DOCKER_TMP_MB}m,mode=1777",
-                RUN_DIR: f"rw,nosuid,nodev,noexec,size=1m,mode=0700,uid={uid},gid={gid}",
+                RUN_DIR: "rw,nosuid,nodev,noexec,size=1m,mode=1777",
             },
             read_only=True,
             network_mode=spec.network,
@@ -117,12 +118,22 @@ class DockerProvider:
             pass
         repository, tag = docker.utils.parse_repository_tag(image)
         log.info("pulling %s for a sandbox", image)
+        problem = ""
         try:
-            self.api.pull(repository, tag=tag or "latest")
+            # A pull can fail after the 200: Docker reports a broken download, and Podman even an
+            # unknown image, as an "error" line in the progress stream rather than as a status code.
+            for line in self.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                if isinstance(line, dict) and line.get("error"):
+                    problem = str(line["error"])
         except docker.errors.APIError as exc:
+            problem = explain(exc)
+        try:
+            self.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
             raise SandboxError(
-                f"image {image!r} is not on the engine and could not be pulled: {explain(exc)}"
-            ) from exc
+                f"image {image!r} is not on the engine and could not be pulled: "
+                f"{problem or 'the engine reported no error, yet the image is not there'}"
+            ) from None
 
     def _prepare_volume(self, image: str, sandbox_id: str, volume: str, user: str, labels: dict) -> None:
         """Hand the new volume to the sandbox user from an init container that can only chown."""
@@ -227,6 +238,68 @@ class DockerProvider:
                     raise
                 time.sleep(0.1)
 
+    def logs(self, sandbox_id: str, tail: int = 500) -> SandboxLogs:
+        """The container's state and the last ``tail`` lines its main process wrote.
+
+        A sandbox's commands run through exec, whose output never reaches the container log; what
+        is there comes from PID 1 (and whatever writes to its stdout or stderr).
+        """
+        check_sandbox_id(sandbox_id)
+        api = self.api
+        volume = f"{sandbox_id}-workspace"
+        with engine_errors(f"cannot read the logs of sandbox {sandbox_id}"):
+            try:
+                info = api.inspect_container(sandbox_id)
+            except docker.errors.NotFound:
+                try:
+                    api.inspect_volume(volume)
+                    left = f"its workspace volume {volume} is still there"
+                except docker.errors.NotFound:
+                    left = f"nor does its workspace volume {volume}"
+                return SandboxLogs(
+                    exists=False,
+                    summary=(
+                        f"the container {sandbox_id} does not exist on the engine at {engine_address()} "
+                        f"(destroyed, or removed outside Deputies); {left}"
+                    ),
+                    note="no container, so no container logs",
+                )
+            check_ours("container", sandbox_id, info["Config"].get("Labels"))
+            state = info.get("State") or {}
+            details = {
+                "status": str(state.get("Status", "")),
+                "exit code": str(state.get("ExitCode", "")),
+                "OOM killed": "yes" if state.get("OOMKilled") else "no",
+                "started": _when(state.get("StartedAt")) or "never",
+                "finished": _when(state.get("FinishedAt")) or "not finished",
+                "restart count": str(info.get("RestartCount", 0)),
+            }
+            if state.get("Error"):
+                details["engine error"] = str(state["Error"])
+            details["image"] = str(info["Config"].get("Image", ""))
+            details["created"] = str(info.get("Created", ""))
+            details["engine"] = engine_address()
+            tail = max(1, int(tail))
+            response = api._get(
+                api._url("/containers/{0}/logs", sandbox_id),
+                params={"stdout": 1, "stderr": 1, "timestamps": 1, "tail": tail},
+            )
+            api._raise_for_status(response)
+            lines = _log_lines(response.content, tty=bool(info["Config"].get("Tty")))[-tail:]
+        summary = f"container {details['status']}"
+        if state.get("OOMKilled"):
+            summary += ", killed for running out of memory"
+        return SandboxLogs(
+            exists=True,
+            summary=summary,
+            details=details,
+            lines=lines,
+            note=(
+                f"the last {tail} lines of the container log (PID 1's output; commands run through "
+                "exec and their output is in the session's events)"
+            ),
+        )
+
     def managed_sandboxes(self) -> list[dict]:
         """This deployment's sandbox containers, for the reaper: id, session, state, created."""
         filters = {"label": [f"{MANAGED_LABEL}=true", f"{DEPLOYMENT_LABEL}={settings.DOCKER_DEPLOYMENT}"]}
@@ -287,3 +360,26 @@ class DockerProvider:
             image_present=present,
         )
         return result
+
+
+def _when(value: object) -> str:
+    """An engine timestamp, or "" for the zero time both engines use for "not yet"."""
+    text = str(value or "")
+    return "" if not text or text.startswith("0001-01-01") else text
+
+
+def _log_lines(body: bytes, *, tty: bool) -> list[LogLine]:
+    """Split a logs response into lines, demultiplexing Docker's 8-byte framed streams."""
+    if tty:  # one raw stream, no frames
+        chunks = [("stdout", body)]
+    else:
+        chunks, at = [], 0
+        while at + 8 <= len(body):
+            size = int.from_bytes(body[at + 4 : at + 8], "big")
+            chunks.append(("stderr" if body[at] == 2 else "stdout", body[at + 8 : at + 8 + size]))
+            at += 8 + size
+    lines: list[LogLine] = []
+    for stream, data in chunks:
+        text = data.decode("utf-8", "replace")
+        lines.extend(LogLine(stream, line) for line in text.splitlines())
+    return lines

@@ -89,9 +89,14 @@ function body(event, downloadUrl) {
     case "setup_output":
       return ["progress", [h("div", { class: "ev-label" }, "Setup"), textBlock(`(${p.stream || "stdout"}) ${p.text || ""}`)]];
     case "setup_finished":
-      return ["progress", [muted(`Setup finished with exit code ${p.exit_code} in ${p.duration} s`)]];
+    {
+      const what = String(p.script || "setup");
+      return ["progress", [muted(`${what.charAt(0).toUpperCase()}${what.slice(1)} finished with exit code ${p.exit_code} in ${p.duration} s`)]];
+    }
     case "run_requeued":
       return ["progress", [muted("Run queued again: its worker was lost")]];
+    case "context_compacted":
+      return ["progress", [muted(`Conversation compacted: ${p.elided} older outputs elided (${p.chars_before} → ${p.chars_after} characters)`)]];
     case "status":
       return ["status", [muted("Status ", h("span", { class: `badge status-${p.status}` }, p.status))]];
     case "run_started":

@@ -1,0 +1,235 @@
+"""Shared by the worker benches: real processes, their memory from /proc, Postgres' own counters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPUTIES = str(Path(sys.executable).parent / "deputies")
+# These benches get a database of their own, so they can run beside the others.
+os.environ.setdefault(
+    "DEPUTIES_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/deputies_bench_workers"
+)
+
+
+def fresh_database() -> None:
+    """Drop and re-create the bench database: no leftover tasks or runs from an earlier bench."""
+    name = database_name()
+    with stats_connection() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def exit_on_sigterm() -> None:
+    """`timeout` and Ctrl-C end the bench through its finally blocks, so no process is left behind."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = open(log, "wb")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _kb(path: str, field: str) -> int:
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_kb(pids: list[int]) -> int:
+    return sum(_kb(f"/proc/{pid}/status", "VmRSS:") for pid in pids)
+
+
+def pss_kb(pids: list[int]) -> int:
+    """Proportional set size: shared pages split between the processes that share them."""
+    return sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
+
+
+# --- Postgres ----------------------------------------------------------------------------------
+
+
+def database_name() -> str:
+    return urlsplit(os.environ["DEPUTIES_BENCH_DATABASE_URL"]).path.lstrip("/")
+
+
+def stats_connection():
+    """A connection to the maintenance database: watching must not count as the bench db's work."""
+    import psycopg
+
+    url = urlsplit(os.environ["DEPUTIES_BENCH_DATABASE_URL"])
+    return psycopg.connect(urlunsplit(url._replace(path="/postgres")), autocommit=True)
+
+
+def pg_connections(conn, name: str) -> int:
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [name]).fetchone()[0]
+
+
+def pg_transactions(conn, name: str) -> int:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", [name]
+    ).fetchone()
+    return int(row[0])
+
+
+class Sampler(threading.Thread):
+    """Peak summed RSS/PSS of some process trees and peak Postgres connections, every ``interval``."""
+
+    def __init__(self, roots: list[int], interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.roots = roots
+        self.interval = interval
+        self.peak_rss = self.peak_pss = self.peak_connections = self.peak_processes = 0
+        self.halt = threading.Event()
+        self.conn = stats_connection()
+        self.name_ = database_name()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            pids = [p for root in self.roots for p in tree(root)]
+            self.peak_rss = max(self.peak_rss, rss_kb(pids))
+            self.peak_pss = max(self.peak_pss, pss_kb(pids))
+            self.peak_processes = max(self.peak_processes, len(pids))
+            self.peak_connections = max(self.peak_connections, pg_connections(self.conn, self.name_))
+            self.halt.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.halt.set()
+        self.join()
+        self.conn.close()
+        return {
+            "peak_worker_rss_mb": round(self.peak_rss / 1024, 1),
+            "peak_worker_pss_mb": round(self.peak_pss / 1024, 1),
+            "peak_worker_processes": self.peak_processes,
+            "peak_pg_connections": self.peak_connections,
+        }
+
+
+# --- the deployment under test -----------------------------------------------------------------
+
+
+def bench_env(data_dir: Path, fake_url: str, **extra: str) -> dict[str, str]:
+    from django.conf import settings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DEPUTIES_", "DJANGO_"))}
+    env.update(
+        DATABASE_URL=os.environ["DATABASE_URL"],
+        DEPUTIES_DATA_DIR=str(data_dir),
+        DEPUTIES_SECRET_KEY=settings.SECRET_KEY,
+        DEPUTIES_LLM_PROVIDERS="scripted",
+        DEPUTIES_LLM_SCRIPTED_BASE_URL=fake_url,
+        DEPUTIES_LOG_LEVEL="WARNING",
+    )
+    if getattr(settings, "SECRETS_KEYS", None):
+        env["DEPUTIES_SECRETS_KEY"] = ",".join(settings.SECRETS_KEYS)
+    env.update(extra)
+    return env
+
+
+def start_fake_llm(script: dict, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    """`deputies fake-llm` as its own process, so its threads do not share the bench's CPU or GIL."""
+    path = data_dir / "script.json"
+    path.write_text(json.dumps(script))
+    port = free_port()
+    proc = start(
+        [DEPUTIES, "fake-llm", "--script", str(path), "--port", str(port)],
+        dict(os.environ),
+        data_dir / "fake.log",
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def up() -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, 20, "the scripted model")
+    return proc, url
+
+
+def bench_repository(data_dir: Path):
+    """The bench team, its owner and a small real git repository."""
+    from django.contrib.auth import get_user_model
+
+    from sessions.models import Membership, Repository, Team
+    from tests.conftest import make_git_repo
+
+    user, _ = get_user_model().objects.get_or_create(username="bench")
+    team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
+    Membership.objects.get_or_create(team=team, user=user, defaults={"role": "owner"})
+    repo_path = make_git_repo(data_dir / "repo")
+    repo, _ = Repository.objects.update_or_create(
+        team=team, name="bench-workers", defaults={"url": str(repo_path), "provider": "local"}
+    )
+    return team, user, repo

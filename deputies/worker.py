@@ -1,0 +1,179 @@
+"""``deputies worker``: one process that takes django-q2 tasks and runs many runs at once on threads.
+
+django-q2 stays the queue: its broker (``deputies.broker.NotifyingORM``, LISTEN/NOTIFY wakeups), its
+signed task format, its schedules (``Schedule`` rows, run by ``django_q.scheduler``) and its result
+rows for the admin. What this replaces is ``qcluster``'s process tree (a sentinel, a pusher, a monitor
+and N workers, each a forked Django of 60-80 MB), because runs now live on threads
+(sessions/workpool.py) and that tree stops fitting:
+
+* memory: an idle qcluster with two workers is ~400 MB; this is one process of ~80 MB;
+* robustness: a qcluster worker waiting for work holds the lock of the shared multiprocessing queue,
+  and one killed there (the OOM killer, ``kill -9``) wedges the whole cluster. With runs on threads a
+  worker waits there nearly all the time. Here a killed worker is simply a dead process: its
+  supervisor starts another and lease recovery requeues its runs;
+* semantics: qcluster's per-task timeout and recycling kill the process, i.e. every run on it.
+
+The loop: reserve a run slot (while the pool is full it takes nothing, so other workers get the
+work), dequeue one task, and either claim and start a run on the pool, acknowledging the task once
+the run is claimed (from then on its lease protects it), or hand any other task (schedules: stale
+run recovery, the sandbox reaper) to a small side executor that saves its result as qcluster does.
+Every 30 s it runs the django-q2 scheduler, like qcluster's sentinel.
+
+``manage.py qcluster`` still works (``sessions.tasks.execute_run`` uses the same pool inside each
+qcluster worker), but ``deputies worker`` is the supported way to run workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pydoc
+import signal
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger("deputies.worker")
+
+RUN_TASK = "sessions.tasks.execute_run"
+SCHEDULER_INTERVAL = 30.0  # seconds, as qcluster's sentinel
+
+
+class Worker:
+    def __init__(self) -> None:
+        from django_q.brokers import get_broker
+
+        from sessions.workpool import get_pool
+
+        self.broker = get_broker()
+        self.pool = get_pool()
+        self.stopping = threading.Event()
+        self.side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="task")
+
+    def stop(self, signum=None, frame=None) -> None:  # noqa: ARG002
+        self.stopping.set()
+
+    def serve(self) -> int:
+        from django.conf import settings
+        from django_q.scheduler import scheduler
+
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        log.info("worker %s: up to %d runs at once", os.getpid(), self.pool.size)
+        from django.db import connection
+
+        from sessions.workpool import pooled
+
+        if connection.vendor == "postgresql" and not pooled():
+            log.warning(
+                "no database connection pool (psycopg[pool] missing or DEPUTIES_DB_POOL_SIZE=0): "
+                "every running run keeps its own Postgres connection"
+            )
+        next_schedule = 0.0
+        while not self.stopping.is_set():
+            if settings.Q_CLUSTER.get("scheduler", True) and time.monotonic() >= next_schedule:
+                next_schedule = time.monotonic() + SCHEDULER_INTERVAL
+                scheduler(broker=self.broker)  # logs its own errors
+            if not self.pool.reserve(wait=1.0):
+                continue  # full: leave the queue to other workers
+            try:
+                tasks = self.broker.dequeue() or []  # waits up to the poll interval when empty
+            except Exception:
+                log.exception("could not read the queue; retrying")
+                tasks = []
+                self.stopping.wait(5)
+            if not tasks:
+                self.pool.unreserve()
+            for n, (ack_id, payload) in enumerate(tasks):
+                self.handle(ack_id, payload, reserved=n == 0)
+        return self.shutdown()
+
+    def handle(self, ack_id, payload, reserved: bool) -> None:
+        from django_q.conf import Conf
+        from django_q.signing import BadSignature, SignedPackage
+
+        try:
+            task = SignedPackage.loads(payload)
+        except (TypeError, BadSignature):
+            log.exception("dropping a task that does not verify")
+            self.broker.fail(ack_id)
+            if reserved:
+                self.pool.unreserve()
+            return
+        task["cluster"], task["ack_id"] = Conf.CLUSTER_NAME, ack_id
+        if task["func"] == RUN_TASK and task["args"]:
+            if not reserved and not self.pool.reserve(wait=None):
+                return
+            self.start_run(task)
+            return
+        if reserved:
+            self.pool.unreserve()
+        self.side.submit(self.call, task)
+
+    def start_run(self, task: dict) -> None:
+        """Claim, then acknowledge: a run that was claimed is its lease's, not the queue's, to retry."""
+        from django.db import connection
+
+        from sessions.runner import Runner, claim
+
+        try:
+            run, why = claim(int(task["args"][0]))
+        except Exception:
+            self.pool.unreserve()
+            log.exception("could not claim run %s; the queue will deliver it again", task["args"][0])
+            return
+        self.broker.acknowledge(task["ack_id"])
+        if run is None:
+            self.pool.unreserve()
+            log.info("run %s: %s", task["args"][0], why)
+        else:
+            self.pool.start(run.pk, Runner(run).execute)
+        connection.close()  # the loop holds no connection while it waits for work
+
+    def call(self, task: dict) -> None:
+        """Any other task, with its result saved the way qcluster's monitor does."""
+        from django.db import connection
+        from django.utils import timezone
+        from django_q.monitor import save_task
+
+        func = task["func"]
+        try:
+            f = func if callable(func) else pydoc.locate(func)
+            if f is None:
+                raise ValueError(f"Function {func} is not defined")
+            task["result"], task["success"] = f(*task["args"], **task["kwargs"]), True
+        except Exception as exc:
+            task["result"], task["success"] = f"{exc} : {traceback.format_exc()}", False
+            log.error("task %s failed: %s", task.get("name"), exc)
+        task["stopped"] = timezone.now()
+        try:
+            save_task(task, self.broker)
+            if task["success"] or task.get("ack_failure"):
+                self.broker.acknowledge(task["ack_id"])
+        finally:
+            connection.close()
+
+    def shutdown(self) -> int:
+        """Stop taking work; let runs finish within DEPUTIES_WORKER_GRACE, hand the rest over."""
+        from django.conf import settings
+
+        from sessions.workpool import hand_over
+
+        self.side.shutdown(wait=True, cancel_futures=True)
+        if self.pool.in_flight():
+            log.warning(
+                "worker stopping: waiting up to %ss for %d runs",
+                settings.WORKER_GRACE,
+                len(self.pool.running),
+            )
+        left = self.pool.drain(settings.WORKER_GRACE)
+        if left:
+            hand_over(left)
+            logging.shutdown()
+            os._exit(0)  # the threads of the runs handed over must not go on writing
+        return 0
+
+
+def main() -> int:
+    return Worker().serve()

@@ -1,0 +1,153 @@
+"""Preparing a repository once per commit, not once per run.
+
+Every new sandbox used to cost a full ``git clone`` into the session's trusted checkout, three more
+git commands, and a Python tar of the whole tree *and* its ``.git``: hundreds of milliseconds, most
+of a trivial session. Now:
+
+* the tip of the base branch is resolved with one ``git ls-remote`` (so a run still starts from the
+  latest push);
+* a **template** per (repository, commit) is cloned once on this host, under
+  ``DATA_DIR/repo-cache/``, and its tar (tree and ``.git``, HEAD detached) is kept in memory;
+* the sandbox gets that tar plus three small members that put it on the session's branch;
+* the session's trusted checkout is a ``.git`` of a few small files whose objects are the template's
+  (``objects/info/alternates``): no copy, no git process. It is what ``collect_diff`` diffs against.
+  The repository's ``.deputies/setup``, if any, is copied next to it, because the setup step looks
+  for it there.
+
+Templates are immutable (a commit's tree never changes), built in a temporary directory and renamed
+into place, so concurrent runs and several worker processes on one host share them safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from django.conf import settings
+
+SETUP_SCRIPT = ".deputies/setup"
+TAR_CACHE_BYTES = 64 * 1024 * 1024  # per process
+
+_build_locks: dict[Path, threading.Lock] = {}
+_tars: OrderedDict[Path, bytes] = OrderedDict()
+_lock = threading.Lock()
+
+
+def cache_root() -> Path:
+    return Path(settings.DATA_DIR) / "repo-cache"
+
+
+def resolve(url: str, branch: str) -> str | None:
+    """The commit at the tip of ``branch``, or None when there is no such branch (a tag, say)."""
+    from sessions.runner import git
+
+    out = git("ls-remote", "--", url, f"refs/heads/{branch}")
+    for line in out.splitlines():
+        sha, _, ref = line.partition("\t")
+        if ref == f"refs/heads/{branch}":
+            return sha.strip()
+    return None
+
+
+def template(url: str, branch: str, commit: str) -> Path:
+    """The clone of ``url`` at ``commit`` (HEAD detached), made once per host."""
+    from sessions.runner import git
+
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = cache_root() / f"{key}-{commit}"
+    if path.is_dir():
+        os.utime(path)  # in use: the reaper removes templates unused for a while and unreferenced
+        return path
+    with _lock:
+        build_lock = _build_locks.setdefault(path, threading.Lock())
+    with build_lock:
+        if path.is_dir():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=path.parent))
+        try:
+            tree = tmp / "tree"
+            # --no-local: objects arrive as one pack even from a local path (fewer files to upload);
+            # --template=: no sample hooks.
+            git(
+                "clone", "--quiet", "--no-local", "--template=", "--no-checkout", "--branch", branch,
+                "--", url, str(tree),
+            )  # fmt: skip
+            git("checkout", "--quiet", "--detach", commit, cwd=tree)
+            try:
+                os.rename(tree, path)
+            except OSError:  # another worker process on this host finished first
+                if not path.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def template_tar(path: Path) -> bytes:
+    """The template as tar members without the end-of-archive marker (so more can follow)."""
+    with _lock:
+        data = _tars.get(path)
+        if data is not None:
+            _tars.move_to_end(path)
+            return data
+    buffer = io.BytesIO()
+    tar = tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT)
+    for entry in sorted(os.listdir(path)):
+        tar.add(path / entry, arcname=entry, filter=_upload_filter)
+    data = buffer.getvalue()[: tar.offset]
+    tar.close()
+    with _lock:
+        _tars[path] = data
+        while sum(len(v) for v in _tars.values()) > TAR_CACHE_BYTES and len(_tars) > 1:
+            _tars.popitem(last=False)
+    return data
+
+
+def _upload_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    # HEAD comes per session (sandbox_tar); the clone's reflogs mean nothing in the sandbox.
+    return None if info.name == ".git/HEAD" or info.name.startswith(".git/logs") else info
+
+
+def member(name: str, text: str) -> bytes:
+    data = text.encode()
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    return info.tobuf(tarfile.PAX_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def sandbox_tar(path: Path, branch: str, commit: str, base_ref: str) -> bytes:
+    """The template's tar on ``branch`` (and ``base_ref``) at ``commit``, ready for put_archive."""
+    return b"".join(
+        [
+            template_tar(path),
+            member(".git/HEAD", f"ref: refs/heads/{branch}\n"),
+            member(f".git/refs/heads/{branch}", f"{commit}\n"),
+            member(f".git/{base_ref}", f"{commit}\n"),
+            b"\0" * (2 * tarfile.BLOCKSIZE),
+        ]
+    )
+
+
+def write_checkout(checkout: Path, path: Path, branch: str, commit: str, base_ref: str) -> None:
+    """A trusted ``.git`` borrowing the template's objects; ``checkout`` must not exist."""
+    git_dir = checkout / ".git"
+    (git_dir / "objects" / "info").mkdir(parents=True)
+    (git_dir / "refs" / "heads").mkdir(parents=True)
+    (git_dir / "objects" / "info" / "alternates").write_text(f"{path / '.git' / 'objects'}\n")
+    (git_dir / "config").write_text("[core]\n\trepositoryformatversion = 0\n\tbare = false\n")
+    (git_dir / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
+    for ref in (f"refs/heads/{branch}", base_ref):
+        (git_dir / ref).parent.mkdir(parents=True, exist_ok=True)
+        (git_dir / ref).write_text(f"{commit}\n")
+    script = path / SETUP_SCRIPT
+    if script.is_symlink() or script.is_file():
+        (checkout / SETUP_SCRIPT).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(script, checkout / SETUP_SCRIPT, follow_symlinks=False)

@@ -1,0 +1,295 @@
+"""The hot paths: one statement per emit (with its notification), group commit, and the session create
+path's fixed number of queries."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg
+import pytest
+from django.db import connection, transaction
+from django.db.utils import IntegrityError
+from django.utils import timezone
+from django_q.models import OrmQ
+from django_q.signing import SignedPackage
+
+from deputies.broker import CHANNEL as QUEUE_CHANNEL
+from deputies.broker import NotifyingORM, listen_kwargs
+from sessions import events
+from sessions.events import emit, emit_many
+from sessions.models import Environment, Event, Repository, Run, Session, start_session
+from sessions.streaming.notify import PG_CHANNEL
+from tests.conftest import client_for
+
+SESSIONS = "/api/v1/sessions"
+
+
+@pytest.fixture(autouse=True)
+def providers(settings):
+    settings.LLM_PROVIDERS = {
+        "scripted": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": ""}
+    }
+
+
+pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="Postgres statements")
+
+DEADLINE = 10.0
+
+
+def wait_for(predicate, what: str):
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.002)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def make_session(team):
+    repo = Repository.objects.create(team=team, name="r", url="/tmp/none", provider="local")
+
+    def make() -> Session:
+        return Session.objects.create(team=team, repository=repo, base_branch="main", model="scripted/demo")
+
+    return make
+
+
+@pytest.fixture
+def listener():
+    conn = psycopg.connect(**listen_kwargs())
+    conn.execute(f"LISTEN {PG_CHANNEL}")
+    yield conn
+    conn.close()
+
+
+def notes(conn, timeout: float = 0.2) -> list[dict]:
+    return [json.loads(n.payload) for n in conn.notifies(timeout=timeout)]
+
+
+def in_thread(fn, *args):
+    """Run ``fn`` in a thread with its own connection (as a concurrent run would); return a handle."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            box["error"] = exc
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, box
+
+
+# --- emit: one statement, its notification delivered at commit ---------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_notifies_with_the_insert_and_only_at_commit(make_session, listener):
+    session = make_session()
+    with transaction.atomic():
+        emit_many(session.pk, [("progress", {"message": "a"}), ("status", {"status": "running"})])
+        assert notes(listener) == []  # nothing is announced before the rows are visible
+    (note,) = notes(listener, timeout=2)
+    assert (note["s"], note["m"], note["n"]) == (session.pk, 2, 2)
+    assert [(e["seq"], e["type"], e["payload"]) for e in note["e"]] == [
+        (1, "progress", {"message": "a"}),
+        (2, "status", {"status": "running"}),
+    ]
+    stored = Event.objects.get(session=session, seq=1)
+    assert note["e"][0]["created"] == stored.created.isoformat().replace("+00:00", "Z")
+    assert note["e"][0]["run"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_never_notifies_a_rolled_back_event(make_session, listener):
+    session = make_session()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        emit(session.pk, "progress", {"message": "lost"})
+        raise RuntimeError("boom")
+    assert notes(listener) == []
+    assert Session.objects.get(pk=session.pk).last_seq == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_sends_only_the_range_when_the_events_do_not_fit_a_notification(make_session, listener):
+    session = make_session()
+    emit_many(session.pk, [("assistant_text", {"text": "x" * 3000})] * 3)
+    (note,) = notes(listener, timeout=2)
+    assert note == {"s": session.pk, "m": 3, "n": 3, "e": None}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_writes_an_emit_with_one_statement(make_session, django_assert_num_queries):
+    session = make_session()
+    emit(session.pk, "progress", {"message": "warm"})  # the first use per connection sets it up
+    with django_assert_num_queries(1):
+        emit(session.pk, "progress", {"message": "one"})
+
+
+# --- group commit ---------------------------------------------------------------------------------------
+
+
+def queued_behind_a_write(calls: list[tuple]) -> tuple[events._GroupCommit, list]:
+    """Start ``calls`` (emit_many arguments) while the process's writer looks busy, so they queue
+    up; then let the oldest write for all of them, as it would after a real write in flight."""
+    group = events._group_commit()
+    with group.lock:
+        assert not group.writing
+        group.writing = True
+    before = group.batches
+    handles = []
+    for n, args in enumerate(calls, 1):
+        handles.append(in_thread(emit_many, *args))
+        wait_for(lambda n=n: len(group.queue) == n, "the emit to queue up")
+    with group.lock:
+        group.queue[0].woken.set()  # what the finished writer does
+    for thread, _ in handles:
+        thread.join(DEADLINE)
+    assert not group.writing
+    return group, [box for _, box in handles], group.batches - before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_writes_concurrent_emits_in_one_statement_with_gap_free_seqs(make_session, listener):
+    a, b = make_session(), make_session()
+    calls = [
+        (a.pk, [("progress", {"i": 1})]),
+        (b.pk, [("progress", {"i": 1}), ("progress", {"i": 2})]),
+        (a.pk, [("progress", {"i": 2}), ("progress", {"i": 3})]),
+    ]
+    _, results, batches = queued_behind_a_write(calls)
+    assert batches == 1
+    assert [[e.seq for e in box["value"]] for box in results] == [[1], [1, 2], [2, 3]]
+    for session in (a, b):
+        rows = list(Event.objects.filter(session=session).order_by("seq").values_list("seq", "payload"))
+        assert rows == [(i, {"i": i}) for i in range(1, len(rows) + 1)]
+        assert Session.objects.get(pk=session.pk).last_seq == len(rows)
+    by_session = {n["s"]: n for n in notes(listener, timeout=2)}
+    assert [e["seq"] for e in by_session[a.pk]["e"]] == [1, 2, 3]  # one notification per session
+    assert by_session[b.pk]["m"] == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_fails_only_the_emit_that_spoiled_a_shared_statement(make_session):
+    a = make_session()
+    calls = [
+        (a.pk, [("progress", {"i": 1})]),
+        (a.pk, [("progress", {"i": 2})], 987654321),  # a run that does not exist
+        (a.pk + 1000, [("progress", {"i": 3})]),  # a session that does not exist
+        (a.pk, [("progress", {"i": 3})]),
+    ]
+    _, results, _ = queued_behind_a_write(calls)
+    assert [e.seq for e in results[0]["value"]] == [1]
+    assert isinstance(results[1]["error"], IntegrityError)
+    assert isinstance(results[2]["error"], Session.DoesNotExist)
+    assert [e.seq for e in results[3]["value"]] == [2]
+    assert list(Event.objects.filter(session=a).order_by("seq").values_list("seq", flat=True)) == [1, 2]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_keeps_seqs_gap_free_under_many_concurrent_emitters(make_session):
+    sessions = [make_session() for _ in range(3)]
+    start = threading.Barrier(8)
+
+    def run(session_id: int, n: int) -> list[int]:
+        start.wait(DEADLINE)
+        return [emit(session_id, "progress", {"n": i}).seq for i in range(n)]
+
+    handles = [in_thread(run, sessions[i % 3].pk, 40) for i in range(8)]
+    for thread, _ in handles:
+        thread.join(DEADLINE * 3)
+    for _, box in handles:
+        assert "error" not in box, box
+        assert box["value"] == sorted(box["value"])  # one emitter's events stay in its order
+    for session in sessions:
+        seqs = list(Event.objects.filter(session=session).order_by("seq").values_list("seq", flat=True))
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert Session.objects.get(pk=session.pk).last_seq == len(seqs)
+    assert Event.objects.count() == 8 * 40
+
+
+# --- dispatch: POST /api/v1/sessions -> queued ----------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_starts_a_session_in_a_fixed_number_of_queries(owner, repository, django_assert_num_queries):
+    client = client_for(owner)
+    body = {"repository": repository.pk, "prompt": "Fix it", "model": "scripted/demo"}
+    client.post(SESSIONS, body, format="json")  # connection set-up (prepared statements) out of the way
+    # check (team + repository + role), BEGIN, session, branch, message, events (+ NOTIFY), run,
+    # queue row (+ NOTIFY), COMMIT. Nothing is read back.
+    with django_assert_num_queries(9):
+        response = client.post(SESSIONS, body, format="json")
+    assert response.status_code == 201
+    # Built from the created objects, it is what a read gives.
+    assert response.json() == client.get(f"{SESSIONS}/{response.json()['id']}").json()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_shows_a_new_session_with_an_environment_as_a_read_would(owner, team, repository):
+    environment = Environment.objects.create(team=team, name="py", default_model="scripted/env")
+    client = client_for(owner)
+    response = client.post(
+        SESSIONS, {"repository": repository.pk, "prompt": "Go", "environment": environment.pk}, format="json"
+    )
+    assert response.status_code == 201, response.json()
+    body = response.json()
+    assert (body["environment"], body["model"]) == ({"id": environment.pk, "name": "py"}, "scripted/env")
+    assert body == client.get(f"{SESSIONS}/{body['id']}").json()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_refuses_a_viewer_with_403_on_the_short_path(viewer, repository):
+    response = client_for(viewer).post(
+        SESSIONS, {"repository": repository.pk, "prompt": "Go", "model": "scripted/demo"}, format="json"
+    )
+    assert response.status_code == 403
+    assert Session.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_queues_the_run_in_the_same_transaction_and_wakes_workers_at_commit(team, owner, repository):
+    wakeups = psycopg.connect(**listen_kwargs())
+    try:
+        wakeups.execute(f"LISTEN {QUEUE_CHANNEL}")
+        with pytest.raises(RuntimeError), transaction.atomic():
+            start_session(team=team, repository=repository, prompt="lost", model="scripted/demo")
+            assert OrmQ.objects.count() == 1  # already there, in this transaction
+            raise RuntimeError("boom")
+        assert OrmQ.objects.count() == 0  # rolled back with the session: no task for a missing run
+        assert list(wakeups.notifies(timeout=0.2)) == []
+        with transaction.atomic():
+            session = start_session(team=team, repository=repository, prompt="kept", model="scripted/demo")
+            assert list(wakeups.notifies(timeout=0.1)) == []  # not before commit
+        assert len(list(wakeups.notifies(timeout=2, stop_after=1))) == 1
+    finally:
+        wakeups.close()
+    (task_id, payload), *rest = NotifyingORM(list_key="deputies").dequeue()
+    assert rest == []
+    assert SignedPackage.loads(payload)["args"] == (session.runs.get().pk,)
+    assert OrmQ.objects.get(pk=task_id).lock > timezone.now()  # taken: not handed out again
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_claims_a_run_with_its_messages_and_events_in_four_statements(
+    team, owner, repository, django_assert_num_queries
+):
+    session = start_session(team=team, repository=repository, prompt="Go", model="scripted/demo")
+    run = session.runs.get()
+    emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
+    with django_assert_num_queries(4):  # BEGIN, the claim, the events, COMMIT
+        assert run.claim("worker-a") is True
+    assert Session.objects.get(pk=session.pk).status == "running"
+    assert list(session.messages.values_list("status", "run")) == [("claimed", run.pk)]
+    assert list(session.events.order_by("seq").values_list("type", flat=True))[-2:] == [
+        "run_started",
+        "status",
+    ]
+    assert Run.objects.get(pk=run.pk).claim("worker-b") is False  # nothing else changes
+    assert session.events.count() == 5
