@@ -14,8 +14,8 @@ and N workers, each a forked Django of 60-80 MB), because runs now live on threa
 * semantics: qcluster's per-task timeout and recycling kill the process, i.e. every run on it.
 
 The loop: reserve a run slot (while the pool is full it takes nothing, so other workers get the
-work), dequeue one task, and either claim and start a run on the pool, acknowledging the task once
-the run is claimed (from then on its lease protects it), or hand any other task (schedules: stale
+work), dequeue one task, and either start it on the pool, where the run's own thread claims it and
+acknowledges the task once the run is claimed (from then on its lease protects it), or hand any other task (schedules: stale
 run recovery, the sandbox reaper) to a small side executor that saves its result as qcluster does.
 Every 30 s it runs the django-q2 scheduler, like qcluster's sentinel.
 
@@ -112,24 +112,33 @@ class Worker:
         self.side.submit(self.call, task)
 
     def start_run(self, task: dict) -> None:
-        """Claim, then acknowledge: a run that was claimed is its lease's, not the queue's, to retry."""
+        """Hand the task to a run thread on the slot reserved for it, and go back to the queue.
+
+        The thread claims, then acknowledges: a run that was claimed is its lease's, not the
+        queue's, to retry, and one that could not be claimed (the database is away) is left
+        unacknowledged, so the queue delivers it again. Claiming on the run's own thread keeps this
+        loop (one per process) from waiting on the database for every run it dispatches.
+        """
         from django.db import connection
 
+        run_id = int(task["args"][0])
+        try:
+            self.pool.start(run_id, lambda: self.claim_and_run(run_id, task["ack_id"]))
+        finally:
+            connection.close()  # the loop holds no connection while it waits for work
+
+    def claim_and_run(self, run_id: int, ack_id) -> str:
         from sessions.runner import Runner, claim
 
         try:
-            run, why = claim(int(task["args"][0]))
+            run, why = claim(run_id)
         except Exception:
-            self.pool.unreserve()
-            log.exception("could not claim run %s; the queue will deliver it again", task["args"][0])
-            return
-        self.broker.acknowledge(task["ack_id"])
+            log.exception("could not claim run %s; the queue will deliver it again", run_id)
+            return "not claimed"
+        self.broker.acknowledge(ack_id)
         if run is None:
-            self.pool.unreserve()
-            log.info("run %s: %s", task["args"][0], why)
-        else:
-            self.pool.start(run.pk, Runner(run).execute)
-        connection.close()  # the loop holds no connection while it waits for work
+            return why
+        return Runner(run).execute()
 
     def call(self, task: dict) -> None:
         """Any other task, with its result saved the way qcluster's monitor does."""

@@ -103,7 +103,10 @@ class Environment(models.Model):
     name = models.CharField(max_length=100)
     revision = models.PositiveIntegerField(default=1)
     image = models.CharField(max_length=300, blank=True, help_text="Container image (docker provider).")
-    setup_script = models.TextField(blank=True)
+    setup_script = models.TextField(
+        blank=True,
+        help_text="Shell commands run (sh) in each new sandbox, before the repository's .deputies/setup.",
+    )
     env_vars = models.JSONField(default=dict, blank=True, help_text="Non-secret variables for the sandbox.")
     sandbox_provider = models.CharField(max_length=20, blank=True, help_text="Empty: the deployment default.")
     network_policy = models.CharField(max_length=10, choices=Network.choices, default=Network.NONE)
@@ -277,13 +280,15 @@ class Session(models.Model):
     def active_run(self) -> Run | None:
         return self.runs.filter(status__in=Run.ACTIVE).first()
 
-    def enqueue_run(self, first: bool = False) -> Run:
+    def enqueue_run(self, first: bool = False, run: Run | None = None) -> Run:
         """Create the next Run and queue it after commit. Caller holds a transaction.
 
         ``first``: the session was just created queued, so skip the count and the status reset.
+        ``run``: the first run, already inserted (start_session on Postgres).
         """
-        attempt = 1 if first else self.runs.count() + 1
-        run = Run.objects.create(session=self, attempt=attempt)
+        if run is None:
+            attempt = 1 if first else self.runs.count() + 1
+            run = Run.objects.create(session=self, attempt=attempt)
         if not first:
             Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
         self.status = SessionStatus.QUEUED
@@ -556,52 +561,148 @@ class Run(models.Model):
         """
         now = timezone.now()
         if self.started and (now - self.started).total_seconds() > settings.RUN_TIMEOUT:
-            from sessions.events import emit
-
             error = f"the run took longer than {settings.RUN_TIMEOUT} s (DEPUTIES_RUN_TIMEOUT)"
-            if self.finish(Run.Status.FAILED, error):
-                emit(self.session_id, "run_failed", {"run_id": self.pk, "error": error}, run_id=self.pk)
-                emit(self.session_id, "status", {"status": "failed"}, run_id=self.pk)
+            events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
+            self.finish(Run.Status.FAILED, error, events=events)
             return False
         return bool(
             Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(heartbeat=now, steps=self.steps)
         )
 
-    def finish(self, status: str, error: str = "") -> bool:
-        """Close the run unless someone (cancel) already did; then start a run for queued follow-ups."""
+    def finish(
+        self,
+        status: str,
+        error: str = "",
+        *,
+        session_fields: dict | None = None,
+        events: list[tuple[str, dict]] | None = None,
+    ) -> bool:
+        """Close the run unless someone (cancel) already did; then start a run for queued follow-ups.
+
+        ``session_fields`` are written to the session with its new status, and ``events`` emitted,
+        in the same transaction, only when this call closed the run.
+        """
         now = timezone.now()
+        error = error[:10000]
+        session_status = SessionStatus.COMPLETED if status == Run.Status.COMPLETED else SessionStatus.FAILED
+        fields = {
+            "status": session_status,
+            "finished": now,
+            "error": "" if status == Run.Status.COMPLETED else error,
+            **(session_fields or {}),
+        }
+        message_status = Message.Status.DONE if status == Run.Status.COMPLETED else Message.Status.CANCELLED
         with transaction.atomic():
-            changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(
-                status=status, finished=now, error=error[:10000], steps=self.steps
-            )
-            if not changed:
+            if not self._finish_rows(status, error, now, message_status, fields):
                 self.refresh_from_db()
                 return False
-            Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(
-                status=Message.Status.DONE if status == Run.Status.COMPLETED else Message.Status.CANCELLED
-            )
-            session = Session.objects.select_for_update().get(pk=self.session_id)
-            session_status = (
-                SessionStatus.COMPLETED if status == Run.Status.COMPLETED else SessionStatus.FAILED
-            )
-            Session.objects.filter(pk=session.pk).update(
-                status=session_status,
-                finished=now,
-                error="" if status == Run.Status.COMPLETED else error[:10000],
-            )
-            if session.messages.filter(status=Message.Status.PENDING).exists():
-                session.enqueue_run()
-        self.refresh_from_db()
+            # A separate statement, after the session's row lock is held: a follow-up that
+            # add_message committed while we waited for the lock is seen here (its own check saw
+            # this run still active, so it left the new run to us).
+            if Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).exists():
+                Session.objects.get(pk=self.session_id).enqueue_run()
+            if events:
+                from sessions.events import emit_many
+
+                emit_many(self.session_id, events, run_id=self.pk)
+        self.status, self.finished, self.error = status, now, error
         return True
 
-    def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
-        Run.objects.filter(pk=self.pk).update(
-            input_tokens=F("input_tokens") + input_tokens,
-            output_tokens=F("output_tokens") + output_tokens,
-            cached_tokens=F("cached_tokens") + cached_tokens,
-            cost_usd=F("cost_usd") + cost,
+    # The run, its claimed messages and the session in one statement, the run first; updating the
+    # session takes its row lock (ordering this against add_message and cancel), as SELECT ... FOR
+    # UPDATE did. The messages and the session change only if the run did (``FROM r``).
+    _FINISH = """
+    WITH r AS (
+        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s
+        WHERE id = %(id)s AND status = %(running)s
+        RETURNING id, session_id
+    ),
+    m AS (
+        UPDATE {message} t SET status = %(message_status)s FROM r
+        WHERE t.run_id = r.id AND t.status = %(claimed)s
+        RETURNING t.id
+    ),
+    s AS (
+        UPDATE {session} t SET {assignments} FROM r WHERE t.id = r.session_id RETURNING t.id
+    )
+    SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM m), (SELECT count(*) FROM s)
+    """
+
+    def _finish_rows(self, status: str, error: str, now, message_status: str, fields: dict) -> bool:
+        from django.db import connection
+
+        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING)
+        if connection.vendor != "postgresql":
+            if not changed.update(status=status, finished=now, error=error, steps=self.steps):
+                return False
+            Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
+            Session.objects.select_for_update().filter(pk=self.session_id).exists()
+            Session.objects.filter(pk=self.session_id).update(**fields)
+            return True
+        # Session columns through the model's own fields, so JSON and the like are adapted as the
+        # ORM would adapt them.
+        params: dict = {}
+        assignments = []
+        for n, (name, value) in enumerate(fields.items()):
+            field = Session._meta.get_field(name)
+            assignments.append(f"{connection.ops.quote_name(field.column)} = %(f{n})s")
+            params[f"f{n}"] = field.get_db_prep_save(value, connection)
+        sql = self._FINISH.format(
+            run=Run._meta.db_table,
+            message=Message._meta.db_table,
+            session=Session._meta.db_table,
+            assignments=", ".join(assignments),
         )
-        self.session.add_usage(input_tokens, output_tokens, cached_tokens, cost)
+        params.update(
+            id=self.pk,
+            status=status,
+            now=now,
+            error=error,
+            steps=self.steps,
+            running=Run.Status.RUNNING,
+            message_status=message_status,
+            claimed=Message.Status.CLAIMED,
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return bool(cursor.fetchone()[0])
+
+    def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
+        """Count one model call's usage on the run and its session (one statement on Postgres)."""
+        from django.db import connection
+
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        self.cached_tokens += cached_tokens
+        self.cost_usd += cost
+        if connection.vendor != "postgresql":
+            Run.objects.filter(pk=self.pk).update(
+                input_tokens=F("input_tokens") + input_tokens,
+                output_tokens=F("output_tokens") + output_tokens,
+                cached_tokens=F("cached_tokens") + cached_tokens,
+                cost_usd=F("cost_usd") + cost,
+            )
+            Session.objects.filter(pk=self.session_id).update(
+                input_tokens=F("input_tokens") + input_tokens,
+                output_tokens=F("output_tokens") + output_tokens,
+                cached_tokens=F("cached_tokens") + cached_tokens,
+                cost_usd=F("cost_usd") + cost,
+            )
+            return
+        add = (
+            "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
+            "cached_tokens = t.cached_tokens + %(c)s, cost_usd = t.cost_usd + %(cost)s"
+        )
+        sql = (
+            f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add} WHERE t.id = %(run)s RETURNING t.id) "
+            f"UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                sql,
+                {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
+                 "session": self.session_id},
+            )  # fmt: skip
 
 
 class Event(models.Model):
@@ -724,23 +825,30 @@ def start_session(
     """
     from sessions.events import emit_many
 
+    session = Session(
+        team=team,
+        created_by=created_by,
+        repository=repository,
+        base_branch=base_branch or repository.default_branch,
+        environment=environment,
+        environment_revision=environment.revision if environment else None,
+        budget_usd=budget_usd,
+        model=model,
+        title=title or prompt.strip().splitlines()[0][:120],
+        source=source,
+        external_ref=external_ref or {},
+    )
     with transaction.atomic(savepoint=False):
-        session = Session.objects.create(
-            team=team,
-            created_by=created_by,
-            repository=repository,
-            base_branch=base_branch or repository.default_branch,
-            environment=environment,
-            environment_revision=environment.revision if environment else None,
-            budget_usd=budget_usd,
-            model=model,
-            title=title or prompt.strip().splitlines()[0][:120],
-            source=source,
-            external_ref=external_ref or {},
-        )
-        Session.objects.filter(pk=session.pk).update(branch=f"deputies/session-{session.pk}")
-        session.branch = f"deputies/session-{session.pk}"
-        message = Message.objects.create(session=session, position=1, content=prompt, author=created_by)
+        if transaction.get_connection().vendor == "postgresql":
+            message = Message(session=session, position=1, content=prompt, author=created_by)
+            run = Run(session=session, attempt=1)
+            _insert_first_rows(session, message, run)
+        else:
+            session.save(force_insert=True)
+            Session.objects.filter(pk=session.pk).update(branch=f"deputies/session-{session.pk}")
+            session.branch = f"deputies/session-{session.pk}"
+            message = Message.objects.create(session=session, position=1, content=prompt, author=created_by)
+            run = None
         emit_many(
             session.pk,
             [
@@ -748,6 +856,59 @@ def start_session(
                 ("message", {"message_id": message.pk, "content": prompt, "position": 1}),
             ],
         )
-        run = session.enqueue_run(first=True)
+        run = session.enqueue_run(first=True, run=run)
     session.active_runs, session.pending_message_count, session.latest_sandboxes = [run], 1, []
     return session
+
+
+def _insert_fields(model: type[models.Model], skip: str) -> list:
+    return [f for f in model._meta.concrete_fields if not f.primary_key and f.name != skip]
+
+
+_first_rows_sql: tuple[str, list, list, list] | None = None
+
+
+def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
+    """Insert the session (with its branch, named after its id), its first message and its first
+    run in one statement: the session's id comes from its sequence, in the statement. Values go in
+    as Model.save would put them (each field's pre_save, then its database value)."""
+    from django.db import connection
+
+    global _first_rows_sql
+    if _first_rows_sql is None:
+        s_fields = _insert_fields(Session, "branch")
+        m_fields, r_fields = _insert_fields(Message, "session"), _insert_fields(Run, "session")
+
+        def cols(fields: list) -> str:
+            return ", ".join(connection.ops.quote_name(f.column) for f in fields)
+
+        def vals(fields: list) -> str:
+            return ", ".join(["%s"] * len(fields))
+
+        table = Session._meta.db_table
+        sql = (
+            f"WITH n AS (SELECT nextval(pg_get_serial_sequence('{table}', 'id')) AS id), "
+            f'm AS (INSERT INTO "{Message._meta.db_table}" (session_id, {cols(m_fields)}) '
+            f"VALUES ((SELECT id FROM n), {vals(m_fields)}) RETURNING id), "
+            f'r AS (INSERT INTO "{Run._meta.db_table}" (session_id, {cols(r_fields)}) '
+            f"VALUES ((SELECT id FROM n), {vals(r_fields)}) RETURNING id), "
+            f'ins AS (INSERT INTO "{table}" (id, {cols(s_fields)}, branch) '
+            f"VALUES ((SELECT id FROM n), {vals(s_fields)}, %s || (SELECT id FROM n)::text) RETURNING id) "
+            "SELECT (SELECT id FROM ins), (SELECT id FROM m), (SELECT id FROM r)"
+        )
+        _first_rows_sql = (sql, m_fields, r_fields, s_fields)
+    sql, m_fields, r_fields, s_fields = _first_rows_sql
+    # In the order of the placeholders: the message, the run, the session, its branch prefix.
+    params = [
+        f.get_db_prep_save(f.pre_save(obj, True), connection)
+        for obj, fields in ((message, m_fields), (run, r_fields), (session, s_fields))
+        for f in fields
+    ]
+    params.append("deputies/session-")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        session.pk, message.pk, run.pk = cursor.fetchone()
+    session.branch = f"deputies/session-{session.pk}"
+    message.session_id = run.session_id = session.pk
+    for obj in (session, message, run):
+        obj._state.adding, obj._state.db = False, connection.alias

@@ -44,8 +44,66 @@ def cache_root() -> Path:
     return Path(settings.DATA_DIR) / "repo-cache"
 
 
+class _Lookup:
+    """One ``git ls-remote``, shared by every run that asked for it before it started."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.commit: str | None = None
+        self.error: BaseException | None = None
+
+    def result(self) -> str | None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.commit
+
+
+class _Branch:
+    def __init__(self) -> None:
+        self.running: _Lookup | None = None  # started: may predate a caller's push
+        self.next: _Lookup | None = None  # not started yet: fresh for everyone waiting on it
+
+
+_branches: dict[tuple[str, str], _Branch] = {}
+
+
 def resolve(url: str, branch: str) -> str | None:
-    """The commit at the tip of ``branch``, or None when there is no such branch (a tag, say)."""
+    """The commit at the tip of ``branch``, or None when there is no such branch (a tag, say).
+
+    Always a lookup that started after the call (so a run starts from the latest push), but
+    concurrent runs share it: while one ``git ls-remote`` is in flight, later callers wait for the
+    next one, which then serves them all. Under load that is one process per lookup time, not per run.
+    """
+    with _lock:
+        state = _branches.setdefault((url, branch), _Branch())
+        previous = shared = None
+        if state.running is None:
+            lookup = state.running = _Lookup()
+        elif state.next is not None:
+            shared = state.next
+        else:
+            lookup = state.next = _Lookup()
+            previous = state.running
+    if shared is not None:  # waited for outside the lock
+        return shared.result()
+    if previous is not None:  # lead the next lookup once the one in flight is done
+        previous.done.wait()
+        with _lock:
+            state.running, state.next = lookup, None
+    try:
+        lookup.commit = _ls_remote(url, branch)
+    except BaseException as exc:
+        lookup.error = exc
+    finally:
+        with _lock:
+            if state.running is lookup:
+                state.running = None
+        lookup.done.set()
+    return lookup.result()
+
+
+def _ls_remote(url: str, branch: str) -> str | None:
     from sessions.runner import git
 
     out = git("ls-remote", "--", url, f"refs/heads/{branch}")

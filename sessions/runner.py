@@ -24,7 +24,7 @@ from sandboxes.base import SandboxHandle, SandboxSpec, get_provider
 from sandboxes.models import Sandbox
 from sessions import repocache
 from sessions.artifacts import store_artifact
-from sessions.events import emit
+from sessions.events import emit, emit_many
 from sessions.models import Message, Run, Session
 from sessions.secrets import RedactingHandle, Redactor, SecretError
 from sessions.workpool import releasing_handle, releasing_llm
@@ -85,7 +85,9 @@ def claim(run_id: int) -> tuple[Run | None, str]:
     acknowledge the queue task, so from then on the run's lease is what protects it.
     """
     try:
-        run = Run.objects.select_related("session__repository", "session__environment").get(pk=run_id)
+        run = Run.objects.select_related("session__repository", "session__environment", "session__team").get(
+            pk=run_id
+        )
     except Run.DoesNotExist:
         return None, "missing"
     if not run.claim(worker_id()):
@@ -193,13 +195,28 @@ class Runner:
         self.sandbox: Sandbox | None = None
         self.handle: SandboxHandle | None = None
         self.redactor: Redactor | None = None
+        # Events held back to share the next one's statement (sandbox_ready waits for
+        # repository_ready); written, in order, before any other event of the run.
+        self.held: list[tuple[str, dict]] = []
+        self.hold_sandbox_ready = False  # execute() sets it: repository_ready always follows there
 
     def emit(self, type: str, payload: dict) -> None:
-        emit(self.session.pk, type, payload, run_id=self.run.pk)
+        if self.held:
+            self.held.append((type, payload))
+            self.flush_held()
+        else:
+            emit(self.session.pk, type, payload, run_id=self.run.pk)
+
+    def flush_held(self) -> None:
+        held, self.held = self.held, []
+        if held:
+            emit_many(self.session.pk, held, run_id=self.run.pk)
 
     def execute(self) -> str:
+        result = None
         try:
             pristine = False  # the workspace is exactly the base commit
+            self.hold_sandbox_ready = True
             fresh = self.provision_sandbox()
             if fresh or self.sandbox.prepared is None:
                 self.prepare_repository()
@@ -207,36 +224,48 @@ class Runner:
                 pristine = not (self.checkout_dir() / SETUP_SCRIPT).exists()
                 Sandbox.objects.filter(pk=self.sandbox.pk).update(prepared=timezone.now())
             result = self.agent_loop()
-            if not (pristine and self.left_workspace_alone()):
+            if not (pristine and self.left_workspace_alone(result)):
                 self.collect_diff()
         except Exception as exc:  # the runner owns error capture
             log.exception("run %s failed", self.run.pk)
+            self.flush_held()
+            if result is not None:
+                self.save_transcript(result)
             return self.fail(exc)
         finally:
             if self.sandbox is not None:
                 Sandbox.objects.filter(pk=self.sandbox.pk).update(last_used=timezone.now())
-        if result.status == "cancelled" or self.run.is_cancelled():
+        if result.status == "completed":
+            # The transcript, the summary, the run's end and its events: one transaction.
+            if self.run.finish(
+                Run.Status.COMPLETED,
+                session_fields={"transcript": result.transcript, "summary": result.summary},
+                events=[
+                    ("run_completed", {"run_id": self.run.pk, "summary": result.summary}),
+                    ("status", {"status": "completed"}),
+                ],
+            ):
+                return "completed"
+            self.save_transcript(result)
+            return "cancelled"  # closed under us: only a cancel does that
+        self.save_transcript(result)
+        if result.status == "cancelled":
             return "cancelled"
-        if result.status != "completed":
-            return self.fail(StepFailed(result.error or "the agent stopped without finishing"))
-        Session.objects.filter(pk=self.session.pk).update(summary=result.summary)
-        if self.run.finish(Run.Status.COMPLETED):
-            self.emit("run_completed", {"run_id": self.run.pk, "summary": result.summary})
-            self.emit("status", {"status": "completed"})
-        return "completed"
+        return self.fail(StepFailed(result.error or "the agent stopped without finishing"))
 
-    def left_workspace_alone(self) -> bool:
+    def save_transcript(self, result) -> None:
+        Session.objects.filter(pk=self.session.pk).update(transcript=result.transcript)
+
+    @staticmethod
+    def left_workspace_alone(result) -> bool:
         """Whether this run called only tools that cannot change the workspace: then the diff of a
         pristine workspace is empty, and pulling the workspace out to find that is skipped."""
-        return not (
-            self.run.events.filter(type="tool_started").exclude(payload__name__in=READ_ONLY_TOOLS).exists()
-        )
+        return all(name in READ_ONLY_TOOLS for name in result.tools_called)
 
     def fail(self, exc: Exception) -> str:
         error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
-        if self.run.finish(Run.Status.FAILED, error):
-            self.emit("run_failed", {"run_id": self.run.pk, "error": error})
-            self.emit("status", {"status": "failed"})
+        events = [("run_failed", {"run_id": self.run.pk, "error": error}), ("status", {"status": "failed"})]
+        if self.run.finish(Run.Status.FAILED, error, events=events):
             return "failed"
         return "cancelled"
 
@@ -296,7 +325,10 @@ class Runner:
         payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
         if not caps.isolated:
             payload["reason"] = caps.reason
-        self.emit("sandbox_ready", payload)
+        if self.hold_sandbox_ready:
+            self.held.append(("sandbox_ready", payload))  # written with repository_ready (or the failure)
+        else:
+            self.emit("sandbox_ready", payload)
         return True
 
     def scrubbed(self, handle: SandboxHandle) -> SandboxHandle:
@@ -407,7 +439,9 @@ class Runner:
         from sessions.agent.llm import LLMError, client_for
         from sessions.agent.loop import AgentResult, build_system_prompt, run_agent
 
-        session = Session.objects.get(pk=self.session.pk)
+        # The claim loaded the session (repository, environment); only the transcript may be newer.
+        session = self.session
+        session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
         transcript = list(session.transcript) or [
             {"role": "system", "content": build_system_prompt(session, self.handle)}
         ]
@@ -419,10 +453,11 @@ class Runner:
             result = AgentResult("failed", transcript=transcript, error=str(exc))
         else:
             try:  # the run's DB connection goes back to the pool while the model or a command works
-                result = run_agent(self.run, releasing_handle(self.handle), transcript, client=llm)
+                result = run_agent(
+                    self.run, releasing_handle(self.handle), transcript, client=llm, save_steps=False
+                )  # steps are saved by every way the run ends (Run.finish)
             finally:
                 llm.close()
-        Session.objects.filter(pk=session.pk).update(transcript=result.transcript)
         return result
 
     def collect_diff(self) -> None:

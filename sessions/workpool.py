@@ -121,7 +121,7 @@ class RunPool:
         self.size = size
         self.slots = threading.BoundedSemaphore(size)
         self.lock = threading.Lock()
-        self.running: set[int] = set()
+        self.running: dict[int, int] = {}  # run id -> threads on it (a duplicate delivery makes 2)
         self.idle = threading.Condition(self.lock)
 
     def reserve(self, wait: float | None) -> bool:
@@ -133,7 +133,7 @@ class RunPool:
     def start(self, run_id: int, work: Callable[[], str]) -> None:
         """Run ``work()`` on a new thread, on a slot the caller reserved."""
         with self.lock:
-            self.running.add(run_id)
+            self.running[run_id] = self.running.get(run_id, 0) + 1
         thread = threading.Thread(target=self._run, args=(run_id, work), name=f"run-{run_id}", daemon=True)
         try:
             thread.start()
@@ -157,7 +157,11 @@ class RunPool:
 
     def _done(self, run_id: int) -> None:
         with self.lock:
-            self.running.discard(run_id)
+            left = self.running.get(run_id, 0) - 1
+            if left > 0:
+                self.running[run_id] = left
+            else:
+                self.running.pop(run_id, None)
             self.idle.notify_all()
         self.slots.release()
 

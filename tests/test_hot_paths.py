@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from decimal import Decimal
 
 import psycopg
 import pytest
@@ -14,12 +15,13 @@ from django.db.utils import IntegrityError
 from django.utils import timezone
 from django_q.models import OrmQ
 from django_q.signing import SignedPackage
+from rest_framework.test import APIClient
 
 from deputies.broker import CHANNEL as QUEUE_CHANNEL
 from deputies.broker import NotifyingORM, listen_kwargs
 from sessions import events
 from sessions.events import emit, emit_many
-from sessions.models import Environment, Event, Repository, Run, Session, start_session
+from sessions.models import APIToken, Environment, Event, Repository, Run, Session, Team, start_session
 from sessions.streaming.notify import PG_CHANNEL
 from tests.conftest import client_for
 
@@ -222,9 +224,9 @@ def test_it_starts_a_session_in_a_fixed_number_of_queries(owner, repository, dja
     client = client_for(owner)
     body = {"repository": repository.pk, "prompt": "Fix it", "model": "scripted/demo"}
     client.post(SESSIONS, body, format="json")  # connection set-up (prepared statements) out of the way
-    # check (team + repository + role), BEGIN, session, branch, message, events (+ NOTIFY), run,
-    # queue row (+ NOTIFY), COMMIT. Nothing is read back.
-    with django_assert_num_queries(9):
+    # check (team + repository + role), BEGIN, session + branch + message + run (one statement),
+    # events (+ NOTIFY), queue row (+ NOTIFY), COMMIT. Nothing is read back.
+    with django_assert_num_queries(6):
         response = client.post(SESSIONS, body, format="json")
     assert response.status_code == 201
     # Built from the created objects, it is what a read gives.
@@ -293,3 +295,113 @@ def test_it_claims_a_run_with_its_messages_and_events_in_four_statements(
     ]
     assert Run.objects.get(pk=run.pk).claim("worker-b") is False  # nothing else changes
     assert session.events.count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_starts_a_session_with_a_bearer_token_in_one_more_query(
+    owner, repository, django_assert_num_queries
+):
+    token, secret = APIToken.issue(owner, name="ci")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
+    body = {"repository": repository.pk, "prompt": "Fix it", "model": "scripted/demo"}
+    client.post(SESSIONS, body, format="json")  # last_used written, connection set up
+    with django_assert_num_queries(7):  # the token with its user, then as above
+        response = client.post(SESSIONS, body, format="json")
+    assert response.status_code == 201
+    assert response.json()["created_by"] == owner.username
+
+
+@pytest.mark.django_db
+def test_the_token_lookup_loads_what_the_orm_loads(owner):
+    from sessions.api.auth import _token_with_user
+
+    token, secret = APIToken.issue(owner, name="ci")
+    APIToken.objects.filter(pk=token.pk).update(last_used=timezone.now())
+    loaded = _token_with_user(APIToken.hash(secret))
+    expected = APIToken.objects.select_related("user").get(pk=token.pk)
+    fields = [f.attname for f in APIToken._meta.concrete_fields]
+    assert [getattr(loaded, f) for f in fields] == [getattr(expected, f) for f in fields]
+    user_fields = [f.attname for f in type(owner)._meta.concrete_fields]
+    assert [getattr(loaded.user, f) for f in user_fields] == [getattr(expected.user, f) for f in user_fields]
+    assert not loaded._state.adding and not loaded.user._state.adding
+    assert _token_with_user(APIToken.hash("dep_unknown")) is None
+
+
+@pytest.mark.django_db
+def test_the_repository_check_loads_what_the_orm_loads(owner, viewer, team, repository):
+    from sessions.api.views import _REPOSITORY_CHECK
+
+    environment = Environment.objects.create(
+        team=team, name="py", env_vars={"A": "1"}, cpu_limit=1.5, default_model="scripted/env"
+    )
+    found_team, found_repository, found_environment, role = _REPOSITORY_CHECK.fetch(
+        repository.pk, environment.pk, owner.pk
+    )
+    assert role == "owner"
+    for loaded, model in (
+        (found_team, Team),
+        (found_repository, Repository),
+        (found_environment, Environment),
+    ):
+        expected = model.objects.get(pk=loaded.pk)
+        fields = [f.attname for f in model._meta.concrete_fields]
+        assert [getattr(loaded, f) for f in fields] == [getattr(expected, f) for f in fields]
+    assert found_environment.env_vars == {"A": "1"}  # JSON decoded, as the ORM does
+    assert found_repository.team is found_team
+    # Another team's environment is not found; nor a membership the user lacks.
+    other = Team.objects.create(name="Other", slug="other")
+    theirs = Environment.objects.create(team=other, name="theirs")
+    assert _REPOSITORY_CHECK.fetch(repository.pk, theirs.pk, owner.pk)[2] is None
+    assert _REPOSITORY_CHECK.fetch(repository.pk, 0, viewer.pk)[3] == "viewer"
+    stranger = type(owner).objects.create(username="stranger")
+    assert _REPOSITORY_CHECK.fetch(repository.pk, 0, stranger.pk)[3] is None
+    assert _REPOSITORY_CHECK.fetch(repository.pk + 1000, 0, owner.pk) is None
+
+
+@pytest.mark.django_db
+def test_start_session_stores_what_the_orm_would(team, owner, repository):
+    environment = Environment.objects.create(team=team, name="py", env_vars={"A": "1"})
+    session = start_session(
+        team=team,
+        repository=repository,
+        prompt="  Fix the bug\nsecond line",
+        model="scripted/demo",
+        created_by=owner,
+        environment=environment,
+        external_ref={"thread": "t1"},
+        budget_usd=Decimal("2.50"),
+    )
+    stored = Session.objects.get(pk=session.pk)
+    fields = [f.attname for f in Session._meta.concrete_fields]
+    for f in fields:
+        if f != "last_seq":  # bumped in the database by the events
+            assert getattr(session, f) == getattr(stored, f), f
+    assert stored.branch == f"deputies/session-{session.pk}"
+    assert (stored.title, stored.external_ref, stored.budget_usd) == (
+        "Fix the bug",
+        {"thread": "t1"},
+        Decimal("2.50"),
+    )
+    assert (stored.environment_id, stored.environment_revision, stored.created_by_id) == (
+        environment.pk,
+        1,
+        owner.pk,
+    )
+    assert stored.last_seq == 2
+    (message,) = stored.messages.all()
+    assert (message.position, message.content, message.status, message.author_id, message.run_id) == (
+        1,
+        "  Fix the bug\nsecond line",
+        "pending",
+        owner.pk,
+        None,
+    )
+    (run,) = stored.runs.all()
+    assert (run.attempt, run.status, run.pk) == (1, "queued", session.active_runs[0].pk)
+    assert list(stored.events.order_by("seq").values_list("type", flat=True)) == ["status", "message"]
+    assert stored.events.get(seq=2).payload["message_id"] == message.pk
+    # The returned objects are saved ones: saving again updates the row.
+    session.title = "renamed"
+    session.save()
+    assert Session.objects.count() == 1 and Session.objects.get(pk=session.pk).title == "renamed"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import posixpath
 import re
 import secrets
 import selectors
@@ -295,6 +296,29 @@ def _check_sandbox_id(sandbox_id: str) -> None:
         raise SandboxError(f"invalid local sandbox id {sandbox_id!r}")
 
 
+def _climbs_out(relative: str) -> bool:
+    """Whether a normalised relative path leaves the directory it is relative to."""
+    return relative == ".." or relative.startswith("../")
+
+
+def _check_member(member: tarfile.TarInfo) -> None:
+    """Refuse, without touching the filesystem, a member that names or links outside the
+    destination, or that is not a file, directory or link."""
+    name = member.name
+    if not name or "\x00" in name or name.startswith("/") or ".." in name.split("/"):
+        raise PathEscape(f"archive member {name!r} is outside the workspace")
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        raise tarfile.SpecialFileError(member)
+    if member.issym() or member.islnk():
+        link = member.linkname
+        if not link or "\x00" in link or link.startswith("/"):
+            raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
+        # A symlink is relative to its directory, a hard link to the destination.
+        base = posixpath.dirname(name) if member.issym() else ""
+        if _climbs_out(posixpath.normpath(posixpath.join(base, link))):
+            raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
+
+
 class LocalHandle:
     def __init__(self, sandbox_id: str, directory: Path, *, isolated: bool, network: str, env: dict):
         self.id = sandbox_id
@@ -416,6 +440,14 @@ class LocalHandle:
         return sorted(found)[:LIST_FILES_LIMIT]
 
     def put_archive(self, path: str, data: bytes) -> None:
+        """Unpack a tar archive under ``path``; PathEscape (and nothing written) for a member whose
+        name or link target leaves the destination, SandboxError for special files.
+
+        Every member is checked lexically before anything is written (absolute names, ``..``,
+        absolute links, links whose target climbs out); then tarfile's ``data`` filter checks each
+        member's real path as it is extracted, which catches what only the filesystem knows: links
+        already in the workspace, and links made by earlier members of the same archive.
+        """
         dest = self.resolve(path)
         try:
             dest.mkdir(parents=True, exist_ok=True)
@@ -425,9 +457,7 @@ class LocalHandle:
             with tarfile.open(fileobj=BytesIO(data), mode="r:") as tar:
                 members = tar.getmembers()
                 for member in members:
-                    self._check_member(member, dest)
-                # The "data" filter checks every member again as it is extracted, which also
-                # catches links made dangerous by earlier members of the same archive.
+                    _check_member(member)
                 tar.extractall(dest, members=members, filter="data")
         except tarfile.SpecialFileError as exc:
             raise SandboxError(f"archive member refused: {exc}") from None
@@ -437,26 +467,6 @@ class LocalHandle:
             raise SandboxError(f"not a valid tar archive: {exc}") from None
         except OSError as exc:
             raise SandboxError(f"cannot extract the archive: {exc.strerror or exc}") from None
-
-    def _check_member(self, member: tarfile.TarInfo, dest: Path) -> None:
-        name = member.name
-        parts = PurePosixPath(name).parts
-        if name.startswith("/") or ".." in parts:
-            raise PathEscape(f"archive member {name!r} is outside the workspace")
-        target = Path(os.path.realpath(dest / name))
-        if not self._inside(target):
-            raise PathEscape(f"archive member {name!r} is outside the workspace")
-        if member.issym() or member.islnk():
-            link = member.linkname
-            if link.startswith("/"):
-                raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
-            base = (dest / name).parent if member.issym() else dest
-            if not self._inside(Path(os.path.realpath(base / link))):
-                raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
-        tarfile.data_filter(member, str(dest))
-
-    def _inside(self, real: Path) -> bool:
-        return real == self.host_workspace or self.host_workspace in real.parents
 
     def get_archive(self, path: str = ".") -> bytes:
         real = self.resolve(path)

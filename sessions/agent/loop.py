@@ -29,8 +29,8 @@ from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, cli
 from sessions.agent.prompts import build_system_prompt
 from sessions.agent.tools import TOOL_SPECS, ToolError, ToolResult, execute_tool
 from sessions.artifacts import store_artifact
-from sessions.budgets import budget_problem
-from sessions.events import emit
+from sessions.budgets import RunBudget
+from sessions.events import emit, emit_many
 from sessions.models import LLMCall, Run
 
 __all__ = ["AgentResult", "build_system_prompt", "run_agent"]
@@ -38,6 +38,9 @@ __all__ = ["AgentResult", "build_system_prompt", "run_agent"]
 logger = logging.getLogger(__name__)
 
 COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+# Tools that only record what the model said (sessions/agent/tools.py): they return at once, so
+# their tool_started waits and shares one statement with what follows it.
+INSTANT_TOOLS = frozenset({"finish", "todo_write", "report_progress"})
 EVENT_TEXT_LIMIT = 20_000  # assistant text in one event
 EVENT_ARGUMENT_LIMIT = 2_000  # each string inside tool arguments, in events only
 ERROR_LIMIT = 2_000
@@ -49,6 +52,7 @@ class AgentResult:
     summary: str = ""
     transcript: list[dict[str, Any]] = field(default_factory=list)  # the input messages + this run's
     error: str = ""
+    tools_called: list[str] = field(default_factory=list)  # names, in order, of the tools this run ran
 
 
 def run_agent(
@@ -58,11 +62,14 @@ def run_agent(
     *,
     model: str | None = None,
     client: LLMClient | None = None,
+    save_steps: bool = True,
 ) -> AgentResult:
     """Drive the conversation ``messages`` (canonical format, system prompt first) to an end.
 
     ``model`` overrides the session's model ("provider/model"); ``client`` replaces the client made
     from it (the caller then closes it). The run must already be claimed (status running).
+    ``save_steps=False``: the caller ends the run (``Run.finish`` saves the step count), so the
+    count is not written here as well.
     """
     transcript = list(messages)
     try:
@@ -74,7 +81,8 @@ def run_agent(
     finally:
         if client is None:
             llm.close()
-        Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(steps=run.steps)
+        if save_steps:
+            Run.objects.filter(pk=run.pk, status=Run.Status.RUNNING).update(steps=run.steps)
 
 
 class _Agent:
@@ -84,19 +92,25 @@ class _Agent:
         self.llm = llm
         self.transcript = transcript
         self.started = timezone.now()
+        self.budget = RunBudget(run)
+        self.tools_called: list[str] = []
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
         emit(self.run.session_id, type, payload, run_id=self.run.pk)
 
+    def emit_all(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        if events:
+            emit_many(self.run.session_id, events, run_id=self.run.pk)
+
     def result(self, status: str, summary: str = "", error: str = "") -> AgentResult:
-        return AgentResult(status, summary, self.transcript, error)
+        return AgentResult(status, summary, self.transcript, error, list(self.tools_called))
 
     def loop(self) -> AgentResult:
         max_steps = settings.AGENT_MAX_STEPS
         for _ in range(max_steps):
             if not self.run.beat():  # also persists the step count; False once cancelled
                 return self.result(CANCELLED, error="cancelled")
-            if problem := budget_problem(self.run.session_id) or self.time_problem():
+            if problem := self.budget.problem() or self.time_problem():
                 return self.result(FAILED, error=problem)
             self.compact()
             self.run.steps += 1
@@ -199,10 +213,16 @@ class _Agent:
 
         A SandboxError (the sandbox is broken, per the tools contract) propagates to the caller.
         """
-        self.emit(
+        self.tools_called.append(call.name)
+        started = (
             "tool_started",
             {"call_id": call.id, "name": call.name, "arguments": _event_arguments(call.arguments)},
         )
+        events: list[tuple[str, dict[str, Any]]] = []
+        if call.name in INSTANT_TOOLS:
+            events.append(started)  # written with tool_finished, in order
+        else:
+            self.emit(*started)  # shown while the tool runs
         result: ToolResult | None = None
         try:
             result = execute_tool(self.handle, call.name, call.arguments)
@@ -210,17 +230,26 @@ class _Agent:
         except ToolError as exc:
             ok, output = False, f"error: {exc}"
         except SandboxError as exc:
-            self.emit(
-                "tool_finished",
-                {
-                    "call_id": call.id,
-                    "name": call.name,
-                    "ok": False,
-                    "output": f"sandbox error: {exc}",
-                    "truncated": False,
-                },
+            events.append(
+                (
+                    "tool_finished",
+                    {
+                        "call_id": call.id,
+                        "name": call.name,
+                        "ok": False,
+                        "output": f"sandbox error: {exc}",
+                        "truncated": False,
+                    },
+                )
             )
+            self.emit_all(events)
             raise
+        except BaseException:
+            self.emit_all(events)  # tool_started stays in the record of what ran
+            raise
+        if events and len(output) > settings.TOOL_OUTPUT_LIMIT:
+            self.emit_all(events)  # before the artifact the truncation stores (and announces)
+            events = []
         text, artifact_id = self.truncate(call, output)
         payload: dict[str, Any] = {
             "call_id": call.id,
@@ -231,11 +260,12 @@ class _Agent:
         }
         if artifact_id is not None:
             payload["artifact_id"] = artifact_id
-        self.emit("tool_finished", payload)
+        events.append(("tool_finished", payload))
         if result is not None and result.todos is not None:
-            self.emit("todo", {"todos": result.todos})
+            events.append(("todo", {"todos": result.todos}))
         if result is not None and result.progress:
-            self.emit("progress", {"message": result.progress})
+            events.append(("progress", {"message": result.progress}))
+        self.emit_all(events)
         self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": text})
         return result
 

@@ -12,6 +12,7 @@ from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
+from rest_framework.utils.serializer_helpers import ReturnDict
 
 from sandboxes.models import Sandbox
 from sessions.api.permissions import MAX_ID, find_team
@@ -441,7 +442,7 @@ class SessionSerializer(serializers.ModelSerializer):
     def get_active_run(self, obj: Session) -> dict[str, Any] | None:
         runs = obj.active_runs if hasattr(obj, "active_runs") else [obj.active_run]
         run = runs[0] if runs else None
-        return ActiveRunSerializer(run).data if run else None
+        return _shared(ActiveRunSerializer).to_representation(run) if run else None
 
     @extend_schema_field(serializers.IntegerField())
     def get_pending_messages(self, obj: Session) -> int:
@@ -455,7 +456,32 @@ class SessionSerializer(serializers.ModelSerializer):
             sandbox = obj.latest_sandboxes[0] if obj.latest_sandboxes else None
         else:
             sandbox = obj.sandboxes.order_by("-created", "-pk").first()
-        return SandboxSummarySerializer(sandbox).data if sandbox else None
+        return _shared(SandboxSummarySerializer).to_representation(sandbox) if sandbox else None
+
+
+_SHARED: dict[type, serializers.Serializer] = {}
+
+
+def _shared(cls: type[serializers.Serializer]) -> serializers.Serializer:
+    """One instance per serializer class for read-only representations without context.
+
+    A ModelSerializer builds its fields (and its nested serializers' fields) once per instance,
+    which costs more than the representation itself; to_representation keeps no per-object state,
+    so one instance serves every object and thread. (Two threads building it at once is harmless.)
+    """
+    serializer = _SHARED.get(cls)
+    if serializer is None:
+        serializer = cls()
+        serializer.fields  # noqa: B018 - built once, here
+        _SHARED[cls] = serializer
+    return serializer
+
+
+def session_data(session: Session) -> ReturnDict:
+    """``SessionSerializer(session).data`` (what GET /api/v1/sessions/<id> shows), with its fields
+    built once per process rather than per request. The serializer uses no context."""
+    serializer = _shared(SessionSerializer)
+    return ReturnDict(serializer.to_representation(session), serializer=serializer)
 
 
 class SessionCreateSerializer(serializers.Serializer):

@@ -78,7 +78,7 @@ class EnvironmentForm(forms.Form):
         strip=False,
         label="Setup script",
         widget=forms.Textarea(attrs={"rows": 5, "class": "mono", "spellcheck": "false"}),
-        help_text="Shell commands that prepare the sandbox.",
+        help_text="Shell commands run (sh) in each new sandbox, before the repository's .deputies/setup.",
     )
     env_vars = forms.CharField(
         required=False,

@@ -1,0 +1,189 @@
+"""The worker's shortened paths keep their guarantees: real database, real git, real sandbox."""
+
+from __future__ import annotations
+
+import subprocess
+import tarfile
+import threading
+from decimal import Decimal
+
+import pytest
+
+from sandboxes.base import PathEscape, SandboxError
+from sandboxes.providers.local import LocalProvider
+from sessions import repocache
+from sessions.budgets import RunBudget
+from sessions.models import Event, Message, Run, Session, start_session
+from sessions.runner import claim
+from tests.conftest import make_git_repo
+from tests.sandbox_contract import make_tar
+from tests.test_setup_script import GIT_ENV
+
+
+def claimed(team, owner, repository) -> Run:
+    session = start_session(
+        team=team, repository=repository, prompt="Go", model="scripted/x", created_by=owner
+    )
+    run, why = claim(session.runs.get().pk)
+    assert run is not None, why
+    return run
+
+
+def test_finish_closes_the_run_session_messages_and_events_together(team, owner, repository):
+    run = claimed(team, owner, repository)
+    run.steps = 3
+    transcript = [{"role": "user", "content": "Go"}, {"role": "assistant", "content": "done"}]
+
+    assert run.finish(
+        Run.Status.COMPLETED,
+        session_fields={"transcript": transcript, "summary": "all done"},
+        events=[
+            ("run_completed", {"run_id": run.pk, "summary": "all done"}),
+            ("status", {"status": "completed"}),
+        ],
+    )
+
+    stored = Run.objects.get(pk=run.pk)
+    assert (stored.status, stored.steps, run.status) == ("completed", 3, "completed")
+    session = Session.objects.get(pk=run.session_id)
+    assert (session.status, session.summary, session.transcript) == ("completed", "all done", transcript)
+    assert session.finished is not None and session.error == ""
+    assert not Message.objects.filter(session=session, status=Message.Status.CLAIMED).exists()
+    seqs = list(Event.objects.filter(session=session).order_by("seq").values_list("seq", "type"))
+    assert [s for s, _ in seqs] == list(range(1, len(seqs) + 1))  # gap-free
+    assert [t for _, t in seqs[-2:]] == ["run_completed", "status"]
+
+
+def test_a_message_that_arrives_during_the_run_starts_the_next_one(team, owner, repository):
+    run = claimed(team, owner, repository)
+    session = Session.objects.get(pk=run.session_id)
+    session.add_message("and another thing")  # the run is active: the message waits for it
+    assert not Run.objects.filter(session=session, status=Run.Status.QUEUED).exists()
+
+    assert run.finish(Run.Status.COMPLETED)
+
+    follow_up = Run.objects.get(session=session, status=Run.Status.QUEUED)
+    assert follow_up.attempt == 2
+    assert Session.objects.get(pk=session.pk).status == "queued"
+
+
+def test_finish_writes_nothing_for_a_run_that_was_cancelled(team, owner, repository):
+    run = claimed(team, owner, repository)
+    Session.objects.get(pk=run.session_id).cancel()
+    events = Event.objects.filter(session_id=run.session_id).count()
+
+    assert not run.finish(
+        Run.Status.COMPLETED,
+        session_fields={"summary": "too late"},
+        events=[("run_completed", {"run_id": run.pk, "summary": "too late"})],
+    )
+
+    assert run.status == Run.Status.CANCELLED
+    session = Session.objects.get(pk=run.session_id)
+    assert session.status == "cancelled" and session.summary == ""
+    assert Event.objects.filter(session_id=run.session_id).count() == events
+
+
+def test_a_failed_run_keeps_its_error_and_cancels_its_messages(team, owner, repository):
+    run = claimed(team, owner, repository)
+
+    assert run.finish(Run.Status.FAILED, "boom")
+
+    assert Run.objects.get(pk=run.pk).error == "boom"
+    session = Session.objects.get(pk=run.session_id)
+    assert (session.status, session.error) == ("failed", "boom")
+    assert set(session.messages.values_list("status", flat=True)) == {Message.Status.CANCELLED}
+
+
+def test_usage_counts_on_the_run_and_the_session_in_one_go(team, owner, repository):
+    run = claimed(team, owner, repository)
+    run.add_usage(10, 5, 2, Decimal("0.25"))
+    run.add_usage(1, 1, 0, Decimal("0.5"))
+
+    stored = Run.objects.get(pk=run.pk)
+    session = Session.objects.get(pk=run.session_id)
+    for row in (stored, session, run):
+        assert (row.input_tokens, row.output_tokens, row.cached_tokens) == (11, 6, 2)
+        assert row.cost_usd == Decimal("0.75")
+
+
+def test_the_run_budget_counts_the_runs_own_spend_without_asking_again(
+    team, owner, repository, django_assert_num_queries, settings
+):
+    settings.SESSION_BUDGET_USD = 0
+    settings.TEAM_MONTHLY_BUDGET_USD = 0
+    run = claimed(team, owner, repository)
+    Session.objects.filter(pk=run.session_id).update(budget_usd=Decimal("1"))
+    run = Run.objects.select_related("session__team").get(pk=run.pk)
+    budget = RunBudget(run)
+    with django_assert_num_queries(0):
+        assert budget.problem() is None
+    run.add_usage(1, 1, 0, Decimal("1"))
+    with django_assert_num_queries(0):
+        assert "this session has spent $1.0000 of its $1.00 budget" in budget.problem()
+
+
+def test_resolve_shares_lookups_but_never_answers_from_before_the_call(tmp_path):
+    repo = make_git_repo(tmp_path / "repo")
+
+    def head() -> str:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+
+    assert repocache.resolve(str(repo), "main") == head()
+    assert repocache.resolve(str(repo), "no-such-branch") is None
+
+    results: list[str | None] = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        value = repocache.resolve(str(repo), "main")
+        with lock:
+            results.append(value)
+
+    threads = [threading.Thread(target=ask) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [head()] * 12
+
+    (repo / "new.txt").write_text("new\n")
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=GIT_ENV, check=True)
+    subprocess.run(["git", "commit", "-qm", "new"], cwd=repo, env=GIT_ENV, check=True)
+    assert repocache.resolve(str(repo), "main") == head()  # a push is seen by the next call
+
+
+@pytest.fixture
+def handle(settings, tmp_path):
+    settings.SANDBOX_ISOLATION = "none"
+    provider = LocalProvider(root=tmp_path / "sandboxes")
+    from sandboxes.base import SandboxSpec
+
+    return provider.create(SandboxSpec(session_id=1))
+
+
+def test_put_archive_writes_nothing_when_a_later_member_escapes(handle):
+    data = make_tar(
+        [("fine.txt", b"ok", None, tarfile.REGTYPE), ("sub/up", None, "../../..", tarfile.SYMTYPE)]
+    )
+    with pytest.raises(PathEscape):
+        handle.put_archive(".", data)
+    assert handle.list_files(".") == []
+
+
+def test_put_archive_refuses_special_files(handle):
+    data = make_tar([("fine.txt", b"ok", None, tarfile.REGTYPE), ("fifo", None, "", tarfile.FIFOTYPE)])
+    with pytest.raises(SandboxError):
+        handle.put_archive(".", data)
+    assert handle.list_files(".") == []
+
+
+def test_put_archive_refuses_writing_through_a_link_already_in_the_workspace(handle, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (handle.host_workspace / "out").symlink_to(outside)
+    with pytest.raises(PathEscape):
+        handle.put_archive(".", make_tar([("out/owned", b"owned", None, tarfile.REGTYPE)]))
+    assert not (outside / "owned").exists()
