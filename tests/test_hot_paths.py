@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from decimal import Decimal
 
 import psycopg
@@ -24,6 +23,7 @@ from sessions.events import emit, emit_many
 from sessions.models import APIToken, Environment, Event, Repository, Run, Session, Team, start_session
 from sessions.streaming.notify import PG_CHANNEL
 from tests.conftest import client_for
+from tests.live import wait_for
 
 SESSIONS = "/api/v1/sessions"
 
@@ -38,15 +38,6 @@ def providers(settings):
 pytestmark = pytest.mark.skipif(connection.vendor != "postgresql", reason="Postgres statements")
 
 DEADLINE = 10.0
-
-
-def wait_for(predicate, what: str):
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.002)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -148,7 +139,9 @@ def queued_behind_a_write(calls: list[tuple]) -> tuple[events._GroupCommit, list
     handles = []
     for n, args in enumerate(calls, 1):
         handles.append(in_thread(emit_many, *args))
-        wait_for(lambda n=n: len(group.queue) == n, "the emit to queue up")
+        wait_for(
+            lambda n=n: len(group.queue) == n, timeout=DEADLINE, interval=0.002, what="the emit to queue up"
+        )
     with group.lock:
         group.queue[0].woken.set()  # what the finished writer does
     for thread, _ in handles:
