@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sandboxes.providers.local import LocalProvider
 from sessions.agent.fake_llm import start_in_thread
-from sessions.models import Artifact, Event, LLMCall, Repository, Run, start_session
+from sessions.models import Artifact, Environment, Event, LLMCall, Repository, Run, start_session
 from sessions.runner import SETUP_FLUSH_CHARS, execute
 from tests.conftest import make_git_repo
 
@@ -33,10 +33,15 @@ def repo_with_setup(tmp_path: Path, script: str, *, executable: bool = False) ->
     return path
 
 
-def run_session(run_settings, team, owner, repo: Path, script: dict = DONE) -> Run:
+def run_session(run_settings, team, owner, repo: Path, script: dict = DONE, environment=None) -> Run:
     repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
     session = start_session(
-        team=team, repository=repository, prompt="Go", model="scripted/demo", created_by=owner
+        team=team,
+        repository=repository,
+        environment=environment,
+        prompt="Go",
+        model="scripted/demo",
+        created_by=owner,
     )
     with start_in_thread(script) as fake:
         run_settings.LLM_PROVIDERS = {
@@ -180,27 +185,11 @@ def test_it_prepares_the_sandbox_again_after_a_failed_setup(run_settings, team, 
 
 
 def test_it_runs_the_environments_setup_script_before_the_repositorys(run_settings, team, owner, tmp_path):
-    from sessions.models import Environment
-
     repo = repo_with_setup(tmp_path, 'echo "repo setup sees $(cat .env-was-here)"\n')
     environment = Environment.objects.create(
         team=team, name="env", setup_script="echo from the environment > .env-was-here\necho env setup\n"
     )
-    repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
-    session = start_session(
-        team=team,
-        repository=repository,
-        environment=environment,
-        prompt="Go",
-        model="scripted/demo",
-        created_by=owner,
-    )
-    with start_in_thread(DONE) as fake:
-        run_settings.LLM_PROVIDERS = {
-            "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
-        }
-        execute(session.runs.get().pk)
-    run = session.runs.get()
+    run = run_session(run_settings, team, owner, repo, environment=environment)
 
     assert run.status == Run.Status.COMPLETED, run.error
     finished = [e.payload for e in Event.objects.filter(run=run, type="setup_finished").order_by("seq")]
@@ -213,18 +202,11 @@ def test_it_runs_the_environments_setup_script_before_the_repositorys(run_settin
 
 
 def test_a_failing_environment_setup_script_stops_before_the_repositorys(run_settings, team, owner, tmp_path):
-    from sessions.models import Environment
-
     repo = repo_with_setup(tmp_path, "echo repo setup ran\n")
     environment = Environment.objects.create(
         team=team, name="env", setup_script="echo no apt here >&2\nexit 7\n"
     )
-    repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
-    session = start_session(
-        team=team, repository=repository, environment=environment, prompt="Go", model="x/y", created_by=owner
-    )
-    execute(session.runs.get().pk)
-    run = session.runs.get()
+    run = run_session(run_settings, team, owner, repo, environment=environment)
 
     assert run.status == Run.Status.FAILED
     assert run.error == "environment setup script failed with exit code 7; see the setup log"

@@ -29,19 +29,12 @@ from sessions.api.serializers import EnvironmentSerializer
 from sessions.models import Environment
 from sessions.web.forms import model_options
 
-FIELDS = (
-    "name",
-    "team",
-    "image",
-    "setup_script",
-    "env_vars",
-    "sandbox_provider",
-    "network_policy",
-    "cpu_limit",
-    "memory_mb",
-    "timeout_seconds",
-    "idle_ttl_seconds",
-    "default_model",
+# The serializer's writable fields except secrets, which the page edits in a section of its own:
+# the page and the API cannot drift apart.
+FIELDS = tuple(
+    name
+    for name in EnvironmentSerializer.Meta.fields
+    if name not in ("id", "secrets", *EnvironmentSerializer.Meta.read_only_fields)
 )
 NULLABLE = ("cpu_limit", "memory_mb", "idle_ttl_seconds")  # empty means "no limit" or "the default"
 NEW_SECRET_ROWS = 2
