@@ -71,7 +71,8 @@ start_engine() {
   [ -n "$driver" ] && args+=(--storage-driver "$driver")
   # setsid: the engine outlives this script and its caller's process group; 9>&-: it must not
   # inherit (and so hold forever) the start-up lock.
-  setsid dockerd "${args[@]}" </dev/null >"$RUN/dockerd.log" 2>&1 9>&- &
+  # cd /: the engine must not keep (or depend on) the caller's directory, which may be a deleted clone.
+  (cd / && exec setsid dockerd "${args[@]}" </dev/null >"$RUN/dockerd.log" 2>&1 9>&-) &
   local pid=$! deadline=$((SECONDS + START_TIMEOUT))
   until answers; do
     if ! kill -0 "$pid" 2>/dev/null; then

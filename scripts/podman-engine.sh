@@ -111,8 +111,10 @@ start_service() {
   rm -f "$SOCK"
   # setsid: the service outlives this script and its caller's process group; 9>&-: it must not
   # inherit (and so hold forever) the start-up lock.
-  setsid podman --root "$CACHE/storage" --runroot "$RUN/runroot" --log-level warn \
-    system service --time=0 "$HOST" </dev/null >"$RUN/podman.log" 2>&1 9>&- &
+  # cd /: conmon inherits the service's working directory and fails ("Failed to get working
+  # directory", then "write child: broken pipe") once that directory is deleted, e.g. a CI clone.
+  (cd / && exec setsid podman --root "$CACHE/storage" --runroot "$RUN/runroot" --log-level warn \
+    system service --time=0 "$HOST" </dev/null >"$RUN/podman.log" 2>&1 9>&-) &
   local pid=$! deadline=$((SECONDS + START_TIMEOUT))
   echo "$pid" >"$RUN/podman.pid"
   until answers; do
@@ -136,7 +138,14 @@ start_service() {
   fi
 }
 
-if answers; then
+# A service started from a directory that is gone since cannot start containers (see start_service).
+cwd_gone() {
+  local pid
+  pid=$(cat "$RUN/podman.pid" 2>/dev/null || true)
+  [ -n "$pid" ] && [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == *" (deleted)" ]]
+}
+
+if answers && ! cwd_gone; then
   say "podman already answers at $HOST"
   [ -f "$CONTAINERS_CONF" ] || write_config "$(cat "$CACHE/storage-driver" 2>/dev/null || echo overlay)"
 else
