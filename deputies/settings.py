@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envstr
+from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -354,6 +354,11 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+
+# Ranges that user-given addresses may reach although the default rules refuse them (loopback,
+# link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
+CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
+REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
 LOGGING = {
     "version": 1,
