@@ -8,6 +8,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("login", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
+    path("integrations/webhooks/", include("integrations.webhooks.urls")),
     path("", include("sessions.api.urls")),
     path("", include("sessions.web.urls")),
 ]
