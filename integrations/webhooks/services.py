@@ -4,7 +4,8 @@ Order matters: the credentials are checked on the raw body before it is parsed (
 written); then the body is validated (400 naming the field, nothing written); then one transaction
 records the signature (a replay fails on its unique constraint), claims the ``dedupe_key`` (a
 duplicate waits for the first request and answers with its session), and starts the session or adds
-the follow-up of its thread through sessions/bindings.py.
+the follow-up of its thread through sessions/bindings.py, and subscribes its ``callback_url``
+(integrations/deliveries: a signed callback, sent by a worker, when a run ends).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from deputies.netguard import UnsafeAddress, check_url
+from integrations.deliveries.services import subscribe
 from integrations.webhooks.models import (
     SIGNATURE_WINDOW,
     DedupeKey,
@@ -190,6 +192,8 @@ def _route(source: WebhookSource, data: dict[str, Any], signature: str | None, h
                 team=source.team, source=Source.WEBHOOK, external_ref=ref, prompt=data["prompt"], **start
             )
             created = True
+        if callback_url := data.get("callback_url", ""):
+            subscribe(session, callback_url, source.callback_signing_secret(), label=f"webhook {source.slug}")
         if claim is not None:
             DedupeKey.objects.filter(pk=claim.pk).update(session=session)
         WebhookSource.objects.filter(pk=source.pk).update(last_used=timezone.now())
