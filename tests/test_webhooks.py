@@ -487,3 +487,62 @@ def test_it_shows_the_webhooks_card_on_the_setup_page(settings, team, repository
     assert "1 source(s) accept requests" in page
     settings.WEBHOOKS_ENABLED = False
     assert "DEPUTIES_WEBHOOKS_ENABLED=true" in admin_client.get("/setup").content.decode()
+
+
+def test_it_shows_the_deliveries_card_on_the_setup_page(team, repository, admin_client):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from integrations.deliveries.models import Delivery
+    from sessions.models import start_session
+
+    assert "Outbound deliveries" in admin_client.get("/setup").content.decode()
+    session = start_session(team=team, repository=repository, prompt="x", model="scripted/demo")
+    Delivery.objects.create(
+        session=session,
+        kind="http",
+        target="https://example.test/hook",
+        idempotency_key="k",
+        next_attempt=timezone.now() - timedelta(minutes=10),
+    )
+    page = admin_client.get("/setup").content.decode()
+    assert "due for over 2 minutes" in page and "deputies worker" in page
+
+
+def test_it_accepts_a_signature_made_with_the_readme_recipe(hmac_source):
+    import subprocess
+
+    source, shown = hmac_source
+    body = '{"prompt": "Fix the flaky test"}'
+    ts = str(int(time.time()))
+    script = """sig=$(printf '%s.%s' "$ts" "$body" | openssl dgst -sha256 -hmac "$SIGNING_SECRET" -r | cut -d' ' -f1)
+    printf 'sha256=%s' "$sig" """
+    env = {"PATH": "/usr/bin:/bin", "ts": ts, "body": body, "SIGNING_SECRET": shown["signing_secret"]}
+    signature = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    headers = {"X-Deputies-Timestamp": ts, "X-Deputies-Signature": signature}
+    assert post(source, body.encode(), headers=headers).status_code == 202
+
+
+def test_it_shows_new_credentials_once_when_an_operator_adds_a_source_in_the_admin(
+    team, repository, admin_client
+):
+    response = admin_client.post(
+        "/admin/webhooks/webhooksource/add/",
+        {"team": team.pk, "name": "ops", "slug": "ops", "auth": "token", "repository": repository.pk,
+         "model": "", "enabled": "on"},
+        follow=True,
+    )  # fmt: skip
+    assert response.status_code == 200
+    page = response.content.decode()
+    source = WebhookSource.objects.get(slug="ops")
+    token = page.split("token: ", 1)[1].split(";", 1)[0]
+    assert token.startswith("whk_")
+    assert post(source, {"prompt": "From the admin's token"}, token).status_code == 202
+    listing = admin_client.get("/admin/webhooks/webhooksource/").content.decode()
+    assert "ops" in listing and token not in listing
+    assert (
+        token not in admin_client.get(f"/admin/webhooks/webhooksource/{source.pk}/change/").content.decode()
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.http import HttpRequest
 
-from integrations.webhooks.models import DedupeKey, WebhookSource
+from integrations.webhooks.models import DedupeKey, SeenSignature, WebhookSource
 
 
 @admin.register(WebhookSource)
@@ -46,6 +46,20 @@ class DedupeKeyAdmin(admin.ModelAdmin):
     list_filter = ["source"]
     search_fields = ["key"]
     raw_id_fields = ["session"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(SeenSignature)
+class SeenSignatureAdmin(admin.ModelAdmin):
+    """Signatures accepted within the last five minutes (a second use is a replay)."""
+
+    list_display = ["signature", "source", "timestamp"]
+    list_filter = ["source"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
