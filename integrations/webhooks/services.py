@@ -11,6 +11,7 @@ the follow-up of its thread through sessions/bindings.py, and subscribes its ``c
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,9 @@ from sessions.api.serializers import (
 )
 from sessions.bindings import start_or_follow_up
 from sessions.models import Repository, Session, Source, start_session
+from sessions.secrets import SecretError
+
+logger = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 16 * 1024
 
@@ -149,12 +153,19 @@ def receive(slug: str, headers, body: bytes) -> Answer:
         signature = source.verify(headers, body)
     except Unauthorized as exc:
         raise WebhookError(401, str(exc)) from None
+    except SecretError as exc:  # the keys of this process are not the ones it was written with
+        logger.error("webhook source %s: %s", source.slug, exc)
+        raise WebhookError(500, "The source's secret cannot be read on this server.") from None
     data = _parse(body)
     request = WebhookRequestSerializer(data=data, context={"source": source})
     if not request.is_valid():
         errors = {name: [str(m) for m in _flat(v)] for name, v in request.errors.items()}
         raise WebhookError(400, "Invalid input: " + ", ".join(errors) + ".", errors)
-    return _route(source, request.validated_data, signature, headers)
+    try:
+        return _route(source, request.validated_data, signature, headers)
+    except SecretError as exc:  # the callback secret, as above
+        logger.error("webhook source %s: %s", source.slug, exc)
+        raise WebhookError(500, "The source's secret cannot be read on this server.") from None
 
 
 def _route(source: WebhookSource, data: dict[str, Any], signature: str | None, headers) -> Answer:
