@@ -220,3 +220,40 @@ def test_it_calls_back_when_a_real_run_finishes(settings, tmp_path, team, owner,
     assert body["links"]["diff"].startswith("https://deputies.example.test/api/v1/artifacts/")
     types = list(Event.objects.filter(session=session).order_by("seq").values_list("type", flat=True))
     assert types.index("run_completed") < types.index("callback_sent")
+
+
+@pytest.mark.django_db
+def test_it_shows_deliveries_and_their_events_on_the_session_page(client, ended_delivery, owner):
+    from sessions.events import emit
+
+    emit(ended_delivery.session_id, "callback_failed", {
+        "delivery_id": ended_delivery.pk, "kind": "http", "target": "https://a.example.test/h", "attempt": 3,
+        "status_code": 500, "error": "the receiver answered 500", "will_retry": False, "retry_in": None,
+    })  # fmt: skip
+    client.force_login(owner)
+    page = client.get(f"/sessions/{ended_delivery.session_id}").content.decode()
+    assert "Callbacks" in page and "run.cancelled" in page and "delivery-failed" in page
+    assert (
+        "Callback to https://a.example.test/h failed (attempt 3): the receiver answered 500; giving up"
+        in page
+    )
+    assert SECRET not in page
+
+
+@pytest.mark.django_db
+def test_it_shows_the_attempt_log_in_the_admin_and_replays_from_there(admin_client, ended_delivery):
+    from integrations.deliveries.models import DeliveryAttempt
+
+    DeliveryAttempt.objects.create(
+        delivery=ended_delivery, number=1, status_code=500, error="the receiver answered 500"
+    )
+    page = admin_client.get(f"/admin/deliveries/delivery/{ended_delivery.pk}/change/").content.decode()
+    assert "the receiver answered 500" in page and "https://hooks.example.test/a" in page
+    reply = admin_client.post(
+        "/admin/deliveries/delivery/",
+        {"action": "replay_deliveries", "_selected_action": [ended_delivery.pk]},
+        follow=True,
+    )
+    assert "Queued 1 replay(s)." in reply.content.decode()
+    copy = Delivery.objects.get(replay_of=ended_delivery)
+    assert copy.status == "pending" and copy.idempotency_key == ended_delivery.idempotency_key
