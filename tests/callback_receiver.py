@@ -114,3 +114,37 @@ class Receiver:
         self.release()
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    """A receiver process for the deliveries bench: fails ``--fail`` of first attempts (by delivery
+    id) with 500, accepts the rest, and appends one JSON line per request to ``--log``."""
+    import argparse
+    import json
+    import random
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fail", type=float, default=0.3)
+    parser.add_argument("--log", required=True)
+    args = parser.parse_args()
+    out = open(args.log, "a", buffering=1)  # noqa: SIM115 - line-buffered for the reader
+
+    def decide(request: Received) -> str:
+        delivery = request.headers.get("x-deputies-delivery", "0")
+        first = request.headers.get("x-deputies-attempt") == "1"
+        answer = "500" if first and random.Random(int(delivery)).random() < args.fail else "200"
+        out.write(json.dumps({"delivery": delivery, "attempt": request.headers.get("x-deputies-attempt"),
+                              "at": request.at, "answer": answer}) + "\n")  # fmt: skip
+        return answer
+
+    receiver = Receiver(decide=decide)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(receiver.url, flush=True)
+    with receiver:
+        receiver.thread.join()
+
+
+if __name__ == "__main__":
+    main()
