@@ -80,9 +80,6 @@ def enqueue(
     sender_for(kind)  # an unknown kind fails here, in the caller, not later on a worker
     if kind == Delivery.Kind.HTTP and subscription is None:
         raise ValueError("an http delivery needs its subscription (the secret it is signed with)")
-    existing = Delivery.objects.filter(kind=kind, idempotency_key=idempotency_key, replay_of=None).first()
-    if existing is not None:
-        return existing
     now = timezone.now()
     delivery = Delivery(
         session_id=getattr(session, "pk", session),
@@ -97,13 +94,44 @@ def enqueue(
         next_attempt=now,
         created=now,
     )
-    try:
-        with transaction.atomic():
-            delivery.save(force_insert=True)
-    except IntegrityError:  # a concurrent enqueue with the same key won
+    if not _insert(delivery):  # the key was used already (or concurrently): that one stands
         return Delivery.objects.get(kind=kind, idempotency_key=idempotency_key, replay_of=None)
     _queue(delivery.pk)
     return delivery
+
+
+def _insert(delivery: Delivery) -> bool:
+    """Insert unless an original with the same key exists; on Postgres one statement (this runs in
+    the transaction that ends a run), elsewhere a savepoint around the ORM's insert."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        existing = Delivery.objects.filter(
+            kind=delivery.kind, idempotency_key=delivery.idempotency_key, replay_of=None
+        ).exists()
+        if existing:
+            return False
+        try:
+            with transaction.atomic():
+                delivery.save(force_insert=True)
+        except IntegrityError:
+            return False
+        return True
+    fields = [f for f in Delivery._meta.concrete_fields if not f.primary_key]
+    sql = (
+        f'INSERT INTO "{Delivery._meta.db_table}" ({", ".join(connection.ops.quote_name(f.column) for f in fields)}) '
+        f"VALUES ({', '.join(['%s'] * len(fields))}) "
+        "ON CONFLICT (kind, idempotency_key) WHERE replay_of_id IS NULL DO NOTHING RETURNING id"
+    )
+    params = [f.get_db_prep_save(f.pre_save(delivery, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    delivery.pk = row[0]
+    delivery._state.adding, delivery._state.db = False, connection.alias
+    return True
 
 
 def subscribe(session, url: str, secret: str, *, label: str = "") -> CallbackSubscription:
@@ -165,9 +193,43 @@ def backoff(attempt: int) -> float:
     return random.uniform(0, ceiling)
 
 
+_CLAIM = """
+WITH c AS (
+    UPDATE {delivery} SET status = %(sending)s, claimed_at = %(now)s, attempts = attempts + 1
+    WHERE id = %(id)s AND status = %(pending)s AND next_attempt <= %(now)s
+    RETURNING *
+)
+SELECT c.*, s.url AS subscription_url, s.secret_ciphertext AS subscription_secret
+FROM c LEFT JOIN {subscription} s ON s.id = c.subscription_id
+"""
+
+
 def claim(delivery_id: int) -> Delivery | None:
-    """pending and due -> sending, with a fresh lease: exactly one worker wins."""
+    """pending and due -> sending, with a fresh lease: exactly one worker wins. On Postgres the
+    claim and the read of the row and its subscription are one statement (the send path)."""
+    from django.db import connection
+
     now = timezone.now()
+    if connection.vendor == "postgresql":
+        sql = _CLAIM.format(
+            delivery=Delivery._meta.db_table, subscription=CallbackSubscription._meta.db_table
+        )
+        params = {"id": delivery_id, "now": now, "sending": Delivery.Status.SENDING,
+                  "pending": Delivery.Status.PENDING}  # fmt: skip
+        rows = list(Delivery.objects.raw(sql, params))
+        if not rows:
+            return None
+        delivery = rows[0]
+        subscription = None
+        if delivery.subscription_id is not None and delivery.subscription_secret is not None:
+            subscription = CallbackSubscription(
+                id=delivery.subscription_id,
+                session_id=delivery.session_id,
+                url=delivery.subscription_url,
+                secret_ciphertext=delivery.subscription_secret,
+            )
+        delivery.subscription = subscription
+        return delivery
     changed = Delivery.objects.filter(
         pk=delivery_id, status=Delivery.Status.PENDING, next_attempt__lte=now
     ).update(status=Delivery.Status.SENDING, claimed_at=now, attempts=F("attempts") + 1)
