@@ -133,16 +133,24 @@ def ensure_admin(data_dir: Path) -> tuple[str, str]:
     return username, password
 
 
+DEMO_PROVIDER, DEMO_MODEL = "scripted", "scripted/demo"
+
+
+def start_demo_model():
+    """The scripted demo model (deputies/demo/script.json) on a free loopback port, in this process."""
+    from sessions.agent.fake_llm import start_in_thread
+
+    return start_in_thread(json.loads((DEMO_DIR / "script.json").read_text()))
+
+
 def start_demo(env: dict[str, str], data_dir: Path, username: str):
     """Start the scripted demo model in-process and register the bundled sample repository."""
-    from sessions.agent.fake_llm import start_in_thread
     from sessions.models import Repository, Team
 
-    script = json.loads((DEMO_DIR / "script.json").read_text())
-    fake = start_in_thread(script)
-    env["DEPUTIES_LLM_PROVIDERS"] = "scripted"
+    fake = start_demo_model()
+    env["DEPUTIES_LLM_PROVIDERS"] = DEMO_PROVIDER
     env["DEPUTIES_LLM_SCRIPTED_BASE_URL"] = fake.base_url
-    env["DEPUTIES_DEFAULT_MODEL"] = "scripted/demo"
+    env["DEPUTIES_DEFAULT_MODEL"] = DEMO_MODEL
     repo_path = ensure_sample_repo(data_dir / "sample-repo")
     team = Team.objects.get(slug="default")
     Repository.objects.get_or_create(
@@ -225,12 +233,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (repo_path / ".git").exists():
         raise CLIError(f"--repo {args.repo}: not a git repository")
     model = args.model or settings.DEFAULT_MODEL
+    if model and "/" not in model:
+        raise CLIError(f"--model {model}: expected provider/model, e.g. openai/gpt-4o or {DEMO_MODEL}")
+    demo = None
+    if not settings.LLM_PROVIDERS and model in ("", DEMO_MODEL):
+        # Like `up`: with no LLM configured, the labelled scripted demo model, served by this
+        # process, so the command works from any shell with no variables set.
+        demo = start_demo_model()
+        settings.LLM_PROVIDERS[DEMO_PROVIDER] = {"kind": "openai", "base_url": demo.base_url, "api_key": ""}
+        model = DEMO_MODEL
     if not model:
         raise CLIError("no model: pass --model provider/model or set DEPUTIES_DEFAULT_MODEL")
     provider = model.split("/", 1)[0]
     if provider not in settings.LLM_PROVIDERS:
         configured = ", ".join(sorted(settings.LLM_PROVIDERS)) or "none"
         raise CLIError(f"--model {model}: provider {provider!r} is not configured (configured: {configured})")
+    if demo is not None:
+        print(f"model {model}: the SCRIPTED DEMO MODEL (not a real LLM; no LLM provider is configured)")
+    else:
+        print(f"model {model} at {settings.LLM_PROVIDERS[provider]['base_url']}", flush=True)
     user = get_user_model().objects.filter(username=args.user).first()
     if user is None:
         raise CLIError(f"--user {args.user}: no such user (run `deputies up` once to create 'admin')")

@@ -21,9 +21,11 @@ DEPUTIES = str(Path(sys.executable).parent / "deputies")
 SCRIPT = json.loads((ROOT / "deputies" / "demo" / "script.json").read_text())
 
 
-def deputies(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def deputies(
+    *args: str, env: dict[str, str], timeout: float = 120, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [DEPUTIES, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [DEPUTIES, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -77,6 +79,7 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
     [
         (["run", "--repo", "/nonexistent", "x"], {}, "not a git repository"),
         (["run", "--repo", ".", "--model", "nope/m", "x"], {}, "provider 'nope' is not configured"),
+        (["run", "--repo", ".", "--model", "foo", "x"], {}, "expected provider/model"),
         (
             ["run", "--repo", ".", "x"],
             {"DEPUTIES_WORKERS": "many"},
@@ -141,6 +144,14 @@ def test_it_starts_simple_mode_and_stops_cleanly_on_ctrl_c(tmp_path):
                 )
                 assert login.status_code == 200 and response.status_code in (200, 302)
                 assert client.get("/admin/").status_code == 200  # logged in
+            # The README's "try it" line, word for word, from a second shell with no variables of
+            # `up`'s children (only the data directory, which a second shell in the checkout shares).
+            second = deputies(
+                "run", "--repo", "var/sample-repo", "Make the failing test pass", env=env, cwd=tmp_path
+            )
+            assert second.returncode == 0, second.stdout + second.stderr
+            assert "SCRIPTED DEMO MODEL" in second.stdout
+            assert "completed" in second.stdout.splitlines()[-1]
         finally:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=30)
