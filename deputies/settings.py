@@ -69,6 +69,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served from /static/ (offline)
     "django_q",
     "channels",
     "sessions.apps.AgentSessionsConfig",
@@ -201,6 +202,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Control plane for background coding agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
 }
 
 # --- Channels -------------------------------------------------------------------------------

@@ -379,7 +379,7 @@ def test_it_shows_the_timeline_totals_plan_diff_and_artifacts(session, owner):
         "2 files changed",
         "calc.py",
         "CHANGELOG.md",
-        "return a + b",
+        '<span class="k">return</span> <span class="n">a</span> <span class="o">+</span>',  # highlighted
         f"/api/v1/artifacts/{session.artifacts.get().pk}/download",
     ):
         assert text in page, text
@@ -582,3 +582,25 @@ def test_it_reads_renames_deletions_and_binary_files_in_a_diff():
     assert [line.old for line in gone.lines if line.kind == "del"] == [1, 2]
     assert logo.change == "binary"
     assert (diff.additions, diff.deletions) == (0, 2)
+
+
+def test_it_highlights_code_in_a_diff_by_file_type_and_escapes_it():
+    diff = parse_diff(
+        "diff --git a/calc.py b/calc.py\n"
+        "@@ -1 +1 @@\n"
+        "-def add(a, b): return a - b  # <script>\n"
+        "+def add(a, b): return a + b\n"
+        "diff --git a/notes.unknown-type b/notes.unknown-type\n"
+        "@@ -1 +1 @@\n"
+        "+<b>plain</b>\n"
+    )
+    calc, notes = diff.files
+    removed, added = (line for line in calc.lines if line.kind in ("add", "del"))
+    assert '<span class="k">def</span>' in added.html and '<span class="nf">add</span>' in added.html
+    assert "&lt;script&gt;" in removed.html and "<script>" not in removed.html
+    assert all(line.html is None for line in notes.lines)  # unknown types stay plain (and escaped)
+
+
+def test_it_serves_a_favicon(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 301 and response["Location"].endswith("favicon.svg")
