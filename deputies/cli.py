@@ -421,33 +421,56 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="Simple mode: migrate, make an admin, run web and worker together")
-    up.add_argument("--host", default=os.environ.get("DEPUTIES_HOST", "127.0.0.1"))
-    up.add_argument("--port", type=int, default=int(os.environ.get("DEPUTIES_PORT", "8000")))
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        # Every option's default is shown by --help.
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            **kwargs,
+        )
+
+    up = command("up", "Simple mode: migrate, make an admin, run web and worker together")
+    up.add_argument(
+        "--host",
+        default=os.environ.get("DEPUTIES_HOST", "127.0.0.1"),
+        help="address to listen on (env DEPUTIES_HOST); loopback only by default, 0.0.0.0 for every interface",
+    )
+    up.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("DEPUTIES_PORT", "8000")),
+        help="port (env DEPUTIES_PORT)",
+    )
     up.set_defaults(func=cmd_up)
 
-    web = sub.add_parser("web", help="HTTP and websocket server (daphne)")
-    web.add_argument("--host", default="0.0.0.0")
-    web.add_argument("--port", type=int, default=8000)
+    web = command("web", "HTTP and websocket server (daphne), for Scale mode behind a proxy")
+    web.add_argument("--host", default="0.0.0.0", help="address to listen on: every interface by default")
+    web.add_argument("--port", type=int, default=8000, help="port")
     web.set_defaults(func=cmd_web)
 
-    worker = sub.add_parser("worker", help="queue worker: many runs at once per process")
+    worker = command("worker", "queue worker: many runs at once per process")
     worker.add_argument("--one", action="store_true", help="one process, whatever DEPUTIES_WORKERS says")
     worker.set_defaults(func=cmd_worker)
 
-    run = sub.add_parser("run", help="submit a prompt on a local repository and follow it")
+    run = command("run", "submit a prompt on a local repository and follow it")
     run.add_argument("--repo", required=True, help="path to a local git repository")
-    run.add_argument("--model", default="", help="provider/model (default: DEPUTIES_DEFAULT_MODEL)")
+    run.add_argument(
+        "--model",
+        default="",
+        help="provider/model (default: DEPUTIES_DEFAULT_MODEL, else the scripted demo model when no LLM is configured)",
+    )
     run.add_argument("--base-branch", default="", help="branch to start from (default: the checked-out one)")
-    run.add_argument("--user", default="admin")
+    run.add_argument("--user", default="admin", help="the Deputies user the session belongs to")
     run.add_argument("--queue-only", action="store_true", help="leave the run to the workers, just follow it")
-    run.add_argument("prompt")
+    run.add_argument("prompt", help="what the agent should do")
     run.set_defaults(func=cmd_run)
 
-    fake = sub.add_parser("fake-llm", help="serve a SCRIPTED OpenAI-compatible model (tests, demos)")
-    fake.add_argument("--script", required=True)
-    fake.add_argument("--port", type=int, default=8099)
-    fake.add_argument("--host", default="127.0.0.1")
+    fake = command("fake-llm", "serve a SCRIPTED OpenAI-compatible model (tests, demos; not a real LLM)")
+    fake.add_argument("--script", required=True, metavar="FILE", help="JSON script of responses to replay")
+    fake.add_argument("--port", type=int, default=8099, help="port; 0 picks a free one")
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
     fake.set_defaults(func=cmd_fake_llm)
 
     secrets = sub.add_parser("secrets", help="environment secrets")
@@ -459,9 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
-    create = token_sub.add_parser("create", help="create a bearer token for USER and print it once")
-    create.add_argument("user")
-    create.add_argument("--name", default="")
+    create = token_sub.add_parser(
+        "create",
+        help="create a bearer token for USER and print it once",
+        description="Create a bearer token for USER and print it once (only its hash is stored).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    create.add_argument("user", help="username the token acts as")
+    create.add_argument("--name", default="", help="a label to recognise the token by in the admin")
     create.set_defaults(func=cmd_token)
     return parser
 

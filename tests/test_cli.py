@@ -86,6 +86,11 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
             "DEPUTIES_WORKERS='many' is not an integer",
         ),
         (["token", "create", "nobody"], {}, "no user named nobody"),
+        (
+            ["run", "--repo", ".", "x"],
+            {"DATABASE_URL": "mysql://u:hunter2@db/x"},
+            "DATABASE_URL must look like sqlite:///path/to/file.sqlite3 or postgres://",
+        ),
     ],
 )
 def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_env, message):
@@ -93,6 +98,7 @@ def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr
     assert not Session.objects.exists()
 
 
