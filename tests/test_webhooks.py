@@ -546,3 +546,17 @@ def test_it_shows_new_credentials_once_when_an_operator_adds_a_source_in_the_adm
     assert (
         token not in admin_client.get(f"/admin/webhooks/webhooksource/{source.pk}/change/").content.decode()
     )
+
+
+def test_it_rotates_a_sources_credentials_for_writers_only(owner, viewer, outsider, token_source):
+    source, shown = token_source
+    url = f"/api/v1/webhook-sources/{source.pk}/rotate"
+    assert client_for(viewer).post(url).status_code == 403
+    assert client_for(outsider).post(url).status_code == 404
+    rotated = client_for(owner).post(url)
+    assert rotated.status_code == 200
+    token = rotated.json()["token"]
+    assert token != shown["token"] and rotated.json()["callback_secret"] != shown["callback_secret"]
+    source.refresh_from_db()
+    assert post(source, {"prompt": "old"}, shown["token"]).status_code == 401
+    assert post(source, {"prompt": "new"}, token).status_code == 202

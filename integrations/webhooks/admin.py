@@ -31,9 +31,7 @@ class WebhookSourceAdmin(admin.ModelAdmin):
     @admin.action(description="Issue new credentials (the old ones stop working)")
     def rotate_credentials(self, request: HttpRequest, queryset) -> None:
         for source in queryset:
-            shown = source.issue_credentials()
-            source.save(update_fields=["token_prefix", "token_hash", "hmac_secret", "callback_secret"])
-            self._show(request, source, shown)
+            self._show(request, source, source.rotate_credentials())
 
     def _show(self, request: HttpRequest, source: WebhookSource, shown: dict[str, str]) -> None:
         parts = "; ".join(f"{name.replace('_', ' ')}: {value}" for name, value in shown.items())

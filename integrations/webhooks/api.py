@@ -11,6 +11,9 @@ from typing import Any
 from django.utils.text import slugify
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import serializers
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
 
 from integrations.webhooks.models import WebhookSource
 from sessions.api.serializers import TeamOwnedSerializer, model_problem
@@ -142,3 +145,14 @@ class WebhookSourceViewSet(TeamOwnedViewSet):
 
     def get_queryset(self):
         return super().get_queryset().prefetch_related("allowed_repositories")
+
+    @extend_schema(
+        summary="Issue new credentials (shown in this answer only; the old ones stop working)",
+        request=None,
+        responses={200: WebhookSourceSerializer},
+    )
+    @action(detail=True, methods=["post"])
+    def rotate(self, request: Request, pk: str | None = None) -> Response:
+        source = self.get_object()
+        source.shown_credentials = source.rotate_credentials()
+        return Response(self.get_serializer(source).data)

@@ -108,6 +108,13 @@ class WebhookSource(models.Model):
         shown["callback_secret"] = callback
         return shown
 
+    def rotate_credentials(self) -> dict[str, str]:
+        """New token or signing secret and callback secret, saved; the old ones stop working now.
+        (Callbacks already subscribed keep the secret they were subscribed with.)"""
+        shown = self.issue_credentials()
+        self.save(update_fields=["token_prefix", "token_hash", "hmac_secret", "callback_secret"])
+        return shown
+
     def callback_signing_secret(self) -> str:
         return decrypt(self.callback_secret, f"the callback secret of webhook source {self.slug!r}")
 
