@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -44,6 +45,7 @@ from sessions.secrets import SecretError
 logger = logging.getLogger(__name__)
 
 MAX_METADATA_BYTES = 16 * 1024
+LAST_USED_EVERY = timedelta(minutes=1)
 
 
 class WebhookError(Exception):
@@ -169,6 +171,10 @@ def receive(slug: str, headers, body: bytes) -> Answer:
 
 
 def _route(source: WebhookSource, data: dict[str, Any], signature: str | None, headers) -> Answer:
+    if signature is not None:
+        # Its own short statement, before the request's transaction: deleting the same old rows
+        # inside concurrent transactions would make them wait for each other.
+        SeenSignature.objects.filter(source=source, timestamp__lt=timezone.now() - SIGNATURE_WINDOW).delete()
     with transaction.atomic():
         if signature is not None:
             _record_signature(source, signature, headers)
@@ -207,18 +213,25 @@ def _route(source: WebhookSource, data: dict[str, Any], signature: str | None, h
             subscribe(session, callback_url, source.callback_signing_secret(), label=f"webhook {source.slug}")
         if claim is not None:
             DedupeKey.objects.filter(pk=claim.pk).update(session=session)
-        WebhookSource.objects.filter(pk=source.pk).update(last_used=timezone.now())
+    _touch(source)
     body = _shown(session, created=created) | {"deduplicated": False}
     if message is not None:
         body["message"] = {"id": message.pk, "position": message.position}
     return Answer(202, body)
 
 
+def _touch(source: WebhookSource) -> None:
+    """Note when the source was last used, at most once a minute and after the commit: every
+    request updating its source's row inside its transaction would make concurrent requests of
+    one source wait for each other."""
+    now = timezone.now()
+    if source.last_used is None or now - source.last_used > LAST_USED_EVERY:
+        WebhookSource.objects.filter(pk=source.pk).update(last_used=now)
+
+
 def _record_signature(source: WebhookSource, signature: str, headers) -> None:
     """Accept a signature once: a second insert of it waits for the first request's transaction
     and then fails on the unique constraint."""
-    now = timezone.now()
-    SeenSignature.objects.filter(source=source, timestamp__lt=now - SIGNATURE_WINDOW).delete()
     try:
         with transaction.atomic():
             SeenSignature.objects.create(
