@@ -76,6 +76,7 @@ INSTALLED_APPS = [
     "sandboxes.apps.SandboxesConfig",
     "integrations.webhooks.apps.WebhooksConfig",
     "integrations.deliveries.apps.DeliveriesConfig",
+    "integrations.slack.apps.SlackConfig",
 ]
 
 MIDDLEWARE = [
@@ -393,6 +394,22 @@ DELIVERY_TIMEOUT = envfloat("DEPUTIES_DELIVERY_TIMEOUT", 10.0, minimum=0.1)
 DELIVERY_LEASE = envfloat("DEPUTIES_DELIVERY_LEASE", max(60.0, DELIVERY_TIMEOUT * 3), minimum=1)
 # Deliveries one worker process sends at once (threads beside its runs).
 DELIVERY_CONCURRENCY = envint("DEPUTIES_DELIVERY_CONCURRENCY", 8, minimum=1)
+
+# --- Slack (integrations/slack): off until a bot token and a signing secret (HTTP) or an app token
+# (Socket Mode) are set. Each also reads NAME_FILE.
+SLACK_BOT_TOKEN = envstr("DEPUTIES_SLACK_BOT_TOKEN")
+SLACK_SIGNING_SECRET = envstr("DEPUTIES_SLACK_SIGNING_SECRET")
+SLACK_APP_TOKEN = envstr("DEPUTIES_SLACK_APP_TOKEN")
+# The Web API's base URL (tests point it at a loopback fake).
+SLACK_API_URL = envstr("DEPUTIES_SLACK_API_URL", "https://slack.com/api/")
+# Socket Mode inside every `deputies worker` when the app token is set (else only `deputies slack`).
+SLACK_SOCKET_MODE_IN_WORKER = envbool("DEPUTIES_SLACK_SOCKET_MODE_IN_WORKER", True)
+# The slash command the app registers, and seconds between two edits of a thread's status message.
+SLACK_COMMAND = envstr("DEPUTIES_SLACK_COMMAND", "/deputy")
+SLACK_STATUS_INTERVAL = envfloat("DEPUTIES_SLACK_STATUS_INTERVAL", 3.0, minimum=0.1)
+# Attempts per Slack message (deliveries back off between them, or wait as long as a 429 asks).
+SLACK_DELIVERY_MAX_ATTEMPTS = envint("DEPUTIES_SLACK_DELIVERY_MAX_ATTEMPTS", 30, minimum=1)
+SLACK_TIMEOUT = envfloat("DEPUTIES_SLACK_TIMEOUT", 10.0, minimum=0.1)
 
 LOGGING = {
     "version": 1,

@@ -77,6 +77,9 @@ class Worker:
                 "no database connection pool (psycopg[pool] missing or DEPUTIES_DB_POOL_SIZE=0): "
                 "every running run keeps its own Postgres connection"
             )
+        from integrations.slack.socket_mode import start_in_worker
+
+        slack = start_in_worker()  # Socket Mode beside the runs, when DEPUTIES_SLACK_APP_TOKEN is set
         next_schedule = 0.0
         while not self.stopping.is_set():
             if settings.Q_CLUSTER.get("scheduler", True) and time.monotonic() >= next_schedule:
@@ -94,6 +97,8 @@ class Worker:
                 self.pool.unreserve()
             for n, (ack_id, payload) in enumerate(tasks):
                 self.handle(ack_id, payload, reserved=n == 0)
+        if slack is not None:
+            slack.close()
         return self.shutdown()
 
     def handle(self, ack_id, payload, reserved: bool) -> None:
