@@ -444,7 +444,8 @@ def test_it_keeps_the_thread_in_order_after_slack_comes_back(workspace, slack):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_it_edits_the_status_message_with_the_plan(workspace, slack):
+def test_it_edits_the_status_message_with_the_plan(workspace, slack, settings):
+    settings.SLACK_STATUS_INTERVAL = 60
     mention("fix the flaky test")
     session = Session.objects.get()
     drain()

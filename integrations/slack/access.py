@@ -34,21 +34,20 @@ class Place:
 
 
 def place(slack_team_id: str, channel_id: str) -> Place:
-    workspace = (
-        SlackWorkspace.objects.select_related("team")
-        .filter(slack_team_id=slack_team_id, enabled=True)
+    # One query for the usual case (a channel with its row, and its workspace).
+    channel = (
+        SlackChannel.objects.select_related("team", "repository", "environment", "workspace__team")
+        .filter(workspace__slack_team_id=slack_team_id, channel_id=channel_id)
         .first()
     )
-    if workspace is None:
+    workspace = channel.workspace if channel is not None else (
+        SlackWorkspace.objects.select_related("team").filter(slack_team_id=slack_team_id).first()
+    )  # fmt: skip
+    if workspace is None or not workspace.enabled:
         raise Refused(
             "This Slack workspace is not connected to Deputies. An admin adds it under "
             f"Slack › Slack workspaces (team id {slack_team_id})."
         )
-    channel = (
-        SlackChannel.objects.select_related("team", "repository", "environment")
-        .filter(workspace=workspace, channel_id=channel_id)
-        .first()
-    )
     if channel is not None and not channel.enabled:
         raise Refused("Deputies is switched off in this channel.")
     if channel is None and not workspace.all_channels:

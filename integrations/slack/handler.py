@@ -2,9 +2,10 @@
 Socket Mode (socket_mode.py) hand it the same parsed payloads and send back what it answers.
 
 Each request is claimed once in ``SeenRequest`` (an event id, a command's or an action's trigger
-id) inside the transaction that does its work, so Slack's retries, a replayed request and the same
-event arriving over both transports never make a second session: the second insert waits for the
-first transaction and fails, and the duplicate answers without doing anything.
+id) as the last statement of the transaction that does its work, so Slack's retries, a replayed
+request and the same event arriving over both transports never make a second session: the second
+insert waits for the first transaction and fails, the duplicate's work rolls back, and it answers
+as a duplicate.
 
 Then: who may ask (access.py; a refusal is the ephemeral answer, nothing queued), what they ask
 (``/deputy [repo] <prompt>``, ``@Deputies <prompt>``, a reply in a bound thread, a button), and the
@@ -53,10 +54,12 @@ class Duplicate(Exception):
     pass
 
 
-def _claim(key: str) -> SeenRequest:
+def _claim(key: str, session: Session | None = None) -> None:
+    """The last statement of a request's transaction: a duplicate fails here (its insert waits for
+    the first request's transaction, then hits the unique key) and everything it did rolls back.
+    Last rather than first, so a request that does its work costs no savepoint and no update."""
     try:
-        with transaction.atomic():
-            return SeenRequest.objects.create(key=key[:200])
+        SeenRequest.objects.create(key=key[:200], session=session)
     except IntegrityError:
         raise Duplicate(key) from None
 
@@ -83,12 +86,12 @@ def handle_command(form: dict[str, str]) -> Answer:
     key = f"command:{form.get('trigger_id') or form.get('team_id', '') + ':' + form.get('channel_id', '') + ':' + text}"
     try:
         with transaction.atomic():
-            seen = _claim(key)
             try:
                 session = _command(form, text)
             except Refused as exc:
+                _claim(key)
                 return Answer({"response_type": "ephemeral", "text": f":no_entry: {exc}"}, note="refused")
-            SeenRequest.objects.filter(pk=seen.pk).update(session=session)
+            _claim(key, session)
     except Duplicate:
         return Answer(
             {
@@ -119,7 +122,9 @@ def _command(form: dict[str, str], text: str) -> Session:
         session=session, workspace=place.workspace, channel_id=form.get("channel_id", ""),
         trigger=SlackThread.Trigger.COMMAND, requester=slack_user,
     )  # fmt: skip
-    outbound.send_later(thread, "post_root", f"root-{session.pk}", **messages.root(session, slack_user))
+    outbound.send_later(
+        thread, "post_root", f"root-{session.pk}", **messages.root(session, slack_user, prompt)
+    )
     return session
 
 
@@ -203,17 +208,16 @@ def handle_event(body: dict[str, Any], retry_num: str | int | None = None) -> An
     team_id = body.get("team_id") or event.get("team") or ""
     try:
         with transaction.atomic():
-            seen = _claim(f"event:{event_id}")
             try:
                 session, note = _event(team_id, event, etype, bots)
             except Refused as exc:
+                _claim(f"event:{event_id}")
                 outbound.ephemeral(
                     event.get("channel", ""), event.get("user", ""), f":no_entry: {exc}", f"refused-{event_id}",
                     thread_ts=event.get("thread_ts", ""),
                 )  # fmt: skip
                 return Answer({"ok": True}, note="refused")
-            if session is not None:
-                SeenRequest.objects.filter(pk=seen.pk).update(session=session)
+            _claim(f"event:{event_id}", session)
     except Duplicate:
         return Answer({"ok": True}, note="duplicate" + (f" (retry {retry_num})" if retry_num else ""))
     return Answer({"ok": True}, note=note)
@@ -311,7 +315,6 @@ def handle_interaction(payload: dict[str, Any]) -> Answer:
         return Answer({}, note="bad value")
     try:
         with transaction.atomic():
-            _claim(key)
             session = Session.objects.filter(
                 pk=session_id, slack_thread__workspace__slack_team_id=team_id
             ).first()
@@ -322,6 +325,7 @@ def handle_interaction(payload: dict[str, Any]) -> Answer:
                 user = access.deputies_user(place.workspace, slack_user)
                 access.require_writer(session.team, user)
             except Refused as exc:
+                _claim(key, session)
                 outbound.ephemeral(channel_id, slack_user, f":no_entry: {exc}", f"refused-{key}", session=session,
                                    thread_ts=session.slack_thread.thread_ts)  # fmt: skip
                 return Answer({}, note="refused")
@@ -334,6 +338,7 @@ def handle_interaction(payload: dict[str, Any]) -> Answer:
             if not (note == "cancelled" or note.startswith("retried")):
                 outbound.ephemeral(channel_id, slack_user, f"Nothing to do: {note}.", f"noop-{key}", session=session,
                                    thread_ts=session.slack_thread.thread_ts)  # fmt: skip
+            _claim(key, session)
     except Duplicate:
         return Answer({}, note="duplicate")
     return Answer({}, note=note)

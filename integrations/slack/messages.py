@@ -70,9 +70,9 @@ def _link_button(session_id: int) -> dict[str, Any]:
             "url": dashboard_url(session_id), "action_id": "deputies_open"}  # fmt: skip
 
 
-def root(session, requester: str) -> dict[str, Any]:
+def root(session, requester: str, prompt: str) -> dict[str, Any]:
     """The slash command's message in the channel: the thread everything else goes into."""
-    text = f"<@{requester}> asked Deputies: {clip(escape(session.messages.order_by('position').first().content), 2000)}"
+    text = f"<@{requester}> asked Deputies: {clip(escape(prompt), 2000)}"
     return {
         "text": text,
         "blocks": [

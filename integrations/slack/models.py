@@ -128,6 +128,9 @@ class SlackThread(models.Model):
     status_ts = models.CharField(
         max_length=32, blank=True, help_text="The status message, edited as it goes."
     )
+    status_queued = models.DateTimeField(
+        null=True, blank=True, help_text="When the last throttled edit was queued (one per interval)."
+    )
     created = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:

@@ -7,8 +7,8 @@ One delivery is one Web API call, named by ``payload["op"]``:
   the thread is bound to the session (``SessionBinding``), and the eyes reaction and the status
   message are queued;
 * ``post_status`` / ``update_status``: the one status message in the thread, rendered at send time
-  (messages.status); edits are throttled to one per ``DEPUTIES_SLACK_STATUS_INTERVAL`` while a run
-  advances, plus one when a run starts and one when it ends;
+  (messages.status); edits are throttled to one per ``DEPUTIES_SLACK_STATUS_INTERVAL`` per thread
+  while a run advances (``SlackThread.status_queued``), plus one when a run starts and one when it ends;
 * ``react``: ``reactions.add`` / ``reactions.remove`` (eyes received, hourglass running, check or x
   at the end); "already reacted" and "no such reaction" count as done;
 * ``post``: a message in the thread (the end of a run: summary, diff stats, cost, links);
@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.dispatch import receiver
+from django.utils import timezone
 
 from integrations.deliveries.models import Delivery
 from integrations.deliveries.senders import Outcome, Sender, register
@@ -252,6 +255,18 @@ def _thread_of(session_id: int) -> SlackThread | None:
     return thread
 
 
+def _throttle(thread: SlackThread) -> bool:
+    """At most one edit per DEPUTIES_SLACK_STATUS_INTERVAL per thread, across processes: whoever
+    moves ``status_queued`` forward queues the edit (which shows the state when it is sent)."""
+    now = timezone.now()
+    since = now - timedelta(seconds=settings.SLACK_STATUS_INTERVAL)
+    return bool(
+        SlackThread.objects.filter(pk=thread.pk)
+        .filter(Q(status_queued__isnull=True) | Q(status_queued__lte=since))
+        .update(status_queued=now)
+    )
+
+
 def on_events(events: list) -> None:
     """An ``events.add_listener`` listener (after commit, in the process that emitted them): a run
     started, or its plan moved: update Slack. Never raises into the emitter."""
@@ -271,9 +286,8 @@ def on_events(events: list) -> None:
                         for done in ("white_check_mark", "x"):
                             react(thread, done, f"react-{run_id}-unset-{done}", remove=True, run=run_id)
                     status_update(thread, f"status-start-{run_id}", run=run_id)
-            else:
-                bucket = int(time.time() // settings.SLACK_STATUS_INTERVAL)
-                status_update(thread, f"status-{run_id}-{bucket}", run=run_id)
+            elif _throttle(thread):
+                status_update(thread, f"status-{run_id}-{time.time_ns() // 1_000_000}", run=run_id)
     except Exception:
         log.exception("slack: could not queue the status update of session %s", events[0].session_id)
 
