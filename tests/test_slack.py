@@ -528,3 +528,24 @@ def test_it_answers_the_same_through_the_handler_as_over_http(workspace):
     answer = handler.handle_command(command_form("fix it"))
     assert answer.body["response_type"] == "ephemeral" and Session.objects.count() == 1
     assert Membership.objects.filter(role=Role.OWNER).exists()
+
+
+def test_it_says_in_one_line_what_socket_mode_needs(capsys, settings):
+    from deputies.cli import main
+
+    settings.SLACK_APP_TOKEN = ""
+    assert main(["slack"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "deputies: DEPUTIES_SLACK_APP_TOKEN is not set: Socket Mode needs the app-level token (xapp-...)"
+    ]
+
+
+def test_it_documents_every_slack_setting_in_the_readme():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    names = set(re.findall(r'"(DEPUTIES_SLACK_[A-Z_]+)"', (root / "deputies" / "settings.py").read_text()))
+    readme = (root / "README.md").read_text()
+    assert names and {n for n in names if f"`{n}`" not in readme} == set()
