@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from django.test import Client
+from django.test import Client, TestCase
 from django_q.models import OrmQ
 
 from integrations.deliveries.models import CallbackSubscription
@@ -56,12 +56,14 @@ def post(source: WebhookSource, body, token: str | None = None, headers: dict | 
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
-    return Client().post(
-        f"/integrations/webhooks/{source.slug}",
-        data=raw,
-        content_type="application/json",
-        headers=all_headers,
-    )
+    # Run what the request left for after its commit (SQLite enqueues then; Postgres in the transaction).
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        return Client().post(
+            f"/integrations/webhooks/{source.slug}",
+            data=raw,
+            content_type="application/json",
+            headers=all_headers,
+        )
 
 
 def signed(secret: str, body: dict, timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
