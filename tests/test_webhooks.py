@@ -562,3 +562,17 @@ def test_it_rotates_a_sources_credentials_for_writers_only(owner, viewer, outsid
     source.refresh_from_db()
     assert post(source, {"prompt": "old"}, shown["token"]).status_code == 401
     assert post(source, {"prompt": "new"}, token).status_code == 202
+
+
+def test_it_reencrypts_source_secrets_when_the_key_rotates(settings, team, repository):
+    from django.core.management import call_command
+
+    settings.SECRETS_KEYS = ["old"]
+    source, shown = make_source(team, repository, "hmac")
+    settings.SECRETS_KEYS = ["new", "old"]
+    call_command("reencrypt_secrets")
+    settings.SECRETS_KEYS = ["new"]
+    source.refresh_from_db()
+    assert source.callback_signing_secret() == shown["callback_secret"]
+    raw, headers = signed(shown["signing_secret"], {"prompt": "After rotation"})
+    assert post(source, raw, headers=headers).status_code == 202
