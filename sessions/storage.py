@@ -1,0 +1,187 @@
+"""Where artifact bytes live: files under ``MEDIA_ROOT`` (Simple mode) or an S3 bucket (django-storages).
+
+Only this module knows the difference. Callers ask for a download URL (``None``: stream the bytes
+yourself), check that the bucket answers, and get an ``ArtifactStorageError`` naming the bucket, the
+endpoint and the reason instead of a boto traceback. Keys never appear in a message.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+from boto3.exceptions import Boto3Error
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from django.conf import settings
+from django.utils.http import content_disposition_header
+from storages.backends.s3 import S3Storage
+from storages.utils import clean_name
+
+STORAGE_ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError, Boto3Error)
+
+# /setup and /readyz must answer quickly when the store does not: one attempt, short timeouts.
+CHECK_CONFIG = Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 1, "mode": "standard"})
+
+REASONS = {
+    "404": "the bucket does not exist",
+    "NoSuchBucket": "the bucket does not exist",
+    "403": "access denied: check the keys and the bucket's policy",
+    "AccessDenied": "access denied: check the keys and the bucket's policy",
+    "InvalidAccessKeyId": "the store does not know this access key",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "301": "the bucket is in another region: set DEPUTIES_S3_REGION",
+    "PermanentRedirect": "the bucket is in another region: set DEPUTIES_S3_REGION",
+}
+
+
+class ArtifactStorageError(Exception):
+    """The store refused or could not be reached. The message is shown as a run's error as it is."""
+
+
+class ArtifactS3Storage(S3Storage):
+    """django-storages' S3 backend whose download URLs can be signed for another address.
+
+    Workers and web reach the store at ``endpoint_url`` (``http://minio:9000`` inside compose); a
+    browser follows the redirect from outside, so the URL is signed for ``public_endpoint_url`` when
+    set. SigV4 signs the host, so rewriting a signed URL's host afterwards would break it.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._public = threading.local()
+
+    def get_default_settings(self) -> dict[str, Any]:
+        return {**super().get_default_settings(), "public_endpoint_url": None}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_public", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._public = threading.local()
+
+    def public_client(self):
+        client = getattr(self._public, "client", None)
+        if client is None:
+            client = self._create_session().client(
+                "s3",
+                region_name=self.region_name,
+                use_ssl=self.use_ssl,
+                endpoint_url=self.public_endpoint_url,
+                config=self.client_config,
+                verify=self.verify,
+            )
+            self._public.client = client
+        return client
+
+    def url(self, name, parameters=None, expire=None, http_method=None) -> str:
+        if not self.public_endpoint_url:
+            return super().url(name, parameters, expire, http_method)
+        params = {
+            **(parameters or {}),
+            "Bucket": self.bucket_name,
+            "Key": self._normalize_name(clean_name(name)),
+        }
+        return self.public_client().generate_presigned_url(
+            "get_object",
+            Params=params,
+            ExpiresIn=self.querystring_expire if expire is None else expire,
+            HttpMethod=http_method,
+        )
+
+
+def bucket_storage(storage=None) -> S3Storage | None:
+    """The S3 backend in use, or None for files on disk."""
+    if storage is None:
+        from django.core.files.storage import default_storage as storage
+    return storage if isinstance(storage, S3Storage) else None
+
+
+def describe(storage: S3Storage) -> str:
+    """``bucket 'x' at host:port``: enough to find the store, nothing secret (no keys, no userinfo)."""
+    where = "AWS S3"
+    if storage.endpoint_url:
+        parts = urlsplit(storage.endpoint_url)
+        where = f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    if storage.region_name:
+        where += f" (region {storage.region_name})"
+    return f"bucket {storage.bucket_name!r} at {where}"
+
+
+def reason(exc: Exception) -> str:
+    """One line a person can act on, from a boto error."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        known = REASONS.get(code)
+        return f"{known} ({code})" if known else f"{code}: {error.get('Message') or 'refused'}"
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ReadTimeoutError):
+        return f"the endpoint does not answer ({type(exc).__name__})"
+    if isinstance(exc, NoCredentialsError):
+        return "no credentials: set DEPUTIES_S3_ACCESS_KEY_ID and DEPUTIES_S3_SECRET_ACCESS_KEY"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, Boto3Error) and isinstance(cause, STORAGE_ERRORS):
+        return reason(cause)  # S3UploadFailedError wraps the ClientError that says why
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def failure(action: str, storage, exc: Exception) -> ArtifactStorageError:
+    s3 = bucket_storage(storage)
+    where = describe(s3) if s3 is not None else "the artifact store"
+    return ArtifactStorageError(f"{action} in {where}: {reason(exc)}")
+
+
+def check_bucket() -> str:
+    """Ask the bucket whether it is there and ours to use (HeadBucket); returns its description.
+
+    Raises ``ArtifactStorageError`` with the reason. Files on disk need no check: ``None`` storage
+    is reported by the caller.
+    """
+    storage = bucket_storage()
+    if storage is None:
+        raise ValueError("artifacts are stored on the filesystem; there is no bucket to check")
+    client = storage._create_session().client(
+        "s3",
+        region_name=storage.region_name,
+        use_ssl=storage.use_ssl,
+        endpoint_url=storage.endpoint_url,
+        config=storage.client_config.merge(CHECK_CONFIG),
+        verify=storage.verify,
+    )
+    try:
+        client.head_bucket(Bucket=storage.bucket_name)
+    except STORAGE_ERRORS as exc:
+        raise failure("the bucket does not answer", storage, exc) from exc
+    finally:
+        client.close()
+    return describe(storage)
+
+
+def download_url(artifact) -> str | None:
+    """A presigned GET for the artifact, valid ``DEPUTIES_S3_URL_TTL`` seconds; None for files on disk.
+
+    The caller has already checked that the user may see the artifact: anyone holding the URL can
+    fetch it until it expires. The store answers with the artifact's name and type, as a download.
+    """
+    storage = bucket_storage(artifact.file.storage)
+    if storage is None:
+        return None
+    parameters = {
+        "ResponseContentDisposition": content_disposition_header(True, artifact.name),
+        "ResponseContentType": artifact.content_type,
+    }
+    try:
+        return storage.url(artifact.file.name, parameters=parameters, expire=settings.S3_URL_TTL)
+    except STORAGE_ERRORS as exc:
+        raise failure(f"could not sign a download URL for artifact {artifact.pk}", storage, exc) from exc
