@@ -178,7 +178,7 @@ if S3_URL_TTL > 604800:
     raise ImproperlyConfigured(f"DEPUTIES_S3_URL_TTL={S3_URL_TTL} must be at most 604800 (SigV4's 7 days)")
 if S3_BUCKET:
     _default_storage = {
-        "BACKEND": "sessions.storage.ArtifactS3Storage",
+        "BACKEND": "sessions.s3.ArtifactS3Storage",
         "OPTIONS": {
             "bucket_name": S3_BUCKET,
             "location": envstr("DEPUTIES_S3_PREFIX").strip("/"),

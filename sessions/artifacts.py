@@ -9,7 +9,7 @@ from django.db import transaction
 
 from sessions.events import emit
 from sessions.models import Artifact
-from sessions.storage import STORAGE_ERRORS, failure
+from sessions.storage import failure, storage_errors
 
 
 def store_artifact(
@@ -39,7 +39,7 @@ def store_artifact(
     )
     try:
         artifact.file.save(name, ContentFile(data), save=False)
-    except STORAGE_ERRORS as exc:
+    except storage_errors() as exc:
         raise failure(f"could not store {kind} artifact {name!r}", artifact.file.storage, exc) from exc
     try:
         with transaction.atomic():

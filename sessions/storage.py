@@ -7,29 +7,14 @@ endpoint and the reason instead of a boto traceback. Keys never appear in a mess
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+import sys
 from urllib.parse import urlsplit
 
-from boto3.exceptions import Boto3Error
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    NoCredentialsError,
-    ReadTimeoutError,
-)
 from django.conf import settings
 from django.utils.http import content_disposition_header
-from storages.backends.s3 import S3Storage
-from storages.utils import clean_name
-
-STORAGE_ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError, Boto3Error)
 
 # /setup and /readyz must answer quickly when the store does not: one attempt, short timeouts.
-CHECK_CONFIG = Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 1, "mode": "standard"})
+CHECK_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
 
 REASONS = {
     "404": "the bucket does not exist",
@@ -47,68 +32,28 @@ class ArtifactStorageError(Exception):
     """The store refused or could not be reached. The message is shown as a run's error as it is."""
 
 
-class ArtifactS3Storage(S3Storage):
-    """django-storages' S3 backend whose download URLs can be signed for another address.
+def storage_errors() -> tuple[type[Exception], ...]:
+    """What boto raises when the store refuses or does not answer (imported on first need)."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
 
-    Workers and web reach the store at ``endpoint_url`` (``http://minio:9000`` inside compose); a
-    browser follows the redirect from outside, so the URL is signed for ``public_endpoint_url`` when
-    set. SigV4 signs the host, so rewriting a signed URL's host afterwards would break it.
+    return (BotoCoreError, ClientError, Boto3Error)
+
+
+def bucket_storage(storage=None):
+    """The S3 backend in use (a django-storages ``S3Storage``), or None for files on disk.
+
+    Files on disk never load boto3: the S3 module is in ``sys.modules`` only when a bucket backend
+    was built, which reading ``__class__`` (of ``default_storage``, a lazy object) makes happen.
     """
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._public = threading.local()
-
-    def get_default_settings(self) -> dict[str, Any]:
-        return {**super().get_default_settings(), "public_endpoint_url": None}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_public", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._public = threading.local()
-
-    def public_client(self):
-        client = getattr(self._public, "client", None)
-        if client is None:
-            client = self._create_session().client(
-                "s3",
-                region_name=self.region_name,
-                use_ssl=self.use_ssl,
-                endpoint_url=self.public_endpoint_url,
-                config=self.client_config,
-                verify=self.verify,
-            )
-            self._public.client = client
-        return client
-
-    def url(self, name, parameters=None, expire=None, http_method=None) -> str:
-        if not self.public_endpoint_url:
-            return super().url(name, parameters, expire, http_method)
-        params = {
-            **(parameters or {}),
-            "Bucket": self.bucket_name,
-            "Key": self._normalize_name(clean_name(name)),
-        }
-        return self.public_client().generate_presigned_url(
-            "get_object",
-            Params=params,
-            ExpiresIn=self.querystring_expire if expire is None else expire,
-            HttpMethod=http_method,
-        )
-
-
-def bucket_storage(storage=None) -> S3Storage | None:
-    """The S3 backend in use, or None for files on disk."""
     if storage is None:
         from django.core.files.storage import default_storage as storage
-    return storage if isinstance(storage, S3Storage) else None
+    cls = storage.__class__
+    s3 = sys.modules.get("storages.backends.s3")
+    return storage if s3 is not None and issubclass(cls, s3.S3Storage) else None
 
 
-def describe(storage: S3Storage) -> str:
+def describe(storage) -> str:
     """``bucket 'x' at host:port``: enough to find the store, nothing secret (no keys, no userinfo)."""
     where = "AWS S3"
     if storage.endpoint_url:
@@ -121,6 +66,15 @@ def describe(storage: S3Storage) -> str:
 
 def reason(exc: Exception) -> str:
     """One line a person can act on, from a boto error."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
+
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
@@ -131,12 +85,13 @@ def reason(exc: Exception) -> str:
     if isinstance(exc, NoCredentialsError):
         return "no credentials: set DEPUTIES_S3_ACCESS_KEY_ID and DEPUTIES_S3_SECRET_ACCESS_KEY"
     cause = exc.__cause__ or exc.__context__
-    if isinstance(exc, Boto3Error) and isinstance(cause, STORAGE_ERRORS):
+    if isinstance(exc, Boto3Error) and isinstance(cause, storage_errors()):
         return reason(cause)  # S3UploadFailedError wraps the ClientError that says why
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def failure(action: str, storage, exc: Exception) -> ArtifactStorageError:
+    """The error to raise instead of ``exc``: what was being done, where, and why."""
     s3 = bucket_storage(storage)
     where = describe(s3) if s3 is not None else "the artifact store"
     return ArtifactStorageError(f"{action} in {where}: {reason(exc)}")
@@ -148,6 +103,8 @@ def check_bucket() -> str:
     Raises ``ArtifactStorageError`` with the reason. Files on disk need no check: ``None`` storage
     is reported by the caller.
     """
+    from botocore.config import Config
+
     storage = bucket_storage()
     if storage is None:
         raise ValueError("artifacts are stored on the filesystem; there is no bucket to check")
@@ -156,12 +113,12 @@ def check_bucket() -> str:
         region_name=storage.region_name,
         use_ssl=storage.use_ssl,
         endpoint_url=storage.endpoint_url,
-        config=storage.client_config.merge(CHECK_CONFIG),
+        config=storage.client_config.merge(Config(**CHECK_TIMEOUTS)),
         verify=storage.verify,
     )
     try:
         client.head_bucket(Bucket=storage.bucket_name)
-    except STORAGE_ERRORS as exc:
+    except storage_errors() as exc:
         raise failure("the bucket does not answer", storage, exc) from exc
     finally:
         client.close()
@@ -183,5 +140,5 @@ def download_url(artifact) -> str | None:
     }
     try:
         return storage.url(artifact.file.name, parameters=parameters, expire=settings.S3_URL_TTL)
-    except STORAGE_ERRORS as exc:
+    except storage_errors() as exc:
         raise failure(f"could not sign a download URL for artifact {artifact.pk}", storage, exc) from exc

@@ -95,7 +95,7 @@ def use_bucket(settings, endpoint: str, bucket: str, *, ttl: int = 300, prefix: 
     settings.STORAGES = {
         **settings.STORAGES,
         "default": {
-            "BACKEND": "sessions.storage.ArtifactS3Storage",
+            "BACKEND": "sessions.s3.ArtifactS3Storage",
             "OPTIONS": {
                 "bucket_name": bucket,
                 "location": prefix,

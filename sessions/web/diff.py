@@ -163,12 +163,12 @@ def _hunk_start(header: str) -> tuple[int, int]:
 def read_diff(artifact) -> Diff:
     """Parse a stored diff artifact; a missing file (or a store that does not answer) is an empty diff
     flagged as truncated, so the page still renders and offers the download."""
-    from sessions.storage import STORAGE_ERRORS
+    from sessions.storage import storage_errors
 
     try:
         with artifact.file.open("rb") as handle:
             data = handle.read(MAX_DIFF_BYTES + 1)
-    except (OSError, *STORAGE_ERRORS):
+    except (OSError, *storage_errors()):
         logger.warning("diff artifact %s could not be read", artifact.pk, exc_info=True)
         return Diff(files=[], truncated=True)
     truncated = len(data) > MAX_DIFF_BYTES
