@@ -175,7 +175,7 @@ SERVE_STATIC = envbool("DEPUTIES_SERVE_STATIC", True)
 S3_BUCKET = envstr("DEPUTIES_S3_BUCKET")
 S3_URL_TTL = envint("DEPUTIES_S3_URL_TTL", 300, minimum=1)  # seconds a presigned download URL works
 if S3_URL_TTL > 604800:
-    raise ImproperlyConfigured(f"DEPUTIES_S3_URL_TTL={S3_URL_TTL} must be at most 604800 (SigV4's 7 days)")
+    raise ImproperlyConfigured(f"DEPUTIES_S3_URL_TTL='{S3_URL_TTL}' must be at most 604800 (SigV4's 7 days)")
 if S3_BUCKET:
     _default_storage = {
         "BACKEND": "sessions.s3.ArtifactS3Storage",

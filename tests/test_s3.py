@@ -320,3 +320,66 @@ def test_a_worker_configured_by_environment_writes_to_the_bucket(
     assert SECRET_KEY not in log
     events = json.dumps(list(Event.objects.filter(session=session).values_list("payload", flat=True)))
     assert SECRET_KEY not in events
+
+
+def test_it_signs_for_the_public_endpoint_when_browsers_reach_the_store_elsewhere(
+    moto, bucket, run_settings, team, owner, repository
+):
+    public = moto.replace("127.0.0.1", "localhost")  # e.g. http://minio:9000 inside, localhost:9000 outside
+    run_settings.STORAGES = {
+        **run_settings.STORAGES,
+        "default": {
+            **run_settings.STORAGES["default"],
+            "OPTIONS": {**run_settings.STORAGES["default"]["OPTIONS"], "public_endpoint_url": public},
+        },
+    }
+    run = run_fix(run_settings, team, owner, repository)
+    assert run.status == Run.Status.COMPLETED, run.error  # workers still write through the inside endpoint
+    diff = Artifact.objects.get(run=run, kind="diff")
+
+    location = client_for(owner).get(reverse("api-artifact-download", args=[diff.pk]))["Location"]
+    assert location.startswith(f"{public}/{bucket}/{PREFIX}/")
+    assert b"+    return a + b" in httpx.get(location, timeout=5).content
+
+
+def settings_in_child(**env: str) -> subprocess.CompletedProcess:
+    code = (
+        "import json, django; django.setup(); from django.conf import settings; "
+        "print(json.dumps([settings.STORAGES['default'], settings.S3_URL_TTL]))"
+    )
+    child = {k: v for k, v in child_env(Path("/nonexistent")).items() if k != "DEPUTIES_DATA_DIR"}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**child, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_it_builds_the_bucket_backend_from_the_environment(tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET_KEY + "\n")
+    done = settings_in_child(
+        DEPUTIES_DATA_DIR=str(tmp_path),
+        DEPUTIES_S3_BUCKET="artifacts",
+        DEPUTIES_S3_PREFIX="/team-a/",
+        DEPUTIES_S3_ENDPOINT_URL="http://minio:9000",
+        DEPUTIES_S3_PUBLIC_ENDPOINT_URL="https://files.example.com",
+        DEPUTIES_S3_ACCESS_KEY_ID=ACCESS_KEY,
+        DEPUTIES_S3_SECRET_ACCESS_KEY_FILE=str(secret_file),
+        DEPUTIES_S3_URL_TTL="60",
+    )
+    assert done.returncode == 0, done.stderr
+    storage, ttl = json.loads(done.stdout)
+    assert storage["BACKEND"] == "sessions.s3.ArtifactS3Storage"
+    options = storage["OPTIONS"]
+    assert (options["location"], options["querystring_expire"], ttl) == ("team-a", 60, 60)
+    assert options["secret_key"] == SECRET_KEY and options["signature_version"] == "s3v4"
+    assert options["public_endpoint_url"] == "https://files.example.com"
+
+    plain = json.loads(settings_in_child(DEPUTIES_DATA_DIR=str(tmp_path)).stdout)[0]
+    assert plain == {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+
+
+@pytest.mark.parametrize("ttl", ["0", "604801", "soon"])
+def test_it_refuses_a_download_ttl_s3_cannot_sign(tmp_path, ttl):
+    done = settings_in_child(DEPUTIES_DATA_DIR=str(tmp_path), DEPUTIES_S3_URL_TTL=ttl)
+    assert done.returncode != 0
+    assert f"DEPUTIES_S3_URL_TTL={ttl!r}" in done.stderr.splitlines()[-1]
