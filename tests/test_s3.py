@@ -121,11 +121,14 @@ def bucket(moto, run_settings) -> str:
     return name
 
 
-def run_fix(run_settings, team, owner, repository) -> Run:
+LOUD = {"responses": [{"tool_calls": [call("bash", command="seq 1 2000")]}, *FIX["responses"]]}
+
+
+def run_fix(run_settings, team, owner, repository, script: dict = FIX) -> Run:
     session = start_session(
         team=team, repository=repository, prompt="Fix add()", model="scripted/demo", created_by=owner
     )
-    with start_in_thread(FIX) as fake:
+    with start_in_thread(script) as fake:
         run_settings.LLM_PROVIDERS = {
             "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
         }
@@ -136,13 +139,20 @@ def run_fix(run_settings, team, owner, repository) -> Run:
 def test_it_stores_a_runs_diff_in_the_bucket_and_redirects_downloads_to_it(
     moto, bucket, run_settings, team, owner, repository
 ):
-    run = run_fix(run_settings, team, owner, repository)
+    run_settings.TOOL_OUTPUT_LIMIT = 500  # seq's output is kept whole as a tool_output artifact
+    run = run_fix(run_settings, team, owner, repository, LOUD)
     assert run.status == Run.Status.COMPLETED, run.error
 
     diff = Artifact.objects.get(run=run, kind="diff")
-    stored = s3_client(moto).get_object(Bucket=bucket, Key=f"{PREFIX}/{diff.file.name}")["Body"].read()
+    client = s3_client(moto)
+    stored = client.get_object(Bucket=bucket, Key=f"{PREFIX}/{diff.file.name}")["Body"].read()
     assert b"+    return a + b" in stored and len(stored) == diff.size
-    assert not (run_settings.MEDIA_ROOT / diff.file.name).exists()  # nothing on local disk
+    output = Artifact.objects.get(run=run, kind="tool_output")
+    body = client.get_object(Bucket=bucket, Key=f"{PREFIX}/{output.file.name}")["Body"].read()
+    assert b"\n1999\n2000\n" in body and len(body) == output.size
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {f"{PREFIX}/{a.file.name}" for a in Artifact.objects.filter(run=run)}
+    assert not run_settings.MEDIA_ROOT.exists()  # nothing on local disk
 
     response = client_for(owner).get(reverse("api-artifact-download", args=[diff.pk]))
     assert response.status_code == 302
@@ -317,7 +327,8 @@ def test_a_worker_configured_by_environment_writes_to_the_bucket(
     assert not (data_dir / "media").exists()
 
     log = (data_dir / "worker.log").read_text()
-    assert SECRET_KEY not in log
+    assert "botocore" in log and ACCESS_KEY in log  # boto's DEBUG output, signed requests and all...
+    assert SECRET_KEY not in log  # ...never the secret
     events = json.dumps(list(Event.objects.filter(session=session).values_list("payload", flat=True)))
     assert SECRET_KEY not in events
 
