@@ -7,11 +7,14 @@ endpoint and the reason instead of a boto traceback. Keys never appear in a mess
 
 from __future__ import annotations
 
+import logging
 import sys
 from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.utils.http import content_disposition_header
+
+logger = logging.getLogger(__name__)
 
 # /setup and /readyz must answer quickly when the store does not: one attempt, short timeouts.
 CHECK_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
@@ -119,7 +122,7 @@ def check_bucket() -> str:
     try:
         client.head_bucket(Bucket=storage.bucket_name)
     except storage_errors() as exc:
-        raise failure("the bucket does not answer", storage, exc) from exc
+        raise ArtifactStorageError(f"{describe(storage)}: {reason(exc)}") from exc
     finally:
         client.close()
     return describe(storage)
@@ -141,4 +144,6 @@ def download_url(artifact) -> str | None:
     try:
         return storage.url(artifact.file.name, parameters=parameters, expire=settings.S3_URL_TTL)
     except storage_errors() as exc:
-        raise failure(f"could not sign a download URL for artifact {artifact.pk}", storage, exc) from exc
+        error = failure(f"could not sign a download URL for artifact {artifact.pk}", storage, exc)
+        logger.warning("%s", error)
+        raise error from exc

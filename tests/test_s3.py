@@ -72,7 +72,7 @@ def moto(tmp_path_factory) -> str:
             return False
 
     try:
-        wait_for(answers, timeout=30, what="moto_server")
+        wait_for(answers, timeout=60, what="moto_server")
         yield url
     finally:
         proc.terminate()
@@ -247,7 +247,7 @@ def test_a_missing_bucket_fails_the_run_naming_the_bucket_and_why(
     page = browser.get(reverse("setup")).content.decode()
     assert "Artifact storage" in page
     assert (
-        f"the bucket does not answer in bucket &#x27;deputies-no-such-bucket&#x27; at http://{host} "
+        f"bucket &#x27;deputies-no-such-bucket&#x27; at http://{host} "
         "(region us-east-1): the bucket does not exist (404)"
     ) in page
     assert "Create the bucket, or fix DEPUTIES_S3_BUCKET" in page
@@ -272,7 +272,9 @@ def test_it_reports_an_endpoint_that_does_not_answer(run_settings, django_user_m
     assert time.monotonic() - started < 10  # one attempt with short timeouts, not botocore's minutes
 
 
-def test_files_on_disk_keep_streaming_and_need_no_bucket(run_settings, team, owner, repository):
+def test_files_on_disk_keep_streaming_and_need_no_bucket(
+    run_settings, team, owner, repository, django_user_model
+):
     run = run_fix(run_settings, team, owner, repository)
     diff = Artifact.objects.get(run=run, kind="diff")
     assert (run_settings.MEDIA_ROOT / diff.file.name).exists()
@@ -281,6 +283,11 @@ def test_files_on_disk_keep_streaming_and_need_no_bucket(run_settings, team, own
     assert response.status_code == 200
     assert b"+    return a + b" in b"".join(response.streaming_content)
     assert "storage" not in Client().get("/readyz").json()["checks"]
+    admin = django_user_model.objects.create_user("admin", "a@example.com", "pw", is_staff=True)
+    browser = Client()
+    browser.force_login(admin)
+    page = browser.get(reverse("setup")).content.decode()
+    assert "Artifact storage" in page and "Files on this host&#x27;s disk (Simple mode)." in page
 
 
 @pytest.mark.e2e
@@ -396,3 +403,35 @@ def test_it_refuses_a_download_ttl_s3_cannot_sign(tmp_path, ttl):
     done = settings_in_child(DEPUTIES_DATA_DIR=str(tmp_path), DEPUTIES_S3_URL_TTL=ttl)
     assert done.returncode != 0
     assert f"DEPUTIES_S3_URL_TTL={ttl!r}" in done.stderr.splitlines()[-1]
+
+
+def test_it_says_which_keys_are_missing_and_answers_503_when_it_cannot_sign(
+    moto, bucket, run_settings, team, owner, repository, monkeypatch
+):
+    # No keys anywhere boto3 looks (and no instance-metadata lookup: that would leave loopback).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    options = {**run_settings.STORAGES["default"]["OPTIONS"], "access_key": None, "secret_key": None}
+    run_settings.STORAGES = {
+        **run_settings.STORAGES,
+        "default": {**run_settings.STORAGES["default"], "OPTIONS": options},
+    }
+
+    run = run_fix(run_settings, team, owner, repository)
+    assert run.status == Run.Status.FAILED
+    assert run.error.endswith(
+        ": no credentials: set DEPUTIES_S3_ACCESS_KEY_ID and DEPUTIES_S3_SECRET_ACCESS_KEY"
+    ), run.error
+
+    artifact = Artifact.objects.create(
+        session_id=run.session_id, kind="log", name="x.log", file="artifacts/x.log"
+    )
+    response = client_for(owner).get(reverse("api-artifact-download", args=[artifact.pk]))
+    assert response.status_code == 503
+    assert response.json() == {
+        "detail": "The artifact store cannot sign a download link; see /setup.",
+        "code": "storage_unavailable",
+    }

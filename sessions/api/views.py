@@ -386,8 +386,8 @@ class ArtifactViewSet(TeamScopedMixin, mixins.RetrieveModelMixin, viewsets.Gener
         artifact = self.get_object()  # the team check: someone else's artifact is a 404, before any URL
         try:
             url = download_url(artifact)
-        except ArtifactStorageError as exc:
-            raise StorageUnavailable(str(exc)) from exc
+        except ArtifactStorageError as exc:  # logged with the bucket and the reason, for operators
+            raise StorageUnavailable("The artifact store cannot sign a download link; see /setup.") from exc
         if url is not None:
             return HttpResponseRedirect(url)
         try:

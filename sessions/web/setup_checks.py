@@ -216,7 +216,10 @@ def check_storage() -> Check:
     details = [
         ("Prefix", storage.location or "(none)"),
         ("Download links valid for", f"{settings.S3_URL_TTL} s"),
-        ("Signed for", storage.public_endpoint_url or storage.endpoint_url or "AWS S3"),
+        (
+            "Download links point at",
+            safe_url(storage.public_endpoint_url or storage.endpoint_url or "") or "AWS S3",
+        ),
     ]
     try:
         where = check_bucket()
