@@ -103,8 +103,8 @@ def failure(action: str, storage, exc: Exception) -> ArtifactStorageError:
 def check_bucket() -> str:
     """Ask the bucket whether it is there and ours to use (HeadBucket); returns its description.
 
-    Raises ``ArtifactStorageError`` with the reason. Files on disk need no check: ``None`` storage
-    is reported by the caller.
+    Raises ``ArtifactStorageError`` with the reason. Only for a bucket backend: callers ask
+    ``bucket_storage()`` first (files on disk have nothing to check).
     """
     from botocore.config import Config
 
