@@ -109,6 +109,12 @@ def main() -> None:
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline and not set(created) <= accepted():
             time.sleep(0.2)
+        ids = [int(k) for k in created]
+        while (
+            time.monotonic() < deadline
+            and Delivery.objects.filter(pk__in=ids, status__in=("pending", "sending")).exists()
+        ):
+            time.sleep(0.2)  # the worker records the last answers
         requests = [r for r in received() if r["delivery"] in created]
         first: dict[str, float] = {}
         done: dict[str, float] = {}
@@ -119,9 +125,7 @@ def main() -> None:
                 done.setdefault(key, r["at"] - created[key])
         retried = [k for k in created if k in first and first[k] != done.get(k)]
         statuses = dict.fromkeys(("pending", "sending", "delivered", "failed"), 0)
-        for status in Delivery.objects.filter(pk__in=[int(k) for k in created]).values_list(
-            "status", flat=True
-        ):
+        for status in Delivery.objects.filter(pk__in=ids).values_list("status", flat=True):
             statuses[status] += 1
         last_accept = max((r["at"] for r in requests if r["answer"] == "200"), default=wall0)
         result = {
