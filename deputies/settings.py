@@ -69,6 +69,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served from /static/ (offline)
     "django_q",
     "channels",
     "sessions.apps.AgentSessionsConfig",
@@ -107,10 +108,20 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = envstr("DATABASE_URL", f"sqlite:///{DATA_DIR / 'deputies.sqlite3'}")
+_DATABASE_FORMS = "sqlite:///path/to/file.sqlite3 or postgres://user@host:5432/name"
+_scheme = DATABASE_URL.partition("://")[0].lower() if "://" in DATABASE_URL else ""
+if _scheme not in ("sqlite", "postgres", "postgresql", "pgsql"):
+    # Only the scheme is shown: the URL may hold a password.
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must look like {_DATABASE_FORMS}"
+        + (f" (its scheme is {_scheme!r})" if _scheme else "")
+    )
 try:
     _db = dj_database_url.parse(DATABASE_URL, conn_max_age=envint("DEPUTIES_DB_CONN_MAX_AGE", 60, minimum=0))
 except Exception as exc:  # dj_database_url raises several types for a bad URL
-    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+    raise ImproperlyConfigured(
+        f"DATABASE_URL is not a valid database URL ({_DATABASE_FORMS}): {exc}"
+    ) from None
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     _db["CONN_MAX_AGE"] = 0
@@ -202,6 +213,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Control plane for background coding agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
 }
 
 # --- Channels -------------------------------------------------------------------------------
