@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=100.0, help="deliveries enqueued per second (0: no pacing)"
     )
+    parser.add_argument("--enqueuers", type=int, default=1, help="threads ending runs at once")
     parser.add_argument("--fail", type=float, default=0.3, help="share of first attempts answered 500")
     parser.add_argument("--timeout", type=float, default=120)
     args = parser.parse_args()
@@ -95,14 +97,28 @@ def main() -> None:
         created: dict[str, float] = {}
         committed: dict[str, float] = {}
         t0, wall0 = time.monotonic(), time.time()
-        for n in range(args.deliveries):
-            if args.rate > 0:
-                delay = t0 + n / args.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            d = send(n)
-            committed[str(d.pk)] = time.time()
-            created[str(d.pk)] = d.created.timestamp()
+
+        def enqueuer(numbers: range) -> None:
+            try:
+                for n in numbers:
+                    if args.rate > 0:
+                        delay = t0 + n / args.rate - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                    d = send(n)
+                    committed[str(d.pk)] = time.time()
+                    created[str(d.pk)] = d.created.timestamp()
+            finally:
+                connection.close()
+
+        threads = [
+            threading.Thread(target=enqueuer, args=(range(i, args.deliveries, args.enqueuers),))
+            for i in range(args.enqueuers)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         enqueued = time.monotonic() - t0
 
         def accepted() -> set[str]:
@@ -135,6 +151,7 @@ def main() -> None:
         result = {
             "deliveries": args.deliveries,
             "offered_rate_per_s": args.rate or None,
+            "enqueuers": args.enqueuers,
             "enqueue_seconds": round(enqueued, 3),
             # From the first enqueue to the receiver accepting the last one.
             "deliveries_per_s": round(len(done) / max(1e-9, last_accept - wall0), 1),
