@@ -176,18 +176,25 @@ MEDIA_ROOT = DATA_DIR / "media"
 SERVE_STATIC = envbool("DEPUTIES_SERVE_STATIC", True)
 
 S3_BUCKET = envstr("DEPUTIES_S3_BUCKET")
+S3_URL_TTL = envint("DEPUTIES_S3_URL_TTL", 300, minimum=1)  # seconds a presigned download URL works
+if S3_URL_TTL > 604800:
+    raise ImproperlyConfigured(f"DEPUTIES_S3_URL_TTL='{S3_URL_TTL}' must be at most 604800 (SigV4's 7 days)")
 if S3_BUCKET:
     _default_storage = {
-        "BACKEND": "storages.backends.s3.S3Storage",
+        "BACKEND": "sessions.s3.ArtifactS3Storage",
         "OPTIONS": {
             "bucket_name": S3_BUCKET,
+            "location": envstr("DEPUTIES_S3_PREFIX").strip("/"),
             "endpoint_url": envstr("DEPUTIES_S3_ENDPOINT_URL") or None,
+            "public_endpoint_url": envstr("DEPUTIES_S3_PUBLIC_ENDPOINT_URL") or None,
             "region_name": envstr("DEPUTIES_S3_REGION") or None,
             "access_key": envstr("DEPUTIES_S3_ACCESS_KEY_ID") or None,
             "secret_key": envstr("DEPUTIES_S3_SECRET_ACCESS_KEY") or None,
             "default_acl": None,
             "file_overwrite": False,
             "querystring_auth": True,
+            "querystring_expire": S3_URL_TTL,
+            "signature_version": "s3v4",  # botocore would presign SigV2 for custom endpoints
         },
     }
 else:

@@ -257,3 +257,32 @@ def test_it_shows_the_attempt_log_in_the_admin_and_replays_from_there(admin_clie
     assert "Queued 1 replay(s)." in reply.content.decode()
     copy = Delivery.objects.get(replay_of=ended_delivery)
     assert copy.status == "pending" and copy.idempotency_key == ended_delivery.idempotency_key
+
+
+@pytest.mark.django_db
+def test_it_drops_a_duplicate_task_and_puts_an_early_one_back_until_it_is_due(ended_delivery):
+    from django_q.models import OrmQ
+
+    Delivery.objects.filter(pk=ended_delivery.pk).update(attempts=1)
+    assert services.send(ended_delivery.pk, 1) == "skipped: attempt 1 was made already"
+    due = timezone.now() + timedelta(minutes=5)
+    Delivery.objects.filter(pk=ended_delivery.pk).update(status="pending", next_attempt=due)
+    before = set(OrmQ.objects.values_list("pk", flat=True))
+    assert services.send(ended_delivery.pk, 2) == "not due yet"
+    (queued,) = OrmQ.objects.exclude(pk__in=before)
+    assert abs((queued.lock - due).total_seconds()) < 0.01  # the queue hands it out when due, not before
+    assert Delivery.objects.get(pk=ended_delivery.pk).status == "pending"
+
+
+@pytest.mark.django_db
+def test_it_recovers_a_delivery_whose_lease_ran_out_and_one_whose_task_was_lost(settings, ended_delivery):
+    settings.DELIVERY_LEASE = 60
+    old = timezone.now() - timedelta(minutes=5)
+    lost = services.replay(ended_delivery)
+    Delivery.objects.filter(pk=lost.pk).update(next_attempt=old)
+    fresh = services.replay(ended_delivery)  # due now: its task is still in the queue
+    Delivery.objects.filter(pk=ended_delivery.pk).update(status="sending", claimed_at=old, attempts=2)
+    assert sorted(services.recover_stale()) == sorted([ended_delivery.pk, lost.pk])
+    assert Delivery.objects.get(pk=ended_delivery.pk).status == "pending"
+    assert "lost" in Delivery.objects.get(pk=ended_delivery.pk).last_error
+    assert Delivery.objects.get(pk=fresh.pk).status == "pending"

@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from django.test import Client
+from django.test import Client, TestCase
 from django_q.models import OrmQ
 
 from integrations.deliveries.models import CallbackSubscription
@@ -56,12 +56,14 @@ def post(source: WebhookSource, body, token: str | None = None, headers: dict | 
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
-    return Client().post(
-        f"/integrations/webhooks/{source.slug}",
-        data=raw,
-        content_type="application/json",
-        headers=all_headers,
-    )
+    # Run what the request left for after its commit (SQLite enqueues then; Postgres in the transaction).
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        return Client().post(
+            f"/integrations/webhooks/{source.slug}",
+            data=raw,
+            content_type="application/json",
+            headers=all_headers,
+        )
 
 
 def signed(secret: str, body: dict, timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
@@ -560,3 +562,26 @@ def test_it_rotates_a_sources_credentials_for_writers_only(owner, viewer, outsid
     source.refresh_from_db()
     assert post(source, {"prompt": "old"}, shown["token"]).status_code == 401
     assert post(source, {"prompt": "new"}, token).status_code == 202
+
+
+def test_it_reencrypts_source_secrets_when_the_key_rotates(settings, team, repository):
+    from django.core.management import call_command
+
+    settings.SECRETS_KEYS = ["old"]
+    source, shown = make_source(team, repository, "hmac")
+    settings.SECRETS_KEYS = ["new", "old"]
+    call_command("reencrypt_secrets")
+    settings.SECRETS_KEYS = ["new"]
+    source.refresh_from_db()
+    assert source.callback_signing_secret() == shown["callback_secret"]
+    raw, headers = signed(shown["signing_secret"], {"prompt": "After rotation"})
+    assert post(source, raw, headers=headers).status_code == 202
+
+
+def test_it_answers_409_for_a_thread_of_a_source_moved_to_another_team(other_team, token_source):
+    source, shown = token_source
+    post(source, {"prompt": "One", "thread_id": "t"}, shown["token"])
+    WebhookSource.objects.filter(pk=source.pk).update(team=other_team)
+    response = post(source, {"prompt": "Two", "thread_id": "t"}, shown["token"])
+    assert response.status_code == 409 and list(response.json()["errors"]) == ["thread_id"]
+    assert Message.objects.count() == 1

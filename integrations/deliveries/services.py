@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 TASK = "integrations.deliveries.tasks.send_delivery"
 
 
-def _queue(delivery_id: int, eta=None) -> None:
-    """The send task, part of the caller's transaction where the broker allows it, else at commit."""
+def _queue(delivery_id: int, attempt: int, eta=None) -> None:
+    """The send task for attempt number ``attempt``, part of the caller's transaction where the
+    broker allows it, else at commit. The number lets a duplicate task (recovery requeues what
+    may still be queued) see that its attempt was made and drop out."""
     from django_q.conf import Conf
 
     from deputies.broker import enqueue_at, queue_joins_transaction
@@ -55,11 +57,11 @@ def _queue(delivery_id: int, eta=None) -> None:
         from django_q.tasks import async_task
 
         def push() -> None:
-            async_task(TASK, delivery_id, task_name=name, group="deliveries")
+            async_task(TASK, delivery_id, attempt, task_name=name, group="deliveries")
     else:
 
         def push() -> None:
-            enqueue_at(eta, TASK, delivery_id, task_name=name, group="deliveries")
+            enqueue_at(eta, TASK, delivery_id, attempt, task_name=name, group="deliveries")
 
     if queue_joins_transaction():
         push()
@@ -98,7 +100,7 @@ def enqueue(
     )
     if not _insert(delivery):  # the key was used already (or concurrently): that one stands
         return Delivery.objects.get(kind=kind, idempotency_key=idempotency_key, replay_of=None)
-    _queue(delivery.pk)
+    _queue(delivery.pk, 1)
     return delivery
 
 
@@ -197,7 +199,7 @@ def replay(delivery: Delivery) -> Delivery:
             created=now,
             replay_of=delivery,
         )
-        _queue(copy.pk)
+        _queue(copy.pk, 1)
     return copy
 
 
@@ -252,15 +254,18 @@ def claim(delivery_id: int) -> Delivery | None:
     return Delivery.objects.select_related("subscription").get(pk=delivery_id)
 
 
-def send(delivery_id: int) -> str:
-    """The queue task: one attempt of a due delivery (a duplicate or early task is harmless)."""
+def send(delivery_id: int, attempt: int | None = None) -> str:
+    """The queue task: attempt ``attempt`` of a due delivery (a duplicate or early task is harmless)."""
     delivery = claim(delivery_id)
     if delivery is None:
-        row = Delivery.objects.filter(pk=delivery_id).values("status", "next_attempt").first()
+        row = Delivery.objects.filter(pk=delivery_id).values("status", "next_attempt", "attempts").first()
         if row is None:
             return "missing"
+        if attempt is not None and row["attempts"] + 1 != attempt:
+            return f"skipped: attempt {attempt} was made already"
         if row["status"] == Delivery.Status.PENDING and row["next_attempt"] > timezone.now():
-            _queue(delivery_id, row["next_attempt"])  # early (clocks differ): come back when due
+            # Early (the clocks of two hosts differ): come back when due.
+            _queue(delivery_id, row["attempts"] + 1, row["next_attempt"])
             return "not due yet"
         return f"skipped: delivery is {row['status']}"
     started = timezone.now()
@@ -345,7 +350,7 @@ def record(delivery: Delivery, outcome: Outcome, started, duration_ms: int) -> s
                 run_id=delivery.run_id,
             )  # fmt: skip
         if next_attempt is not None:
-            _queue(delivery.pk, next_attempt)
+            _queue(delivery.pk, attempt + 1, next_attempt)
     return status
 
 
@@ -369,12 +374,10 @@ def recover_stale(now=None) -> list[int]:
                 last_error="the worker sending it was lost; sending again",
             )  # fmt: skip
         # Due for longer than a lease: its queue task is gone (or very late). Queue it again.
-        lost = list(
-            Delivery.objects.filter(status=Delivery.Status.PENDING, next_attempt__lt=cutoff).values_list(
-                "pk", flat=True
-            )[:1000]
-        )
-        for pk in [*stale, *lost]:
-            _queue(pk)
+        due = Delivery.objects.filter(status=Delivery.Status.PENDING, next_attempt__lt=cutoff)
+        for pk, attempts in (due | Delivery.objects.filter(pk__in=stale)).values_list("pk", "attempts")[
+            :2000
+        ]:
+            _queue(pk, attempts + 1)
             requeued.append(pk)
     return requeued

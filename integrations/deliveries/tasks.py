@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 
-def send_delivery(delivery_id: int) -> str:
+def send_delivery(delivery_id: int, attempt: int | None = None) -> str:
     from integrations.deliveries.services import send
 
-    return send(delivery_id)
+    return send(delivery_id, attempt)
 
 
 def recover_stale_deliveries() -> str:

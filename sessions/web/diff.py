@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from django.utils.safestring import SafeString, mark_safe
@@ -10,6 +11,8 @@ from pygments.lexer import Lexer
 from pygments.lexers import get_lexer_for_filename
 from pygments.token import STANDARD_TYPES
 from pygments.util import ClassNotFound
+
+logger = logging.getLogger(__name__)
 
 MAX_DIFF_BYTES = 2_000_000  # beyond this the viewer shows the start and points at the download
 MAX_FILE_LINES = 3000
@@ -158,11 +161,15 @@ def _hunk_start(header: str) -> tuple[int, int]:
 
 
 def read_diff(artifact) -> Diff:
-    """Parse a stored diff artifact; a missing file is an empty diff flagged as truncated."""
+    """Parse a stored diff artifact; a missing file (or a store that does not answer) is an empty diff
+    flagged as truncated, so the page still renders and offers the download."""
+    from sessions.storage import storage_errors
+
     try:
         with artifact.file.open("rb") as handle:
             data = handle.read(MAX_DIFF_BYTES + 1)
-    except (FileNotFoundError, OSError):
+    except (OSError, *storage_errors()):
+        logger.warning("diff artifact %s could not be read", artifact.pk, exc_info=True)
         return Diff(files=[], truncated=True)
     truncated = len(data) > MAX_DIFF_BYTES
     return parse_diff(data[:MAX_DIFF_BYTES].decode("utf-8", errors="replace"), truncated=truncated)
