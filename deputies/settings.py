@@ -274,6 +274,9 @@ SANDBOX_IDLE_TTL = envint("DEPUTIES_SANDBOX_IDLE_TTL", 1800, minimum=60)
 # Spending limits in USD (0: none). A session or team may set its own (sessions/budgets.py).
 SESSION_BUDGET_USD = envfloat("DEPUTIES_SESSION_BUDGET_USD", 0.0, minimum=0)
 TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, minimum=0)
+# Runs one team may have running at once (0: no limit); more wait, queued (sessions/limits.py).
+# A team may set its own in the admin.
+TEAM_MAX_CONCURRENT_RUNS = envint("DEPUTIES_TEAM_MAX_CONCURRENT_RUNS", 0, minimum=0)
 # No sandbox lives longer than this, used or not: its next run starts from a fresh one.
 SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
 # A running run whose heartbeat is older than this lost its worker; it is queued again (once more).

@@ -34,6 +34,7 @@ from sessions.api.permissions import (
     request_body,
     team_for_write,
 )
+from sessions.limits import queue_position_sql
 from sessions.models import (
     WRITE_ROLES,
     Artifact,
@@ -56,6 +57,7 @@ def session_queryset() -> QuerySet[Session]:
     return (
         Session.objects.select_related("team", "repository", "environment", "created_by")
         .annotate(pending_message_count=Count("messages", filter=Q(messages__status=Message.Status.PENDING)))
+        .annotate(queue_place=queue_position_sql())
         .prefetch_related(
             Prefetch("runs", queryset=Run.objects.filter(status__in=Run.ACTIVE), to_attr="active_runs"),
             Prefetch(
