@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envstr
+from deputies.env import envbool, envchoice, envfloat, envint, envjson, envrate, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -196,6 +196,12 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "sessions.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# Rate limits per API client (its bearer token, else its user): "600/min" ("N/s", "N/min", "N/h",
+# "N/day"), "0" for none. Sessions have their own, stricter one (sessions/api/throttles.py).
+API_RATE = envrate("DEPUTIES_API_RATE", "600/min")
+API_RATE_SESSIONS = envrate("DEPUTIES_API_RATE_SESSIONS", "60/min")
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["sessions.api.throttles.APIRateThrottle"]
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "Deputies API",
     "DESCRIPTION": "Control plane for background coding agents.",
@@ -205,6 +211,15 @@ SPECTACULAR_SETTINGS = {
 
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = envstr("DEPUTIES_REDIS_URL")
+# Where API rate counters live, shared by every web process: Redis when configured, else the
+# database on Postgres; "memory" is per process (Simple mode's single web process on SQLite).
+RATE_LIMIT_STORE = envchoice("DEPUTIES_RATE_LIMIT_STORE", "auto", ("auto", "redis", "database", "memory"))
+if RATE_LIMIT_STORE == "auto":
+    RATE_LIMIT_STORE = (
+        "redis" if REDIS_URL else "database" if _db["ENGINE"].endswith("postgresql") else "memory"
+    )
+if RATE_LIMIT_STORE == "redis" and not REDIS_URL:
+    raise ImproperlyConfigured("DEPUTIES_RATE_LIMIT_STORE=redis needs DEPUTIES_REDIS_URL")
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 # Websocket pushes (sessions/streaming): how a web process hears that events were written.
 # auto = Redis pub/sub when DEPUTIES_REDIS_URL is set, else Postgres LISTEN/NOTIFY, else polling (SQLite).

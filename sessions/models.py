@@ -875,6 +875,20 @@ class APIToken(models.Model):
         return token, secret
 
 
+class RateCounter(models.Model):
+    """An API client's requests in the current window of one rate (sessions/api/throttles.py).
+
+    A scratch table: one row per client and rate, reset by each new window; UNLOGGED on Postgres.
+    """
+
+    key = models.CharField(max_length=200, primary_key=True)
+    window_start = models.BigIntegerField()
+    hits = models.IntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.hits}"
+
+
 def start_session(
     *,
     team: Team,

@@ -189,6 +189,7 @@ class SessionViewSet(
 
     serializer_class = s.SessionSerializer
     queryset = Session.objects.none()  # for the schema; get_queryset scopes by team
+    throttle_scope = "sessions"  # creating one counts against DEPUTIES_API_RATE_SESSIONS too
 
     def get_queryset(self) -> QuerySet[Session]:
         if self.action in ("list", "retrieve"):
