@@ -84,6 +84,17 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# /metrics (deputies/metrics.py): a bearer token for Prometheus (else only staff logins may read it),
+# and django-prometheus's per-process request metrics, off by default: see deputies/metrics.py.
+METRICS_TOKEN = envstr("DEPUTIES_METRICS_TOKEN", "")
+METRICS_MIDDLEWARE = envbool("DEPUTIES_METRICS_MIDDLEWARE", False)
+if METRICS_MIDDLEWARE:
+    INSTALLED_APPS.append("django_prometheus")
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
 
 ROOT_URLCONF = "deputies.urls"
 ASGI_APPLICATION = "deputies.asgi.application"
