@@ -361,6 +361,11 @@ LLM_PROVIDERS = _llm_providers()
 DEFAULT_MODEL = envstr("DEPUTIES_DEFAULT_MODEL", "")
 if DEFAULT_MODEL and "/" not in DEFAULT_MODEL:
     raise ImproperlyConfigured(f"DEPUTIES_DEFAULT_MODEL={DEFAULT_MODEL!r} must look like provider/model")
+# A cheaper model for housekeeping: it names a session after its first run (sessions/agent/titles.py).
+# Empty: sessions keep their prompt's first line as their title.
+SUMMARY_MODEL = envstr("DEPUTIES_SUMMARY_MODEL", "")
+if SUMMARY_MODEL and "/" not in SUMMARY_MODEL:
+    raise ImproperlyConfigured(f"DEPUTIES_SUMMARY_MODEL={SUMMARY_MODEL!r} must look like provider/model")
 LLM_MAX_TOKENS = envint("DEPUTIES_LLM_MAX_TOKENS", 4096, minimum=1)
 LLM_TIMEOUT = envfloat("DEPUTIES_LLM_TIMEOUT", 120.0, minimum=1)
 LLM_MAX_RETRIES = envint("DEPUTIES_LLM_MAX_RETRIES", 4, minimum=0)

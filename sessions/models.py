@@ -889,6 +889,12 @@ class RateCounter(models.Model):
         return f"{self.key}: {self.hits}"
 
 
+def default_title(prompt: str) -> str:
+    """A session's title when it is given none: its prompt's first line."""
+    lines = prompt.strip().splitlines()
+    return lines[0][:120] if lines else ""
+
+
 def start_session(
     *,
     team: Team,
@@ -919,7 +925,7 @@ def start_session(
         environment_revision=environment.revision if environment else None,
         budget_usd=budget_usd,
         model=model,
-        title=title or prompt.strip().splitlines()[0][:120],
+        title=title or default_title(prompt),
         source=source,
         external_ref=external_ref or {},
     )

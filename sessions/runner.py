@@ -245,6 +245,7 @@ class Runner:
                     ("status", {"status": "completed"}),
                 ],
             ):
+                self.name_session(result.summary)
                 return "completed"
             self.save_transcript(result)
             return "cancelled"  # closed under us: only a cancel does that
@@ -252,6 +253,16 @@ class Runner:
         if result.status == "cancelled":
             return "cancelled"
         return self.fail(StepFailed(result.error or "the agent stopped without finishing"))
+
+    def name_session(self, summary: str) -> None:
+        """A title from the cheaper summary model, after the first run (sessions/agent/titles.py)."""
+        from sessions.agent.titles import title_session, wants_title
+
+        try:
+            if wants_title(self.run):
+                title_session(self.run, summary)
+        except Exception:  # the run has completed; a title is not worth failing anything for
+            log.exception("session %s: naming it failed", self.session.pk)
 
     def save_transcript(self, result) -> None:
         Session.objects.filter(pk=self.session.pk).update(transcript=result.transcript)
