@@ -21,6 +21,7 @@ from sessions.models import (
     LLMCall,
     Membership,
     Message,
+    RateCounter,
     Repository,
     Run,
     Session,
@@ -421,3 +422,18 @@ class APITokenAdmin(ReadOnlyAdmin):
     list_select_related = ["user"]
     fields = ["user", "name", "prefix", "created", "last_used"]  # never key_hash
     readonly_fields = fields
+
+
+@admin.register(RateCounter)
+class RateCounterAdmin(admin.ModelAdmin):
+    """Who is near their API rate limit in the current window (sessions/api/throttles.py); read-only."""
+
+    list_display = ["key", "hits", "window_start"]
+    search_fields = ["key"]
+    ordering = ["-hits"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

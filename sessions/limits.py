@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def lock_team(team_id: int) -> None:
+    if connection.vendor != "postgresql":
+        return  # SQLite: the IMMEDIATE transaction already holds the database's write lock
     with connection.cursor() as cursor:
         cursor.execute(f'SELECT 1 FROM "{Team._meta.db_table}" WHERE id = %s FOR NO KEY UPDATE', [team_id])
 

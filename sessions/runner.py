@@ -91,6 +91,8 @@ def claim(run_id: int) -> tuple[Run | None, str]:
     except Run.DoesNotExist:
         return None, "missing"
     if not run.claim(worker_id()):
+        if run.waiting_for_team:  # queued again when a slot frees (sessions/limits.py)
+            return None, "waiting: its team is at its concurrency limit"
         return None, f"skipped: run is {run.status}"
     return run, "claimed"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from django_q.tasks import async_task
 
 
@@ -47,4 +49,7 @@ def recover_stale_runs() -> str:
     from sessions.models import Run
 
     cutoff = timezone.now() - timedelta(seconds=settings.RUN_LEASE_SECONDS)
-    return f"requeued {Run.recover_stale(cutoff)}; woke {wake_all_waiting()}"
+    requeued = Run.recover_stale(cutoff)
+    if woken := wake_all_waiting():
+        logging.getLogger(__name__).info("queued again runs waiting on their team's limit: %s", woken)
+    return f"requeued {requeued}"
