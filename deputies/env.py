@@ -95,3 +95,13 @@ def envjson(name: str, default: object) -> object:
         return json.loads(value)
     except json.JSONDecodeError as exc:
         raise ImproperlyConfigured(f"{name} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def envnetworks(name: str, default: str = "") -> tuple:
+    """Comma-separated IP ranges (``10.0.0.0/8,::1``) for the allow lists of deputies/netguard.py."""
+    from deputies.netguard import parse_networks
+
+    try:
+        return parse_networks(envstr(name, default), name)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None

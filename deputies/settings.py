@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envrate, envstr
+from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envrate, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -69,6 +69,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served from /static/ (offline)
     "django_q",
     "channels",
     "sessions.apps.AgentSessionsConfig",
@@ -117,10 +118,20 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = envstr("DATABASE_URL", f"sqlite:///{DATA_DIR / 'deputies.sqlite3'}")
+_DATABASE_FORMS = "sqlite:///path/to/file.sqlite3 or postgres://user@host:5432/name"
+_scheme = DATABASE_URL.partition("://")[0].lower() if "://" in DATABASE_URL else ""
+if _scheme not in ("sqlite", "postgres", "postgresql", "pgsql"):
+    # Only the scheme is shown: the URL may hold a password.
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must look like {_DATABASE_FORMS}"
+        + (f" (its scheme is {_scheme!r})" if _scheme else "")
+    )
 try:
     _db = dj_database_url.parse(DATABASE_URL, conn_max_age=envint("DEPUTIES_DB_CONN_MAX_AGE", 60, minimum=0))
 except Exception as exc:  # dj_database_url raises several types for a bad URL
-    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+    raise ImproperlyConfigured(
+        f"DATABASE_URL is not a valid database URL ({_DATABASE_FORMS}): {exc}"
+    ) from None
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     _db["CONN_MAX_AGE"] = 0
@@ -173,18 +184,25 @@ MEDIA_ROOT = DATA_DIR / "media"
 SERVE_STATIC = envbool("DEPUTIES_SERVE_STATIC", True)
 
 S3_BUCKET = envstr("DEPUTIES_S3_BUCKET")
+S3_URL_TTL = envint("DEPUTIES_S3_URL_TTL", 300, minimum=1)  # seconds a presigned download URL works
+if S3_URL_TTL > 604800:
+    raise ImproperlyConfigured(f"DEPUTIES_S3_URL_TTL='{S3_URL_TTL}' must be at most 604800 (SigV4's 7 days)")
 if S3_BUCKET:
     _default_storage = {
-        "BACKEND": "storages.backends.s3.S3Storage",
+        "BACKEND": "sessions.s3.ArtifactS3Storage",
         "OPTIONS": {
             "bucket_name": S3_BUCKET,
+            "location": envstr("DEPUTIES_S3_PREFIX").strip("/"),
             "endpoint_url": envstr("DEPUTIES_S3_ENDPOINT_URL") or None,
+            "public_endpoint_url": envstr("DEPUTIES_S3_PUBLIC_ENDPOINT_URL") or None,
             "region_name": envstr("DEPUTIES_S3_REGION") or None,
             "access_key": envstr("DEPUTIES_S3_ACCESS_KEY_ID") or None,
             "secret_key": envstr("DEPUTIES_S3_SECRET_ACCESS_KEY") or None,
             "default_acl": None,
             "file_overwrite": False,
             "querystring_auth": True,
+            "querystring_expire": S3_URL_TTL,
+            "signature_version": "s3v4",  # botocore would presign SigV2 for custom endpoints
         },
     }
 else:
@@ -218,6 +236,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Control plane for background coding agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
 }
 
 # --- Channels -------------------------------------------------------------------------------
@@ -388,6 +409,11 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+
+# Ranges that user-given addresses may reach although the default rules refuse them (loopback,
+# link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
+CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
+REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
 LOGGING = {
     "version": 1,

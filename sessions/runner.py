@@ -27,6 +27,7 @@ from sessions.artifacts import store_artifact
 from sessions.events import emit, emit_many
 from sessions.models import Message, Run, Session
 from sessions.secrets import RedactingHandle, Redactor, SecretError
+from sessions.storage import ArtifactStorageError
 from sessions.workpool import releasing_handle, releasing_llm
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,9 @@ class Runner:
         return all(name in READ_ONLY_TOOLS for name in result.tools_called)
 
     def fail(self, exc: Exception) -> str:
-        error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+        error = (
+            str(exc) if isinstance(exc, StepFailed | ArtifactStorageError) else f"{type(exc).__name__}: {exc}"
+        )
         events = [("run_failed", {"run_id": self.run.pk, "error": error}), ("status", {"status": "failed"})]
         if self.run.finish(Run.Status.FAILED, error, events=events):
             return "failed"

@@ -21,9 +21,11 @@ DEPUTIES = str(Path(sys.executable).parent / "deputies")
 SCRIPT = json.loads((ROOT / "deputies" / "demo" / "script.json").read_text())
 
 
-def deputies(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def deputies(
+    *args: str, env: dict[str, str], timeout: float = 120, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [DEPUTIES, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [DEPUTIES, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -77,12 +79,18 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
     [
         (["run", "--repo", "/nonexistent", "x"], {}, "not a git repository"),
         (["run", "--repo", ".", "--model", "nope/m", "x"], {}, "provider 'nope' is not configured"),
+        (["run", "--repo", ".", "--model", "foo", "x"], {}, "expected provider/model"),
         (
             ["run", "--repo", ".", "x"],
             {"DEPUTIES_WORKERS": "many"},
             "DEPUTIES_WORKERS='many' is not an integer",
         ),
         (["token", "create", "nobody"], {}, "no user named nobody"),
+        (
+            ["run", "--repo", ".", "x"],
+            {"DATABASE_URL": "mysql://u:hunter2@db/x"},
+            "DATABASE_URL must look like sqlite:///path/to/file.sqlite3 or postgres://",
+        ),
     ],
 )
 def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_env, message):
@@ -90,6 +98,7 @@ def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr
     assert not Session.objects.exists()
 
 
