@@ -71,6 +71,7 @@ def current_branch(repo: str) -> str:
 
 class RemoteRun:
     def __init__(self, server: str, token: str, describe) -> None:
+        websocket_url(server, 0, 0)  # refuses anything but an http(s) URL, before any request
         self.server = server.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
         self.http = httpx.Client(base_url=self.server, headers=self.headers, timeout=30)

@@ -86,6 +86,17 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
             "DEPUTIES_WORKERS='many' is not an integer",
         ),
         (["token", "create", "nobody"], {}, "no user named nobody"),
+        (["run", "--server", "http://127.0.0.1:9", "--repo", ".", "x"], {}, "--server needs an API token"),
+        (
+            ["run", "--server", "http://127.0.0.1:9", "--repo", ".", "x"],
+            {"DEPUTIES_TOKEN": "t"},
+            "cannot reach",
+        ),
+        (
+            ["run", "--server", "ftp://127.0.0.1:9", "--token", "t", "--repo", ".", "x"],
+            {},
+            "expected an http",
+        ),
         (
             ["run", "--repo", ".", "x"],
             {"DATABASE_URL": "mysql://u:hunter2@db/x"},
