@@ -340,16 +340,25 @@ class Session(models.Model):
             if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
                 return False
             now = timezone.now()
-            if locked.runs.filter(status=Run.Status.RUNNING).exists():
+            active = list(locked.runs.filter(status__in=Run.ACTIVE).values_list("pk", "status"))
+            ended = [pk for pk, _ in active]
+            if any(status == Run.Status.RUNNING for _, status in active):
                 from sessions.limits import wake_after_commit
 
                 wake_after_commit(locked.team_id)  # a limited team's slot frees for its waiting runs
-            locked.runs.filter(status__in=Run.ACTIVE).update(
+            locked.runs.filter(pk__in=ended, status__in=Run.ACTIVE).update(
                 status=Run.Status.CANCELLED, finished=now, error="cancelled by user"
             )
             locked.messages.filter(status=Message.Status.PENDING).update(status=Message.Status.CANCELLED)
             Session.objects.filter(pk=self.pk).update(status=SessionStatus.CANCELLED, finished=now)
             emit(locked.pk, "status", {"status": SessionStatus.CANCELLED})
+            from sessions.signals import run_finished
+
+            for run_id in ended:
+                run_finished.send(
+                    sender=Run, run_id=run_id, session_id=locked.pk, status=Run.Status.CANCELLED,
+                    error="cancelled by user",
+                )  # fmt: skip
         self.refresh_from_db()
         return True
 
@@ -666,6 +675,11 @@ class Run(models.Model):
                 from sessions.events import emit_many
 
                 emit_many(self.session_id, events, run_id=self.pk)
+            from sessions.signals import run_finished
+
+            run_finished.send(
+                sender=Run, run_id=self.pk, session_id=self.session_id, status=status, error=error
+            )
         self.status, self.finished, self.error = status, now, error
         return True
 
