@@ -74,6 +74,7 @@ INSTALLED_APPS = [
     "channels",
     "sessions.apps.AgentSessionsConfig",
     "sandboxes.apps.SandboxesConfig",
+    "integrations.webhooks.apps.WebhooksConfig",
     "integrations.deliveries.apps.DeliveriesConfig",
 ]
 
@@ -415,6 +416,9 @@ MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
 CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
 REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
+
+# Inbound webhooks (integrations/webhooks): POST /integrations/webhooks/<source>. Off: every source 404s.
+WEBHOOKS_ENABLED = envbool("DEPUTIES_WEBHOOKS_ENABLED", True)
 
 # --- Outbound deliveries (integrations/deliveries): callbacks, later Slack and GitHub replies ------
 # Attempts per delivery, and how long after its creation the last one may start.

@@ -289,6 +289,13 @@ class Session(models.Model):
         return self.title or f"Session {self.pk}"
 
     @property
+    def thread_label(self) -> str:
+        """The external thread it is bound to, as people read it (``external_ref["thread"]``, set
+        by sessions/bindings.py), or ""."""
+        ref = self.external_ref if isinstance(self.external_ref, dict) else {}
+        return str(ref.get("thread") or "")
+
+    @property
     def active_run(self) -> Run | None:
         return self.runs.filter(status__in=Run.ACTIVE).first()
 
@@ -806,6 +813,27 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}#{self.seq} {self.type}"
+
+
+class SessionBinding(models.Model):
+    """An external thread bound to one session, so what arrives in it later is a follow-up.
+
+    ``key`` names the thread the same way for every integration: ``webhook:<source id>:<thread id>``,
+    ``slack:<workspace>:<channel>:<thread ts>``, ``github:<owner>/<repo>#<number>``. The unique
+    constraint is what makes binding race-safe (sessions/bindings.py).
+    """
+
+    team = models.ForeignKey(Team, models.CASCADE, related_name="session_bindings")
+    source = models.CharField(max_length=20, choices=Source.choices)
+    key = models.CharField(max_length=500)
+    session = models.ForeignKey(Session, models.CASCADE, related_name="bindings")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["source", "key"], name="unique_session_binding")]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> session {self.session_id}"
 
 
 def artifact_path(instance: Artifact, filename: str) -> str:
