@@ -14,7 +14,8 @@ from typing import Any
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sessions.secrets import Secret, decrypt, encrypt
@@ -287,8 +288,9 @@ class Session(models.Model):
         ``run``: the first run, already inserted (start_session on Postgres).
         """
         if run is None:
-            attempt = 1 if first else self.runs.count() + 1
-            run = Run.objects.create(session=self, attempt=attempt)
+            # After the highest attempt so far: a recovered run took the next number (Run.recover_stale).
+            last = self.runs.aggregate(last=models.Max("attempt"))["last"] or 0
+            run = Run.objects.create(session=self, attempt=1 if first else last + 1)
         if not first:
             Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
         self.status = SessionStatus.QUEUED
@@ -424,6 +426,10 @@ class Run(models.Model):
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    # Where a recovered attempt goes on from (sessions/runner.py, Runner.resume): the conversation
+    # as of the last saved step, with the todo list. Written by the statements a step makes anyway
+    # (the heartbeat, the model call's usage), so saving it costs no extra round trip.
+    checkpoint = models.JSONField(default=dict, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created"]
@@ -434,6 +440,12 @@ class Run(models.Model):
                 name="one_active_run_per_session",
             ),
         ]
+        indexes = [  # the workers' lease check (recover_stale) reads only running runs
+            models.Index(fields=["heartbeat"], condition=Q(status="running"), name="run_running_heartbeat"),
+        ]
+
+    # Set by claim(): this attempt goes on from where a lost worker left the run.
+    recovered = False
 
     def __str__(self) -> str:
         return f"Run {self.pk} ({self.status})"
@@ -443,10 +455,14 @@ class Run(models.Model):
 
         The claim, the session's status, the claimed messages and the ``run_started`` event commit
         together, in as few round trips as possible: this is on the dispatch path.
+
+        A run that had started before lost its worker (``recover_stale``): it keeps its first start
+        (its time limits count from there) and is ``recovered``, so the runner resumes it.
         """
         from sessions.events import emit_many
 
         now = timezone.now()
+        self.recovered = self.started is not None
         with transaction.atomic():
             if not self._claim_rows(owner, now):
                 return False
@@ -458,14 +474,16 @@ class Run(models.Model):
                 ],
                 run_id=self.pk,
             )
-        self.status, self.lease_owner, self.started, self.heartbeat = Run.Status.RUNNING, owner, now, now
+        self.status, self.lease_owner, self.heartbeat = Run.Status.RUNNING, owner, now
+        self.started = self.started or now
         return True
 
     # The run, the session's status and the pending messages in one statement (a round trip each
     # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``).
     _CLAIM = """
     WITH r AS (
-        UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = %(now)s, heartbeat = %(now)s
+        UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = COALESCE(started, %(now)s),
+            heartbeat = %(now)s
         WHERE id = %(id)s AND status = %(queued)s
         RETURNING id, session_id
     ),
@@ -487,7 +505,10 @@ class Run(models.Model):
 
         if connection.vendor != "postgresql":
             changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
-                status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
+                status=Run.Status.RUNNING,
+                lease_owner=owner,
+                started=Coalesce(F("started"), Value(now)),
+                heartbeat=now,
             )
             if not changed:
                 return False
@@ -516,34 +537,34 @@ class Run(models.Model):
             cursor.execute(sql, params)
             return bool(cursor.fetchone()[0])
 
-    MAX_RECOVERIES = 2
-
     @classmethod
     def recover_stale(cls, cutoff) -> list[int]:
         """Queue runs again whose worker stopped heartbeating (crash, OOM, lost host).
 
         The conditional update makes this safe to run anywhere, any number of times; a run that
-        lost its worker MAX_RECOVERIES times fails instead of looping forever.
+        lost its worker DEPUTIES_RUN_MAX_RECOVERIES times fails instead of looping forever.
         """
         from sessions import tasks
         from sessions.events import emit
 
         requeued = []
-        for run in cls.objects.filter(status=cls.Status.RUNNING, heartbeat__lt=cutoff):
+        stale = cls.objects.filter(status=cls.Status.RUNNING, heartbeat__lt=cutoff).defer("checkpoint")
+        for run in stale:
             recoveries = Event.objects.filter(run=run, type="run_requeued").count()
-            if recoveries >= cls.MAX_RECOVERIES:
+            if recoveries >= settings.RUN_MAX_RECOVERIES:
                 run.finish(cls.Status.FAILED, f"the worker running it was lost {recoveries + 1} times")
                 emit(run.session_id, "run_failed", {"run_id": run.pk, "error": run.error}, run_id=run.pk)
                 continue
             with transaction.atomic():
+                # The next attempt resumes from the run's checkpoint (Runner.resume).
                 changed = cls.objects.filter(
                     pk=run.pk, status=cls.Status.RUNNING, heartbeat__lt=cutoff
-                ).update(status=cls.Status.QUEUED, lease_owner="")
+                ).update(status=cls.Status.QUEUED, lease_owner="", attempt=F("attempt") + 1)
                 if changed:
                     emit(
                         run.session_id,
                         "run_requeued",
-                        {"run_id": run.pk, "lost_worker": run.lease_owner},
+                        {"run_id": run.pk, "lost_worker": run.lease_owner, "attempt": run.attempt + 1},
                         run_id=run.pk,
                     )
                     transaction.on_commit(lambda pk=run.pk: tasks.enqueue_run(pk))
@@ -553,8 +574,10 @@ class Run(models.Model):
     def is_cancelled(self) -> bool:
         return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
 
-    def beat(self) -> bool:
+    def beat(self, checkpoint: dict | None = None) -> bool:
         """Heartbeat; returns False when the run was cancelled under us or ran out of time.
+
+        ``checkpoint`` (the agent's state after its last step) is saved in the same statement.
 
         Runs share their worker process (sessions/workpool.py), so DEPUTIES_RUN_TIMEOUT is enforced
         here, at the next step, rather than by killing the process.
@@ -565,9 +588,10 @@ class Run(models.Model):
             events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
             self.finish(Run.Status.FAILED, error, events=events)
             return False
-        return bool(
-            Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(heartbeat=now, steps=self.steps)
-        )
+        fields: dict[str, Any] = {"heartbeat": now, "steps": self.steps}
+        if checkpoint is not None:
+            fields["checkpoint"] = checkpoint
+        return bool(Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(**fields))
 
     def finish(
         self,
@@ -667,8 +691,19 @@ class Run(models.Model):
             cursor.execute(sql, params)
             return bool(cursor.fetchone()[0])
 
-    def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
-        """Count one model call's usage on the run and its session (one statement on Postgres)."""
+    def add_usage(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int,
+        cost: Decimal,
+        checkpoint: dict | None = None,
+    ) -> None:
+        """Count one model call's usage on the run and its session (one statement on Postgres).
+
+        ``checkpoint`` (the conversation with the model's reply) is saved on the run in the same
+        statement, so a worker lost while the reply's tools run does not ask the model again.
+        """
         from django.db import connection
 
         self.input_tokens += input_tokens
@@ -681,6 +716,7 @@ class Run(models.Model):
                 output_tokens=F("output_tokens") + output_tokens,
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
+                **({"checkpoint": checkpoint} if checkpoint is not None else {}),
             )
             Session.objects.filter(pk=self.session_id).update(
                 input_tokens=F("input_tokens") + input_tokens,
@@ -693,16 +729,18 @@ class Run(models.Model):
             "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
             "cached_tokens = t.cached_tokens + %(c)s, cost_usd = t.cost_usd + %(cost)s"
         )
+        params = {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
+                  "session": self.session_id}  # fmt: skip
+        saved = ""
+        if checkpoint is not None:
+            saved = ", checkpoint = %(checkpoint)s"
+            params["checkpoint"] = Run._meta.get_field("checkpoint").get_db_prep_save(checkpoint, connection)
         sql = (
-            f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add} WHERE t.id = %(run)s RETURNING t.id) "
+            f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s RETURNING t.id) "
             f"UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
         )
         with connection.cursor() as cursor:
-            cursor.execute(
-                sql,
-                {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
-                 "session": self.session_id},
-            )  # fmt: skip
+            cursor.execute(sql, params)
 
 
 class Event(models.Model):
@@ -730,6 +768,7 @@ def artifact_path(instance: Artifact, filename: str) -> str:
 class Artifact(models.Model):
     class Kind(models.TextChoices):
         DIFF = "diff"
+        CHECKPOINT = "checkpoint"  # the workspace's diff against the base commit, mid-run
         LOG = "log"
         FILE = "file"
         TOOL_OUTPUT = "tool_output"

@@ -72,19 +72,20 @@ def test_it_requeues_a_run_whose_worker_stopped_heartbeating(session, django_cap
     with django_capture_on_commit_callbacks(execute=True):
         assert Run.recover_stale(cutoff) == [run.pk]
     assert OrmQ.objects.count() == queued + 1  # enqueued again
-    assert Run.objects.get(pk=run.pk).status == Run.Status.QUEUED
+    requeued = Run.objects.get(pk=run.pk)
+    assert (requeued.status, requeued.attempt) == (Run.Status.QUEUED, 2)  # the next attempt resumes
     assert Run.recover_stale(cutoff) == []  # a fresh or queued run is left alone
     assert run.claim("second-worker") is True
 
 
-def test_it_fails_a_run_that_keeps_losing_its_worker(session):
+def test_it_fails_a_run_that_keeps_losing_its_worker(session, settings):
     from datetime import timedelta
 
     from django.utils import timezone
 
     run = session.runs.get()
     cutoff = timezone.now() - timedelta(minutes=15)
-    for attempt in range(Run.MAX_RECOVERIES + 1):
+    for attempt in range(settings.RUN_MAX_RECOVERIES + 1):
         run.claim(f"worker-{attempt}")
         Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
         Run.recover_stale(cutoff)
