@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import time
 from collections import Counter
@@ -92,8 +93,9 @@ def types_of(session_id: int) -> list[str]:
     return list(Event.objects.filter(session_id=session_id).order_by("seq").values_list("type", flat=True))
 
 
-def plan_log(sandbox_root: Path, session_id: int) -> list[str]:
-    sandbox = Sandbox.objects.get(session_id=session_id)
+def plan_log(sandbox_root: Path, session_id: int, status: str | None = None) -> list[str]:
+    sandboxes = Sandbox.objects.filter(session_id=session_id)
+    sandbox = (sandboxes.filter(status=status) if status else sandboxes).get()
     return (sandbox_root / sandbox.external_id / "workspace" / "plan.log").read_text().split()
 
 
@@ -264,6 +266,47 @@ def test_it_tells_the_model_a_command_was_interrupted_and_does_not_run_it_again(
     wait_for(lambda: time.monotonic() - killed > 3.5, timeout=10, what="the lost command's sleep to end")
     lines = Counter(plan_log(tmp_path / "sandboxes", sid))
     assert lines["step-0"] == 1 and lines["step-2"] == 1 and lines["step-1"] <= 1, lines
+
+
+def test_it_resumes_in_a_new_sandbox_with_the_saved_workspace_when_the_old_one_is_gone(
+    settings, tmp_path, team, owner, sample_repo
+):
+    """The worker's host is lost with the sandbox on it: the resumed attempt makes a new sandbox and
+    restores the workspace from the run's last checkpoint artifact."""
+    settings.MEDIA_ROOT = tmp_path / "data" / "media"
+    with start_in_thread(plan(steps=3, model_delay=0.05, command_delay=2)) as fake:
+        env = worker_env(tmp_path, fake)
+        (sid,) = start_sessions(team, owner, sample_repo, 1)
+        with worker_process(env, name="worker-0") as proc:
+            wait_for(
+                lambda: Event.objects.filter(
+                    session_id=sid, type="tool_started", payload__call_id="call_1_0"
+                ).exists(),
+                timeout=30,
+                what="the second command to start",
+            )
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        lost = Sandbox.objects.get(session_id=sid)
+        shutil.rmtree(tmp_path / "sandboxes" / lost.external_id)  # gone with its host
+        with worker_process(env, name="worker-1"):
+            wait_for(lambda: finished([sid]), timeout=30, what="the run to finish")
+
+    assert Session.objects.get(pk=sid).status == "completed"
+    resumed = Event.objects.get(session_id=sid, type="run_resumed").payload
+    checkpoint = Artifact.objects.get(pk=resumed["restored_artifact_id"])
+    assert (resumed["sandbox"], resumed["from_step"], checkpoint.kind) == ("recreated", 2, "checkpoint")
+    assert checkpoint.name.endswith("-step-1.diff")  # the workspace after the first command
+    assert Event.objects.get(session_id=sid, type="workspace_restored").payload["changed"] == 1
+    statuses = dict(Sandbox.objects.filter(session_id=sid).values_list("external_id", "status"))
+    assert statuses.pop(lost.external_id) == "destroyed" and list(statuses.values()) == ["ready"]
+    # The first command's line came back with the checkpoint; the interrupted one was lost with the
+    # old sandbox and not run again; the third ran in the new one.
+    assert plan_log(tmp_path / "sandboxes", sid, status="ready") == ["step-0", "step-2"]
+    diff = Artifact.objects.get(session_id=sid, kind="diff")
+    with diff.file.open("rb") as fh:
+        text = fh.read().decode()
+    assert "+step-0\n+step-2\n" in text, text
 
 
 def test_it_gives_a_follow_up_the_previous_work_after_the_sandbox_was_reaped(
