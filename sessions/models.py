@@ -591,7 +591,10 @@ class Run(models.Model):
         fields: dict[str, Any] = {"heartbeat": now, "steps": self.steps}
         if checkpoint is not None:
             fields["checkpoint"] = checkpoint
-        return bool(Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(**fields))
+        # Only while the lease is ours: a worker cut off for longer than the lease, whose run was
+        # recovered and claimed by another, stops at its next step instead of running it twice.
+        mine = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, lease_owner=self.lease_owner)
+        return bool(mine.update(**fields))
 
     def finish(
         self,
