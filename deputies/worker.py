@@ -112,8 +112,8 @@ class Worker:
             text = recover_stale_runs()
             if text != "requeued []":
                 log.warning("lease recovery: %s", text)
-        except Exception:
-            log.exception("lease recovery failed; retrying")
+        except Exception as exc:  # the database is away, say: the next check retries
+            log.warning("lease recovery failed (%s: %s); retrying", type(exc).__name__, exc)
         finally:
             release_connection()
 

@@ -479,13 +479,15 @@ class Run(models.Model):
         return True
 
     # The run, the session's status and the pending messages in one statement (a round trip each
-    # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``).
+    # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``),
+    # and only by its first claim: a resumed attempt goes on with the conversation it had, and
+    # follow-ups sent meanwhile wait for the next run (Run.finish starts it).
     _CLAIM = """
     WITH r AS (
         UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = COALESCE(started, %(now)s),
             heartbeat = %(now)s
         WHERE id = %(id)s AND status = %(queued)s
-        RETURNING id, session_id
+        RETURNING id, session_id, started = %(now)s AS first
     ),
     s AS (
         UPDATE {session} t SET status = %(session_running)s FROM r
@@ -494,7 +496,7 @@ class Run(models.Model):
     ),
     m AS (
         UPDATE {message} t SET status = %(claimed)s, run_id = r.id FROM r
-        WHERE t.session_id = r.session_id AND t.status = %(pending)s
+        WHERE t.session_id = r.session_id AND t.status = %(pending)s AND r.first
         RETURNING t.id
     )
     SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM s), (SELECT count(*) FROM m)
@@ -515,6 +517,8 @@ class Run(models.Model):
             Session.objects.filter(pk=self.session_id).exclude(
                 status__in=(SessionStatus.CANCELLED, SessionStatus.ARCHIVED)
             ).update(status=SessionStatus.RUNNING)
+            if self.recovered:
+                return True
             Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).update(
                 status=Message.Status.CLAIMED, run=self
             )
@@ -591,9 +595,12 @@ class Run(models.Model):
         fields: dict[str, Any] = {"heartbeat": now, "steps": self.steps}
         if checkpoint is not None:
             fields["checkpoint"] = checkpoint
-        # Only while the lease is ours: a worker cut off for longer than the lease, whose run was
-        # recovered and claimed by another, stops at its next step instead of running it twice.
-        mine = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, lease_owner=self.lease_owner)
+        # Only while the lease is ours: a worker cut off (or starved) for longer than the lease,
+        # whose run was recovered and claimed again (the next attempt, maybe by this same process),
+        # stops at its next step instead of running it twice.
+        mine = Run.objects.filter(
+            pk=self.pk, status=Run.Status.RUNNING, lease_owner=self.lease_owner, attempt=self.attempt
+        )
         return bool(mine.update(**fields))
 
     def finish(
@@ -635,13 +642,15 @@ class Run(models.Model):
         self.status, self.finished, self.error = status, now, error
         return True
 
-    # The run, its claimed messages and the session in one statement, the run first; updating the
+    # The run (its checkpoint is of no use once it ended: the session has the transcript), its
+    # claimed messages and the session in one statement, the run first; updating the
     # session takes its row lock (ordering this against add_message and cancel), as SELECT ... FOR
     # UPDATE did. The messages and the session change only if the run did (``FROM r``).
     _FINISH = """
     WITH r AS (
-        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s
-        WHERE id = %(id)s AND status = %(running)s
+        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s,
+            checkpoint = '{{}}'
+        WHERE id = %(id)s AND status = %(running)s AND attempt = %(attempt)s
         RETURNING id, session_id
     ),
     m AS (
@@ -658,9 +667,9 @@ class Run(models.Model):
     def _finish_rows(self, status: str, error: str, now, message_status: str, fields: dict) -> bool:
         from django.db import connection
 
-        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING)
+        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
         if connection.vendor != "postgresql":
-            if not changed.update(status=status, finished=now, error=error, steps=self.steps):
+            if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return False
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
             Session.objects.select_for_update().filter(pk=self.session_id).exists()
@@ -686,6 +695,7 @@ class Run(models.Model):
             now=now,
             error=error,
             steps=self.steps,
+            attempt=self.attempt,
             running=Run.Status.RUNNING,
             message_status=message_status,
             claimed=Message.Status.CLAIMED,
@@ -735,8 +745,11 @@ class Run(models.Model):
         params = {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
                   "session": self.session_id}  # fmt: skip
         saved = ""
-        if checkpoint is not None:
-            saved = ", checkpoint = %(checkpoint)s"
+        if checkpoint is not None:  # not over the checkpoints of a later attempt (see beat)
+            saved = (
+                ", checkpoint = CASE WHEN t.attempt = %(attempt)s THEN %(checkpoint)s ELSE t.checkpoint END"
+            )
+            params["attempt"] = self.attempt
             params["checkpoint"] = Run._meta.get_field("checkpoint").get_db_prep_save(checkpoint, connection)
         sql = (
             f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s RETURNING t.id) "

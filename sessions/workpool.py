@@ -170,8 +170,8 @@ class Heartbeat:
             return Run.objects.filter(
                 pk__in=run_ids, status=Run.Status.RUNNING, lease_owner=worker_id()
             ).update(heartbeat=timezone.now())
-        except Exception:  # the database is away: the runs' own steps say so; try again next time
-            log.exception("heartbeat for runs %s failed", run_ids)
+        except Exception as exc:  # the database is away: the runs' own steps say so; try again next time
+            log.warning("heartbeat for runs %s failed (%s: %s)", run_ids, type(exc).__name__, exc)
             return 0
         finally:
             try:

@@ -94,3 +94,25 @@ def test_it_fails_a_run_that_keeps_losing_its_worker(session, settings):
     assert "lost" in run.error
     assert Session.objects.get(pk=session.pk).status == "failed"
     assert Event.objects.filter(session=session, type="run_failed").exists()
+
+
+def test_it_resumes_a_recovered_run_without_taking_the_follow_ups_sent_meanwhile(session):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = Run.objects.get(pk=session.runs.get().pk)
+    assert run.claim("lost-worker") and run.recovered is False
+    first_start = run.started
+    follow_up = session.add_message("and also this")  # while the run is active: it waits
+    Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
+    assert Run.recover_stale(timezone.now() - timedelta(minutes=15)) == [run.pk]
+
+    again = Run.objects.get(pk=run.pk)
+    assert again.claim("second-worker") is True
+    assert (again.recovered, again.attempt, again.started) == (True, 2, first_start)
+    follow_up.refresh_from_db()
+    assert follow_up.status == "pending" and follow_up.run_id is None  # for the next run
+    assert list(session.messages.filter(status="claimed").values_list("position", flat=True)) == [1]
+    started = Event.objects.filter(session=session, type="run_started").order_by("seq")
+    assert [e.payload["attempt"] for e in started] == [1, 2]
