@@ -162,6 +162,7 @@ def main() -> None:
         import httpx
 
         requests = httpx.get(fake_url.removesuffix("/v1") + "/_requests", timeout=10).json()
+        requests = [r for r in requests if isinstance(r["body"], dict)]  # not those cut off by a kill
     finally:
         for proc in workers.values():
             procs.stop(proc)
