@@ -216,6 +216,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.server:  # an API client of a running Deputies: no database here
+        from deputies.client import ClientError, run_remote
+
+        try:
+            return run_remote(args, describe)
+        except ClientError as exc:
+            raise CLIError(str(exc)) from None
     setup_django()
     from django.conf import settings
     from django.contrib.auth import get_user_model
@@ -482,7 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     run = command("run", "submit a prompt on a local repository and follow it")
-    run.add_argument("--repo", required=True, help="path to a local git repository")
+    run.add_argument(
+        "--repo",
+        required=True,
+        help="path to a local git repository (with --server: its path or URL on the server)",
+    )
     run.add_argument(
         "--model",
         default="",
@@ -491,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base-branch", default="", help="branch to start from (default: the checked-out one)")
     run.add_argument("--user", default="admin", help="the Deputies user the session belongs to")
     run.add_argument("--queue-only", action="store_true", help="leave the run to the workers, just follow it")
+    run.add_argument(
+        "--server",
+        default=os.environ.get("DEPUTIES_SERVER", ""),
+        help="URL of a running Deputies: start the session through its API and follow it over its "
+        "websocket (default: DEPUTIES_SERVER; without it, run in this process on the local database)",
+    )
+    run.add_argument(
+        "--token",
+        default=os.environ.get("DEPUTIES_TOKEN", ""),
+        help="API token for --server (default: DEPUTIES_TOKEN; prefer the variable: arguments show in ps)",
+    )
     run.add_argument("prompt", help="what the agent should do")
     run.set_defaults(func=cmd_run)
 

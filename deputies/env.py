@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -70,6 +71,19 @@ def envchoice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = envstr(name, default)
     if value not in choices:
         raise ImproperlyConfigured(f"{name}={value!r} must be one of: {', '.join(choices)}")
+    return value
+
+
+RATE_RE = re.compile(r"^([1-9][0-9]*)/(s|sec|second|m|min|minute|h|hour|d|day)$")
+
+
+def envrate(name: str, default: str) -> str | None:
+    """A rate like ``600/min`` (DRF's format); ``0``, ``none`` or ``off`` is None, no limit."""
+    value = envstr(name, default).strip().lower()
+    if value in ("0", "none", "off"):
+        return None
+    if not RATE_RE.match(value):
+        raise ImproperlyConfigured(f"{name}={value!r} must look like 600/min (N/s, N/min, N/h, N/day) or 0")
     return value
 
 

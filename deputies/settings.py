@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envstr
+from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envrate, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -88,6 +88,17 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# /metrics (deputies/metrics.py): a bearer token for Prometheus (else only staff logins may read it),
+# and django-prometheus's per-process request metrics, off by default: see deputies/metrics.py.
+METRICS_TOKEN = envstr("DEPUTIES_METRICS_TOKEN", "")
+METRICS_MIDDLEWARE = envbool("DEPUTIES_METRICS_MIDDLEWARE", False)
+if METRICS_MIDDLEWARE:
+    INSTALLED_APPS.append("django_prometheus")
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
 
 ROOT_URLCONF = "deputies.urls"
 ASGI_APPLICATION = "deputies.asgi.application"
@@ -217,6 +228,12 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "sessions.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# Rate limits per API client (its bearer token, else its user): "600/min" ("N/s", "N/min", "N/h",
+# "N/day"), "0" for none. Sessions have their own, stricter one (sessions/api/throttles.py).
+API_RATE = envrate("DEPUTIES_API_RATE", "600/min")
+API_RATE_SESSIONS = envrate("DEPUTIES_API_RATE_SESSIONS", "60/min")
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["sessions.api.throttles.APIRateThrottle"]
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "Deputies API",
     "DESCRIPTION": "Control plane for background coding agents.",
@@ -229,6 +246,15 @@ SPECTACULAR_SETTINGS = {
 
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = envstr("DEPUTIES_REDIS_URL")
+# Where API rate counters live, shared by every web process: Redis when configured, else the
+# database on Postgres; "memory" is per process (Simple mode's single web process on SQLite).
+RATE_LIMIT_STORE = envchoice("DEPUTIES_RATE_LIMIT_STORE", "auto", ("auto", "redis", "database", "memory"))
+if RATE_LIMIT_STORE == "auto":
+    RATE_LIMIT_STORE = (
+        "redis" if REDIS_URL else "database" if _db["ENGINE"].endswith("postgresql") else "memory"
+    )
+if RATE_LIMIT_STORE == "redis" and not REDIS_URL:
+    raise ImproperlyConfigured("DEPUTIES_RATE_LIMIT_STORE=redis needs DEPUTIES_REDIS_URL")
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 # Websocket pushes (sessions/streaming): how a web process hears that events were written.
 # auto = Redis pub/sub when DEPUTIES_REDIS_URL is set, else Postgres LISTEN/NOTIFY, else polling (SQLite).
@@ -298,12 +324,20 @@ SANDBOX_IDLE_TTL = envint("DEPUTIES_SANDBOX_IDLE_TTL", 1800, minimum=60)
 # Spending limits in USD (0: none). A session or team may set its own (sessions/budgets.py).
 SESSION_BUDGET_USD = envfloat("DEPUTIES_SESSION_BUDGET_USD", 0.0, minimum=0)
 TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, minimum=0)
+# Runs one team may have running at once (0: no limit); more wait, queued (sessions/limits.py).
+# A team may set its own in the admin.
+TEAM_MAX_CONCURRENT_RUNS = envint("DEPUTIES_TEAM_MAX_CONCURRENT_RUNS", 0, minimum=0)
 # No sandbox lives longer than this, used or not: its next run starts from a fresh one.
 SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
-# A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
-RUN_LEASE_SECONDS = envint(
-    "DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300, SETUP_TIMEOUT + 300), minimum=2
-)
+# A running run whose heartbeat is older than this lost its worker; it is queued again and resumes
+# from its last step. Each worker process beats for all its runs every third of it (sessions/
+# workpool.py, Heartbeat), however long a step takes, and checks for lost runs every few seconds.
+RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", 30, minimum=2)
+# A run whose worker was lost this many times fails instead of being queued again.
+RUN_MAX_RECOVERIES = envint("DEPUTIES_RUN_MAX_RECOVERIES", 3, minimum=0)
+# Save the workspace (its diff against the base commit, an artifact) after every Nth agent step that
+# ran a tool able to change it, so a run whose sandbox is lost resumes with its work; 0: never.
+CHECKPOINT_EVERY = envint("DEPUTIES_CHECKPOINT_EVERY", 1, minimum=0)
 # Docker provider: the engine is whatever DEPUTIES_DOCKER_HOST (else DOCKER_HOST) points at, Docker
 # Engine or Podman's Docker-compatible API. Limits apply when an environment sets none.
 DOCKER_HOST = envstr("DEPUTIES_DOCKER_HOST")
@@ -356,6 +390,11 @@ LLM_PROVIDERS = _llm_providers()
 DEFAULT_MODEL = envstr("DEPUTIES_DEFAULT_MODEL", "")
 if DEFAULT_MODEL and "/" not in DEFAULT_MODEL:
     raise ImproperlyConfigured(f"DEPUTIES_DEFAULT_MODEL={DEFAULT_MODEL!r} must look like provider/model")
+# A cheaper model for housekeeping: it names a session after its first run (sessions/agent/titles.py).
+# Empty: sessions keep their prompt's first line as their title.
+SUMMARY_MODEL = envstr("DEPUTIES_SUMMARY_MODEL", "")
+if SUMMARY_MODEL and "/" not in SUMMARY_MODEL:
+    raise ImproperlyConfigured(f"DEPUTIES_SUMMARY_MODEL={SUMMARY_MODEL!r} must look like provider/model")
 LLM_MAX_TOKENS = envint("DEPUTIES_LLM_MAX_TOKENS", 4096, minimum=1)
 LLM_TIMEOUT = envfloat("DEPUTIES_LLM_TIMEOUT", 120.0, minimum=1)
 LLM_MAX_RETRIES = envint("DEPUTIES_LLM_MAX_RETRIES", 4, minimum=0)

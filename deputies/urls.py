@@ -6,11 +6,14 @@ from django.templatetags.static import static
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from deputies.metrics import metrics
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("favicon.ico", RedirectView.as_view(url=static("deputies/favicon.svg"), permanent=True)),
     path("login", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
+    path("metrics", metrics, name="metrics"),
     path("integrations/webhooks/", include("integrations.webhooks.urls")),
     path("integrations/slack/", include("integrations.slack.urls")),
     path("", include("integrations.deliveries.urls")),  # before the API's catch-all 404

@@ -34,6 +34,7 @@ from sessions.api.permissions import (
     request_body,
     team_for_write,
 )
+from sessions.limits import queue_position_sql
 from sessions.models import (
     WRITE_ROLES,
     Artifact,
@@ -58,6 +59,7 @@ def session_queryset() -> QuerySet[Session]:
     return (
         Session.objects.select_related("team", "repository", "environment", "created_by")
         .annotate(pending_message_count=Count("messages", filter=Q(messages__status=Message.Status.PENDING)))
+        .annotate(queue_place=queue_position_sql())
         .prefetch_related(
             Prefetch("runs", queryset=Run.objects.filter(status__in=Run.ACTIVE), to_attr="active_runs"),
             Prefetch(
@@ -190,6 +192,7 @@ class SessionViewSet(
 
     serializer_class = s.SessionSerializer
     queryset = Session.objects.none()  # for the schema; get_queryset scopes by team
+    throttle_scope = "sessions"  # creating one counts against DEPUTIES_API_RATE_SESSIONS too
 
     def get_queryset(self) -> QuerySet[Session]:
         if self.action in ("list", "retrieve"):

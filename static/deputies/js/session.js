@@ -41,6 +41,8 @@ function setStatus(value, at) {
   const badge = $("session-status");
   badge.className = `badge status-${value}`;
   badge.textContent = value;
+  const place = $("queue-position");
+  if (place && value !== "queued") place.hidden = true; // it started (or stopped): no longer waiting
   if (TERMINAL.has(value)) {
     finished = at ? new Date(at) : new Date();
     setActive(false);

@@ -102,6 +102,10 @@ function body(event, downloadUrl) {
       const then = p.will_retry ? `retrying in ${p.retry_in} s` : "giving up";
       return ["progress", [muted(`Callback to ${p.target || ""} failed (attempt ${p.attempt}): ${p.error || ""}; ${then}`)]];
     }
+    case "run_resumed":
+      return ["progress", [muted(`Run resumed (attempt ${p.attempt}) from step ${p.from_step}, sandbox ${p.sandbox}`)]];
+    case "workspace_restored":
+      return ["progress", [muted(`Workspace restored from the saved work (artifact ${p.artifact_id}): ${p.changed} files changed, ${p.deleted} deleted`)]];
     case "context_compacted":
       return ["progress", [muted(`Conversation compacted: ${p.elided} older outputs elided (${p.chars_before} → ${p.chars_after} characters)`)]];
     case "status":
