@@ -549,3 +549,32 @@ def test_it_documents_every_slack_setting_in_the_readme():
     names = set(re.findall(r'"(DEPUTIES_SLACK_[A-Z_]+)"', (root / "deputies" / "settings.py").read_text()))
     readme = (root / "README.md").read_text()
     assert names and {n for n in names if f"`{n}`" not in readme} == set()
+
+
+def test_it_ignores_a_stale_cancel_or_retry_button(workspace, slack):
+    command("quick job")
+    session = Session.objects.get()
+    Session.objects.filter(pk=session.pk).update(status="idle")
+    click(messages.CANCEL, session.pk)
+    click(messages.RETRY, session.pk)
+    session.refresh_from_db()
+    assert session.status == "idle" and session.runs.count() == 1
+    drain()
+    notes = [p["text"] for _, p in slack.of("chat.postEphemeral")]
+    assert notes == [
+        "Nothing to do: the session is idle already.",
+        "Nothing to do: the session is idle; only a failed or cancelled one is retried.",
+    ]
+
+
+def test_it_keeps_a_channels_defaults_in_its_team(workspace, other_team):
+    from django.core.exceptions import ValidationError
+
+    from sessions.models import Repository
+
+    foreign = Repository.objects.create(team=other_team, name="theirs", url="https://example.com/t.git")
+    channel = SlackChannel.objects.get()
+    channel.repository = foreign
+    with pytest.raises(ValidationError) as caught:
+        channel.full_clean()
+    assert "repository" in caught.value.message_dict

@@ -257,3 +257,30 @@ def test_it_finishes_while_slack_is_down_and_delivers_everything_after(tmp_path,
                      what="every delivery sent")  # fmt: skip
             assert not Delivery.objects.filter(kind="slack", status="failed").exists()
             assert "+eyes" in slack.reactions() and len(slack.of("chat.postMessage")) == 2  # status + end
+
+
+def test_it_runs_socket_mode_alone_as_deputies_slack(tmp_path, setup):
+    """``deputies slack``: the Socket Mode process for installs whose workers should not hold it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.live import stop_process
+
+    with FakeSlack() as slack, start_in_thread(SCRIPT) as fake_llm:
+        sockets = FakeSocketMode(slack)
+        slack.add_user("U0ALICE", "owner@example.com")
+        env = slack_env(tmp_path, fake_llm, slack, DEPUTIES_SLACK_APP_TOKEN=APP_TOKEN,
+                        DEPUTIES_SLACK_SOCKET_MODE_IN_WORKER="false")  # fmt: skip
+        log = open(tmp_path / "slack.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "deputies"), "slack"], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            sockets.wait_connected(timeout=60)
+            ack = sockets.ack_for(sockets.push("slash_commands", command_form("Make the failing test pass")))
+            assert ack["payload"]["text"].startswith(":inbox_tray: Queued")
+            assert Session.objects.get().status == "queued"  # no worker here: the run waits for one
+        finally:
+            stop_process(proc)
+            log.close()
+        assert proc.returncode == 0, (tmp_path / "slack.log").read_text()[-2000:]

@@ -329,9 +329,14 @@ def handle_interaction(payload: dict[str, Any]) -> Answer:
                 outbound.ephemeral(channel_id, slack_user, f":no_entry: {exc}", f"refused-{key}", session=session,
                                    thread_ts=session.slack_thread.thread_ts)  # fmt: skip
                 return Answer({}, note="refused")
+            # A button can be older than the state it acts on (clicked before its message was edited).
             if action["action_id"] == messages.CANCEL:
-                done = session.cancel()
-                note = "cancelled" if done else "already closed"
+                if session.status in (SessionStatus.QUEUED, SessionStatus.RUNNING) and session.cancel():
+                    note = "cancelled"
+                else:
+                    note = f"the session is {session.status} already"
+            elif session.status not in (SessionStatus.FAILED, SessionStatus.CANCELLED):
+                note = f"the session is {session.status}; only a failed or cancelled one is retried"
             else:
                 run = session.retry()
                 note = f"retried as run {run.pk}" if run else "not retried: a run is active"

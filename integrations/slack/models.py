@@ -79,6 +79,14 @@ class SlackChannel(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        for name in ("repository", "environment"):
+            related = getattr(self, name)
+            if related is not None and self.team_id and related.team_id != self.team_id:
+                raise ValidationError({name: f"Must belong to the channel's team ({self.team})."})
+
 
 class SlackUser(models.Model):
     class Via(models.TextChoices):
