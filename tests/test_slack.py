@@ -578,3 +578,11 @@ def test_it_keeps_a_channels_defaults_in_its_team(workspace, other_team):
     with pytest.raises(ValidationError) as caught:
         channel.full_clean()
     assert "repository" in caught.value.message_dict
+
+
+def test_it_shows_the_slack_card_on_the_setup_page(workspace, admin_client, settings):
+    page = admin_client.get("/setup").content.decode()
+    assert "Slack" in page and "HTTP at https://deputies.example.test/integrations/slack/" in page
+    assert BOT_TOKEN not in page and SIGNING_SECRET not in page
+    settings.SLACK_BOT_TOKEN = settings.SLACK_SIGNING_SECRET = ""
+    assert "deputies slack manifest" in admin_client.get("/setup").content.decode()

@@ -284,3 +284,32 @@ def test_it_runs_socket_mode_alone_as_deputies_slack(tmp_path, setup):
             stop_process(proc)
             log.close()
         assert proc.returncode == 0, (tmp_path / "slack.log").read_text()[-2000:]
+
+
+def test_it_makes_one_session_for_twenty_copies_of_an_event_at_once(tmp_path, setup):
+    """Slack's retries can overlap the first delivery: the dedupe claim, the last statement of each
+    request's transaction, lets exactly one through; the others roll back and answer 200."""
+    from tests.test_webhooks_live import all_at_once
+
+    with FakeSlack() as slack, start_in_thread(SCRIPT) as fake_llm:
+        slack.add_user("U0ALICE", "owner@example.com")
+        env = slack_env(tmp_path, fake_llm, slack)
+        with web_process(env, free_port()) as base:
+            event = event_body({"type": "app_mention", "user": "U0ALICE", "ts": "1700005000.000001",
+                                "text": f"<@{BOT_USER}> Fix the flaky test"}, event_id="Ev0TWENTY")  # fmt: skip
+            raw = json.dumps(event).encode()
+            answers = all_at_once(
+                lambda client, n: post(
+                    client,
+                    base,
+                    "events",
+                    raw,
+                    "application/json",
+                    **({"X-Slack-Retry-Num": str(n)} if n else {}),
+                )  # fmt: skip
+            )
+            assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers]
+            assert Session.objects.count() == 1
+            session = Session.objects.get()
+            assert session.messages.count() == 1 and SlackThread.objects.count() == 1
+            assert Delivery.objects.filter(kind="slack").count() == 2  # eyes, status message
