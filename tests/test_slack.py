@@ -343,6 +343,7 @@ def test_it_turns_replies_in_the_thread_into_follow_ups_and_ignores_bots(workspa
     )
     assert contents == ["fix the flaky test", "also update the docs", "and the changelog"]
     assert Session.objects.count() == 1
+    assert SeenRequest.objects.count() == 3  # the ignored messages left no row
     drain()
     assert sorted(p["timestamp"] for _, p in slack.of("reactions.add")) == [
         "1700000100.000100", "1700000100.000200", "1700000100.000700",

@@ -217,7 +217,8 @@ def handle_event(body: dict[str, Any], retry_num: str | int | None = None) -> An
                     thread_ts=event.get("thread_ts", ""),
                 )  # fmt: skip
                 return Answer({"ok": True}, note="refused")
-            _claim(f"event:{event_id}", session)
+            if session is not None:  # an ignored message (a thread that is not ours) leaves no row
+                _claim(f"event:{event_id}", session)
     except Duplicate:
         return Answer({"ok": True}, note="duplicate" + (f" (retry {retry_num})" if retry_num else ""))
     return Answer({"ok": True}, note=note)

@@ -168,8 +168,13 @@ class SlackSender(Sender):
     def op_post(self, delivery, thread: SlackThread) -> Outcome:
         if not thread.thread_ts:
             raise Waiting("the thread's first message is not posted yet")
-        if _status_post(thread) in (Delivery.Status.PENDING, Delivery.Status.SENDING):
-            raise Waiting("the status message goes first")  # so the thread reads in order
+        # The status message goes first, so the thread reads in order. Its ts (read fresh by send())
+        # is written before its delivery is recorded as delivered, so the ts is what tells.
+        if not thread.status_ts and _status_post(thread) in (
+            Delivery.Status.PENDING,
+            Delivery.Status.SENDING,
+        ):
+            raise Waiting("the status message goes first")
         p = delivery.payload
         result = client.call("chat.postMessage", channel=thread.channel_id, thread_ts=thread.thread_ts,
                              text=p["text"], blocks=p.get("blocks"), unfurl_links=False)  # fmt: skip
