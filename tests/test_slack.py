@@ -470,8 +470,15 @@ def test_it_edits_the_status_message_with_the_plan(workspace, slack, settings):
 # --- API, /setup, manifest --------------------------------------------------------------------------
 
 
-def test_it_scopes_channel_defaults_to_the_team(workspace, owner, viewer, outsider, repository):
+def test_it_scopes_channel_defaults_to_the_team(workspace, owner, teammate, viewer, outsider, repository):
     channel = SlackChannel.objects.get()
+    assert client_for(None).get("/api/v1/slack-channels").status_code == 401
+    url = f"/api/v1/slack-channels/{channel.pk}"
+    assert client_for(viewer).patch(url, {"model": "scripted/x"}, format="json").status_code == 403
+    assert client_for(outsider).patch(url, {"model": "scripted/x"}, format="json").status_code == 404
+    assert client_for(outsider).get("/api/v1/slack-channels").json()["results"] == []
+    edited = client_for(teammate).patch(url, {"model": "scripted/x"}, format="json")
+    assert edited.status_code == 200 and edited.json()["model"] == "scripted/x"
     body = {"name": "#ops", "workspace": TEAM_ID, "channel_id": "C0OPS", "repository": repository.pk,
             "model": "scripted/demo"}  # fmt: skip
     created = client_for(owner).post("/api/v1/slack-channels", body, format="json")
@@ -489,6 +496,7 @@ def test_it_scopes_channel_defaults_to_the_team(workspace, owner, viewer, outsid
         "#dev",
         "#ops",
     ]
+    assert client_for(owner).delete(f"/api/v1/slack-channels/{created.json()['id']}").status_code == 204
 
 
 def test_it_shows_the_setup_card_without_secret_values(workspace, settings):
@@ -587,3 +595,21 @@ def test_it_shows_the_slack_card_on_the_setup_page(workspace, admin_client, sett
     assert BOT_TOKEN not in page and SIGNING_SECRET not in page
     settings.SLACK_BOT_TOKEN = settings.SLACK_SIGNING_SECRET = ""
     assert "deputies slack manifest" in admin_client.get("/setup").content.decode()
+
+
+def test_it_maps_a_slack_user_in_the_admin(workspace, admin_client, teammate):
+    for model in ("slackworkspace", "slackchannel", "slackuser", "slackthread", "seenrequest"):
+        assert admin_client.get(f"/admin/slack/{model}/").status_code == 200, model
+    answer = admin_client.post(
+        "/admin/slack/slackuser/add/",
+        {
+            "workspace": workspace.pk,
+            "slack_user_id": "U0BOB",
+            "user": teammate.pk,
+            "via": "email",
+            "email": "",
+        },
+    )
+    assert answer.status_code == 302, answer.content.decode()[:2000]
+    mapping = SlackUser.objects.get(slack_user_id="U0BOB")
+    assert mapping.user == teammate and mapping.via == "admin"  # an admin's mapping is never looked up again
