@@ -202,7 +202,10 @@ def test_it_takes_a_slash_command_and_retried_events_over_socket_mode(tmp_path, 
         slack.add_user("U0ALICE", "owner@example.com")
         env = slack_env(tmp_path, fake_llm, slack, DEPUTIES_SLACK_APP_TOKEN=APP_TOKEN,
                         DEPUTIES_SLACK_SIGNING_SECRET="")  # fmt: skip
+        slack.down = True  # the worker starts while Slack is away: it keeps trying
         with worker_process(env):
+            wait_for(lambda: slack.attempts >= 2, timeout=60, what="two connection attempts")
+            slack.down = False
             sockets.wait_connected(timeout=60)
             assert slack.of("apps.connections.open")
             assert f"Bearer {APP_TOKEN}" in slack.tokens

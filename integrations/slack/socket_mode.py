@@ -5,8 +5,8 @@ handler's transaction commits (a slash command's ack carries its ephemeral answe
 whose handling failed is not acknowledged, so Slack sends it again, and the dedupe table keeps that
 harmless.
 
-Runs inside ``deputies worker`` (a few threads) when ``DEPUTIES_SLACK_APP_TOKEN`` is set, or alone
-as ``deputies slack``. Several workers hold several connections; Slack gives each envelope to one.
+Runs inside ``deputies worker`` (a few threads; it keeps trying to connect while Slack is away) when
+``DEPUTIES_SLACK_APP_TOKEN`` is set, or alone as ``deputies slack``. Several workers hold several connections; Slack gives each envelope to one.
 """
 
 from __future__ import annotations
@@ -66,30 +66,64 @@ def start():
     if not settings.SLACK_APP_TOKEN:
         return None
     socket_client = make_client()
-    socket_client.connect()
+    try:
+        socket_client.connect()
+    except BaseException:
+        socket_client.close()  # its reader threads are running already
+        raise
     log.info("slack: Socket Mode connected")
     return socket_client
 
 
-def start_in_worker():
-    """``deputies worker``'s hook: Socket Mode beside the runs when configured; a failure to connect
-    is logged and retried by the client, never stops the worker."""
+class Background:
+    """Socket Mode on its own thread (beside a worker's runs, or in ``deputies slack``): connects,
+    retrying with back-off while Slack or the network is away; once connected, the client
+    reconnects by itself."""
+
+    def __init__(self) -> None:
+        self.client = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._connect, name="slack-socket-mode", daemon=True)
+        self.thread.start()
+
+    def _connect(self) -> None:
+        delay = 1.0
+        while not self.stopped.is_set():
+            try:
+                self.client = start()
+                return
+            except Exception as exc:  # a bad token, Slack away: the worker goes on, we try again
+                log.warning("slack: Socket Mode could not connect (%s); retrying in %.0f s", _why(exc), delay)
+            self.stopped.wait(delay)
+            delay = min(60.0, delay * 2)
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self.client is not None:
+            self.client.close()
+
+
+def _why(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    if response is not None and isinstance(getattr(response, "data", None), dict):
+        return f"Slack answered {response.data.get('error')}"
+    return type(exc).__name__
+
+
+def start_in_worker() -> Background | None:
+    """``deputies worker``'s hook, when an app token is set and DEPUTIES_SLACK_SOCKET_MODE_IN_WORKER."""
     if not (settings.SLACK_APP_TOKEN and settings.SLACK_SOCKET_MODE_IN_WORKER):
         return None
-    try:
-        return start()
-    except Exception:
-        log.exception("slack: Socket Mode could not connect (the worker goes on without it)")
-        return None
+    return Background()
 
 
 def serve(stop: threading.Event) -> int:
-    """``deputies slack``: Socket Mode in the foreground until ``stop``."""
-    socket_client = start()
-    if socket_client is None:
+    """``deputies slack``: Socket Mode until ``stop``."""
+    if not settings.SLACK_APP_TOKEN:
         raise RuntimeError("DEPUTIES_SLACK_APP_TOKEN is not set (Socket Mode needs an app-level token).")
+    background = Background()
     try:
         stop.wait()
     finally:
-        socket_client.close()
+        background.close()
     return 0
