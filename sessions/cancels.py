@@ -70,7 +70,6 @@ class CancelWatch:
     def check(self) -> None:
         """One query: set the ``Cancel`` of every watched run that is not running any more."""
         from sessions.models import Run
-        from sessions.workpool import release_connection
 
         with self.cond:
             ids = list(self.watched)
@@ -78,14 +77,17 @@ class CancelWatch:
             return
         try:
             stopped = list(
-                Run.objects.filter(pk__in=ids).exclude(status=Run.Status.RUNNING).values_list("pk", flat=True)
+                Run.objects.filter(pk__in=ids)
+                .exclude(status=Run.Status.RUNNING)
+                .order_by()
+                .values_list("pk", flat=True)
             )
         except Exception as exc:  # the database is away: try again next interval
             log.warning("cannot check for cancelled runs: %s", exc)
             _close_connection()
             return
-        finally:
-            release_connection()
+        # The connection stays with this thread while commands run (taking it from the pool again
+        # each time would cost a check and a session set-up per poll); it is closed when idle.
         with self.cond:
             cancels = [c for pk in stopped for c in self.watched.get(pk, [])]
         for cancel in cancels:

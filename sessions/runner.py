@@ -421,6 +421,8 @@ class Runner:
                         "timed_out": result.timed_out,
                     },
                 )
+                if result.cancelled:
+                    raise StepFailed(f"{label} was stopped: the run was cancelled")
                 if result.timed_out:
                     raise StepFailed(
                         f"{label} timed out after {timeout:g} s (DEPUTIES_SETUP_TIMEOUT); see the setup log"

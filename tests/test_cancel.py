@@ -108,6 +108,40 @@ def test_it_kills_a_running_command_within_two_seconds_of_a_cancel(
     assert Sandbox.objects.get(session=session).isolated is (isolation == "bwrap")
 
 
+def test_it_kills_a_running_setup_script_within_two_seconds_of_a_cancel(
+    local_settings, team, owner, repository
+):
+    marker = unique_sleep()
+    environment = Environment.objects.create(
+        team=team, name="slow", setup_script=f"echo installing; sleep {marker}"
+    )
+    with start_in_thread(script(marker)) as fake:
+        local_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
+        }
+        session = start_session(
+            team=team,
+            repository=repository,
+            environment=environment,
+            prompt="Wait",
+            model="scripted/demo",
+            created_by=owner,
+        )
+        run = session.runs.get()
+        thread, outcome = in_thread(run.pk)
+        try:
+            took = cancel_and_time(session, marker)
+        finally:
+            thread.join(timeout=30)
+        assert took < DEADLINE, f"the setup script outlived the cancel by {took:.2f} s"
+        assert outcome == ["cancelled"]
+        run.refresh_from_db()
+        assert run.status == Run.Status.CANCELLED
+        finished = Event.objects.get(run=run, type="setup_finished").payload
+        assert finished["exit_code"] == 137 and not finished["timed_out"]
+        assert not fake.requests  # the agent never started
+
+
 def test_it_kills_a_running_command_in_a_docker_sandbox_within_two_seconds(
     local_settings, team, owner, repository
 ):
