@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
 from sandboxes.base import Cancel, SandboxSpec
 from sandboxes.models import Sandbox
@@ -19,7 +21,9 @@ from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Environment, Event, Run
 from sessions.runner import execute
 from sessions.web.setup_checks import check_sandbox
+from tests.live import database_url_for_children
 from tests.sandbox_contract import live_processes_with, shell, unique_sleep, wait_until
+from tests.test_pages import browser, page_of
 from tests.test_setup_script import repo_with_setup, run_session
 
 
@@ -79,6 +83,16 @@ def host_without_bwrap(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(bin_dir))
 
 
+def database_dump() -> str:
+    """pg_dump of the test database (what a backup would hold); "" on SQLite."""
+    if connection.vendor != "postgresql":
+        return ""
+    return subprocess.run(
+        ["pg_dump", "--no-owner", database_url_for_children()], capture_output=True, text=True, check=True
+    ).stdout
+
+
+@pytest.mark.django_db(transaction=True)  # committed, so pg_dump sees the run's rows
 def test_it_keeps_secret_values_out_of_every_file_after_a_run_and_a_reconnect(
     run_settings, team, owner, tmp_path
 ):
@@ -106,6 +120,9 @@ def test_it_keeps_secret_values_out_of_every_file_after_a_run_and_a_reconnect(
     assert session.sandboxes.count() == 1  # reconnected, not recreated
     assert "t=[secret API_TOKEN]" in bash_outputs(follow_up)[0]
     assert files_holding(value, *roots) == []
+    dump = database_dump()
+    assert connection.vendor != "postgresql" or "t=[secret API_TOKEN]" in dump  # the dump has the events...
+    assert value not in dump  # ...and no value: the secret rows are ciphertext
 
 
 def test_it_withholds_secrets_from_a_sandbox_that_fell_back_to_no_isolation(
@@ -129,6 +146,8 @@ def test_it_withholds_secrets_from_a_sandbox_that_fell_back_to_no_isolation(
     assert ready["secrets_withheld"] == ["API_TOKEN"]  # names only, and only the sandbox-visible ones
     assert "not isolated" in ready["secrets_withheld_reason"]
     assert "DEPUTIES_SANDBOX_ISOLATION=none" in ready["secrets_withheld_reason"]
+    page = browser(owner).get(page_of(run.session)).content.decode()
+    assert "Secrets withheld</strong> (API_TOKEN)" in page
 
 
 def test_it_gives_secrets_to_an_unisolated_sandbox_when_the_operator_opted_in(
