@@ -27,6 +27,9 @@ def setup(data_dir: Path | None = None) -> None:
     if data_dir is not None:
         os.environ["DEPUTIES_DATA_DIR"] = str(data_dir)
     os.environ.setdefault("DEPUTIES_LOG_LEVEL", "WARNING")
+    # Benchmarks measure the server, not its rate limits (one client sends thousands a minute).
+    os.environ.setdefault("DEPUTIES_API_RATE", "0")
+    os.environ.setdefault("DEPUTIES_API_RATE_SESSIONS", "0")
     import django
 
     django.setup()

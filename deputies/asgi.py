@@ -13,11 +13,10 @@ from deputies.asgi_handler import PooledASGIHandler  # noqa: E402
 django_asgi_app = PooledASGIHandler()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from deputies.routing import websocket_urlpatterns  # noqa: E402
-from sessions.streaming.wire import SessionAuthMiddleware  # noqa: E402
+from sessions.streaming.wire import WebsocketAuth  # noqa: E402
 
 http_app = django_asgi_app
 if settings.SERVE_STATIC:
@@ -29,9 +28,10 @@ if settings.SERVE_STATIC:
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        # Browsers send the session cookie with websockets, so the origin check is what stops
-        # another site's page from opening a stream as the logged-in user. SessionAuthMiddleware is
-        # channels' AuthMiddlewareStack without its per-message cost (see sessions/streaming/wire.py).
-        "websocket": AllowedHostsOriginValidator(SessionAuthMiddleware(URLRouter(websocket_urlpatterns))),
+        # A bearer token on the handshake (API clients), or the session cookie behind the origin
+        # check, which stops another site's page from opening a stream as the logged-in user; see
+        # WebsocketAuth and SessionAuthMiddleware (channels' AuthMiddlewareStack without its
+        # per-message cost) in sessions/streaming/wire.py.
+        "websocket": WebsocketAuth(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -133,16 +133,24 @@ def ensure_admin(data_dir: Path) -> tuple[str, str]:
     return username, password
 
 
+DEMO_PROVIDER, DEMO_MODEL = "scripted", "scripted/demo"
+
+
+def start_demo_model():
+    """The scripted demo model (deputies/demo/script.json) on a free loopback port, in this process."""
+    from sessions.agent.fake_llm import start_in_thread
+
+    return start_in_thread(json.loads((DEMO_DIR / "script.json").read_text()))
+
+
 def start_demo(env: dict[str, str], data_dir: Path, username: str):
     """Start the scripted demo model in-process and register the bundled sample repository."""
-    from sessions.agent.fake_llm import start_in_thread
     from sessions.models import Repository, Team
 
-    script = json.loads((DEMO_DIR / "script.json").read_text())
-    fake = start_in_thread(script)
-    env["DEPUTIES_LLM_PROVIDERS"] = "scripted"
+    fake = start_demo_model()
+    env["DEPUTIES_LLM_PROVIDERS"] = DEMO_PROVIDER
     env["DEPUTIES_LLM_SCRIPTED_BASE_URL"] = fake.base_url
-    env["DEPUTIES_DEFAULT_MODEL"] = "scripted/demo"
+    env["DEPUTIES_DEFAULT_MODEL"] = DEMO_MODEL
     repo_path = ensure_sample_repo(data_dir / "sample-repo")
     team = Team.objects.get(slug="default")
     Repository.objects.get_or_create(
@@ -208,6 +216,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.server:  # an API client of a running Deputies: no database here
+        from deputies.client import ClientError, run_remote
+
+        try:
+            return run_remote(args, describe)
+        except ClientError as exc:
+            raise CLIError(str(exc)) from None
     setup_django()
     from django.conf import settings
     from django.contrib.auth import get_user_model
@@ -225,12 +240,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (repo_path / ".git").exists():
         raise CLIError(f"--repo {args.repo}: not a git repository")
     model = args.model or settings.DEFAULT_MODEL
+    if model and "/" not in model:
+        raise CLIError(f"--model {model}: expected provider/model, e.g. openai/gpt-4o or {DEMO_MODEL}")
+    demo = None
+    if not settings.LLM_PROVIDERS and model in ("", DEMO_MODEL):
+        # Like `up`: with no LLM configured, the labelled scripted demo model, served by this
+        # process, so the command works from any shell with no variables set.
+        demo = start_demo_model()
+        settings.LLM_PROVIDERS[DEMO_PROVIDER] = {"kind": "openai", "base_url": demo.base_url, "api_key": ""}
+        model = DEMO_MODEL
     if not model:
         raise CLIError("no model: pass --model provider/model or set DEPUTIES_DEFAULT_MODEL")
     provider = model.split("/", 1)[0]
     if provider not in settings.LLM_PROVIDERS:
         configured = ", ".join(sorted(settings.LLM_PROVIDERS)) or "none"
         raise CLIError(f"--model {model}: provider {provider!r} is not configured (configured: {configured})")
+    if demo is not None:
+        print(f"model {model}: the SCRIPTED DEMO MODEL (not a real LLM; no LLM provider is configured)")
+    else:
+        print(f"model {model} at {settings.LLM_PROVIDERS[provider]['base_url']}", flush=True)
     user = get_user_model().objects.filter(username=args.user).first()
     if user is None:
         raise CLIError(f"--user {args.user}: no such user (run `deputies up` once to create 'admin')")
@@ -402,33 +430,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="Simple mode: migrate, make an admin, run web and worker together")
-    up.add_argument("--host", default=os.environ.get("DEPUTIES_HOST", "127.0.0.1"))
-    up.add_argument("--port", type=int, default=int(os.environ.get("DEPUTIES_PORT", "8000")))
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        # Every option's default is shown by --help.
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            **kwargs,
+        )
+
+    up = command("up", "Simple mode: migrate, make an admin, run web and worker together")
+    up.add_argument(
+        "--host",
+        default=os.environ.get("DEPUTIES_HOST", "127.0.0.1"),
+        help="address to listen on (env DEPUTIES_HOST); loopback only by default, 0.0.0.0 for every interface",
+    )
+    up.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("DEPUTIES_PORT", "8000")),
+        help="port (env DEPUTIES_PORT)",
+    )
     up.set_defaults(func=cmd_up)
 
-    web = sub.add_parser("web", help="HTTP and websocket server (daphne)")
-    web.add_argument("--host", default="0.0.0.0")
-    web.add_argument("--port", type=int, default=8000)
+    web = command("web", "HTTP and websocket server (daphne), for Scale mode behind a proxy")
+    web.add_argument("--host", default="0.0.0.0", help="address to listen on: every interface by default")
+    web.add_argument("--port", type=int, default=8000, help="port")
     web.set_defaults(func=cmd_web)
 
-    worker = sub.add_parser("worker", help="queue worker: many runs at once per process")
+    worker = command("worker", "queue worker: many runs at once per process")
     worker.add_argument("--one", action="store_true", help="one process, whatever DEPUTIES_WORKERS says")
     worker.set_defaults(func=cmd_worker)
 
-    run = sub.add_parser("run", help="submit a prompt on a local repository and follow it")
-    run.add_argument("--repo", required=True, help="path to a local git repository")
-    run.add_argument("--model", default="", help="provider/model (default: DEPUTIES_DEFAULT_MODEL)")
+    run = command("run", "submit a prompt on a local repository and follow it")
+    run.add_argument(
+        "--repo",
+        required=True,
+        help="path to a local git repository (with --server: its path or URL on the server)",
+    )
+    run.add_argument(
+        "--model",
+        default="",
+        help="provider/model (default: DEPUTIES_DEFAULT_MODEL, else the scripted demo model when no LLM is configured)",
+    )
     run.add_argument("--base-branch", default="", help="branch to start from (default: the checked-out one)")
-    run.add_argument("--user", default="admin")
+    run.add_argument("--user", default="admin", help="the Deputies user the session belongs to")
     run.add_argument("--queue-only", action="store_true", help="leave the run to the workers, just follow it")
-    run.add_argument("prompt")
+    run.add_argument(
+        "--server",
+        default=os.environ.get("DEPUTIES_SERVER", ""),
+        help="URL of a running Deputies: start the session through its API and follow it over its "
+        "websocket (default: DEPUTIES_SERVER; without it, run in this process on the local database)",
+    )
+    run.add_argument(
+        "--token",
+        default=os.environ.get("DEPUTIES_TOKEN", ""),
+        help="API token for --server (default: DEPUTIES_TOKEN; prefer the variable: arguments show in ps)",
+    )
+    run.add_argument("prompt", help="what the agent should do")
     run.set_defaults(func=cmd_run)
 
-    fake = sub.add_parser("fake-llm", help="serve a SCRIPTED OpenAI-compatible model (tests, demos)")
-    fake.add_argument("--script", required=True)
-    fake.add_argument("--port", type=int, default=8099)
-    fake.add_argument("--host", default="127.0.0.1")
+    fake = command("fake-llm", "serve a SCRIPTED OpenAI-compatible model (tests, demos; not a real LLM)")
+    fake.add_argument("--script", required=True, metavar="FILE", help="JSON script of responses to replay")
+    fake.add_argument("--port", type=int, default=8099, help="port; 0 picks a free one")
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
     fake.set_defaults(func=cmd_fake_llm)
 
     secrets = sub.add_parser("secrets", help="environment secrets")
@@ -440,9 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
-    create = token_sub.add_parser("create", help="create a bearer token for USER and print it once")
-    create.add_argument("user")
-    create.add_argument("--name", default="")
+    create = token_sub.add_parser(
+        "create",
+        help="create a bearer token for USER and print it once",
+        description="Create a bearer token for USER and print it once (only its hash is stored).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    create.add_argument("user", help="username the token acts as")
+    create.add_argument("--name", default="", help="a label to recognise the token by in the admin")
     create.set_defaults(func=cmd_token)
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -73,6 +74,19 @@ def envchoice(name: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+RATE_RE = re.compile(r"^([1-9][0-9]*)/(s|sec|second|m|min|minute|h|hour|d|day)$")
+
+
+def envrate(name: str, default: str) -> str | None:
+    """A rate like ``600/min`` (DRF's format); ``0``, ``none`` or ``off`` is None, no limit."""
+    value = envstr(name, default).strip().lower()
+    if value in ("0", "none", "off"):
+        return None
+    if not RATE_RE.match(value):
+        raise ImproperlyConfigured(f"{name}={value!r} must look like 600/min (N/s, N/min, N/h, N/day) or 0")
+    return value
+
+
 def envjson(name: str, default: object) -> object:
     value = _raw(name)
     if value is None or value == "":
@@ -81,3 +95,13 @@ def envjson(name: str, default: object) -> object:
         return json.loads(value)
     except json.JSONDecodeError as exc:
         raise ImproperlyConfigured(f"{name} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def envnetworks(name: str, default: str = "") -> tuple:
+    """Comma-separated IP ranges (``10.0.0.0/8,::1``) for the allow lists of deputies/netguard.py."""
+    from deputies.netguard import parse_networks
+
+    try:
+        return parse_networks(envstr(name, default), name)
+    except ValueError as exc:
+        raise ImproperlyConfigured(str(exc)) from None

@@ -9,7 +9,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envstr
+from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envrate, envstr
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -69,6 +69,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets, served from /static/ (offline)
     "django_q",
     "channels",
     "sessions.apps.AgentSessionsConfig",
@@ -84,6 +85,17 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# /metrics (deputies/metrics.py): a bearer token for Prometheus (else only staff logins may read it),
+# and django-prometheus's per-process request metrics, off by default: see deputies/metrics.py.
+METRICS_TOKEN = envstr("DEPUTIES_METRICS_TOKEN", "")
+METRICS_MIDDLEWARE = envbool("DEPUTIES_METRICS_MIDDLEWARE", False)
+if METRICS_MIDDLEWARE:
+    INSTALLED_APPS.append("django_prometheus")
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
 
 ROOT_URLCONF = "deputies.urls"
 ASGI_APPLICATION = "deputies.asgi.application"
@@ -106,10 +118,20 @@ TEMPLATES = [
 
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = envstr("DATABASE_URL", f"sqlite:///{DATA_DIR / 'deputies.sqlite3'}")
+_DATABASE_FORMS = "sqlite:///path/to/file.sqlite3 or postgres://user@host:5432/name"
+_scheme = DATABASE_URL.partition("://")[0].lower() if "://" in DATABASE_URL else ""
+if _scheme not in ("sqlite", "postgres", "postgresql", "pgsql"):
+    # Only the scheme is shown: the URL may hold a password.
+    raise ImproperlyConfigured(
+        f"DATABASE_URL must look like {_DATABASE_FORMS}"
+        + (f" (its scheme is {_scheme!r})" if _scheme else "")
+    )
 try:
     _db = dj_database_url.parse(DATABASE_URL, conn_max_age=envint("DEPUTIES_DB_CONN_MAX_AGE", 60, minimum=0))
 except Exception as exc:  # dj_database_url raises several types for a bad URL
-    raise ImproperlyConfigured(f"DATABASE_URL is not a valid database URL: {exc}") from None
+    raise ImproperlyConfigured(
+        f"DATABASE_URL is not a valid database URL ({_DATABASE_FORMS}): {exc}"
+    ) from None
 if _db["ENGINE"] == "django.db.backends.sqlite3":
     Path(_db["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     _db["CONN_MAX_AGE"] = 0
@@ -162,18 +184,25 @@ MEDIA_ROOT = DATA_DIR / "media"
 SERVE_STATIC = envbool("DEPUTIES_SERVE_STATIC", True)
 
 S3_BUCKET = envstr("DEPUTIES_S3_BUCKET")
+S3_URL_TTL = envint("DEPUTIES_S3_URL_TTL", 300, minimum=1)  # seconds a presigned download URL works
+if S3_URL_TTL > 604800:
+    raise ImproperlyConfigured(f"DEPUTIES_S3_URL_TTL='{S3_URL_TTL}' must be at most 604800 (SigV4's 7 days)")
 if S3_BUCKET:
     _default_storage = {
-        "BACKEND": "storages.backends.s3.S3Storage",
+        "BACKEND": "sessions.s3.ArtifactS3Storage",
         "OPTIONS": {
             "bucket_name": S3_BUCKET,
+            "location": envstr("DEPUTIES_S3_PREFIX").strip("/"),
             "endpoint_url": envstr("DEPUTIES_S3_ENDPOINT_URL") or None,
+            "public_endpoint_url": envstr("DEPUTIES_S3_PUBLIC_ENDPOINT_URL") or None,
             "region_name": envstr("DEPUTIES_S3_REGION") or None,
             "access_key": envstr("DEPUTIES_S3_ACCESS_KEY_ID") or None,
             "secret_key": envstr("DEPUTIES_S3_SECRET_ACCESS_KEY") or None,
             "default_acl": None,
             "file_overwrite": False,
             "querystring_auth": True,
+            "querystring_expire": S3_URL_TTL,
+            "signature_version": "s3v4",  # botocore would presign SigV2 for custom endpoints
         },
     }
 else:
@@ -196,15 +225,33 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "sessions.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# Rate limits per API client (its bearer token, else its user): "600/min" ("N/s", "N/min", "N/h",
+# "N/day"), "0" for none. Sessions have their own, stricter one (sessions/api/throttles.py).
+API_RATE = envrate("DEPUTIES_API_RATE", "600/min")
+API_RATE_SESSIONS = envrate("DEPUTIES_API_RATE_SESSIONS", "60/min")
+REST_FRAMEWORK["DEFAULT_THROTTLE_CLASSES"] = ["sessions.api.throttles.APIRateThrottle"]
+
 SPECTACULAR_SETTINGS = {
     "TITLE": "Deputies API",
     "DESCRIPTION": "Control plane for background coding agents.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
 }
 
 # --- Channels -------------------------------------------------------------------------------
 REDIS_URL = envstr("DEPUTIES_REDIS_URL")
+# Where API rate counters live, shared by every web process: Redis when configured, else the
+# database on Postgres; "memory" is per process (Simple mode's single web process on SQLite).
+RATE_LIMIT_STORE = envchoice("DEPUTIES_RATE_LIMIT_STORE", "auto", ("auto", "redis", "database", "memory"))
+if RATE_LIMIT_STORE == "auto":
+    RATE_LIMIT_STORE = (
+        "redis" if REDIS_URL else "database" if _db["ENGINE"].endswith("postgresql") else "memory"
+    )
+if RATE_LIMIT_STORE == "redis" and not REDIS_URL:
+    raise ImproperlyConfigured("DEPUTIES_RATE_LIMIT_STORE=redis needs DEPUTIES_REDIS_URL")
 CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 # Websocket pushes (sessions/streaming): how a web process hears that events were written.
 # auto = Redis pub/sub when DEPUTIES_REDIS_URL is set, else Postgres LISTEN/NOTIFY, else polling (SQLite).
@@ -277,6 +324,9 @@ SANDBOX_IDLE_TTL = envint("DEPUTIES_SANDBOX_IDLE_TTL", 1800, minimum=60)
 # Spending limits in USD (0: none). A session or team may set its own (sessions/budgets.py).
 SESSION_BUDGET_USD = envfloat("DEPUTIES_SESSION_BUDGET_USD", 0.0, minimum=0)
 TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, minimum=0)
+# Runs one team may have running at once (0: no limit); more wait, queued (sessions/limits.py).
+# A team may set its own in the admin.
+TEAM_MAX_CONCURRENT_RUNS = envint("DEPUTIES_TEAM_MAX_CONCURRENT_RUNS", 0, minimum=0)
 # No sandbox lives longer than this, used or not: its next run starts from a fresh one.
 SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
 # A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
@@ -335,6 +385,11 @@ LLM_PROVIDERS = _llm_providers()
 DEFAULT_MODEL = envstr("DEPUTIES_DEFAULT_MODEL", "")
 if DEFAULT_MODEL and "/" not in DEFAULT_MODEL:
     raise ImproperlyConfigured(f"DEPUTIES_DEFAULT_MODEL={DEFAULT_MODEL!r} must look like provider/model")
+# A cheaper model for housekeeping: it names a session after its first run (sessions/agent/titles.py).
+# Empty: sessions keep their prompt's first line as their title.
+SUMMARY_MODEL = envstr("DEPUTIES_SUMMARY_MODEL", "")
+if SUMMARY_MODEL and "/" not in SUMMARY_MODEL:
+    raise ImproperlyConfigured(f"DEPUTIES_SUMMARY_MODEL={SUMMARY_MODEL!r} must look like provider/model")
 LLM_MAX_TOKENS = envint("DEPUTIES_LLM_MAX_TOKENS", 4096, minimum=1)
 LLM_TIMEOUT = envfloat("DEPUTIES_LLM_TIMEOUT", 120.0, minimum=1)
 LLM_MAX_RETRIES = envint("DEPUTIES_LLM_MAX_RETRIES", 4, minimum=0)
@@ -357,6 +412,11 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+
+# Ranges that user-given addresses may reach although the default rules refuse them (loopback,
+# link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
+CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
+REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
 LOGGING = {
     "version": 1,

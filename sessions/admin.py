@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
 from sessions.budgets import team_month_spend
+from sessions.limits import wake_after_commit, wake_waiting_runs
 from sessions.models import (
     APIToken,
     Artifact,
@@ -19,6 +21,7 @@ from sessions.models import (
     LLMCall,
     Membership,
     Message,
+    RateCounter,
     Repository,
     Run,
     Session,
@@ -66,10 +69,28 @@ class MembershipInline(admin.TabularInline):
 
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "member_count", "monthly_budget_usd", "spent_this_month", "created"]
+    list_display = [
+        "name",
+        "slug",
+        "member_count",
+        "monthly_budget_usd",
+        "spent_this_month",
+        "max_concurrent_runs",
+        "created",
+    ]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [MembershipInline]
+
+    def save_model(self, request: HttpRequest, obj: Team, form, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change and "max_concurrent_runs" in form.changed_data:
+            # A raised or removed limit starts waiting runs now, not at the next run's end.
+            limit = obj.concurrency_limit()
+            if limit:
+                wake_after_commit(obj.pk, limit)
+            else:
+                transaction.on_commit(lambda: wake_waiting_runs(obj.pk, 0, lifted=True))
 
     @admin.display(description="members")
     def member_count(self, obj: Team) -> int:
@@ -401,3 +422,18 @@ class APITokenAdmin(ReadOnlyAdmin):
     list_select_related = ["user"]
     fields = ["user", "name", "prefix", "created", "last_used"]  # never key_hash
     readonly_fields = fields
+
+
+@admin.register(RateCounter)
+class RateCounterAdmin(admin.ModelAdmin):
+    """Who is near their API rate limit in the current window (sessions/api/throttles.py); read-only."""
+
+    list_display = ["key", "hits", "window_start"]
+    search_fields = ["key"]
+    ordering = ["-hits"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

@@ -1,4 +1,4 @@
-"""Storing artifacts: metadata row in the database, bytes in ``default_storage``."""
+"""Storing artifacts: metadata row in the database, bytes in ``default_storage`` (files or a bucket)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from django.db import transaction
 
 from sessions.events import emit
 from sessions.models import Artifact
+from sessions.storage import failure, storage_errors
 
 
 def store_artifact(
@@ -20,7 +21,11 @@ def store_artifact(
     run_id: int | None = None,
     content_type: str = "text/plain; charset=utf-8",
 ) -> Artifact:
-    """Write the bytes first, then the row and its ``artifact_created`` event in one transaction."""
+    """Write the bytes first, then the row and its ``artifact_created`` event in one transaction.
+
+    A store that refuses the bytes raises ``ArtifactStorageError`` naming the bucket, its endpoint
+    and why; a run shows that message as its error.
+    """
     if isinstance(data, str):
         data = data.encode("utf-8")
     artifact = Artifact(
@@ -32,7 +37,10 @@ def store_artifact(
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-    artifact.file.save(name, ContentFile(data), save=False)
+    try:
+        artifact.file.save(name, ContentFile(data), save=False)
+    except storage_errors() as exc:
+        raise failure(f"could not store {kind} artifact {name!r}", artifact.file.storage, exc) from exc
     try:
         with transaction.atomic():
             artifact.save()

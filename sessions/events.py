@@ -25,6 +25,7 @@ Event types and their payloads (all JSON objects):
 - ``run_failed``        {run_id, error}
 - ``run_requeued``      {run_id, lost_worker}
 - ``context_compacted`` {elided, chars_before, chars_after}  (old output hidden from the model)
+- ``title``             {title, model}  (named by DEPUTIES_SUMMARY_MODEL after the first run)
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ class Team(models.Model):
         help_text="Model spend per calendar month (UTC); runs stop when it is used up. "
         "Empty: DEPUTIES_TEAM_MONTHLY_BUDGET_USD.",
     )
+    max_concurrent_runs = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Runs of this team that may run at once; more wait, queued, in order. 0: no limit. "
+        "Empty: DEPUTIES_TEAM_MAX_CONCURRENT_RUNS.",
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -38,6 +44,12 @@ class Team(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def concurrency_limit(self) -> int:
+        """Runs this team may have running at once; 0 is no limit."""
+        if self.max_concurrent_runs is not None:
+            return self.max_concurrent_runs
+        return settings.TEAM_MAX_CONCURRENT_RUNS
 
 
 class Role(models.TextChoices):
@@ -328,6 +340,10 @@ class Session(models.Model):
             if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
                 return False
             now = timezone.now()
+            if locked.runs.filter(status=Run.Status.RUNNING).exists():
+                from sessions.limits import wake_after_commit
+
+                wake_after_commit(locked.team_id)  # a limited team's slot frees for its waiting runs
             locked.runs.filter(status__in=Run.ACTIVE).update(
                 status=Run.Status.CANCELLED, finished=now, error="cancelled by user"
             )
@@ -443,12 +459,23 @@ class Run(models.Model):
 
         The claim, the session's status, the claimed messages and the ``run_started`` event commit
         together, in as few round trips as possible: this is on the dispatch path.
+
+        A team with a concurrency limit (``Team.concurrency_limit``) is claimed for under its row
+        lock, so two workers cannot both take its last slot; a run that finds no slot stays queued
+        (``self.waiting_for_team``) and is queued again when one frees (sessions/limits.py).
         """
         from sessions.events import emit_many
 
         now = timezone.now()
+        self.waiting_for_team = False
         with transaction.atomic():
-            if not self._claim_rows(owner, now):
+            claimed = self._claim_rows(owner, now)
+            if claimed is Run.LIMITED:
+                from sessions.limits import claim_within_limit
+
+                claimed = claim_within_limit(self, owner, now)
+                self.waiting_for_team = claimed is Run.LIMITED
+            if claimed is not True:
                 return False
             emit_many(
                 self.session_id,
@@ -463,10 +490,17 @@ class Run(models.Model):
 
     # The run, the session's status and the pending messages in one statement (a round trip each
     # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``).
+    # ``lim`` is the team's concurrency limit: this statement claims only for a team without one
+    # (``{guard}``); for a limited team it says so and sessions/limits.py claims under the team's lock.
     _CLAIM = """
-    WITH r AS (
+    WITH lim AS (
+        SELECT x.status, s.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s) AS n
+        FROM {run} x JOIN {session} s ON s.id = x.session_id JOIN {team} t ON t.id = s.team_id
+        WHERE x.id = %(id)s
+    ),
+    r AS (
         UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = %(now)s, heartbeat = %(now)s
-        WHERE id = %(id)s AND status = %(queued)s
+        WHERE id = %(id)s AND status = %(queued)s AND {guard}
         RETURNING id, session_id
     ),
     s AS (
@@ -479,13 +513,31 @@ class Run(models.Model):
         WHERE t.session_id = r.session_id AND t.status = %(pending)s
         RETURNING t.id
     )
-    SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM s), (SELECT count(*) FROM m)
+    SELECT (SELECT count(*) FROM r), (SELECT status FROM lim), (SELECT n FROM lim)
     """
+    # Team without a limit. With one (under the team's row lock): the runs running plus the team's
+    # runs queued before this one leave a slot, so waiting runs start oldest first.
+    UNLIMITED_GUARD = "(SELECT n FROM lim) = 0"
+    LIMIT_GUARD = (
+        "((SELECT n FROM lim) = 0 OR (SELECT count(*) FROM {run} q JOIN {session} qs ON qs.id = q.session_id "
+        "WHERE qs.team_id = (SELECT team_id FROM lim) AND (q.status = %(running)s "
+        "OR (q.status = %(queued)s AND q.id < %(id)s))) < (SELECT n FROM lim))"
+    )
+    LIMITED = "limited"  # _claim_rows: queued, but its team has no free slot (or must be locked first)
 
-    def _claim_rows(self, owner: str, now) -> bool:
+    def _claim_rows(self, owner: str, now, guard: str = UNLIMITED_GUARD) -> bool | str:
+        """True: claimed. False: not queued any more. ``LIMITED``: its team has a limit (with the
+        unlimited guard) or no free slot (with ``LIMIT_GUARD``)."""
         from django.db import connection
 
         if connection.vendor != "postgresql":
+            from sessions.limits import slot_free
+
+            if not Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).exists():
+                return False
+            team = Team.objects.get(sessions__runs=self.pk)
+            if team.concurrency_limit() and (guard == Run.UNLIMITED_GUARD or not slot_free(self, team)):
+                return Run.LIMITED
             changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
                 status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
             )
@@ -498,10 +550,10 @@ class Run(models.Model):
                 status=Message.Status.CLAIMED, run=self
             )
             return True
-        sql = self._CLAIM.format(
-            run=Run._meta.db_table, session=Session._meta.db_table, message=Message._meta.db_table
-        )
+        tables = {"run": Run._meta.db_table, "session": Session._meta.db_table, "team": Team._meta.db_table}
+        sql = self._CLAIM.format(message=Message._meta.db_table, guard=guard.format(**tables), **tables)
         params = {
+            "default_limit": settings.TEAM_MAX_CONCURRENT_RUNS,
             "id": self.pk,
             "owner": owner,
             "now": now,
@@ -514,7 +566,10 @@ class Run(models.Model):
         }
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return bool(cursor.fetchone()[0])
+            claimed, status, limit = cursor.fetchone()
+        if claimed:
+            return True
+        return Run.LIMITED if status == Run.Status.QUEUED and limit else False
 
     MAX_RECOVERIES = 2
 
@@ -593,9 +648,15 @@ class Run(models.Model):
         }
         message_status = Message.Status.DONE if status == Run.Status.COMPLETED else Message.Status.CANCELLED
         with transaction.atomic():
-            if not self._finish_rows(status, error, now, message_status, fields):
+            closed = self._finish_rows(status, error, now, message_status, fields)
+            if not closed:
                 self.refresh_from_db()
                 return False
+            team_id, limit = closed
+            if limit:  # a slot of a limited team is free once this commits (sessions/limits.py)
+                from sessions.limits import wake_after_commit
+
+                wake_after_commit(team_id, limit)
             # A separate statement, after the session's row lock is held: a follow-up that
             # add_message committed while we waited for the lock is seen here (its own check saw
             # this run still active, so it left the new run to us).
@@ -625,20 +686,26 @@ class Run(models.Model):
     s AS (
         UPDATE {session} t SET {assignments} FROM r WHERE t.id = r.session_id RETURNING t.id
     )
-    SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM m), (SELECT count(*) FROM s)
+    SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM m), (SELECT count(*) FROM s),
+        x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s)
+    FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
     """
 
-    def _finish_rows(self, status: str, error: str, now, message_status: str, fields: dict) -> bool:
+    def _finish_rows(
+        self, status: str, error: str, now, message_status: str, fields: dict
+    ) -> tuple[int, int] | None:
+        """None when the run was not running; else its team's id and concurrency limit."""
         from django.db import connection
 
         changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING)
         if connection.vendor != "postgresql":
             if not changed.update(status=status, finished=now, error=error, steps=self.steps):
-                return False
+                return None
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
             Session.objects.select_for_update().filter(pk=self.session_id).exists()
             Session.objects.filter(pk=self.session_id).update(**fields)
-            return True
+            team = Team.objects.get(sessions=self.session_id)
+            return team.pk, team.concurrency_limit()
         # Session columns through the model's own fields, so JSON and the like are adapted as the
         # ORM would adapt them.
         params: dict = {}
@@ -651,6 +718,7 @@ class Run(models.Model):
             run=Run._meta.db_table,
             message=Message._meta.db_table,
             session=Session._meta.db_table,
+            team=Team._meta.db_table,
             assignments=", ".join(assignments),
         )
         params.update(
@@ -662,10 +730,13 @@ class Run(models.Model):
             running=Run.Status.RUNNING,
             message_status=message_status,
             claimed=Message.Status.CLAIMED,
+            session_id=self.session_id,
+            default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-            return bool(cursor.fetchone()[0])
+            row = cursor.fetchone()
+        return (row[3], row[4]) if row and row[0] else None
 
     def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
         """Count one model call's usage on the run and its session (one statement on Postgres)."""
@@ -804,6 +875,26 @@ class APIToken(models.Model):
         return token, secret
 
 
+class RateCounter(models.Model):
+    """An API client's requests in the current window of one rate (sessions/api/throttles.py).
+
+    A scratch table: one row per client and rate, reset by each new window; UNLOGGED on Postgres.
+    """
+
+    key = models.CharField(max_length=200, primary_key=True)
+    window_start = models.BigIntegerField()
+    hits = models.IntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.hits}"
+
+
+def default_title(prompt: str) -> str:
+    """A session's title when it is given none: its prompt's first line."""
+    lines = prompt.strip().splitlines()
+    return lines[0][:120] if lines else ""
+
+
 def start_session(
     *,
     team: Team,
@@ -834,7 +925,7 @@ def start_session(
         environment_revision=environment.revision if environment else None,
         budget_usd=budget_usd,
         model=model,
-        title=title or prompt.strip().splitlines()[0][:120],
+        title=title or default_title(prompt),
         source=source,
         external_ref=external_ref or {},
     )

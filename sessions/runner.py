@@ -28,6 +28,7 @@ from sessions.cancels import CancellingHandle
 from sessions.events import emit, emit_many
 from sessions.models import Message, Run, Session
 from sessions.secrets import RedactingHandle, Redactor, SecretError, sandbox_environment
+from sessions.storage import ArtifactStorageError
 from sessions.workpool import releasing_handle, releasing_llm
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ def claim(run_id: int) -> tuple[Run | None, str]:
     except Run.DoesNotExist:
         return None, "missing"
     if not run.claim(worker_id()):
+        if run.waiting_for_team:  # queued again when a slot frees (sessions/limits.py)
+            return None, "waiting: its team is at its concurrency limit"
         return None, f"skipped: run is {run.status}"
     return run, "claimed"
 
@@ -246,6 +249,7 @@ class Runner:
                     ("status", {"status": "completed"}),
                 ],
             ):
+                self.name_session(result.summary)
                 return "completed"
             self.save_transcript(result)
             return "cancelled"  # closed under us: only a cancel does that
@@ -253,6 +257,16 @@ class Runner:
         if result.status == "cancelled":
             return "cancelled"
         return self.fail(StepFailed(result.error or "the agent stopped without finishing"))
+
+    def name_session(self, summary: str) -> None:
+        """A title from the cheaper summary model, after the first run (sessions/agent/titles.py)."""
+        from sessions.agent.titles import title_session, wants_title
+
+        try:
+            if wants_title(self.run):
+                title_session(self.run, summary)
+        except Exception:  # the run has completed; a title is not worth failing anything for
+            log.exception("session %s: naming it failed", self.session.pk)
 
     def save_transcript(self, result) -> None:
         Session.objects.filter(pk=self.session.pk).update(transcript=result.transcript)
@@ -264,7 +278,9 @@ class Runner:
         return all(name in READ_ONLY_TOOLS for name in result.tools_called)
 
     def fail(self, exc: Exception) -> str:
-        error = str(exc) if isinstance(exc, StepFailed) else f"{type(exc).__name__}: {exc}"
+        error = (
+            str(exc) if isinstance(exc, StepFailed | ArtifactStorageError) else f"{type(exc).__name__}: {exc}"
+        )
         events = [("run_failed", {"run_id": self.run.pk, "error": error}), ("status", {"status": "failed"})]
         if self.run.finish(Run.Status.FAILED, error, events=events):
             return "failed"

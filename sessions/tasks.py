@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from django_q.tasks import async_task
 
 
@@ -36,13 +38,18 @@ def execute_run(run_id: int) -> str:
 
 
 def recover_stale_runs() -> str:
-    """Scheduled every minute (see the migration that creates the Schedule)."""
+    """Scheduled every minute (see the migration that creates the Schedule). Also the safety net
+    for runs waiting on their team's concurrency limit (sessions/limits.py)."""
     from datetime import timedelta
 
     from django.conf import settings
     from django.utils import timezone
 
+    from sessions.limits import wake_all_waiting
     from sessions.models import Run
 
     cutoff = timezone.now() - timedelta(seconds=settings.RUN_LEASE_SECONDS)
-    return f"requeued {Run.recover_stale(cutoff)}"
+    requeued = Run.recover_stale(cutoff)
+    if woken := wake_all_waiting():
+        logging.getLogger(__name__).info("queued again runs waiting on their team's limit: %s", woken)
+    return f"requeued {requeued}"

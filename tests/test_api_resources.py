@@ -238,9 +238,9 @@ def test_it_serves_the_openapi_schema_and_readable_docs():
         assert path in paths
     assert schema.json()["components"]["securitySchemes"]["bearerToken"]["scheme"] == "bearer"
 
-    docs = Client().get("/api/docs/")
-    assert docs.status_code == 200
-    html = docs.content.decode()
-    assert "Start a session" in html
-    assert "/api/v1/sessions/{id}/events" in html
-    assert "<script" not in html  # works offline: nothing loaded from a CDN
+    for page in ("/api/docs/",):
+        docs = Client().get(page)
+        assert docs.status_code == 200
+        html = docs.content.decode()
+        assert "/static/drf_spectacular_sidecar/" in html  # the UI's assets are served by us
+        assert "cdn" not in html.lower()  # works offline: nothing loaded from a CDN

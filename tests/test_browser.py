@@ -238,7 +238,12 @@ def test_it_watches_steers_and_cancels_sessions_in_a_browser(tmp_path, monkeypat
                 )
                 web.start()
                 expect(status).to_have_text("completed", timeout=TIMEOUT)
-                expect(page.locator("#connection")).to_have_attribute("data-state", "live", timeout=20_000)
+                # Connected again, but a finished session does not claim to be live.
+                expect(page.locator("#connection")).to_have_attribute(
+                    "data-state", "finished", timeout=20_000
+                )
+                expect(page.locator("#connection")).to_contain_text("Finished (completed)")
+                expect(page.locator("#followup-scripted")).to_contain_text("cannot follow new instructions")
                 assert_page_matches_database(page, session.pk)
                 expect(timeline.locator(".ev-completed")).to_contain_text("Fixed add() in calc.py")
                 expect(timeline.locator(".ev-assistant").first).to_contain_text("I will run the tests first")

@@ -21,9 +21,11 @@ DEPUTIES = str(Path(sys.executable).parent / "deputies")
 SCRIPT = json.loads((ROOT / "deputies" / "demo" / "script.json").read_text())
 
 
-def deputies(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def deputies(
+    *args: str, env: dict[str, str], timeout: float = 120, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [DEPUTIES, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [DEPUTIES, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -77,12 +79,29 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
     [
         (["run", "--repo", "/nonexistent", "x"], {}, "not a git repository"),
         (["run", "--repo", ".", "--model", "nope/m", "x"], {}, "provider 'nope' is not configured"),
+        (["run", "--repo", ".", "--model", "foo", "x"], {}, "expected provider/model"),
         (
             ["run", "--repo", ".", "x"],
             {"DEPUTIES_WORKERS": "many"},
             "DEPUTIES_WORKERS='many' is not an integer",
         ),
         (["token", "create", "nobody"], {}, "no user named nobody"),
+        (["run", "--server", "http://127.0.0.1:9", "--repo", ".", "x"], {}, "--server needs an API token"),
+        (
+            ["run", "--server", "http://127.0.0.1:9", "--repo", ".", "x"],
+            {"DEPUTIES_TOKEN": "t"},
+            "cannot reach",
+        ),
+        (
+            ["run", "--server", "ftp://127.0.0.1:9", "--token", "t", "--repo", ".", "x"],
+            {},
+            "expected an http",
+        ),
+        (
+            ["run", "--repo", ".", "x"],
+            {"DATABASE_URL": "mysql://u:hunter2@db/x"},
+            "DATABASE_URL must look like sqlite:///path/to/file.sqlite3 or postgres://",
+        ),
     ],
 )
 def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_env, message):
@@ -90,6 +109,7 @@ def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stderr
     assert not Session.objects.exists()
 
 
@@ -150,3 +170,38 @@ def test_it_starts_simple_mode_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert "Traceback" not in text
     assert (tmp_path / "var" / "deputies.sqlite3").exists()
     assert (tmp_path / "var" / "sample-repo" / ".git").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_runs_a_prompt_through_a_server_and_follows_it_over_the_websocket(tmp_path, owner, sample_repo):
+    from sessions.models import APIToken
+    from tests.live import worker_process
+    from tests.test_streaming_e2e import web_process
+
+    _, secret = APIToken.issue(owner, "cli")
+    with start_in_thread(SCRIPT) as fake:
+        env = child_env(
+            tmp_path,
+            DEPUTIES_LLM_PROVIDERS="scripted",
+            DEPUTIES_LLM_SCRIPTED_BASE_URL=fake.base_url,
+            DEPUTIES_DEFAULT_MODEL="scripted/demo",
+        )
+        with web_process(env, free_port()) as base, worker_process(env):
+            # The client needs no database: only the server's URL and a token.
+            client_env = {k: v for k, v in env.items() if k != "DATABASE_URL"}
+            result = deputies(
+                "run", "--server", base, "--repo", str(sample_repo), "Make the test pass",
+                env={**client_env, "DEPUTIES_TOKEN": secret},
+            )  # fmt: skip
+            refused = deputies(
+                "run", "--server", base, "--repo", str(sample_repo), "x", env={**client_env, "DEPUTIES_TOKEN": "dep_nope"}
+            )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and secret not in result.stdout + result.stderr
+    assert "-> edit_file" in result.stdout and "completed: Fixed add()" in result.stdout
+    session = Session.objects.get()
+    assert session.status == "completed" and session.created_by == owner
+    assert result.stdout.count("-> edit_file") == len(
+        session.events.filter(type="tool_started", payload__name="edit_file")
+    )
+    assert refused.returncode == 2 and "401" in refused.stderr and "Traceback" not in refused.stderr

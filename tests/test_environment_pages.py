@@ -415,3 +415,18 @@ def test_it_refuses_a_name_taken_in_the_team_and_a_new_secret_without_a_value(en
     response = browser(owner).post(NEW, form_data(name="fresh", **{"new-1-value": ""}))
     assert error_at(response.content.decode(), "new-1") == "A new secret needs a value."
     assert Environment.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("isolation", "says"),
+    [
+        ("none", "Not enforced: the local provider cannot restrict the network on this host"),
+        ("bwrap", "Enforced by the local provider."),
+    ],
+)
+def test_it_says_next_to_the_network_field_whether_the_provider_enforces_it(settings, owner, isolation, says):
+    settings.SANDBOX_PROVIDER, settings.SANDBOX_ISOLATION = "local", isolation
+    html = browser(owner).get(reverse("environment-new")).content.decode()
+    hint = re.search(r'id="id_network_policy_helptext">([^<]*)<', html).group(1)
+    assert says in html_module.unescape(hint)
+    assert "data-unenforced=" in html and "environment.js" in html

@@ -217,9 +217,9 @@ def test_it_starts_a_session_in_a_fixed_number_of_queries(owner, repository, dja
     client = client_for(owner)
     body = {"repository": repository.pk, "prompt": "Fix it", "model": "scripted/demo"}
     client.post(SESSIONS, body, format="json")  # connection set-up (prepared statements) out of the way
-    # check (team + repository + role), BEGIN, session + branch + message + run (one statement),
-    # events (+ NOTIFY), queue row (+ NOTIFY), COMMIT. Nothing is read back.
-    with django_assert_num_queries(6):
+    # the rate counters (one upsert), check (team + repository + role), BEGIN, session + branch +
+    # message + run (one statement), events (+ NOTIFY), queue row (+ NOTIFY), COMMIT. Nothing is read back.
+    with django_assert_num_queries(7):
         response = client.post(SESSIONS, body, format="json")
     assert response.status_code == 201
     # Built from the created objects, it is what a read gives.
@@ -299,7 +299,7 @@ def test_it_starts_a_session_with_a_bearer_token_in_one_more_query(
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret}")
     body = {"repository": repository.pk, "prompt": "Fix it", "model": "scripted/demo"}
     client.post(SESSIONS, body, format="json")  # last_used written, connection set up
-    with django_assert_num_queries(7):  # the token with its user, then as above
+    with django_assert_num_queries(8):  # the token with its user, then as above
         response = client.post(SESSIONS, body, format="json")
     assert response.status_code == 201
     assert response.json()["created_by"] == owner.username

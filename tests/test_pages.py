@@ -379,7 +379,7 @@ def test_it_shows_the_timeline_totals_plan_diff_and_artifacts(session, owner):
         "2 files changed",
         "calc.py",
         "CHANGELOG.md",
-        "return a + b",
+        '<span class="k">return</span> <span class="n">a</span> <span class="o">+</span>',  # highlighted
         f"/api/v1/artifacts/{session.artifacts.get().pk}/download",
     ):
         assert text in page, text
@@ -467,7 +467,9 @@ def test_it_serves_the_diff_fragment(session, owner):
     a_worked_session(session)
     artifact = session.artifacts.get()
     client = browser(owner)
-    fragment = client.get(reverse("session-diff", args=[session.pk]), {"artifact": artifact.pk})
+    fragment = client.get(
+        reverse("session-diff", args=[session.pk]), {"artifact": artifact.pk}, HTTP_X_DEPUTIES_FRAGMENT="1"
+    )
     assert fragment.status_code == 200
     assert b"calc.py" in fragment.content and b"<html" not in fragment.content
     assert client.get(reverse("session-diff", args=[session.pk]), {"artifact": 999999}).status_code == 404
@@ -582,3 +584,64 @@ def test_it_reads_renames_deletions_and_binary_files_in_a_diff():
     assert [line.old for line in gone.lines if line.kind == "del"] == [1, 2]
     assert logo.change == "binary"
     assert (diff.additions, diff.deletions) == (0, 2)
+
+
+def test_it_highlights_code_in_a_diff_by_file_type_and_escapes_it():
+    diff = parse_diff(
+        "diff --git a/calc.py b/calc.py\n"
+        "@@ -1 +1 @@\n"
+        "-def add(a, b): return a - b  # <script>\n"
+        "+def add(a, b): return a + b\n"
+        "diff --git a/notes.unknown-type b/notes.unknown-type\n"
+        "@@ -1 +1 @@\n"
+        "+<b>plain</b>\n"
+    )
+    calc, notes = diff.files
+    removed, added = (line for line in calc.lines if line.kind in ("add", "del"))
+    assert '<span class="k">def</span>' in added.html and '<span class="nf">add</span>' in added.html
+    assert "&lt;script&gt;" in removed.html and "<script>" not in removed.html
+    assert all(line.html is None for line in notes.lines)  # unknown types stay plain (and escaped)
+
+
+def test_it_serves_a_favicon(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 301 and response["Location"].endswith("favicon.svg")
+
+
+def test_it_shows_a_diff_opened_directly_as_a_whole_page_and_the_fragment_to_the_page(owner, session):
+    a_worked_session(session)
+    url = reverse("session-diff", args=[session.pk])
+    whole = browser(owner).get(url).content.decode()
+    assert "<html" in whole and "app.css" in whole and page_of(session) in whole
+    fragment = browser(owner).get(url, HTTP_X_DEPUTIES_FRAGMENT="1").content.decode()
+    assert "<html" not in fragment and "2 files changed" in fragment
+
+
+def test_it_greets_a_logged_out_visitor_of_the_front_page_without_a_that_page_note(db):
+    assert "Log in to see that page" not in browser().get("/login?next=/").content.decode()
+    assert "Log in to see that page" in browser().get("/login?next=/usage").content.decode()
+
+
+def test_it_suggests_a_local_path_when_the_team_only_has_local_repositories(owner, repository):
+    assert 'placeholder="/path/to/a/git/repository"' in browser(owner).get("/sessions/new").content.decode()
+    Repository.objects.create(
+        team=repository.team, name="gh", url="https://github.com/a/b.git", provider="github"
+    )
+    assert "https://github.com/acme/widgets.git" in browser(owner).get("/sessions/new").content.decode()
+
+
+def test_it_offers_the_sample_repository_on_an_empty_list_and_prefills_the_form(
+    owner, viewer, team, sample_repo
+):
+    sample = Repository.objects.create(team=team, name="sample-repo", url=str(sample_repo), provider="local")
+    listing = browser(owner).get("/").content.decode()
+    assert (
+        'id="sample-offer"' in listing
+        and f"?repository={sample.pk}&amp;prompt=Make%20the%20failing" in listing
+    )
+    assert 'id="sample-offer"' not in browser(viewer).get("/").content.decode()  # viewers cannot start one
+    form = browser(owner).get(f"/sessions/new?repository={sample.pk}&prompt=Make+the+failing+test+pass")
+    html = form.content.decode()
+    assert (
+        f'<option value="{sample.pk}" selected>' in html and "Make the failing test pass</textarea>" in html
+    )

@@ -49,6 +49,34 @@ def _token_with_user(key_hash: str) -> APIToken | None:
     return token
 
 
+def token_for(secret: str) -> APIToken | None:
+    """The active token (with its user) whose secret this is, noting its use; None otherwise.
+
+    Shared by HTTP (below) and websockets (sessions/streaming/wire.py), so both scope alike.
+    """
+    token = _token_with_user(APIToken.hash(secret))
+    if token is None or not token.user.is_active:
+        return None
+    now = timezone.now()
+    if token.last_used is None or now - token.last_used >= LAST_USED_RESOLUTION:
+        # Conditional, so concurrent requests write it once.
+        APIToken.objects.filter(pk=token.pk).filter(
+            Q(last_used__isnull=True) | Q(last_used__lte=now - LAST_USED_RESOLUTION)
+        ).update(last_used=now)
+    return token
+
+
+def bearer_secret(header: bytes) -> str | None:
+    """The secret of ``Bearer <secret>``; None when the header is not a well-formed bearer one."""
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() != b"bearer":
+        return None
+    try:
+        return parts[1].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
 class BearerTokenAuthentication(BaseAuthentication):
     keyword = "Bearer"
 
@@ -62,15 +90,9 @@ class BearerTokenAuthentication(BaseAuthentication):
             secret = parts[1].decode("ascii")
         except UnicodeDecodeError:
             raise AuthenticationFailed("Invalid API token.") from None
-        token = _token_with_user(APIToken.hash(secret))
-        if token is None or not token.user.is_active:
+        token = token_for(secret)
+        if token is None:
             raise AuthenticationFailed("Invalid API token.")
-        now = timezone.now()
-        if token.last_used is None or now - token.last_used >= LAST_USED_RESOLUTION:
-            # Conditional, so concurrent requests write it once.
-            APIToken.objects.filter(pk=token.pk).filter(
-                Q(last_used__isnull=True) | Q(last_used__lte=now - LAST_USED_RESOLUTION)
-            ).update(last_used=now)
         return token.user, token
 
     def authenticate_header(self, request) -> str:

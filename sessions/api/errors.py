@@ -28,6 +28,12 @@ class Conflict(exceptions.APIException):
     default_code = "conflict"
 
 
+class StorageUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The artifact store is unavailable."
+    default_code = "storage_unavailable"
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()  # the same answer for "missing" and "not yours"

@@ -1,7 +1,8 @@
 """Probes for load balancers and orchestrators. No authentication; nothing secret in the answers.
 
 ``/healthz``: the process answers (liveness; touches nothing, so a database outage does not get
-healthy web processes restarted). ``/readyz``: the database and the queue answer (readiness).
+healthy web processes restarted). ``/readyz``: the database and the queue answer, and the artifact
+bucket when artifacts go to S3 (readiness).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from django.db import connection, transaction
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
+
+from sessions.storage import bucket_storage
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +68,22 @@ def _check_queue() -> dict[str, Any]:
     return result
 
 
+def _check_storage() -> dict[str, Any]:
+    from sessions.storage import check_bucket
+
+    check_bucket()
+    return {"status": "ok"}
+
+
 @never_cache
 @require_safe
 def readyz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, Any] = {}
     failed: list[str] = []
-    for name, check in (("database", _check_database), ("queue", _check_queue)):
+    probes = [("database", _check_database), ("queue", _check_queue)]
+    if bucket_storage() is not None:
+        probes.append(("storage", _check_storage))
+    for name, check in probes:
         try:
             with transaction.atomic():  # a failed check must not leave the connection in a broken transaction
                 checks[name] = check()

@@ -405,6 +405,10 @@ class SessionSerializer(serializers.ModelSerializer):
     active_run = serializers.SerializerMethodField()
     pending_messages = serializers.SerializerMethodField()
     sandbox = serializers.SerializerMethodField()
+    queue_position = serializers.SerializerMethodField(
+        help_text="For a queued session of a team with a concurrency limit: its place among the "
+        "team's queued runs (1 = starts next). Null otherwise."
+    )
 
     class Meta:
         model = Session
@@ -435,6 +439,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "active_run",
             "pending_messages",
             "sandbox",
+            "queue_position",
         ]
         read_only_fields = fields
 
@@ -449,6 +454,12 @@ class SessionSerializer(serializers.ModelSerializer):
         if hasattr(obj, "pending_message_count"):
             return obj.pending_message_count
         return obj.messages.filter(status=Message.Status.PENDING).count()
+
+    @extend_schema_field(serializers.IntegerField(allow_null=True, min_value=1))
+    def get_queue_position(self, obj: Session) -> int | None:
+        from sessions.limits import queue_position
+
+        return queue_position(obj)
 
     @extend_schema_field(SandboxSummarySerializer(allow_null=True))
     def get_sandbox(self, obj: Session) -> dict[str, Any] | None:

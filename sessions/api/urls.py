@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularAPIView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
-from sessions.api import docs, health, views
+from sessions.api import health, views
 from sessions.api.schema import Generator
 
 # "/?": both /api/v1/sessions and /api/v1/sessions/ answer, without a redirect that drops a POST body.
@@ -25,7 +25,13 @@ def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
 urlpatterns = [
     path("api/v1/", include(router.urls)),
     re_path(r"^api/schema/?$", SpectacularAPIView.as_view(generator_class=Generator), name="api-schema"),
-    re_path(r"^api/docs/?$", docs.api_docs, name="api-docs"),
+    # Swagger UI with its assets from drf-spectacular-sidecar: nothing from a CDN. (Not Redoc: it
+    # loads fonts and a logo from outside whatever its assets.)
+    re_path(
+        r"^api/docs/?$",
+        SpectacularSwaggerView.as_view(url_name="api-schema", template_name="api/swagger_ui.html"),
+        name="api-docs",
+    ),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     re_path(r"^api/(?P<rest>.*)$", api_not_found),

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connection, models
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, renderers, status, viewsets
@@ -24,7 +24,7 @@ from rest_framework.response import Response
 
 from sandboxes.models import Sandbox
 from sessions.api import serializers as s
-from sessions.api.errors import Conflict
+from sessions.api.errors import Conflict, StorageUnavailable
 from sessions.api.permissions import (
     MAX_ID,
     TeamWritePermission,
@@ -34,6 +34,7 @@ from sessions.api.permissions import (
     request_body,
     team_for_write,
 )
+from sessions.limits import queue_position_sql
 from sessions.models import (
     WRITE_ROLES,
     Artifact,
@@ -46,6 +47,7 @@ from sessions.models import (
     SessionStatus,
     Team,
 )
+from sessions.storage import ArtifactStorageError, download_url
 
 EVENTS_DEFAULT_LIMIT = 200
 EVENTS_MAX_LIMIT = 1000
@@ -56,6 +58,7 @@ def session_queryset() -> QuerySet[Session]:
     return (
         Session.objects.select_related("team", "repository", "environment", "created_by")
         .annotate(pending_message_count=Count("messages", filter=Q(messages__status=Message.Status.PENDING)))
+        .annotate(queue_place=queue_position_sql())
         .prefetch_related(
             Prefetch("runs", queryset=Run.objects.filter(status__in=Run.ACTIVE), to_attr="active_runs"),
             Prefetch(
@@ -187,6 +190,7 @@ class SessionViewSet(
 
     serializer_class = s.SessionSerializer
     queryset = Session.objects.none()  # for the schema; get_queryset scopes by team
+    throttle_scope = "sessions"  # creating one counts against DEPUTIES_API_RATE_SESSIONS too
 
     def get_queryset(self) -> QuerySet[Session]:
         if self.action in ("list", "retrieve"):
@@ -366,15 +370,29 @@ class ArtifactViewSet(TeamScopedMixin, mixins.RetrieveModelMixin, viewsets.Gener
     def get_queryset(self) -> QuerySet[Artifact]:
         return self.scope(Artifact.objects.all())
 
-    @extend_schema(summary="Download the artifact's bytes", responses={(200, "*/*"): OpenApiTypes.BINARY})
+    @extend_schema(
+        summary="Download the artifact's bytes",
+        description="Files on disk are streamed; with S3 storage the answer is a redirect to a presigned "
+        "URL valid for DEPUTIES_S3_URL_TTL seconds.",
+        responses={
+            (200, "*/*"): OpenApiTypes.BINARY,
+            302: OpenApiResponse(description="Redirect to a presigned URL in the bucket"),
+        },
+    )
     @action(
         detail=True,
         methods=["get"],
         renderer_classes=[renderers.JSONRenderer, PassthroughRenderer],
         url_name="download",
     )
-    def download(self, request: Request, pk: str | None = None) -> FileResponse:
-        artifact = self.get_object()
+    def download(self, request: Request, pk: str | None = None) -> FileResponse | HttpResponseRedirect:
+        artifact = self.get_object()  # the team check: someone else's artifact is a 404, before any URL
+        try:
+            url = download_url(artifact)
+        except ArtifactStorageError as exc:  # logged with the bucket and the reason, for operators
+            raise StorageUnavailable("The artifact store cannot sign a download link; see /setup.") from exc
+        if url is not None:
+            return HttpResponseRedirect(url)
         try:
             handle = artifact.file.open("rb")
         except FileNotFoundError:

@@ -29,6 +29,7 @@ from importlib import import_module
 from types import SimpleNamespace
 
 from channels.db import database_sync_to_async
+from channels.security.websocket import AllowedHostsOriginValidator
 from django.conf import settings
 from django.contrib import auth
 from django.contrib.auth.models import AnonymousUser
@@ -114,6 +115,44 @@ class SessionAuthMiddleware:
         if scope["type"] == "websocket":
             scope = {**scope, "user": await user_for(scope)}
         return await self.app(scope, receive, send)
+
+
+def authorization_header(scope) -> bytes | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            return value
+    return None
+
+
+class WebsocketAuth:
+    """``Authorization: Bearer <token>`` on the handshake (API clients, ``deputies run``), else the
+    session cookie behind the origin check (browsers).
+
+    The origin check exists because browsers attach cookies to cross-site websockets; they cannot
+    attach an Authorization header, so a socket that brings one needs no origin (CLI clients send
+    none). A bad or unknown token gets the same 4401 as no login. No query-string or subprotocol
+    form is offered: a token in a URL ends up in access logs, and browsers have the cookie.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.browser = AllowedHostsOriginValidator(SessionAuthMiddleware(app))
+
+    async def __call__(self, scope, receive, send):
+        header = authorization_header(scope) if scope["type"] == "websocket" else None
+        if header is None:
+            return await self.browser(scope, receive, send)
+        scope = {**scope, "user": await user_for_bearer(header)}
+        return await self.app(scope, receive, send)
+
+
+@database_sync_to_async
+def user_for_bearer(header: bytes) -> object:
+    from sessions.api.auth import bearer_secret, token_for
+
+    secret = bearer_secret(header)
+    token = token_for(secret) if secret else None
+    return token.user if token is not None else AnonymousUser()
 
 
 @database_sync_to_async

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-WIDTH = 640
+WIDTH = 960  # about the card's width on a laptop: labels render near their nominal 11-12 px
 ROW = 28  # height of one row in horizontal charts
 LABEL_WIDTH = 190
 VALUE_ROOM = 110  # right of the longest bar, for its total

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+from django.utils.safestring import SafeString, mark_safe
+from pygments import lex
+from pygments.lexer import Lexer
+from pygments.lexers import get_lexer_for_filename
+from pygments.token import STANDARD_TYPES
+from pygments.util import ClassNotFound
+
+logger = logging.getLogger(__name__)
 
 MAX_DIFF_BYTES = 2_000_000  # beyond this the viewer shows the start and points at the download
 MAX_FILE_LINES = 3000
@@ -14,6 +24,7 @@ class DiffLine:
     text: str
     old: int | None = None
     new: int | None = None
+    html: SafeString | None = None  # the text with syntax-highlighting spans, when the file type is known
 
 
 @dataclass
@@ -105,7 +116,39 @@ def parse_diff(text: str, truncated: bool = False) -> Diff:
             current.lines.append(DiffLine("ctx", raw[1:], old=old_no, new=new_no))
             old_no += 1
             new_no += 1
+    for f in files:
+        highlight(f)
     return Diff(files=files, truncated=truncated)
+
+
+def _lexer_for(path: str) -> Lexer | None:
+    try:
+        return get_lexer_for_filename(path.rsplit("/", 1)[-1], stripnl=False, ensurenl=False)
+    except ClassNotFound:
+        return None
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def highlight(f: DiffFile) -> None:
+    """Syntax-highlight a file's code lines with Pygments (classes as Pygments' HtmlFormatter names
+    them; static/deputies/app.css colours them). Each line is lexed alone: a hunk is a fragment of
+    the file anyway, and a line never borrows state from a line that is not shown."""
+    lexer = _lexer_for(f.path) if f.change != "binary" else None
+    if lexer is None:
+        return
+    for line in f.lines:
+        if line.kind not in ("add", "del", "ctx") or not line.text:
+            continue
+        parts = []
+        for token, value in lex(line.text, lexer):
+            while token not in STANDARD_TYPES:
+                token = token.parent
+            css = STANDARD_TYPES[token]
+            parts.append(f'<span class="{css}">{_escape(value)}</span>' if css else _escape(value))
+        line.html = mark_safe("".join(parts))  # every value is escaped above
 
 
 def _hunk_start(header: str) -> tuple[int, int]:
@@ -118,11 +161,15 @@ def _hunk_start(header: str) -> tuple[int, int]:
 
 
 def read_diff(artifact) -> Diff:
-    """Parse a stored diff artifact; a missing file is an empty diff flagged as truncated."""
+    """Parse a stored diff artifact; a missing file (or a store that does not answer) is an empty diff
+    flagged as truncated, so the page still renders and offers the download."""
+    from sessions.storage import storage_errors
+
     try:
         with artifact.file.open("rb") as handle:
             data = handle.read(MAX_DIFF_BYTES + 1)
-    except (FileNotFoundError, OSError):
+    except (OSError, *storage_errors()):
+        logger.warning("diff artifact %s could not be read", artifact.pk, exc_info=True)
         return Diff(files=[], truncated=True)
     truncated = len(data) > MAX_DIFF_BYTES
     return parse_diff(data[:MAX_DIFF_BYTES].decode("utf-8", errors="replace"), truncated=truncated)

@@ -9,6 +9,7 @@ page, not even after a validation error.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,11 @@ class EnvironmentForm(forms.Form):
             ("local", "local"),
             ("docker", "docker"),
         ]
+        chosen = (environment.sandbox_provider if environment else "") or default
+        self.unenforced = network_unenforced()
+        self.fields["network_policy"].help_text = network_hint(chosen, self.unenforced)
+        self.fields["network_policy"].widget.attrs["data-unenforced"] = json.dumps(self.unenforced)
+        self.fields["network_policy"].widget.attrs["data-default-provider"] = default
         self.fields["idle_ttl_seconds"].help_text = (
             "Destroy a session's sandbox after this long unused. Empty: the deployment default "
             f"({short_duration(settings.SANDBOX_IDLE_TTL)})."
@@ -510,3 +516,29 @@ def environment_detail(request: HttpRequest, pk: int) -> HttpResponse:
     else:
         messages.success(request, f"Saved as revision {saved.revision}.")
     return redirect("environment-detail", pk=saved.pk)
+
+
+def network_unenforced() -> dict[str, str]:
+    """Sandbox providers that cannot enforce a network policy on this host, with the reason: the
+    form says so next to the field rather than letting "none" look like a promise."""
+    from sandboxes.base import SandboxError, get_provider
+
+    reasons = {}
+    for name in ("local", "docker"):
+        try:
+            caps = get_provider(name).capabilities()
+        except SandboxError as exc:
+            reasons[name] = str(exc)
+            continue
+        if not caps.network_policy:
+            reasons[name] = caps.reason or "it has no network isolation here"
+    return reasons
+
+
+def network_hint(provider: str, unenforced: dict[str, str]) -> str:
+    if provider in unenforced:
+        return (
+            f"Not enforced: the {provider} provider cannot restrict the network on this host "
+            f"({unenforced[provider]}); sandbox commands reach the network whatever is chosen."
+        )
+    return f"Enforced by the {provider} provider."

@@ -58,6 +58,9 @@ class NewSessionForm(forms.Form):
             (str(e.pk), f"{e.name} ({e.team.name})" if several else e.name) for e in environments
         ]
         self.has_repositories = bool(repositories)
+        if repositories and all(r.provider == "local" for r in repositories):
+            # Teams that only work on local checkouts are not shown a GitHub address as the example.
+            self.fields["repository_url"].widget.attrs["placeholder"] = "/path/to/a/git/repository"
         self.show_team = several
         self.model_options = model_options(environments)
         self.fields["model"].help_text = "provider/model. Configured providers: " + (

@@ -216,6 +216,41 @@ def check_llm() -> Check:
     return Check("LLM providers", "ok", f"{len(providers)} configured.", details=details)
 
 
+def check_storage() -> Check:
+    """Files on disk need nothing; a bucket must answer HeadBucket with these keys."""
+    from sessions.storage import ArtifactStorageError, bucket_storage, check_bucket
+
+    storage = bucket_storage()
+    if storage is None:
+        return Check(
+            "Artifact storage",
+            "ok",
+            "Files on this host's disk (Simple mode).",
+            details=[("Directory", str(settings.MEDIA_ROOT))],
+        )
+    details = [
+        ("Prefix", storage.location or "(none)"),
+        ("Download links valid for", f"{settings.S3_URL_TTL} s"),
+        (
+            "Download links point at",
+            safe_url(storage.public_endpoint_url or storage.endpoint_url or "") or "AWS S3",
+        ),
+    ]
+    try:
+        where = check_bucket()
+    except ArtifactStorageError as exc:
+        logger.warning("setup: artifact bucket check failed: %s", exc)
+        return Check(
+            "Artifact storage",
+            "error",
+            str(exc),
+            "Create the bucket, or fix DEPUTIES_S3_BUCKET, DEPUTIES_S3_ENDPOINT_URL, DEPUTIES_S3_REGION "
+            "and the DEPUTIES_S3_ACCESS_KEY_ID / DEPUTIES_S3_SECRET_ACCESS_KEY pair.",
+            details,
+        )
+    return Check("Artifact storage", "ok", f"S3: {where} answers.", details=details)
+
+
 INTEGRATIONS = ("Slack", "GitHub", "Webhooks")
 
 
@@ -228,7 +263,14 @@ def check_integrations() -> list[Check]:
 
 
 def all_checks() -> list[Check]:
-    return [check_database(), check_queue(), check_sandbox(), check_llm(), *check_integrations()]
+    return [
+        check_database(),
+        check_queue(),
+        check_sandbox(),
+        check_storage(),
+        check_llm(),
+        *check_integrations(),
+    ]
 
 
 def _seconds(delta: timedelta) -> str:

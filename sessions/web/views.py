@@ -122,6 +122,10 @@ def session_list(request: HttpRequest) -> HttpResponse:
             "repositories": repositories,
             "params": params,
             "can_start": can_write_anywhere(request.user),
+            "sample_repository": sample_repository(request.user, repositories)
+            if not page.object_list
+            else None,
+            "sample_prompt": SAMPLE_PROMPT,
             "list_config": {
                 "showNew": page.number == 1 and not filtered,
                 "pollUrl": reverse("api-session-list") + "?limit=50",
@@ -141,7 +145,9 @@ def can_write_anywhere(user) -> bool:
 @login_required
 def session_new(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
-        form = NewSessionForm(user=request.user)
+        # ?repository=<id>&prompt=... pre-fills the form (the empty list's sample-repository offer).
+        initial = {k: request.GET[k] for k in ("repository", "prompt") if request.GET.get(k)}
+        form = NewSessionForm(user=request.user, initial=initial)
         return render(request, "sessions/new.html", {"form": form, "read_only": not form.teams})
     if not can_write_anywhere(request.user):
         raise PermissionDenied(
@@ -213,6 +219,9 @@ def render_detail(request: HttpRequest, session: Session, followup: dict | None 
             "can_write": writable,
             "active": active,
             "terminal": session.status in TERMINAL,
+            # The `scripted` provider replays a script (deputies fake-llm, the demo): say so where a
+            # person would expect it to follow what they write.
+            "scripted_model": session.model.split("/", 1)[0] == "scripted",
             "elapsed": human_duration(duration_of(session)),
             "followup": followup or {},
             "config": config,
@@ -280,6 +289,15 @@ def session_archive(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect("session-detail", pk=pk)
 
 
+SAMPLE_REPOSITORY, SAMPLE_PROMPT = "sample-repo", "Make the failing test pass"
+
+
+def sample_repository(user, repositories) -> Repository | None:
+    """The sample repository `deputies up` registers in Simple mode, if the user may start sessions on it."""
+    sample = next((r for r in repositories if r.name == SAMPLE_REPOSITORY and r.provider == "local"), None)
+    return sample if sample is not None and can_write(user, sample.team_id) else None
+
+
 @require_safe
 @login_required
 def session_diff(request: HttpRequest, pk: int) -> HttpResponse:
@@ -291,9 +309,11 @@ def session_diff(request: HttpRequest, pk: int) -> HttpResponse:
         artifact = get_object_or_404(diffs, pk=int(artifact_id))
     else:
         artifact = diffs.order_by("-created", "-pk").first()
+    # The session page fetches the bare fragment; a person opening the address gets a whole page.
+    fragment = request.headers.get("X-Deputies-Fragment") == "1"
     return render(
         request,
-        "sessions/_diff.html",
+        "sessions/_diff.html" if fragment else "sessions/diff_page.html",
         {"session": session, "diff_artifact": artifact, "diff": read_diff(artifact) if artifact else None},
     )
 

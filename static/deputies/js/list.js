@@ -29,6 +29,8 @@ function update(s) {
     badge.className = `badge status-${s.status}`;
     badge.textContent = s.status;
     tr.dataset.status = s.status;
+    const place = tr.querySelector('[data-field="queue-position"]');
+    if (place && s.status !== "queued") place.hidden = true;
     if (TERMINAL.has(s.status)) tr.dataset.finished = s.finished || s.updated || new Date().toISOString();
     else delete tr.dataset.finished;
     tr.classList.remove("changed");

@@ -41,6 +41,8 @@ function setStatus(value, at) {
   const badge = $("session-status");
   badge.className = `badge status-${value}`;
   badge.textContent = value;
+  const place = $("queue-position");
+  if (place && value !== "queued") place.hidden = true; // it started (or stopped): no longer waiting
   if (TERMINAL.has(value)) {
     finished = at ? new Date(at) : new Date();
     setActive(false);
@@ -51,7 +53,23 @@ function setStatus(value, at) {
   if (value === "archived") {
     for (const id of ["followup", "archive-form", "cancel-form"]) if ($(id)) $(id).hidden = true;
   }
+  showConnectionState();
   tick();
+}
+
+// The socket stays open on a finished session (a follow-up starts a new run), but "Live" would say
+// work is going on: a finished session says it is finished and that updates resume with a follow-up.
+let connectionState = "connecting";
+let connectionDetail = "";
+function showConnectionState() {
+  const node = $("connection");
+  if (connectionState === "live" && TERMINAL.has(status)) {
+    node.dataset.state = "finished";
+    node.textContent =
+      status === "archived" ? "Archived: no more updates" : `Finished (${status}); updates resume if a follow-up starts a run`;
+    return;
+  }
+  showConnection(node, connectionState, connectionDetail);
 }
 
 // --- side panels ----------------------------------------------------------------------------------------
@@ -94,7 +112,10 @@ async function loadDiff(artifactId) {
   container.setAttribute("aria-busy", "true");
   container.prepend(h("p", { class: "note", id: "diff-loading" }, "Loading the new diff…"));
   try {
-    const response = await fetch(`${config.diffUrl}?artifact=${artifactId}`, { credentials: "same-origin" });
+    const response = await fetch(`${config.diffUrl}?artifact=${artifactId}`, {
+      credentials: "same-origin",
+      headers: { "X-Deputies-Fragment": "1" },
+    });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     container.innerHTML = await response.text();
     const add = container.querySelector(".diff-summary .add");
@@ -165,7 +186,11 @@ new LiveConnection({
     for (const event of page.events) handle(event);
     return page.events.length === 200;
   },
-  onState: (state, detail) => showConnection($("connection"), state, detail),
+  onState: (state, detail) => {
+    connectionState = state;
+    connectionDetail = detail;
+    showConnectionState();
+  },
   pollInterval: 2000,
 }).start();
 
