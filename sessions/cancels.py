@@ -65,7 +65,10 @@ class CancelWatch:
                 while not self.watched:
                     self.cond.wait()
             time.sleep(settings.CANCEL_POLL)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # this thread must outlive any one bad check
+                log.exception("the cancel watcher's check failed")
 
     def check(self) -> None:
         """One query: set the ``Cancel`` of every watched run that is not running any more."""
