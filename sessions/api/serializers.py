@@ -514,7 +514,9 @@ class SessionCreateSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         max_length=1000,
-        help_text="Instead of repository: found or created in the team by URL.",
+        help_text="Instead of repository: found or created in the team by URL. https://, ssh://, git:// or "
+        "user@host:path to a public address (or one in DEPUTIES_REPOSITORY_ALLOWED_NETWORKS), or a path under "
+        "DEPUTIES_LOCAL_REPOSITORY_ROOTS where local repositories are allowed.",
     )
     prompt = serializers.CharField(allow_blank=True, trim_whitespace=False)
     base_branch = serializers.CharField(required=False, allow_blank=True, max_length=200)
