@@ -26,7 +26,7 @@ from sessions.repository_urls import CheckedRepository, RepositoryRefused, check
 from sessions.runner import StepFailed, execute, git, repository_source
 from tests.conftest import client_for, make_git_repo
 from tests.gitserver import GitHTTPServer
-from tests.live import ROOT
+from tests.live import ROOT, child_env, wait_for, worker_process
 
 SESSIONS = "/api/v1/sessions"
 REPOSITORIES = "/api/v1/repositories"
@@ -406,3 +406,40 @@ def test_it_derives_the_github_provider_from_the_host_alone():
     assert Repository.provider_for("https://github.com/acme/widgets.git") == "github"
     assert Repository.provider_for("https://evil.example/github.com/x.git") == "git"
     assert Repository.provider_for("/srv/x") == "local"
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "refused"])
+def test_a_worker_process_applies_the_rules_it_is_configured_with(
+    settings, allowed, served, tmp_path, team, owner
+):
+    if allowed:
+        settings.REPOSITORY_ALLOWED_NETWORKS = LOOPBACK  # tests/live.py hands it to the worker
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    repository = Repository.objects.create(
+        team=team, name="served", url=served.url("sample.git"), provider="git"
+    )
+    with start_in_thread(DONE) as fake:
+        env = child_env(
+            data_dir,
+            DEPUTIES_LLM_PROVIDERS="scripted",
+            DEPUTIES_LLM_SCRIPTED_BASE_URL=fake.base_url,
+            DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
+        )
+        with worker_process(env):
+            session = start_session(
+                team=team, repository=repository, prompt="Go", model="scripted/demo", created_by=owner
+            )
+            run = wait_for(
+                lambda: Run.objects.filter(session=session, status__in=["completed", "failed"]).first(),
+                timeout=60,
+                what="the run to end",
+            )
+    if allowed:
+        assert run.status == Run.Status.COMPLETED, run.error
+        assert any("git-upload-pack" in hit for hit in served.hits)
+    else:
+        assert run.status == Run.Status.FAILED and "loopback address" in run.error
+        assert served.hits == []
