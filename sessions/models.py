@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models, transaction
 from django.db.models import F, Q, Value
@@ -98,13 +99,28 @@ class Repository(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        """The repository URL rules (sessions/repository_urls.py), for model forms such as the admin."""
+        from sessions.repository_urls import RepositoryRefused, check_repository_url
+
+        try:
+            self.url = check_repository_url(self.url).url
+        except RepositoryRefused as exc:
+            raise ValidationError({"url": str(exc)}) from None
+
     @staticmethod
     def provider_for(url: str) -> str:
-        if url.startswith(("/", "file://", "./", "../")):
+        from deputies.netguard import UnsafeAddress, parse_git_remote
+        from sessions.repository_urls import is_local
+
+        if is_local(url) or url.startswith(("./", "../")):
             return Repository.Provider.LOCAL
-        if "github.com" in url:
-            return Repository.Provider.GITHUB
-        return Repository.Provider.GIT
+        try:
+            host = parse_git_remote(url).host
+        except UnsafeAddress:
+            host = ""
+        # By host, not by substring: a GitHub token must never go to evil.example/github.com/x.
+        return Repository.Provider.GITHUB if host == "github.com" else Repository.Provider.GIT
 
 
 class Environment(models.Model):
