@@ -27,13 +27,15 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from sandboxes.base import SandboxHandle, SandboxSpec, get_provider
+from sandboxes.base import SandboxHandle, SandboxSpec, get_provider, secrets_withheld_reason
 from sandboxes.models import Sandbox
 from sessions import repocache
 from sessions.artifacts import store_artifact
+from sessions.cancels import CancellingHandle
 from sessions.events import emit, emit_many
 from sessions.models import Artifact, Message, Run, Session
-from sessions.secrets import RedactingHandle, Redactor, SecretError
+from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url
+from sessions.secrets import RedactingHandle, Redactor, SecretError, sandbox_environment
 from sessions.storage import ArtifactStorageError
 from sessions.workpool import heartbeat, releasing_handle, releasing_llm
 
@@ -58,13 +60,24 @@ class StepFailed(Exception):
 
 
 def git(
-    *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    source: CheckedRepository | None = None,
 ) -> str:
+    """Run git on the worker, hardened: no hooks, no fsmonitor, no submodules, and no transport at
+    all unless ``source`` (a repository URL checked just before, see ``repository_source``) names
+    the one this command may use. So nothing in a repository's config, a redirect or a submodule
+    can make git reach a place nobody checked. Without ``cwd`` git runs in ``/``, never inside
+    whatever repository the worker was started from (its config could set ``core.sshCommand``)."""
     base_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_CONFIG_NOSYSTEM": "1",
+        # Protocols marked "user" (file, by default) are never allowed: only the list below counts.
+        "GIT_PROTOCOL_FROM_USER": "0",
         "GIT_AUTHOR_NAME": "Deputies",
         "GIT_AUTHOR_EMAIL": "deputies@localhost",
         "GIT_COMMITTER_NAME": "Deputies",
@@ -72,10 +85,19 @@ def git(
         "LC_ALL": "C",
         **(env or {}),
     }
-    hardening = ["-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+    config = [
+        "safe.directory=*",
+        "core.hooksPath=/dev/null",
+        "core.fsmonitor=false",
+        "protocol.ext.allow=never",
+        "submodule.recurse=false",
+        "fetch.recurseSubmodules=false",
+        *(source.git_config() if source is not None else ["protocol.allow=never"]),
+    ]
+    hardening = [arg for value in config for arg in ("-c", value)]
     proc = subprocess.run(
         ["git", *hardening, *args],
-        cwd=cwd,
+        cwd=cwd if cwd is not None else "/",
         env=base_env,
         capture_output=True,
         text=True,
@@ -84,6 +106,16 @@ def git(
     if proc.returncode != 0:
         raise StepFailed(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc.stdout
+
+
+def repository_source(url: str) -> CheckedRepository:
+    """Check a stored repository URL again, right before git talks to it: DNS may have changed
+    since it was submitted, and rows older than the rules (or than a settings change) are refused
+    here with the reason as the run's error."""
+    try:
+        return check_repository_url(url)
+    except RepositoryRefused as exc:
+        raise StepFailed(f"the repository {url!r} is refused: {exc}") from None
 
 
 def claim(run_id: int) -> tuple[Run | None, str]:
@@ -328,10 +360,12 @@ class Runner:
             raise StepFailed(str(exc)) from None
         self.redactor = Redactor(secrets)
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
+        caps = provider.capabilities()
+        sandbox_env, withheld = sandbox_environment(env, secrets, caps)
         live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
             try:
-                self.handle = self.scrubbed(provider.connect(live.external_id))
+                self.handle = self.scrubbed(provider.connect(live.external_id, env=sandbox_env))
                 self.sandbox = live
                 return False
             except Exception as exc:
@@ -339,7 +373,6 @@ class Runner:
                 Sandbox.objects.filter(pk=live.pk).update(
                     status=Sandbox.Status.DESTROYED, destroyed=timezone.now()
                 )
-        caps = provider.capabilities()
         self.sandbox = Sandbox.objects.create(
             session=self.session,
             provider=provider.name,
@@ -349,12 +382,7 @@ class Runner:
         spec = SandboxSpec(
             session_id=self.session.pk,
             image=env.image if env else "",
-            # Bytecode caches go stale when an edit keeps size and mtime second; tests must see edits.
-            env={
-                "PYTHONDONTWRITEBYTECODE": "1",
-                **{str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
-                **{s.name: s.value for s in secrets if s.sandbox_visible},
-            },
+            env=sandbox_env,
             network=env.network_policy if env else "none",
             cpu_limit=env.cpu_limit if env else None,
             memory_mb=env.memory_mb if env else None,
@@ -373,6 +401,9 @@ class Runner:
         payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
         if not caps.isolated:
             payload["reason"] = caps.reason
+        if withheld:  # names only; the run goes on without them
+            payload["secrets_withheld"] = withheld
+            payload["secrets_withheld_reason"] = secrets_withheld_reason(caps)
         if self.hold_sandbox_ready:
             self.held.append(("sandbox_ready", payload))  # written with repository_ready (or the failure)
         else:
@@ -380,7 +411,9 @@ class Runner:
         return True
 
     def scrubbed(self, handle: SandboxHandle) -> SandboxHandle:
-        """What the sandbox says passes through the secrets' redactor before anyone sees it."""
+        """What the sandbox says passes through the secrets' redactor before anyone sees it, and its
+        commands are killed as soon as the run is cancelled (sessions/cancels.py)."""
+        handle = CancellingHandle(handle, self.run.pk)
         return RedactingHandle(handle, self.redactor) if self.redactor else handle
 
     def checkout_dir(self) -> Path:
@@ -413,6 +446,7 @@ class Runner:
         )
 
     def clone_and_upload(self, checkout: Path) -> str:
+        source = repository_source(self.session.repository.url)
         git(
             "clone",
             "--quiet",
@@ -420,8 +454,9 @@ class Runner:
             "--branch",
             self.session.base_branch,
             "--",
-            self.session.repository.url,
+            source.url,
             str(checkout),
+            source=source,
         )
         commit = git("rev-parse", "HEAD", cwd=checkout).strip()
         git("update-ref", BASE_REF, commit, cwd=checkout)
@@ -468,6 +503,8 @@ class Runner:
                         "timed_out": result.timed_out,
                     },
                 )
+                if result.cancelled:
+                    raise StepFailed(f"{label} was stopped: the run was cancelled")
                 if result.timed_out:
                     raise StepFailed(
                         f"{label} timed out after {timeout:g} s (DEPUTIES_SETUP_TIMEOUT); see the setup log"
@@ -653,13 +690,15 @@ class Runner:
         if ready is None:
             raise StepFailed("the repository was never prepared for this session")
         fresh_dir(checkout)
+        source = repository_source(self.session.repository.url)
         git(
             "clone",
             "--quiet",
             "--no-checkout",
             "--no-hardlinks",
             "--",
-            self.session.repository.url,
+            source.url,
             str(checkout),
+            source=source,
         )
         git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)
