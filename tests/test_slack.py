@@ -613,3 +613,14 @@ def test_it_maps_a_slack_user_in_the_admin(workspace, admin_client, teammate):
     assert answer.status_code == 302, answer.content.decode()[:2000]
     mapping = SlackUser.objects.get(slack_user_id="U0BOB")
     assert mapping.user == teammate and mapping.via == "admin"  # an admin's mapping is never looked up again
+
+
+def test_it_shows_slack_messages_on_the_session_timeline(workspace, slack, owner):
+    mention("fix the flaky test")
+    drain()
+    session = Session.objects.get()
+    browser = Client()
+    browser.force_login(owner)
+    page = browser.get(f"/sessions/{session.pk}").content.decode()
+    assert f"Slack message delivered to {CHANNEL_ID} 1700000100.000100" in page
+    assert "Slack #dev" in page  # where it came from

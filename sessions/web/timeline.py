@@ -51,10 +51,12 @@ def notice_text(type: str, p: dict) -> str:
             f"({p.get('chars_before')} → {p.get('chars_after')} characters)"
         )
     if type == "callback_sent":
-        return f"Callback delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
+        what = "Slack message" if p.get("kind") == "slack" else "Callback"
+        return f"{what} delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
     if type == "callback_failed":
+        what = "Slack message" if p.get("kind") == "slack" else "Callback"
         then = f"retrying in {p.get('retry_in')} s" if p.get("will_retry") else "giving up"
-        return f"Callback to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+        return f"{what} to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
     if type == "run_resumed":
         return f"Run resumed (attempt {p.get('attempt')}) from step {p.get('from_step')}, sandbox {p.get('sandbox')}"
     if type == "workspace_restored":
