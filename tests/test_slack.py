@@ -624,3 +624,11 @@ def test_it_shows_slack_messages_on_the_session_timeline(workspace, slack, owner
     page = browser.get(f"/sessions/{session.pk}").content.decode()
     assert f"Slack message delivered to {CHANNEL_ID} 1700000100.000100" in page
     assert "Slack #dev" in page  # where it came from
+
+
+def test_it_answers_400_naming_the_field_for_a_signed_but_broken_body(workspace):
+    answer = post("/integrations/slack/events", b"not json", "application/json")
+    assert answer.status_code == 400 and "body" in answer.json()["errors"]
+    answer = post("/integrations/slack/interactive", b"payload=%7Bnope", "application/x-www-form-urlencoded")
+    assert answer.status_code == 400 and "payload" in answer.json()["errors"]
+    assert not SeenRequest.objects.exists() and not Session.objects.exists()
