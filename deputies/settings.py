@@ -443,6 +443,8 @@ MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
 # Ranges that user-given addresses may reach although the default rules refuse them (loopback,
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
 CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
+# false: user-given host names are looked up in /etc/hosts only, never in DNS (IP addresses work).
+RESOLVE_NAMES = envbool("DEPUTIES_RESOLVE_NAMES", True)
 REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
 # Inbound webhooks (integrations/webhooks): POST /integrations/webhooks/<source>. Off: every source 404s.

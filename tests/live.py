@@ -54,6 +54,7 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
             "DEPUTIES_DATA_DIR": str(data_dir),
             "DEPUTIES_QUEUE_POLL": "0.05",
             "DEPUTIES_LOG_LEVEL": "WARNING",
+            "DEPUTIES_RESOLVE_NAMES": "false",  # no DNS queries: they would leave loopback
             "DJANGO_SETTINGS_MODULE": "deputies.settings",
             # The repository rules this test runs under (tests/conftest.py), for the worker's re-check.
             "DEPUTIES_ALLOW_LOCAL_REPOSITORIES": "true" if settings.ALLOW_LOCAL_REPOSITORIES else "false",
