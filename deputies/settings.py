@@ -411,6 +411,12 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+# Largest request body (bytes) Django reads; a larger one is a 413 (sessions/api/errors.py). The default
+# admits the longest allowed prompt however it is encoded: one character is at most 12 bytes on the wire
+# (a JSON-escaped surrogate pair "\ud83d\ude00", or "%F0%9F%98%80" in a form), plus room for the rest.
+DATA_UPLOAD_MAX_MEMORY_SIZE = envint(
+    "DEPUTIES_MAX_REQUEST_BYTES", max(2_621_440, 12 * MAX_PROMPT_CHARS + 65_536), minimum=65_536
+)
 
 # Ranges that user-given addresses may reach although the default rules refuse them (loopback,
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
