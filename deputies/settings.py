@@ -59,6 +59,27 @@ CSRF_TRUSTED_ORIGINS = [
 ]
 BASE_URL = envstr("DEPUTIES_BASE_URL", "http://127.0.0.1:8000")
 
+# --- HTTPS ------------------------------------------------------------------------------------
+# Simple mode is plain http on 127.0.0.1, where secure-only cookies would never be sent back, so none of
+# this is on by default. DEPUTIES_HTTPS=true says the site is served only over HTTPS (a production
+# deployment, usually behind a TLS-terminating proxy) and turns each of these on; each can be set alone.
+# `manage.py check --deploy` is clean with the settings deploy/README.md lists (tests/test_deploy_settings.py).
+HTTPS = envbool("DEPUTIES_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("DEPUTIES_SECURE_COOKIES", HTTPS)
+SECURE_SSL_REDIRECT = envbool("DEPUTIES_SSL_REDIRECT", HTTPS)
+# Probes (the image's HEALTHCHECK, a load balancer) ask over plain http inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# An hour to start with, as Django's docs advise; raise it (31536000, a year) once HTTPS is settled.
+SECURE_HSTS_SECONDS = envint("DEPUTIES_HSTS_SECONDS", 3600 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("DEPUTIES_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = envbool("DEPUTIES_HSTS_PRELOAD", False)
+# Asking browsers to preload the domain is a decision for its owner, not a default to nag about.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (and strips one sent by the client):
+# without this, every request looks like http, and the redirect above would loop.
+if envbool("DEPUTIES_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
