@@ -391,6 +391,7 @@ class ArtifactViewSet(TeamScopedMixin, mixins.RetrieveModelMixin, viewsets.Gener
         responses={
             (200, "*/*"): OpenApiTypes.BINARY,
             302: OpenApiResponse(description="Redirect to a presigned URL in the bucket"),
+            503: OpenApiResponse(description="The artifact store cannot sign a download link."),
         },
     )
     @action(
