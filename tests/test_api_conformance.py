@@ -83,6 +83,10 @@ def test_it_conforms_to_its_openapi_schema_under_a_seeded_schemathesis_run(
         DEPUTIES_LLM_PROVIDERS="scripted",
         DEPUTIES_LLM_SCRIPTED_BASE_URL="http://127.0.0.1:9/v1",  # never called: no worker runs
         DEPUTIES_DEFAULT_MODEL="scripted/demo",
+        # Every case should reach the API, but a few session starts meet the limit, so 429s are
+        # checked against the schema too.
+        DEPUTIES_API_RATE="0",
+        DEPUTIES_API_RATE_SESSIONS="20/min",
     )
     junit = tmp_path / "schemathesis.xml"
     with web_process(env) as base:
