@@ -19,6 +19,7 @@ import pytest
 from django.db import connection
 from rest_framework.test import APIClient
 
+from integrations.webhooks.models import WebhookSource
 from sandboxes.models import Sandbox
 from sessions.api.schema import Generator
 from sessions.artifacts import store_artifact
@@ -42,8 +43,8 @@ def schema_operations() -> set[str]:
 
 @pytest.fixture
 def one_of_everything(settings, tmp_path, team, teammate, repository):
-    """A session with events, an artifact and a sandbox, a finished session with a pull request, and
-    an environment with a secret: every kind of object the API shows, at id 1."""
+    """A session with events, an artifact and a sandbox, a finished session with a pull request, an
+    environment with a secret and a webhook source: every kind of object the API shows, at id 1."""
     settings.MEDIA_ROOT = tmp_path / "data" / "media"  # where the web process reads artifacts
     environment = Environment.objects.create(team=team, name="python", image="python:3.12-slim")
     environment.change_secrets(
@@ -60,6 +61,9 @@ def one_of_everything(settings, tmp_path, team, teammate, repository):
     emit_many(session.pk, [("progress", {"message": "working"}), ("assistant_text", {"text": "Done."})])
     store_artifact(session.pk, "diff", "changes.diff", "--- a\n+++ b\n", content_type="text/x-diff")
     Sandbox.objects.create(session=session, provider="local", status="ready", isolated=False)
+    source = WebhookSource(team=team, name="ci", slug="ci", auth="token", repository=repository)
+    source.issue_credentials()
+    source.save()
     done = start_session(
         team=team, repository=repository, prompt="Open a PR", model="scripted/demo", created_by=teammate
     )

@@ -10,6 +10,7 @@ from django.conf import settings as django_settings
 from django.test import Client
 from django.urls import reverse
 
+from integrations.webhooks.models import WebhookSource
 from sessions.api.schema import Generator
 from sessions.models import APIToken, Environment, Session, start_session
 from tests.conftest import client_for
@@ -66,7 +67,15 @@ def assert_names_the_limit(response) -> None:
 def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
     owner, session, repository, environment
 ):
-    ids = {"sessions": session.pk, "repositories": repository.pk, "environments": environment.pk}
+    source = WebhookSource(team=session.team, name="ci", slug="ci", auth="token", repository=repository)
+    source.issue_credentials()
+    source.save()
+    ids = {
+        "sessions": session.pk,
+        "repositories": repository.pk,
+        "environments": environment.pk,
+        "webhook-sources": source.pk,
+    }
     operations = operations_with_a_body()
     assert ("POST", "/api/v1/sessions") in operations
     assert ("POST", "/api/v1/sessions/{id}/messages") in operations

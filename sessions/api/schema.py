@@ -117,6 +117,17 @@ class AutoSchema(openapi.AutoSchema):
             codes.append("429")
         return codes
 
+    def _map_basic_serializer(self, serializer, direction):
+        schema = super()._map_basic_serializer(serializer, direction)
+        # Fields a serializer leaves out of some answers (``Meta.sometimes_absent``, e.g. a secret
+        # shown once) are read-only but not required.
+        absent = set(getattr(getattr(serializer, "Meta", None), "sometimes_absent", ()))
+        if absent and "required" in schema:
+            schema["required"] = [name for name in schema["required"] if name not in absent]
+            if not schema["required"]:
+                del schema["required"]
+        return schema
+
     def _resolve_path_parameters(self, variables):
         parameters = super()._resolve_path_parameters(variables)
         for parameter in parameters:
