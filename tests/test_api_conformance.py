@@ -150,12 +150,20 @@ def parameter(schema: dict, path: str, method: str, name: str) -> dict:
         ("limit=64446792564992253452353536", "limit"),  # was a 500: past a bigint
         ("offset=-10000000", "offset"),
         ("offset=ten", "offset"),
+        ("limit=", "limit"),
     ],
 )
 def test_it_rejects_page_parameters_outside_the_schema_naming_them(owner, query, field):
     response = client_for(owner).get(f"/api/v1/repositories?{query}")
     assert response.status_code == 400, response.content
     assert list(response.json()["errors"]) == [field]
+
+
+def test_it_rejects_empty_event_parameters(owner, team, repository, providers):
+    session = start_session(team=team, repository=repository, prompt="Hi", model="scripted/demo")
+    response = client_for(owner).get(f"/api/v1/sessions/{session.pk}/events?after=&limit=")
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {"after"}
 
 
 def test_it_documents_the_bounds_it_enforces_on_query_parameters(schema):

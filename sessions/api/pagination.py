@@ -19,7 +19,7 @@ MAX_PAGE_SIZE = 1000
 
 def _bounded(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # "?limit=" is not a number either
         return default
     try:
         value = int(raw)

@@ -138,7 +138,7 @@ _REPOSITORY_CHECK = RepositoryCheck()
 
 def query_int(request: Request, name: str, default: int | None, minimum: int, maximum: int | None = None):
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # "?after=" is not a number either: a 400, as the schema says
         return default
     try:
         value = int(raw)
