@@ -135,3 +135,26 @@ class NotifyingORM(ORM):
                 self._listener.close()
             self._listener = None
             sleep(timeout)
+
+
+class _Deferred:
+    """Puts a task in the queue table with its lock at ``eta``: ``dequeue`` only takes rows whose lock
+    has passed, so the table itself is the due-time queue (no worker thread sleeps on it, and the
+    idle worker's usual poll is what notices the task once it is due)."""
+
+    def __init__(self, broker, eta) -> None:
+        self.broker, self.eta = broker, eta
+        self.list_key = broker.list_key
+
+    def enqueue(self, task) -> int:
+        return OrmQ.objects.using(Conf.ORM).create(key=self.list_key, payload=task, lock=self.eta).pk
+
+
+def enqueue_at(eta, func: str, *args, **kwargs):
+    """``async_task`` for a task due at ``eta`` (a datetime); with the ORM broker only."""
+    from django_q.brokers import get_broker
+    from django_q.tasks import async_task
+
+    if eta <= timezone.now():
+        return async_task(func, *args, **kwargs)
+    return async_task(func, *args, broker=_Deferred(get_broker(), eta), **kwargs)

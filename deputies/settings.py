@@ -74,6 +74,8 @@ INSTALLED_APPS = [
     "channels",
     "sessions.apps.AgentSessionsConfig",
     "sandboxes.apps.SandboxesConfig",
+    "integrations.webhooks.apps.WebhooksConfig",
+    "integrations.deliveries.apps.DeliveriesConfig",
 ]
 
 MIDDLEWARE = [
@@ -414,6 +416,24 @@ MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
 CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
 REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
+
+# Inbound webhooks (integrations/webhooks): POST /integrations/webhooks/<source>. Off: every source 404s.
+WEBHOOKS_ENABLED = envbool("DEPUTIES_WEBHOOKS_ENABLED", True)
+
+# --- Outbound deliveries (integrations/deliveries): callbacks, later Slack and GitHub replies ------
+# Attempts per delivery, and how long after its creation the last one may start.
+DELIVERY_MAX_ATTEMPTS = envint("DEPUTIES_DELIVERY_MAX_ATTEMPTS", 8, minimum=1)
+DELIVERY_MAX_AGE = envfloat("DEPUTIES_DELIVERY_MAX_AGE", 86400.0, minimum=1)
+# Exponential back-off with full jitter: attempt n waits uniform(0, min(MAX, BASE * 2**(n-1))) seconds,
+# or what the receiver's Retry-After asks for.
+DELIVERY_BACKOFF_BASE = envfloat("DEPUTIES_DELIVERY_BACKOFF_BASE", 5.0, minimum=0.001)
+DELIVERY_BACKOFF_MAX = envfloat("DEPUTIES_DELIVERY_BACKOFF_MAX", 3600.0, minimum=0.001)
+# Seconds one attempt may take (connect, send, answer).
+DELIVERY_TIMEOUT = envfloat("DEPUTIES_DELIVERY_TIMEOUT", 10.0, minimum=0.1)
+# An attempt still "sending" after this many seconds lost its worker; recovery sends it again.
+DELIVERY_LEASE = envfloat("DEPUTIES_DELIVERY_LEASE", max(60.0, DELIVERY_TIMEOUT * 3), minimum=1)
+# Deliveries one worker process sends at once (threads beside its runs).
+DELIVERY_CONCURRENCY = envint("DEPUTIES_DELIVERY_CONCURRENCY", 8, minimum=1)
 
 LOGGING = {
     "version": 1,

@@ -14,6 +14,8 @@ urlpatterns = [
     path("login", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
     path("metrics", metrics, name="metrics"),
+    path("integrations/webhooks/", include("integrations.webhooks.urls")),
+    path("", include("integrations.deliveries.urls")),  # before the API's catch-all 404
     path("", include("sessions.api.urls")),
     path("", include("sessions.web.urls")),
 ]

@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger("deputies.worker")
 
 RUN_TASK = "sessions.tasks.execute_run"
+# Outbound deliveries get their own threads: a slow receiver must not hold up the schedules.
+DELIVERY_TASK = "integrations.deliveries.tasks.send_delivery"
 SCHEDULER_INTERVAL = 30.0  # seconds, as qcluster's sentinel
 
 
@@ -50,6 +52,11 @@ class Worker:
         self.pool = get_pool()
         self.stopping = threading.Event()
         self.side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="task")
+        from django.conf import settings
+
+        self.deliveries = ThreadPoolExecutor(
+            max_workers=settings.DELIVERY_CONCURRENCY, thread_name_prefix="delivery"
+        )
 
     def stop(self, signum=None, frame=None) -> None:  # noqa: ARG002
         self.stopping.set()
@@ -109,7 +116,28 @@ class Worker:
             return
         if reserved:
             self.pool.unreserve()
+        if task["func"] == DELIVERY_TASK:
+            self.deliveries.submit(self.deliver, task)
+            return
         self.side.submit(self.call, task)
+
+    def deliver(self, task: dict) -> None:
+        """One delivery attempt. The Delivery row and its attempt log are the record (no result
+        row); the task is acknowledged whatever happened, since the row's lease and
+        ``recover_stale_deliveries`` are what retry it."""
+        from django.db import connection
+
+        try:
+            f = pydoc.locate(DELIVERY_TASK)
+            log.debug("delivery %s: %s", task["args"], f(*task["args"], **task["kwargs"]))
+        except Exception:
+            log.exception("delivery task %s failed", task.get("name"))
+        finally:
+            try:
+                self.broker.acknowledge(task["ack_id"])
+            except Exception:
+                log.exception("could not acknowledge delivery task %s", task.get("name"))
+            connection.close()
 
     def start_run(self, task: dict) -> None:
         """Hand the task to a run thread on the slot reserved for it, and go back to the queue.
@@ -170,6 +198,7 @@ class Worker:
         from sessions.workpool import hand_over
 
         self.side.shutdown(wait=True, cancel_futures=True)
+        self.deliveries.shutdown(wait=True, cancel_futures=True)
         if self.pool.in_flight():
             log.warning(
                 "worker stopping: waiting up to %ss for %d runs",

@@ -25,6 +25,7 @@ from sessions.models import (
     Repository,
     Run,
     Session,
+    SessionBinding,
     Team,
 )
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH, encrypt
@@ -374,6 +375,17 @@ class EventAdmin(ReadOnlyAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+
+@admin.register(SessionBinding)
+class SessionBindingAdmin(ReadOnlyAdmin):
+    """External threads (webhook, Slack, GitHub) bound to sessions; deleting one unbinds the thread."""
+
+    list_display = ["key", "source", "session", "team", "created"]
+    list_filter = ["source"]
+    search_fields = ["key"]
+    list_select_related = ["session", "team"]
+    raw_id_fields = ["session"]
 
 
 @admin.register(Artifact)

@@ -289,6 +289,13 @@ class Session(models.Model):
         return self.title or f"Session {self.pk}"
 
     @property
+    def thread_label(self) -> str:
+        """The external thread it is bound to, as people read it (``external_ref["thread"]``, set
+        by sessions/bindings.py), or ""."""
+        ref = self.external_ref if isinstance(self.external_ref, dict) else {}
+        return str(ref.get("thread") or "")
+
+    @property
     def active_run(self) -> Run | None:
         return self.runs.filter(status__in=Run.ACTIVE).first()
 
@@ -344,12 +351,20 @@ class Session(models.Model):
                 from sessions.limits import wake_after_commit
 
                 wake_after_commit(locked.team_id)  # a limited team's slot frees for its waiting runs
-            locked.runs.filter(status__in=Run.ACTIVE).update(
+            ended = list(locked.runs.filter(status__in=Run.ACTIVE).values_list("pk", flat=True))
+            locked.runs.filter(pk__in=ended, status__in=Run.ACTIVE).update(
                 status=Run.Status.CANCELLED, finished=now, error="cancelled by user"
             )
             locked.messages.filter(status=Message.Status.PENDING).update(status=Message.Status.CANCELLED)
             Session.objects.filter(pk=self.pk).update(status=SessionStatus.CANCELLED, finished=now)
             emit(locked.pk, "status", {"status": SessionStatus.CANCELLED})
+            from sessions.signals import run_finished
+
+            for run_id in ended:
+                run_finished.send(
+                    sender=Run, run_id=run_id, session_id=locked.pk, status=Run.Status.CANCELLED,
+                    error="cancelled by user",
+                )  # fmt: skip
         self.refresh_from_db()
         return True
 
@@ -666,6 +681,11 @@ class Run(models.Model):
                 from sessions.events import emit_many
 
                 emit_many(self.session_id, events, run_id=self.pk)
+            from sessions.signals import run_finished
+
+            run_finished.send(
+                sender=Run, run_id=self.pk, session_id=self.session_id, status=status, error=error
+            )
         self.status, self.finished, self.error = status, now, error
         return True
 
@@ -792,6 +812,27 @@ class Event(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}#{self.seq} {self.type}"
+
+
+class SessionBinding(models.Model):
+    """An external thread bound to one session, so what arrives in it later is a follow-up.
+
+    ``key`` names the thread the same way for every integration: ``webhook:<source id>:<thread id>``,
+    ``slack:<workspace>:<channel>:<thread ts>``, ``github:<owner>/<repo>#<number>``. The unique
+    constraint is what makes binding race-safe (sessions/bindings.py).
+    """
+
+    team = models.ForeignKey(Team, models.CASCADE, related_name="session_bindings")
+    source = models.CharField(max_length=20, choices=Source.choices)
+    key = models.CharField(max_length=500)
+    session = models.ForeignKey(Session, models.CASCADE, related_name="bindings")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["source", "key"], name="unique_session_binding")]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> session {self.session_id}"
 
 
 def artifact_path(instance: Artifact, filename: str) -> str:

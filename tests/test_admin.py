@@ -87,7 +87,7 @@ def admin_url(model: type, view: str, *args) -> str:
 def test_it_registers_every_model():
     from django.apps import apps
 
-    for app_label in ("agent_sessions", "sandboxes"):
+    for app_label in ("agent_sessions", "sandboxes", "webhooks"):
         for model in apps.get_app_config(app_label).get_models():
             assert admin.site.is_registered(model), model
 

@@ -525,9 +525,9 @@ def test_it_shows_setup_status_to_staff_only(owner, django_user_model):
     assert browser(owner).get(reverse("setup")).status_code == 403
     admin = django_user_model.objects.create_user("admin", "a@example.com", "pw", is_staff=True)
     page = browser(admin).get(reverse("setup")).content.decode()
-    for name in ("Database", "Queue workers", "Sandbox provider", "LLM providers", "Slack", "GitHub"):
+    for name in ("Database", "Queue workers", "Sandbox provider", "LLM providers", "Inbound webhooks"):
         assert name in page, name
-    assert "Not configured." in page
+    assert "No enabled webhook source yet." in page
     assert "sk-secret-key" not in page and "user:pw" not in page
     assert "http://127.0.0.1:9/v1" in page and "API key set" in page
 

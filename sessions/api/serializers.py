@@ -409,6 +409,9 @@ class SessionSerializer(serializers.ModelSerializer):
         help_text="For a queued session of a team with a concurrency limit: its place among the "
         "team's queued runs (1 = starts next). Null otherwise."
     )
+    thread = serializers.CharField(
+        source="thread_label", read_only=True, help_text="The external thread it is bound to, or empty."
+    )
 
     class Meta:
         model = Session
@@ -418,6 +421,8 @@ class SessionSerializer(serializers.ModelSerializer):
             "title",
             "status",
             "source",
+            "external_ref",
+            "thread",
             "repository",
             "base_branch",
             "branch",
@@ -633,22 +638,25 @@ class SessionCreateSerializer(serializers.Serializer):
             )
 
     def _repository_for_url(self, url: str) -> Repository:
-        # Serialize per team so two requests for one new URL make one repository.
-        Team.objects.select_for_update().filter(pk=self.target_team.pk).first()
-        existing = self.target_team.repositories.filter(url=url).order_by("pk").first()
-        if existing is not None:
-            return existing
-        base = repository_name_for(url)
-        taken = set(
-            self.target_team.repositories.filter(name__startswith=base).values_list("name", flat=True)
-        )
-        name, n = base, 1
-        while name in taken:
-            n += 1
-            name = f"{base}-{n}"
-        return Repository.objects.create(
-            team=self.target_team, name=name, url=url, provider=Repository.provider_for(url)
-        )
+        return repository_for_url(self.target_team, url)
+
+
+def repository_for_url(team: Team, url: str) -> Repository:
+    """The team's repository with this (validated) clone URL, created when there is none. Every
+    way work names a repository by URL (this API, webhooks) goes through here. Caller holds a
+    transaction."""
+    # Serialize per team so two requests for one new URL make one repository.
+    Team.objects.select_for_update().filter(pk=team.pk).first()
+    existing = team.repositories.filter(url=url).order_by("pk").first()
+    if existing is not None:
+        return existing
+    base = repository_name_for(url)
+    taken = set(team.repositories.filter(name__startswith=base).values_list("name", flat=True))
+    name, n = base, 1
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return Repository.objects.create(team=team, name=name, url=url, provider=Repository.provider_for(url))
 
 
 class MessageCreateSerializer(serializers.Serializer):

@@ -5,6 +5,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from integrations.webhooks.api import WebhookSourceViewSet
 from sessions.api import health, views
 from sessions.api.schema import Generator
 
@@ -15,6 +16,7 @@ router.register("sessions", views.SessionViewSet, basename="api-session")
 router.register("artifacts", views.ArtifactViewSet, basename="api-artifact")
 router.register("repositories", views.RepositoryViewSet, basename="api-repository")
 router.register("environments", views.EnvironmentViewSet, basename="api-environment")
+router.register("webhook-sources", WebhookSourceViewSet, basename="api-webhook-source")
 
 
 def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:

@@ -45,6 +45,7 @@ from sessions.models import (
     Run,
     Session,
     SessionStatus,
+    Source,
     Team,
 )
 from sessions.storage import ArtifactStorageError, download_url
@@ -177,6 +178,7 @@ class TeamScopedMixin:
         parameters=[
             OpenApiParameter("status", str, enum=SessionStatus.values),
             OpenApiParameter("repository", int, description="Repository id."),
+            OpenApiParameter("source", str, enum=Source.values, description="Where the work came from."),
             OpenApiParameter("search", str, description="Text in the title or the messages."),
         ],
     ),
@@ -207,6 +209,10 @@ class SessionViewSet(
             queryset = queryset.filter(status=status_)
         if (repository := query_int(self.request, "repository", None, 1, MAX_ID)) is not None:
             queryset = queryset.filter(repository_id=repository)
+        if source := params.get("source"):
+            if source not in Source.values:
+                raise ValidationError({"source": [f"Expected one of {', '.join(Source.values)}."]})
+            queryset = queryset.filter(source=source)
         if search := params.get("search", "").strip():
             in_messages = Message.objects.filter(session=OuterRef("pk"), content__icontains=search)
             queryset = queryset.filter(Q(title__icontains=search) | Exists(in_messages))

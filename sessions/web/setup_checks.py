@@ -236,15 +236,11 @@ def check_storage() -> Check:
     return Check("Artifact storage", "ok", f"S3: {where} answers.", details=details)
 
 
-INTEGRATIONS = ("Slack", "GitHub", "Webhooks")
-
-
 def check_integrations() -> list[Check]:
-    """Inbound integrations are not part of this build yet; say so rather than show them as broken."""
-    return [
-        Check(name, "off", "Not configured.", "This integration is not available in this version yet.")
-        for name in INTEGRATIONS
-    ]
+    """One card per integration package, found by integrations/registry.py."""
+    from integrations.registry import checks
+
+    return checks()
 
 
 def all_checks() -> list[Check]:

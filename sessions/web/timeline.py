@@ -50,6 +50,11 @@ def notice_text(type: str, p: dict) -> str:
             f"Conversation compacted: {p.get('elided')} older outputs elided "
             f"({p.get('chars_before')} → {p.get('chars_after')} characters)"
         )
+    if type == "callback_sent":
+        return f"Callback delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
+    if type == "callback_failed":
+        then = f"retrying in {p.get('retry_in')} s" if p.get("will_retry") else "giving up"
+        return f"Callback to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
     return "Run queued again: its worker was lost"
 
 
@@ -127,7 +132,8 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             item = Item("todo", event.seq, event.created, {"todos": todos, "done": done, "total": total})
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
-        elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted"):
+        elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted", "callback_sent",
+                   "callback_failed"):  # fmt: skip
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})

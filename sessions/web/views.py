@@ -77,7 +77,7 @@ def duration_of(session: Session) -> float:
 
 
 def api_filtered(request: HttpRequest, queryset: QuerySet[Session]) -> QuerySet[Session]:
-    """The API's own list filters (status, repository, search), so the page and the API agree."""
+    """The API's own list filters (status, repository, source, search), so the page and the API agree."""
     view = SessionViewSet(request=Request(request), action="list", format_kwarg=None)
     return view.filter_queryset(queryset)
 
@@ -92,10 +92,6 @@ def session_list(request: HttpRequest) -> HttpResponse:
         queryset = api_filtered(request, queryset)
     except ValidationError as exc:
         errors += [f"{name}: {m}" for name, messages_ in exc.detail.items() for m in messages_]
-    if source := params.get("source", ""):
-        if source not in Source.values:
-            errors.append(f"source: Expected one of {', '.join(Source.values)}.")
-        queryset = queryset.filter(source=source)
     if params.get("mine"):
         queryset = queryset.filter(created_by=request.user)
     if params.get("status") != SessionStatus.ARCHIVED:

@@ -95,6 +95,13 @@ function body(event, downloadUrl) {
     }
     case "run_requeued":
       return ["progress", [muted("Run queued again: its worker was lost")]];
+    case "callback_sent":
+      return ["progress", [muted(`Callback delivered to ${p.target || ""} (HTTP ${p.status_code}, attempt ${p.attempt})`)]];
+    case "callback_failed":
+    {
+      const then = p.will_retry ? `retrying in ${p.retry_in} s` : "giving up";
+      return ["progress", [muted(`Callback to ${p.target || ""} failed (attempt ${p.attempt}): ${p.error || ""}; ${then}`)]];
+    }
     case "context_compacted":
       return ["progress", [muted(`Conversation compacted: ${p.elided} older outputs elided (${p.chars_before} → ${p.chars_after} characters)`)]];
     case "status":

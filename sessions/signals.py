@@ -1,0 +1,13 @@
+"""Signals other apps listen to; sessions never imports them (integrations connect receivers).
+
+``run_finished`` is sent inside the transaction that ends a run (completed, failed, cancelled,
+timed out, or failed for good by lease recovery), once per run: whatever a receiver writes commits
+or rolls back with the run's end. Keyword arguments: ``run_id``, ``session_id``, ``status`` (the
+run's final status) and ``error``.
+"""
+
+from __future__ import annotations
+
+from django.dispatch import Signal
+
+run_finished = Signal()
