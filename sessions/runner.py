@@ -1,4 +1,5 @@
-"""Executes one Run as ordered steps: provision sandbox, prepare repository, agent loop, collect diff.
+"""Executes one Run as ordered steps: provision sandbox, prepare repository, agent loop, collect diff,
+publish (a GitHub session's branch and pull request).
 
 The runner owns error capture so each step only does its work; a step that raises fails the run
 with the error kept on the Run, the Session and a ``run_failed`` event.
@@ -25,7 +26,7 @@ from sandboxes.models import Sandbox
 from sessions import repocache
 from sessions.artifacts import store_artifact
 from sessions.events import emit, emit_many
-from sessions.models import Message, Run, Session
+from sessions.models import Message, Run, Session, Source
 from sessions.secrets import RedactingHandle, Redactor, SecretError
 from sessions.storage import ArtifactStorageError
 from sessions.workpool import releasing_handle, releasing_llm
@@ -202,6 +203,8 @@ class Runner:
         # repository_ready); written, in order, before any other event of the run.
         self.held: list[tuple[str, dict]] = []
         self.hold_sandbox_ready = False  # execute() sets it: repository_ready always follows there
+        self.remote = None  # credentials for the remote (remote_credentials()), worker-side only
+        self.tree: str | None = None  # the workspace's tree, written by collect_diff
 
     def emit(self, type: str, payload: dict) -> None:
         if self.held:
@@ -229,6 +232,8 @@ class Runner:
             result = self.agent_loop()
             if not (pristine and self.left_workspace_alone(result)):
                 self.collect_diff()
+            if result.status == "completed":
+                self.publish(result)
         except Exception as exc:  # the runner owns error capture
             log.exception("run %s failed", self.run.pk)
             self.flush_held()
@@ -294,7 +299,8 @@ class Runner:
             secrets = env.decrypted_secrets() if env else []
         except SecretError as exc:
             raise StepFailed(str(exc)) from None
-        self.redactor = Redactor(secrets)
+        self.remote = self.remote_credentials()
+        self.redactor = Redactor([*secrets, *(self.remote.secrets if self.remote else [])])
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
         live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
@@ -354,17 +360,43 @@ class Runner:
     def checkout_dir(self) -> Path:
         return checkout_dir(self.session.pk)
 
+    def remote_credentials(self):
+        """What the worker's git needs for a private remote (a GitHub installation token, as
+        environment for git: integrations/github/publish.py), or None. Never in .git/config or the
+        sandbox; the values are added to the run's redactor."""
+        if self.session.source != Source.GITHUB:
+            return None
+        from integrations.github.publish import credentials
+
+        try:
+            return credentials(self.session)
+        except Exception as exc:
+            raise StepFailed(f"no GitHub token for the repository: {type(exc).__name__}: {exc}") from None
+
+    def git_env(self) -> dict[str, str] | None:
+        return self.remote.env if self.remote else None
+
+    def publish(self, result) -> None:
+        """Publish step: a GitHub session's changes become a commit on its branch, pushed, and a
+        pull request opened or updated (integrations/github/publish.py). Other sessions keep their
+        diff artifact only."""
+        if self.remote is None or self.session.source != Source.GITHUB:
+            return
+        from integrations.github.publish import publish
+
+        publish(self, result)
+
     def prepare_repository(self) -> None:
         """Upload the base branch's tip on the session's branch; the worker fetches it (credentials
         never enter the sandbox), from this host's per-commit template (sessions/repocache.py)."""
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
-        commit = repocache.resolve(repo.url, self.session.base_branch)
+        commit = repocache.resolve(repo.url, self.session.base_branch, env=self.git_env())
         if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
             commit = self.clone_and_upload(checkout)
         else:
-            template = repocache.template(repo.url, self.session.base_branch, commit)
+            template = repocache.template(repo.url, self.session.base_branch, commit, env=self.git_env())
             repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
             self.handle.put_archive(
                 ".", repocache.sandbox_tar(template, self.session.branch, commit, BASE_REF)
@@ -389,6 +421,7 @@ class Runner:
             "--",
             self.session.repository.url,
             str(checkout),
+            env=self.git_env(),
         )
         commit = git("rev-parse", "HEAD", cwd=checkout).strip()
         git("update-ref", BASE_REF, commit, cwd=checkout)
@@ -495,6 +528,8 @@ class Runner:
             git(*trusted, "read-tree", BASE_REF, env=index)
             git(*trusted, "add", "-A", env=index)
             diff = git(*trusted, "diff", "--cached", "--binary", BASE_REF, env=index)
+            if self.remote is not None:  # the publish step commits this tree
+                self.tree = git(*trusted, "write-tree", env=index).strip()
         if self.redactor:
             diff = self.redactor.text(diff)
         if diff.strip():
@@ -521,5 +556,6 @@ class Runner:
             "--",
             self.session.repository.url,
             str(checkout),
+            env=self.git_env(),
         )
         git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)
