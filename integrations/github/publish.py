@@ -100,7 +100,7 @@ def publish(runner, result) -> None:
     try:
         remote = git("ls-remote", "--", url, f"refs/heads/{branch}", env=creds.env).split()
         if remote:  # pushed before, maybe from another worker host: build on what is there
-            git("fetch", "--quiet", "--no-tags", "--", url, f"+refs/heads/{branch}:refs/heads/{branch}",
+            git("fetch", "--quiet", "--no-tags", "--update-head-ok", "--", url, f"+refs/heads/{branch}:refs/heads/{branch}",
                 cwd=checkout, env=creds.env)  # fmt: skip
         parent = git("rev-parse", "--verify", f"refs/heads/{branch}", cwd=checkout).strip()
         if git("rev-parse", f"{parent}^{{tree}}", cwd=checkout).strip() == tree:
