@@ -243,3 +243,37 @@ def test_it_labels_the_personal_access_token_fallback_on_setup(settings, install
     assert client.installation_token(0) == "ghp_trial_token"
     settings.GITHUB_TOKEN = ""
     assert check().status == "off"
+
+
+@pytest.mark.django_db
+def test_it_fails_the_run_clearly_and_says_so_on_the_issue_when_the_push_is_rejected(
+    client, fake, installation, run_settings
+):
+    from sessions.agent.fake_llm import start_in_thread
+    from sessions.runner import execute
+
+    hook = fake.git_root / f"{REPO}.git" / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'branch protection: pushes need a review' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    issue = fake.add_issue(REPO, "add() is broken", "")
+    session_id = post(client, issue_comment(fake, REPO, issue, "/deputy fix it")).json()["session"]
+    script = json.loads(Path("deputies/demo/script.json").read_text())
+    script["responses"] = script["responses"][:6]
+    with start_in_thread(script) as llm:
+        run_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": llm.base_url, "api_key": "k"}
+        }
+        execute(Session.objects.get(pk=session_id).runs.get().pk)
+    session = Session.objects.get(pk=session_id)
+    run = session.runs.get()
+    assert run.status == "failed" and session.status == "failed"
+    assert f"the push of {session.branch} was rejected" in run.error and "branch protection" in run.error
+    assert not fake.repos[REPO].pulls and session.pull_request_url == ""
+    failed = session.events.get(type="run_failed")
+    assert "was rejected" in failed.payload["error"]
+    note = Delivery.objects.get(session=session, event="run.failed")
+    assert deliveries.send(note.pk) == "delivered"
+    body = fake.repos[REPO].comments[issue["number"]][-1]["body"]
+    assert body.startswith("**Deputies failed.**") and "branch protection" in body
+    for token in fake.tokens:
+        assert token not in run.error and token not in body

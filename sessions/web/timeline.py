@@ -55,6 +55,10 @@ def notice_text(type: str, p: dict) -> str:
     if type == "callback_failed":
         then = f"retrying in {p.get('retry_in')} s" if p.get("will_retry") else "giving up"
         return f"Callback to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+    if type == "branch_pushed":
+        return f"Pushed {str(p.get('commit', ''))[:10]} to {p.get('branch', '')}"
+    if type == "pull_request":
+        return f"Pull request: {p.get('url', '')}"
     return "Run queued again: its worker was lost"
 
 
@@ -133,7 +137,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
         elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted", "callback_sent",
-                   "callback_failed"):  # fmt: skip
+                   "callback_failed", "branch_pushed", "pull_request"):  # fmt: skip
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})
