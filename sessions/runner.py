@@ -392,11 +392,12 @@ class Runner:
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
-        commit = repocache.resolve(repo.url, self.session.base_branch, env=self.git_env())
+        start = self.start_branch()
+        commit = repocache.resolve(repo.url, start, env=self.git_env())
         if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
             commit = self.clone_and_upload(checkout)
         else:
-            template = repocache.template(repo.url, self.session.base_branch, commit, env=self.git_env())
+            template = repocache.template(repo.url, start, commit, env=self.git_env())
             repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
             self.handle.put_archive(
                 ".", repocache.sandbox_tar(template, self.session.branch, commit, BASE_REF)
@@ -410,6 +411,13 @@ class Runner:
                 "commit": commit,
             },
         )
+
+    def start_branch(self) -> str:
+        """Where a fresh sandbox starts: the base branch, or for a session whose branch was pushed
+        (a GitHub follow-up after its sandbox was reaped) that branch, so the work goes on from it."""
+        if self.remote is not None and self.session.events.filter(type="branch_pushed").exists():
+            return self.session.branch
+        return self.session.base_branch
 
     def clone_and_upload(self, checkout: Path) -> str:
         git(

@@ -81,6 +81,7 @@ class FakeGitHub:
         self.api = ThreadingHTTPServer(("127.0.0.1", 0), self._api_handler())
         self.git = ThreadingHTTPServer(("127.0.0.1", 0), self._git_handler())
         self.git_auth: list[tuple[str, bool]] = []  # (path, token accepted)
+        self.token_ttl = 3600.0  # seconds a granted installation token lives
         self.url = f"http://127.0.0.1:{self.api.server_address[1]}"
         self.git_url = f"http://127.0.0.1:{self.git.server_address[1]}"
 
@@ -238,7 +239,7 @@ class FakeGitHub:
             if str(claims.get("iss")) != self.app_id:
                 return 401, {"message": "wrong issuer"}, {}
             token = "ghs_" + secrets.token_urlsafe(24)
-            expires = datetime.now(UTC) + timedelta(hours=1)
+            expires = datetime.now(UTC) + timedelta(seconds=self.token_ttl)
             with self.lock:
                 self.tokens[token] = expires.timestamp()
             return (

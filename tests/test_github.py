@@ -277,3 +277,51 @@ def test_it_fails_the_run_clearly_and_says_so_on_the_issue_when_the_push_is_reje
     assert body.startswith("**Deputies failed.**") and "branch protection" in body
     for token in fake.tokens:
         assert token not in run.error and token not in body
+
+
+@pytest.mark.django_db
+def test_it_asks_for_a_new_installation_token_shortly_before_the_cached_one_expires(fake, installation):
+    fake.token_ttl = client.REFRESH_MARGIN + 60
+    first = client.installation_token(INSTALLATION_ID)
+    assert client.installation_token(INSTALLATION_ID) == first
+    assert len(fake.calls_to("POST", r"/access_tokens$")) == 1
+    fake.token_ttl = client.REFRESH_MARGIN - 60  # this one is already within the margin
+    client.forget_token(INSTALLATION_ID)
+    second = client.installation_token(INSTALLATION_ID)
+    third = client.installation_token(INSTALLATION_ID)
+    assert len({first, second, third}) == 3 and len(fake.calls_to("POST", r"/access_tokens$")) == 3
+
+
+@pytest.mark.django_db
+def test_it_continues_from_the_pushed_branch_when_a_follow_up_gets_a_fresh_sandbox(
+    client, fake, installation, run_settings
+):
+    from sandboxes.models import Sandbox
+    from sessions.agent.fake_llm import start_in_thread
+    from sessions.runner import execute
+
+    issue = fake.add_issue(REPO, "add() is broken", "")
+    session_id = post(client, issue_comment(fake, REPO, issue, "/deputy fix it")).json()["session"]
+    script = json.loads(Path("deputies/demo/script.json").read_text())
+    with start_in_thread(script) as llm:
+        run_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": llm.base_url, "api_key": "k"}
+        }
+        session = Session.objects.get(pk=session_id)
+        execute(session.runs.get().pk)
+        session.refresh_from_db()
+        assert session.status == "completed" and session.pull_request_url, session.runs.get().error
+        first = fake.branch_log(REPO, session.branch)[0].split()[0]
+        Sandbox.objects.filter(session=session).update(status=Sandbox.Status.DESTROYED)  # reaped
+        (pr,) = fake.repos[REPO].pulls.values()
+        follow = post(client, issue_comment(fake, REPO, pr, "/deputy changelog", pr=True), guid="d-2").json()
+        assert follow == {"session": session_id, "created": False}
+        execute(session.runs.order_by("-pk").first().pk)
+    session.refresh_from_db()
+    assert session.status == "completed", session.runs.order_by("-pk").first().error
+    log = fake.branch_log(REPO, session.branch)
+    assert len(log) == 3 and log[1].split()[0] == first  # the new commit's parent is the first push
+    assert "return a + b" in fake.file_at(REPO, session.branch, "calc.py")  # the first run's fix stayed
+    assert fake.file_at(REPO, session.branch, "CHANGELOG.md")
+    ready = session.events.filter(type="repository_ready").order_by("seq")
+    assert ready.count() == 2 and ready.last().payload["commit"] == first

@@ -62,6 +62,8 @@ def test_it_turns_an_issue_comment_into_a_pull_request_and_a_pr_comment_into_a_s
         )  # fmt: skip
         assert anonymous.returncode != 0 and fake.git_auth[-1][1] is False
         port = free_port()
+        key_file = tmp_path / "app-key.pem"
+        key_file.write_text(private)
         env = child_env(
             data,
             DEPUTIES_LLM_PROVIDERS="scripted",
@@ -74,7 +76,7 @@ def test_it_turns_an_issue_comment_into_a_pull_request_and_a_pr_comment_into_a_s
             DEPUTIES_BASE_URL=f"http://127.0.0.1:{port}",
             DEPUTIES_GITHUB_API_URL=fake.url,
             DEPUTIES_GITHUB_APP_ID=APP_ID,
-            DEPUTIES_GITHUB_PRIVATE_KEY=private,
+            DEPUTIES_GITHUB_PRIVATE_KEY_FILE=str(key_file),  # a mounted secret, as in a container
             DEPUTIES_GITHUB_WEBHOOK_SECRET=SECRET,
             DEPUTIES_LOG_LEVEL="DEBUG",  # the grep below covers everything the processes log
         )
