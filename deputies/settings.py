@@ -329,10 +329,15 @@ TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, mini
 TEAM_MAX_CONCURRENT_RUNS = envint("DEPUTIES_TEAM_MAX_CONCURRENT_RUNS", 0, minimum=0)
 # No sandbox lives longer than this, used or not: its next run starts from a fresh one.
 SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
-# A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
-RUN_LEASE_SECONDS = envint(
-    "DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300, SETUP_TIMEOUT + 300), minimum=2
-)
+# A running run whose heartbeat is older than this lost its worker; it is queued again and resumes
+# from its last step. Each worker process beats for all its runs every third of it (sessions/
+# workpool.py, Heartbeat), however long a step takes, and checks for lost runs every few seconds.
+RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", 30, minimum=2)
+# A run whose worker was lost this many times fails instead of being queued again.
+RUN_MAX_RECOVERIES = envint("DEPUTIES_RUN_MAX_RECOVERIES", 3, minimum=0)
+# Save the workspace (its diff against the base commit, an artifact) after every Nth agent step that
+# ran a tool able to change it, so a run whose sandbox is lost resumes with its work; 0: never.
+CHECKPOINT_EVERY = envint("DEPUTIES_CHECKPOINT_EVERY", 1, minimum=0)
 # Docker provider: the engine is whatever DEPUTIES_DOCKER_HOST (else DOCKER_HOST) points at, Docker
 # Engine or Podman's Docker-compatible API. Limits apply when an environment sets none.
 DOCKER_HOST = envstr("DEPUTIES_DOCKER_HOST")

@@ -360,6 +360,9 @@ class RunAdmin(ReadOnlyAdmin):
     list_select_related = ["session"]
     raw_id_fields = ["session"]
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("checkpoint")  # a running run's whole conversation
+
 
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):

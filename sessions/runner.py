@@ -3,6 +3,13 @@ publish (a GitHub session's branch and pull request).
 
 The runner owns error capture so each step only does its work; a step that raises fails the run
 with the error kept on the Run, the Session and a ``run_failed`` event.
+
+Resuming: a run whose worker was lost (``Run.recover_stale``) is claimed again with the next
+attempt number and goes on from its checkpoint (``Run.checkpoint``, see sessions/agent/loop.py)
+after a ``run_resumed`` event. Its sandbox is reconnected when it is alive; otherwise a new one gets
+the base commit the session started from plus the session's latest saved work: the newest ``diff`` or
+``checkpoint`` artifact (the workspace's diff against that commit, redacted like every diff). The
+same restore gives a follow-up whose sandbox was reaped the work of the runs before it.
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ from sandboxes.models import Sandbox
 from sessions import repocache
 from sessions.artifacts import store_artifact
 from sessions.events import emit, emit_many
-from sessions.models import Message, Run, Session, Source
+from sessions.models import Artifact, Message, Run, Session, Source
 from sessions.secrets import RedactingHandle, Redactor, SecretError
 from sessions.storage import ArtifactStorageError
-from sessions.workpool import releasing_handle, releasing_llm
+from sessions.workpool import heartbeat, releasing_handle, releasing_llm
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +212,9 @@ class Runner:
         self.hold_sandbox_ready = False  # execute() sets it: repository_ready always follows there
         self.remote = None  # credentials for the remote (remote_credentials()), worker-side only
         self.tree: str | None = None  # the workspace's tree, written by collect_diff
+        self.reconnected = False  # the sandbox was alive and reused
+        self.restored: Artifact | None = None  # the saved work a new sandbox was given
+        self.unsaved_steps = 0  # steps that may have changed the workspace since its last checkpoint
 
     def emit(self, type: str, payload: dict) -> None:
         if self.held:
@@ -219,16 +229,38 @@ class Runner:
             emit_many(self.session.pk, held, run_id=self.run.pk)
 
     def execute(self) -> str:
+        """Run the steps while this process keeps the run's lease (one heartbeat for all its runs)."""
+        with heartbeat().beating(self.run.pk):
+            return self.run_steps()
+
+    def run_steps(self) -> str:
         result = None
         try:
             pristine = False  # the workspace is exactly the base commit
             self.hold_sandbox_ready = True
             fresh = self.provision_sandbox()
             if fresh or self.sandbox.prepared is None:
-                self.prepare_repository()
+                saved = self.saved_work()
+                self.prepare_repository(commit=self.base_commit() if saved is not None else None)
                 self.run_setup_script()
-                pristine = not (self.checkout_dir() / SETUP_SCRIPT).exists()
+                if saved is not None:
+                    self.restore_workspace(saved)
+                pristine = saved is None and not (self.checkout_dir() / SETUP_SCRIPT).exists()
                 Sandbox.objects.filter(pk=self.sandbox.pk).update(prepared=timezone.now())
+            else:
+                self.reconnected = True
+            if self.run.recovered:
+                self.flush_held()
+                self.emit(
+                    "run_resumed",
+                    {
+                        "run_id": self.run.pk,
+                        "attempt": self.run.attempt,
+                        "from_step": self.run.checkpoint.get("steps", 0),
+                        "sandbox": "reconnected" if self.reconnected else "recreated",
+                        "restored_artifact_id": self.restored.pk if self.restored else None,
+                    },
+                )
             result = self.agent_loop()
             if not (pristine and self.left_workspace_alone(result)):
                 self.collect_diff()
@@ -386,18 +418,18 @@ class Runner:
 
         publish(self, result)
 
-    def prepare_repository(self) -> None:
-        """Upload the base branch's tip on the session's branch; the worker fetches it (credentials
-        never enter the sandbox), from this host's per-commit template (sessions/repocache.py)."""
+    def prepare_repository(self, commit: str | None = None) -> None:
+        """Upload the base branch's tip (or ``commit``) on the session's branch; the worker fetches
+        it (credentials never enter the sandbox), from this host's per-commit template
+        (sessions/repocache.py)."""
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
-        start = self.start_branch()
-        commit = repocache.resolve(repo.url, start, env=self.git_env())
+        commit = commit or repocache.resolve(repo.url, self.session.base_branch, env=self.git_env())
         if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
             commit = self.clone_and_upload(checkout)
         else:
-            template = repocache.template(repo.url, start, commit, env=self.git_env())
+            template = repocache.template(repo.url, self.session.base_branch, commit, env=self.git_env())
             repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
             self.handle.put_archive(
                 ".", repocache.sandbox_tar(template, self.session.branch, commit, BASE_REF)
@@ -411,13 +443,6 @@ class Runner:
                 "commit": commit,
             },
         )
-
-    def start_branch(self) -> str:
-        """Where a fresh sandbox starts: the base branch, or for a session whose branch was pushed
-        (a GitHub follow-up after its sandbox was reaped) that branch, so the work goes on from it."""
-        if self.remote is not None and self.session.events.filter(type="branch_pushed").exists():
-            return self.session.branch
-        return self.session.base_branch
 
     def clone_and_upload(self, checkout: Path) -> str:
         git(
@@ -496,14 +521,19 @@ class Runner:
         from sessions.agent.llm import LLMError, client_for
         from sessions.agent.loop import AgentResult, build_system_prompt, run_agent
 
-        # The claim loaded the session (repository, environment); only the transcript may be newer.
         session = self.session
-        session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
-        transcript = list(session.transcript) or [
-            {"role": "system", "content": build_system_prompt(session, self.handle)}
-        ]
-        for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
-            transcript.append({"role": "user", "content": message.content})
+        checkpoint = self.run.checkpoint
+        if checkpoint.get("transcript"):  # a recovered attempt: where the lost one got to
+            transcript = list(checkpoint["transcript"])
+            self.run.steps = checkpoint.get("steps", 0)
+        else:
+            # The claim loaded the session (repository, environment); only the transcript may be newer.
+            session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
+            transcript = list(session.transcript) or [
+                {"role": "system", "content": build_system_prompt(session, self.handle)}
+            ]
+            for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
+                transcript.append({"role": "user", "content": message.content})
         try:
             llm = releasing_llm(client_for(session.model))
         except LLMError as exc:
@@ -511,13 +541,31 @@ class Runner:
         else:
             try:  # the run's DB connection goes back to the pool while the model or a command works
                 result = run_agent(
-                    self.run, releasing_handle(self.handle), transcript, client=llm, save_steps=False
-                )  # steps are saved by every way the run ends (Run.finish)
+                    self.run,
+                    releasing_handle(self.handle),
+                    transcript,
+                    client=llm,
+                    save_steps=False,  # steps are saved by every way the run ends (Run.finish)
+                    todos=checkpoint.get("todos"),
+                    after_step=self.after_step if settings.CHECKPOINT_EVERY else None,
+                )
             finally:
                 llm.close()
         return result
 
     def collect_diff(self) -> None:
+        diff = self.workspace_diff()
+        if diff.strip():
+            store_artifact(
+                self.session.pk,
+                "diff",
+                f"session-{self.session.pk}-run-{self.run.attempt}.diff",
+                diff,
+                run_id=self.run.pk,
+                content_type="text/x-diff; charset=utf-8",
+            )
+
+    def workspace_diff(self) -> str:
         """Pull the workspace out and diff it against the base commit using the worker's own .git.
 
         Only regular files and directories come back, and the sandbox's ``.git`` is dropped: a
@@ -540,15 +588,99 @@ class Runner:
                 self.tree = git(*trusted, "write-tree", env=index).strip()
         if self.redactor:
             diff = self.redactor.text(diff)
-        if diff.strip():
-            store_artifact(
-                self.session.pk,
-                "diff",
-                f"session-{self.session.pk}-run-{self.run.attempt}.diff",
-                diff,
-                run_id=self.run.pk,
-                content_type="text/x-diff; charset=utf-8",
+        return diff
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    def after_step(self, tools: list[str]) -> None:
+        """Save the workspace every DEPUTIES_CHECKPOINT_EVERY steps that may have changed it.
+
+        An empty diff is saved too: it says the work so far was undone, so an older one must not
+        be restored.
+        """
+        if any(name not in READ_ONLY_TOOLS for name in tools):
+            self.unsaved_steps += 1
+        if self.unsaved_steps < settings.CHECKPOINT_EVERY:
+            return
+        self.unsaved_steps = 0
+        store_artifact(
+            self.session.pk,
+            Artifact.Kind.CHECKPOINT,
+            f"session-{self.session.pk}-run-{self.run.attempt}-step-{self.run.steps}.diff",
+            self.workspace_diff(),
+            run_id=self.run.pk,
+            content_type="text/x-diff; charset=utf-8",
+        )
+
+    def saved_work(self) -> Artifact | None:
+        """The session's latest saved workspace, for a new sandbox of a session that had one before.
+
+        A session's first run (attempt 1, never recovered) has none, and asks nothing.
+        """
+        if self.run.attempt == 1:
+            return None
+        return (
+            Artifact.objects.filter(
+                session_id=self.session.pk, kind__in=(Artifact.Kind.DIFF, Artifact.Kind.CHECKPOINT)
             )
+            .order_by("-created", "-pk")
+            .first()
+        )
+
+    def base_commit(self) -> str | None:
+        """The commit the session's saved work was diffed against (its last prepared repository)."""
+        ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
+        return ready.payload["commit"] if ready is not None else None
+
+    def restore_workspace(self, artifact: Artifact) -> None:
+        """Apply a saved diff to the freshly prepared workspace.
+
+        The patch is applied on the worker, to the base tree taken from the trusted checkout (the
+        sandbox may have no git); then the files it adds or changes are uploaded and those it
+        deletes are removed in the sandbox.
+        """
+        with artifact.file.open("rb") as fh:
+            patch = fh.read()
+        self.restored = artifact
+        if not patch.strip():
+            self.emit("workspace_restored", {"artifact_id": artifact.pk, "changed": 0, "deleted": 0})
+            return
+        checkout = self.checkout_dir()
+        with tempfile.TemporaryDirectory(prefix="deputies-restore-") as tmp:
+            tree = Path(tmp) / "tree"
+            tree.mkdir()
+            (Path(tmp) / "patch").write_bytes(patch)
+            trusted = ["--git-dir", str(checkout / ".git"), "--work-tree", str(tree)]
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            git(*trusted, "read-tree", "--reset", "-u", BASE_REF, env=index)  # index and tree, stat-fresh
+            try:
+                git(*trusted, "apply", "--index", "--binary", str(Path(tmp) / "patch"), cwd=tree, env=index)
+            except StepFailed as exc:
+                raise StepFailed(
+                    f"could not restore the session's saved work (artifact {artifact.pk}) in a new sandbox: {exc}"
+                ) from None
+            status = git(*trusted, "diff-index", "--cached", "--no-renames", "--name-status", "-z", BASE_REF,
+                         env=index)  # fmt: skip
+            fields = status.split("\0")
+            changed, deleted = [], []
+            for code, path in zip(fields[0::2], fields[1::2], strict=False):
+                (deleted if code == "D" else changed).append(path)
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for path in changed:
+                    tar.add(tree / path, arcname=path, recursive=False)  # links stay links
+        if changed:
+            self.handle.put_archive(".", buffer.getvalue())
+        if deleted:
+            result = self.handle.exec(["rm", "-f", "--", *deleted], timeout=120)
+            if result.exit_code != 0:
+                raise StepFailed(
+                    f"could not restore the session's saved work: rm failed: {result.output[-500:]}"
+                )
+        self.emit(
+            "workspace_restored",
+            {"artifact_id": artifact.pk, "changed": len(changed), "deleted": len(deleted)},
+        )
 
     def restore_checkout(self, checkout: Path) -> None:
         """A follow-up on another worker host: clone again and pin the recorded base commit."""

@@ -198,4 +198,6 @@ def test_it_never_runs_more_than_the_limit_on_a_real_worker(tmp_path, team, owne
     assert set(Session.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"completed"}
     assert max_overlap(ids) == 2  # from each run's start and end: never three at once
     started = list(Run.objects.filter(session_id__in=ids).order_by("started").values_list("pk", flat=True))
-    assert started == sorted(started)  # oldest first
+    # The first two take the two free slots at once (either may start first); the waiting ones
+    # start oldest first.
+    assert set(started[:2]) == set(sorted(started)[:2]) and started[2:] == sorted(started)[2:]

@@ -119,9 +119,15 @@ def test_it_builds_cumulative_llm_histograms_incrementally(admin_client, session
     )
 
 
-def test_it_leaves_deliveries_out_while_their_app_is_absent(admin_client):
-    families = {name for name, _ in scrape(admin_client)}
-    assert ("deputies_deliveries" in families) == (delivery_model() is not None)
+def test_it_counts_deliveries_by_status(admin_client, session):
+    delivery = delivery_model()
+    for n, status in enumerate(["pending", "pending", "failed"]):
+        delivery.objects.create(
+            session=session, target="https://example.com/hook", idempotency_key=f"k{n}", status=status
+        )
+    samples = scrape(admin_client)
+    assert samples[("deputies_deliveries", (("status", "pending"),))] == 2
+    assert samples[("deputies_deliveries", (("status", "failed"),))] == 1
 
 
 def test_it_shows_per_process_metrics_too(admin_client):

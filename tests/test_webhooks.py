@@ -576,3 +576,12 @@ def test_it_reencrypts_source_secrets_when_the_key_rotates(settings, team, repos
     assert source.callback_signing_secret() == shown["callback_secret"]
     raw, headers = signed(shown["signing_secret"], {"prompt": "After rotation"})
     assert post(source, raw, headers=headers).status_code == 202
+
+
+def test_it_answers_409_for_a_thread_of_a_source_moved_to_another_team(other_team, token_source):
+    source, shown = token_source
+    post(source, {"prompt": "One", "thread_id": "t"}, shown["token"])
+    WebhookSource.objects.filter(pk=source.pk).update(team=other_team)
+    response = post(source, {"prompt": "Two", "thread_id": "t"}, shown["token"])
+    assert response.status_code == 409 and list(response.json()["errors"]) == ["thread_id"]
+    assert Message.objects.count() == 1

@@ -38,7 +38,7 @@ from sessions.api.serializers import (
     repository_for_url,
     text_problem,
 )
-from sessions.bindings import start_or_follow_up
+from sessions.bindings import BindingError, start_or_follow_up
 from sessions.models import Repository, Session, Source, start_session
 from sessions.secrets import SecretError
 
@@ -168,6 +168,12 @@ def receive(slug: str, headers, body: bytes) -> Answer:
     except SecretError as exc:  # the callback secret, as above
         logger.error("webhook source %s: %s", source.slug, exc)
         raise WebhookError(500, "The source's secret cannot be read on this server.") from None
+    except BindingError:  # the source moved to another team after its thread started
+        raise WebhookError(
+            409,
+            "Invalid input: thread_id.",
+            {"thread_id": ["This thread belongs to another team's session."]},
+        ) from None
 
 
 def _route(source: WebhookSource, data: dict[str, Any], signature: str | None, headers) -> Answer:

@@ -59,6 +59,13 @@ def notice_text(type: str, p: dict) -> str:
         return f"Pushed {str(p.get('commit', ''))[:10]} to {p.get('branch', '')}"
     if type == "pull_request":
         return f"Pull request: {p.get('url', '')}"
+    if type == "run_resumed":
+        return f"Run resumed (attempt {p.get('attempt')}) from step {p.get('from_step')}, sandbox {p.get('sandbox')}"
+    if type == "workspace_restored":
+        return (
+            f"Workspace restored from the saved work (artifact {p.get('artifact_id')}): "
+            f"{p.get('changed')} files changed, {p.get('deleted')} deleted"
+        )
     return "Run queued again: its worker was lost"
 
 
@@ -136,8 +143,18 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             item = Item("todo", event.seq, event.created, {"todos": todos, "done": done, "total": total})
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
-        elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted", "callback_sent",
-                   "callback_failed", "branch_pushed", "pull_request"):  # fmt: skip
+        elif t in (
+            "setup_output",
+            "setup_finished",
+            "run_requeued",
+            "run_resumed",
+            "workspace_restored",
+            "context_compacted",
+            "callback_sent",
+            "callback_failed",
+            "branch_pushed",
+            "pull_request",
+        ):
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})

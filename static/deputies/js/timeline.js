@@ -106,6 +106,10 @@ function body(event, downloadUrl) {
       return ["progress", [muted(`Pushed ${String(p.commit || "").slice(0, 10)} to ${p.branch || ""}`)]];
     case "pull_request":
       return ["progress", [muted(`Pull request: ${p.url || ""}`)]];
+    case "run_resumed":
+      return ["progress", [muted(`Run resumed (attempt ${p.attempt}) from step ${p.from_step}, sandbox ${p.sandbox}`)]];
+    case "workspace_restored":
+      return ["progress", [muted(`Workspace restored from the saved work (artifact ${p.artifact_id}): ${p.changed} files changed, ${p.deleted} deleted`)]];
     case "context_compacted":
       return ["progress", [muted(`Conversation compacted: ${p.elided} older outputs elided (${p.chars_before} → ${p.chars_after} characters)`)]];
     case "status":
