@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ("agent_sessions", "0008_github_merge"),
+        ("agent_sessions", "0001_initial"),
     ]
 
     operations = [
