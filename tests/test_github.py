@@ -136,7 +136,12 @@ def test_it_queues_nothing_for_a_commenter_without_write_access(client, fake, in
 def test_it_ignores_comments_without_the_phrase_and_comments_of_bots(client, fake, installation):
     issue = fake.add_issue(REPO, "Bug", "")
     for n, (text, sender) in enumerate(
-        [("Looks like /deputyish stuff", "alice"), ("Thanks!", "alice"), ("/deputy again", "deputies[bot]")]
+        [
+            ("Looks like /deputyish stuff", "alice"),
+            ("Thanks!", "alice"),
+            ("/deputy again", "deputies[bot]"),
+            ("Done.\n/deputy again\n<!-- deputies -->", "alice"),  # ours, posted with a personal token
+        ]
     ):
         payload = issue_comment(fake, REPO, issue, text, login=sender)
         if sender.endswith("[bot]"):
@@ -212,7 +217,7 @@ def test_it_retries_a_comment_after_a_500_and_honours_a_secondary_rate_limit(cli
     assert limited.status_code == 403 and limited.retry_in_seconds == 120
     Delivery.objects.filter(pk=delivery.pk).update(next_attempt=delivery.created)
     assert deliveries.send(delivery.pk) == "delivered"
-    assert fake.repos[REPO].comments[issue["number"]][-1]["body"] == "Hello from Deputies"
+    assert fake.repos[REPO].comments[issue["number"]][-1]["body"].startswith("Hello from Deputies\n")
 
 
 def test_it_prints_an_app_manifest_with_the_webhook_url_and_permissions(tmp_path):

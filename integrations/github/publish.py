@@ -84,6 +84,15 @@ def pr_body(session: Session, summary: str) -> str:
     return "\n".join(lines)
 
 
+def remote_git(command: str, options: list[str], url: str, refs: list[str], *, cwd=None, env=None) -> str:
+    """``git <command> <options> -- <url> <refs>`` against the session's remote (ls-remote, fetch,
+    push): the one place here that reaches the network, so the repository URL rules of
+    ``sessions.runner.git`` apply in one spot."""
+    from sessions.runner import git
+
+    return git(command, *options, "--", url, *refs, cwd=cwd, env=env)
+
+
 def publish(runner, result) -> None:
     """Commit, push and open or update the pull request; a no-op without new changes."""
     from sessions.runner import StepFailed, git
@@ -98,10 +107,17 @@ def publish(runner, result) -> None:
     url, branch = session.repository.url, session.branch
     redact = runner.redactor.text if runner.redactor else (lambda text: text)
     try:
-        remote = git("ls-remote", "--", url, f"refs/heads/{branch}", env=creds.env).split()
+        remote = remote_git("ls-remote", [], url, [f"refs/heads/{branch}"], env=creds.env).split()
         if remote:  # pushed before, maybe from another worker host: build on what is there
-            git("fetch", "--quiet", "--no-tags", "--update-head-ok", "--", url, f"+refs/heads/{branch}:refs/heads/{branch}",
-                cwd=checkout, env=creds.env)  # fmt: skip
+            refspec = f"+refs/heads/{branch}:refs/heads/{branch}"
+            remote_git(
+                "fetch",
+                ["--quiet", "--no-tags", "--update-head-ok"],
+                url,
+                [refspec],
+                cwd=checkout,
+                env=creds.env,
+            )
         parent = git("rev-parse", "--verify", f"refs/heads/{branch}", cwd=checkout).strip()
         if git("rev-parse", f"{parent}^{{tree}}", cwd=checkout).strip() == tree:
             return  # nothing new since the last push
@@ -116,7 +132,9 @@ def publish(runner, result) -> None:
                "GIT_COMMITTER_NAME": APP_NAME, "GIT_COMMITTER_EMAIL": APP_EMAIL}  # fmt: skip
         commit = git("commit-tree", tree, "-p", parent, "-m", message, cwd=checkout, env=who).strip()
         try:
-            git("push", "--quiet", "--", url, f"{commit}:refs/heads/{branch}", cwd=checkout, env=creds.env)
+            remote_git(
+                "push", ["--quiet"], url, [f"{commit}:refs/heads/{branch}"], cwd=checkout, env=creds.env
+            )
         except StepFailed as exc:
             raise StepFailed(f"the push of {branch} was rejected: {exc}") from None
         git("update-ref", f"refs/heads/{branch}", commit, cwd=checkout)

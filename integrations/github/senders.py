@@ -16,6 +16,7 @@ from github import GithubException
 
 from integrations.deliveries.senders import Outcome, Sender, parse_retry_after, register
 from integrations.github import client
+from integrations.github.services import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def comment(
             "installation": ref["installation"],
             "repo": ref["repo"],
             "number": number,
-            "body": body,
+            "body": f"{body}\n\n{MARKER}",
         },
         idempotency_key=idempotency_key,
     )

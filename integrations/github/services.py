@@ -34,6 +34,9 @@ from sessions.models import Repository, SessionBinding, Source
 logger = logging.getLogger(__name__)
 
 WRITERS = ("admin", "maintain", "write")
+# In every comment we write: with a personal access token our comments come from a person, not a bot,
+# and must still never trigger anything.
+MARKER = "<!-- deputies -->"
 MAX_COMMENTS = 30  # the latest of the thread given to the agent
 MAX_COMMENTS_READ = 300  # pages read to find them
 
@@ -102,6 +105,8 @@ def parse_trigger(event: str, payload: dict[str, Any]) -> Trigger | None:
         return None
     repo = payload.get("repository") or {}
     comment = payload.get("comment") or {}
+    if MARKER in (comment.get("body") or ""):
+        return None
     if event == "issue_comment" and action == "created":
         item = payload.get("issue") or {}
         instruction = phrase_in(comment.get("body", ""))
@@ -312,7 +317,7 @@ def _polite_reply(gh, trigger: Trigger) -> None:
     """Best effort, in the request: there is no session to hang a delivery on."""
     try:
         gh.get_repo(trigger.repo).get_issue(trigger.number).create_comment(
-            f"@{trigger.login} only people with write access to this repository can ask Deputies for work."
+            f"@{trigger.login} only people with write access to this repository can ask Deputies for work.\n{MARKER}"
         )
     except GithubException as exc:
         logger.warning(
