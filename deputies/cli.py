@@ -374,6 +374,8 @@ def describe(type: str, p: dict) -> str:
         return "todo: " + "; ".join(f"[{t.get('status')}] {t.get('content')}" for t in p.get("todos", []))
     if type == "sandbox_ready":
         note = "" if p.get("isolated") else f" (NOT ISOLATED: {p.get('reason')})"
+        if p.get("secrets_withheld"):
+            note += f"; secrets withheld: {', '.join(p['secrets_withheld'])}"
         return f"sandbox ready: {p.get('provider')}{note}"
     if type == "repository_ready":
         return f"repository ready: {p.get('base_branch')} @ {str(p.get('commit'))[:10]} -> {p.get('branch')}"

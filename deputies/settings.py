@@ -317,6 +317,9 @@ SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "do
 SANDBOX_ROOT = Path(envstr("DEPUTIES_SANDBOX_ROOT", str(DATA_DIR / "sandboxes"))).resolve()
 SANDBOX_ISOLATION = envchoice("DEPUTIES_SANDBOX_ISOLATION", "auto", ("auto", "bwrap", "none"))
 SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
+# While a command runs, each worker process checks this often (one query for all its runs) whether
+# a run was cancelled, and kills its command (sessions/cancels.py). Nothing is asked while idle.
+CANCEL_POLL = envfloat("DEPUTIES_CANCEL_POLL", 0.5, minimum=0.05)
 # The repository's .deputies/setup runs once per new sandbox, before the agent, within this limit.
 SETUP_TIMEOUT = envint("DEPUTIES_SETUP_TIMEOUT", 600, minimum=1)
 # A ready sandbox unused for this long is destroyed by the reaper (an environment may set its own).

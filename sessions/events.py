@@ -8,7 +8,8 @@ Event types and their payloads (all JSON objects):
 - ``status``            {status}
 - ``message``           {message_id, content, position}
 - ``run_started``       {run_id, attempt}
-- ``sandbox_ready``     {sandbox_id, provider, isolated, reason?}
+- ``sandbox_ready``     {sandbox_id, provider, isolated, reason?, secrets_withheld?: [names],
+                        secrets_withheld_reason?}  (withheld: an unisolated sandbox, no opt-in)
 - ``repository_ready``  {url, base_branch, branch, commit}
 - ``setup_output``      {stream, text}  (``.deputies/setup`` output, coalesced)
 - ``setup_finished``    {script, exit_code, duration, timed_out}  (environment's, then the repository's)

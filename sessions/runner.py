@@ -28,13 +28,14 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from sandboxes.base import SandboxHandle, SandboxSpec, get_provider
+from sandboxes.base import SandboxHandle, SandboxSpec, get_provider, secrets_withheld_reason
 from sandboxes.models import Sandbox
 from sessions import repocache
 from sessions.artifacts import store_artifact
+from sessions.cancels import CancellingHandle
 from sessions.events import emit, emit_many
 from sessions.models import Artifact, Message, Run, Session, Source
-from sessions.secrets import RedactingHandle, Redactor, SecretError
+from sessions.secrets import RedactingHandle, Redactor, SecretError, sandbox_environment
 from sessions.storage import ArtifactStorageError
 from sessions.workpool import heartbeat, releasing_handle, releasing_llm
 
@@ -334,10 +335,12 @@ class Runner:
         self.remote = self.remote_credentials()
         self.redactor = Redactor([*secrets, *(self.remote.secrets if self.remote else [])])
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
+        caps = provider.capabilities()
+        sandbox_env, withheld = sandbox_environment(env, secrets, caps)
         live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
             try:
-                self.handle = self.scrubbed(provider.connect(live.external_id))
+                self.handle = self.scrubbed(provider.connect(live.external_id, env=sandbox_env))
                 self.sandbox = live
                 return False
             except Exception as exc:
@@ -345,7 +348,6 @@ class Runner:
                 Sandbox.objects.filter(pk=live.pk).update(
                     status=Sandbox.Status.DESTROYED, destroyed=timezone.now()
                 )
-        caps = provider.capabilities()
         self.sandbox = Sandbox.objects.create(
             session=self.session,
             provider=provider.name,
@@ -355,12 +357,7 @@ class Runner:
         spec = SandboxSpec(
             session_id=self.session.pk,
             image=env.image if env else "",
-            # Bytecode caches go stale when an edit keeps size and mtime second; tests must see edits.
-            env={
-                "PYTHONDONTWRITEBYTECODE": "1",
-                **{str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
-                **{s.name: s.value for s in secrets if s.sandbox_visible},
-            },
+            env=sandbox_env,
             network=env.network_policy if env else "none",
             cpu_limit=env.cpu_limit if env else None,
             memory_mb=env.memory_mb if env else None,
@@ -379,6 +376,9 @@ class Runner:
         payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
         if not caps.isolated:
             payload["reason"] = caps.reason
+        if withheld:  # names only; the run goes on without them
+            payload["secrets_withheld"] = withheld
+            payload["secrets_withheld_reason"] = secrets_withheld_reason(caps)
         if self.hold_sandbox_ready:
             self.held.append(("sandbox_ready", payload))  # written with repository_ready (or the failure)
         else:
@@ -386,7 +386,9 @@ class Runner:
         return True
 
     def scrubbed(self, handle: SandboxHandle) -> SandboxHandle:
-        """What the sandbox says passes through the secrets' redactor before anyone sees it."""
+        """What the sandbox says passes through the secrets' redactor before anyone sees it, and its
+        commands are killed as soon as the run is cancelled (sessions/cancels.py)."""
+        handle = CancellingHandle(handle, self.run.pk)
         return RedactingHandle(handle, self.redactor) if self.redactor else handle
 
     def checkout_dir(self) -> Path:
@@ -501,6 +503,8 @@ class Runner:
                         "timed_out": result.timed_out,
                     },
                 )
+                if result.cancelled:
+                    raise StepFailed(f"{label} was stopped: the run was cancelled")
                 if result.timed_out:
                     raise StepFailed(
                         f"{label} timed out after {timeout:g} s (DEPUTIES_SETUP_TIMEOUT); see the setup log"

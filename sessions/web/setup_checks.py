@@ -150,6 +150,7 @@ def check_sandbox() -> Check:
         ("Isolated", "yes" if caps.isolated else "no"),
         ("Network policy", "yes" if caps.network_policy else "no"),
         ("Resource limits", "yes" if caps.resource_limits else "no"),
+        ("Environment secrets", _secrets_given(caps)),
     ]
     if not health.get("ok", False):
         return Check(
@@ -160,15 +161,29 @@ def check_sandbox() -> Check:
             details,
         )
     if not caps.isolated:
-        return Check(
-            "Sandbox provider",
-            "warn",
-            f"{provider.name} runs agent commands WITHOUT isolation: {caps.reason or 'no isolation available'}",
+        summary = f"{provider.name} runs agent commands WITHOUT isolation: {caps.reason or 'no isolation available'}"
+        fix = (
             "Install bubblewrap on the worker host (`apt-get install bubblewrap`) or use "
-            "DEPUTIES_SANDBOX_PROVIDER=docker.",
-            details,
+            "DEPUTIES_SANDBOX_PROVIDER=docker."
         )
+        if caps.secrets_allowed:
+            summary += "; environment secrets are given to unisolated sandboxes (single-user trials only)."
+        else:
+            summary += "; environment secrets are withheld from its sandboxes (runs go on without them)."
+            fix = (
+                fix[:-1]
+                + "; or, for a single-user trial, set DEPUTIES_SANDBOX_ISOLATION=none to give them anyway."
+            )
+        return Check("Sandbox provider", "warn", summary, fix, details)
     return Check("Sandbox provider", "ok", f"{provider.name} is healthy and isolated.", details=details)
+
+
+def _secrets_given(caps) -> str:
+    if caps.isolated:
+        return "given" if caps.secrets_allowed else "withheld"
+    if caps.secrets_allowed:
+        return "given, without isolation (DEPUTIES_SANDBOX_ISOLATION=none)"
+    return "withheld (not isolated)"
 
 
 def check_llm() -> Check:

@@ -168,7 +168,13 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
                 "sandbox",
                 event.seq,
                 event.created,
-                {"provider": p.get("provider", ""), "isolated": p.get("isolated"), "reason": p.get("reason")},
+                {
+                    "provider": p.get("provider", ""),
+                    "isolated": p.get("isolated"),
+                    "reason": p.get("reason"),
+                    "secrets_withheld": p.get("secrets_withheld") or [],
+                    "secrets_withheld_reason": p.get("secrets_withheld_reason", ""),
+                },
             )
         elif t == "repository_ready":
             item = Item(

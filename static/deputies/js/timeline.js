@@ -117,7 +117,10 @@ function body(event, downloadUrl) {
     case "run_started":
       return ["run", [muted(`Run ${p.attempt ?? ""} started`)]];
     case "sandbox_ready":
-      return ["sandbox", [muted(`Sandbox ready (${p.provider || ""})`, p.isolated ? "" : [" — ", h("strong", { class: "warn-text" }, "not isolated"), p.reason ? `: ${p.reason}` : ""])]];
+      return ["sandbox", [
+        muted(`Sandbox ready (${p.provider || ""})`, p.isolated ? "" : [" — ", h("strong", { class: "warn-text" }, "not isolated"), p.reason ? `: ${p.reason}` : ""]),
+        (p.secrets_withheld || []).length ? muted(h("strong", { class: "warn-text" }, "Secrets withheld"), ` (${p.secrets_withheld.join(", ")}): ${p.secrets_withheld_reason || ""}`) : "",
+      ]];
     case "repository_ready":
       return ["repository", [muted(`Checked out ${p.base_branch || ""} at `, h("code", {}, String(p.commit || "").slice(0, 10)), " on branch ", h("code", {}, p.branch || ""))]];
     case "artifact_created":
