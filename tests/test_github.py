@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,13 @@ def test_it_retries_a_comment_after_a_500_and_honours_a_secondary_rate_limit(cli
     deliveries.send(delivery.pk)
     limited = delivery.attempt_log.get(number=2)
     assert limited.status_code == 403 and limited.retry_in_seconds == 120
+    reset = int(time.time()) + 90  # the primary limit: wait for its reset
+    fake.fail_next(
+        "POST", r"/issues/\d+/comments$", 403, {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(reset)}
+    )
+    Delivery.objects.filter(pk=delivery.pk).update(next_attempt=delivery.created)
+    deliveries.send(delivery.pk)
+    assert 80 <= delivery.attempt_log.get(number=3).retry_in_seconds <= 91
     Delivery.objects.filter(pk=delivery.pk).update(next_attempt=delivery.created)
     assert deliveries.send(delivery.pk) == "delivered"
     assert fake.repos[REPO].comments[issue["number"]][-1]["body"].startswith("Hello from Deputies\n")
@@ -329,3 +337,51 @@ def test_it_builds_on_the_pushed_commit_when_a_follow_up_gets_a_fresh_sandbox(
     assert "return a + b" in fake.file_at(REPO, session.branch, "calc.py")  # the first run's fix stayed
     assert fake.file_at(REPO, session.branch, "CHANGELOG.md")
     assert session.events.filter(type="workspace_restored").exists()  # the new sandbox got the saved work
+
+
+@pytest.mark.django_db
+def test_it_reacts_to_a_review_comment_and_reports_a_cancelled_session(client, fake, installation):
+    issue = fake.add_issue(REPO, "A pull request", "")
+    payload = issue_comment(fake, REPO, issue, "/deputy tidy this up")
+    payload["pull_request"] = payload.pop("issue")
+    answer = post(client, payload, event="pull_request_review_comment")
+    session = Session.objects.get(pk=answer.json()["session"])
+    assert session.external_ref["github"]["is_pr"] is True
+    assert deliveries.send(Delivery.objects.get(session=session).pk) == "delivered"
+    assert fake.repos[REPO].reactions[-1][0] == f"/pulls/comments/{payload['comment']['id']}/reactions"
+    assert session.cancel()
+    note = Delivery.objects.get(session=session, event="run.cancelled")
+    assert deliveries.send(note.pk) == "delivered"
+    assert "the session was cancelled" in fake.repos[REPO].comments[issue["number"]][-1]["body"]
+
+
+@pytest.mark.django_db
+def test_it_never_lets_the_installation_token_into_the_sandbox(client, fake, installation, run_settings):
+    from sessions.agent.fake_llm import start_in_thread
+    from sessions.runner import execute
+
+    issue = fake.add_issue(REPO, "Look around", "")
+    session_id = post(client, issue_comment(fake, REPO, issue, "/deputy look")).json()["session"]
+    look = "env; cat .git/config; git config --list --show-origin; ls -la .git"
+    script = {
+        "responses": [
+            {"tool_calls": [{"name": "bash", "arguments": {"command": look}}]},
+            {"tool_calls": [{"name": "finish", "arguments": {"summary": "Looked."}}]},
+        ]
+    }
+    with start_in_thread(script) as llm:
+        run_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": llm.base_url, "api_key": "k"}
+        }
+        execute(Session.objects.get(pk=session_id).runs.get().pk)
+    session = Session.objects.get(pk=session_id)
+    assert session.status == "completed", session.runs.get().error
+    (seen,) = session.events.filter(type="tool_finished", payload__name="bash").values_list(
+        "payload", flat=True
+    )
+    output = json.dumps(seen)
+    assert "remote.origin.url" in output or "[remote" in output  # it did read the config
+    # Not even redacted: the redactor would hide a leak, so its marker must not appear either.
+    assert "[secret GITHUB_TOKEN]" not in output and "extraheader" not in output.lower()
+    assert fake.tokens and not any(token in output for token in fake.tokens)
+    assert not fake.repos[REPO].pulls  # nothing changed: nothing pushed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 
 from django.conf import settings
 from github import Auth, Github, GithubIntegration
@@ -91,15 +91,3 @@ def github_for(installation_id: int) -> Github:
         seconds_between_requests=None,
         seconds_between_writes=None,
     )
-
-
-def web_url(path: str = "") -> str:
-    """github.com (or the GHES host) for a link in a comment: the API URL without ``api.`` / ``/api/v3``."""
-    api = settings.GITHUB_API_URL
-    if api == "https://api.github.com":
-        return "https://github.com" + path
-    return api.removesuffix("/api/v3") + path
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
