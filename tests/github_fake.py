@@ -126,6 +126,25 @@ class FakeGitHub:
             ]
         return issue
 
+    def add_pull(
+        self, full_name: str, title: str, head: str, head_repo: str = "", base: str = "main"
+    ) -> dict:
+        """Someone's pull request from ``head`` (a branch of ``head_repo``, this repository by default)."""
+        repo = self.repos[full_name]
+        with self.lock:
+            number = repo.next_number
+            repo.next_number += 1
+            pr = {
+                "number": number, "title": title, "body": "", "state": "open",
+                "head": {"ref": head, "label": f"{(head_repo or full_name).split('/')[0]}:{head}",
+                         "repo": {"full_name": head_repo or full_name}},
+                "base": {"ref": base},
+                "html_url": f"https://github.test/{full_name}/pull/{number}",
+                "pull_request": {}, "user": {"login": "alice", "id": 5, "type": "User"},
+            }  # fmt: skip
+            repo.pulls[number] = pr
+        return {**self._pull_json(full_name, pr), "url": f"{self.url}/repos/{full_name}/issues/{number}"}
+
     def clone_url(self, full_name: str) -> str:
         return f"{self.git_url}/{full_name}.git"
 
@@ -278,7 +297,8 @@ class FakeGitHub:
                 repo.next_number += 1
                 pr = {
                     "number": number, "title": body["title"], "body": body.get("body", ""), "state": "open",
-                    "head": {"ref": body["head"], "label": f"{full.split('/')[0]}:{body['head']}"},
+                    "head": {"ref": body["head"], "label": f"{full.split('/')[0]}:{body['head']}",
+                             "repo": {"full_name": full, "name": full.split("/")[1]}},
                     "base": {"ref": body["base"]},
                     "html_url": f"https://github.test/{full}/pull/{number}",
                     "pull_request": {}, "user": {"login": "deputies[bot]", "id": 9, "type": "Bot"},

@@ -341,7 +341,7 @@ def test_it_builds_on_the_pushed_commit_when_a_follow_up_gets_a_fresh_sandbox(
 
 @pytest.mark.django_db
 def test_it_reacts_to_a_review_comment_and_reports_a_cancelled_session(client, fake, installation):
-    issue = fake.add_issue(REPO, "A pull request", "")
+    issue = fake.add_pull(REPO, "A pull request", head="tidy")
     payload = issue_comment(fake, REPO, issue, "/deputy tidy this up")
     payload["pull_request"] = payload.pop("issue")
     answer = post(client, payload, event="pull_request_review_comment")
@@ -385,3 +385,13 @@ def test_it_never_lets_the_installation_token_into_the_sandbox(client, fake, ins
     assert "[secret GITHUB_TOKEN]" not in output and "extraheader" not in output.lower()
     assert fake.tokens and not any(token in output for token in fake.tokens)
     assert not fake.repos[REPO].pulls  # nothing changed: nothing pushed
+
+
+@pytest.mark.django_db
+def test_it_works_on_top_of_a_pull_requests_branch_unless_it_comes_from_a_fork(client, fake, installation):
+    own = fake.add_pull(REPO, "Feature", head="feature-x")
+    answer = post(client, issue_comment(fake, REPO, own, "/deputy add tests", pr=True), guid="p-1")
+    assert Session.objects.get(pk=answer.json()["session"]).base_branch == "feature-x"
+    fork = fake.add_pull(REPO, "From a fork", head="patch-1", head_repo="someone/widgets")
+    answer = post(client, issue_comment(fake, REPO, fork, "/deputy review", pr=True), guid="p-2")
+    assert Session.objects.get(pk=answer.json()["session"]).base_branch == "main"

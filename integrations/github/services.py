@@ -217,6 +217,7 @@ def _handle(trigger: Trigger, guid: str) -> Answer:
         repository = repository_for(installation, trigger)
         bound = SessionBinding.objects.filter(source=Source.GITHUB, key=trigger.key).exists()
         prompt = follow_up_prompt(trigger) if bound else first_prompt(gh, trigger)
+        base_branch = "" if bound or not trigger.is_pr else pr_branch(gh, trigger)
         requester = {"login": trigger.login, "id": trigger.user_id}
         ref = {
             "github": {
@@ -240,6 +241,7 @@ def _handle(trigger: Trigger, guid: str) -> Answer:
                 model=model,
                 environment=installation.environment,
                 title=trigger.title[:120] or f"{trigger.repo}#{trigger.number}",
+                base_branch=base_branch,
             )
         except BindingError as exc:
             logger.warning("github: %s", exc)
@@ -276,6 +278,15 @@ def repository_for(installation: Installation, trigger: Trigger) -> Repository:
         default_branch=trigger.default_branch,
         provider=Repository.Provider.GITHUB,
     )
+
+
+def pr_branch(gh, trigger: Trigger) -> str:
+    """A request on someone's pull request works on top of its branch (and its pull request goes
+    into that branch), when the branch is in this repository; a fork's branch is not ours to
+    build on, so then the default branch."""
+    pull = gh.get_repo(trigger.repo).get_pull(trigger.number)
+    head = pull.head
+    return head.ref if head.repo is not None and head.repo.full_name == trigger.repo else ""
 
 
 def _bounded(text: str, limit: int) -> str:
