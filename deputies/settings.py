@@ -9,7 +9,17 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envrate, envstr
+from deputies.env import (
+    envbool,
+    envchoice,
+    envfloat,
+    envint,
+    envjson,
+    envnetworks,
+    envpaths,
+    envrate,
+    envstr,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -168,6 +178,16 @@ elif _db["ENGINE"] == "django.db.backends.postgresql":
         os.register_at_fork(after_in_child=forget_inherited_pools)  # django-q2 forks its workers
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Simple mode is the single-host trial: SQLite. Integrated and Scale mode run on Postgres.
+SIMPLE_MODE = _db["ENGINE"] == "django.db.backends.sqlite3"
+
+# --- Repositories ---------------------------------------------------------------------------
+# Paths on the worker host as repositories (sessions/repository_urls.py): only in Simple mode unless
+# switched on, only under these roots (resolved; Deputies' own data below them never counts).
+ALLOW_LOCAL_REPOSITORIES = envbool("DEPUTIES_ALLOW_LOCAL_REPOSITORIES", SIMPLE_MODE)
+LOCAL_REPOSITORY_ROOTS = envpaths(
+    "DEPUTIES_LOCAL_REPOSITORY_ROOTS", f"{DATA_DIR / 'sample-repo'},{DATA_DIR / 'repositories'}"
+)
 
 # --- Auth, i18n, static, media ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [

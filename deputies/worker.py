@@ -88,8 +88,13 @@ class Worker:
                 "no database connection pool (psycopg[pool] missing or DEPUTIES_DB_POOL_SIZE=0): "
                 "every running run keeps its own Postgres connection"
             )
-        next_schedule = next_recovery = 0.0
+        next_schedule = next_recovery = next_beat = 0.0
         while not self.stopping.is_set():
+            if time.monotonic() >= next_beat:
+                from sessions.models import WorkerProcess
+
+                next_beat = time.monotonic() + WorkerProcess.BEAT_SECONDS
+                self.beat()
             if settings.Q_CLUSTER.get("scheduler", True) and time.monotonic() >= next_schedule:
                 next_schedule = time.monotonic() + SCHEDULER_INTERVAL
                 scheduler(broker=self.broker)  # logs its own errors
@@ -109,6 +114,34 @@ class Worker:
             for n, (ack_id, payload) in enumerate(tasks):
                 self.handle(ack_id, payload, reserved=n == 0)
         return self.shutdown()
+
+    def beat(self, gone: bool = False) -> None:
+        """This process's liveness row, for /setup (deleted when it stops cleanly)."""
+        import socket
+
+        from django.utils import timezone
+
+        from sessions.models import WorkerProcess
+        from sessions.workpool import release_connection
+
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        try:
+            if gone:
+                WorkerProcess.objects.filter(name=name).delete()
+            else:
+                self.started = getattr(self, "started", None) or timezone.now()
+                WorkerProcess.beat(
+                    name,
+                    socket.gethostname(),
+                    os.getpid(),
+                    self.started,
+                    len(self.pool.in_flight()),
+                    self.pool.size,
+                )
+        except Exception as exc:  # the database is away: the next beat retries
+            log.warning("worker heartbeat failed (%s: %s)", type(exc).__name__, exc)
+        finally:
+            release_connection()
 
     def recover(self) -> None:
         """Queue again the runs of workers that stopped heartbeating (they resume from their checkpoint)."""
@@ -225,6 +258,7 @@ class Worker:
 
         from sessions.workpool import hand_over
 
+        self.beat(gone=True)
         self.side.shutdown(wait=True, cancel_futures=True)
         self.deliveries.shutdown(wait=True, cancel_futures=True)
         if self.pool.in_flight():

@@ -27,6 +27,7 @@ from sessions.models import (
     Session,
     SessionBinding,
     Team,
+    WorkerProcess,
 )
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH, encrypt
 
@@ -451,4 +452,17 @@ class RateCounterAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(WorkerProcess)
+class WorkerProcessAdmin(admin.ModelAdmin):
+    """Read-only: rows are the workers' own heartbeats (deputies/worker.py)."""
+
+    list_display = ["name", "last_seen", "running", "slots", "started"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models, transaction
 from django.db.models import F, Q, Value
@@ -98,13 +100,28 @@ class Repository(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        """The repository URL rules (sessions/repository_urls.py), for model forms such as the admin."""
+        from sessions.repository_urls import RepositoryRefused, check_repository_url
+
+        try:
+            self.url = check_repository_url(self.url).url
+        except RepositoryRefused as exc:
+            raise ValidationError({"url": str(exc)}) from None
+
     @staticmethod
     def provider_for(url: str) -> str:
-        if url.startswith(("/", "file://", "./", "../")):
+        from deputies.netguard import UnsafeAddress, parse_git_remote
+        from sessions.repository_urls import is_local
+
+        if is_local(url) or url.startswith(("./", "../")):
             return Repository.Provider.LOCAL
-        if "github.com" in url:
-            return Repository.Provider.GITHUB
-        return Repository.Provider.GIT
+        try:
+            host = parse_git_remote(url).host
+        except UnsafeAddress:
+            host = ""
+        # By host, not by substring: a GitHub token must never go to evil.example/github.com/x.
+        return Repository.Provider.GITHUB if host == "github.com" else Repository.Provider.GIT
 
 
 class Environment(models.Model):
@@ -849,6 +866,50 @@ class Run(models.Model):
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
+
+
+class WorkerProcess(models.Model):
+    """A ``deputies worker`` process, as it last said it was alive: /setup shows the workers' real
+    liveness from these rows (a process's own stats would only show that process)."""
+
+    name = models.CharField(max_length=200, unique=True, help_text="host:pid")
+    host = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    started = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    running = models.PositiveIntegerField(default=0, help_text="Runs on it at its last beat.")
+    slots = models.PositiveIntegerField(default=0, help_text="Runs it may take at once.")
+
+    class Meta:
+        ordering = ["host", "pid"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    BEAT_SECONDS = 15  # a worker counts as gone after three missed beats
+
+    @classmethod
+    def beat(cls, name: str, host: str, pid: int, started, running: int, slots: int) -> None:
+        """One statement (INSERT ... ON CONFLICT UPDATE): cheap enough for an idle worker."""
+        row = cls(
+            name=name,
+            host=host,
+            pid=pid,
+            started=started,
+            last_seen=timezone.now(),
+            running=running,
+            slots=slots,
+        )
+        cls.objects.bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["name"],
+            update_fields=["last_seen", "running", "slots"],
+        )
+
+    @classmethod
+    def alive(cls):
+        return cls.objects.filter(last_seen__gte=timezone.now() - timedelta(seconds=3 * cls.BEAT_SECONDS))
 
 
 class Event(models.Model):

@@ -104,9 +104,10 @@ def resolve(url: str, branch: str, env: dict[str, str] | None = None) -> str | N
 
 
 def _ls_remote(url: str, branch: str, env: dict[str, str] | None = None) -> str | None:
-    from sessions.runner import git
+    from sessions.runner import git, repository_source
 
-    out = git("ls-remote", "--", url, f"refs/heads/{branch}", env=env)
+    source = repository_source(url)
+    out = git("ls-remote", "--", source.url, f"refs/heads/{branch}", source=source, env=env)
     for line in out.splitlines():
         sha, _, ref = line.partition("\t")
         if ref == f"refs/heads/{branch}":
@@ -117,7 +118,7 @@ def _ls_remote(url: str, branch: str, env: dict[str, str] | None = None) -> str 
 def template(url: str, branch: str, commit: str, env: dict[str, str] | None = None) -> Path:
     """The clone of ``url`` at ``commit`` (HEAD detached), made once per host. ``env`` carries a
     private remote's credentials for git (never written into the clone's config)."""
-    from sessions.runner import git
+    from sessions.runner import git, repository_source
 
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     path = cache_root() / f"{key}-{commit}"
@@ -135,9 +136,10 @@ def template(url: str, branch: str, commit: str, env: dict[str, str] | None = No
             tree = tmp / "tree"
             # --no-local: objects arrive as one pack even from a local path (fewer files to upload);
             # --template=: no sample hooks.
+            source = repository_source(url)
             git(
                 "clone", "--quiet", "--no-local", "--template=", "--no-checkout", "--branch", branch,
-                "--", url, str(tree), env=env,
+                "--", source.url, str(tree), source=source, env=env,
             )  # fmt: skip
             git("checkout", "--quiet", "--detach", commit, cwd=tree)
             try:

@@ -35,6 +35,7 @@ from sessions.artifacts import store_artifact
 from sessions.cancels import CancellingHandle
 from sessions.events import emit, emit_many
 from sessions.models import Artifact, Message, Run, Session, Source
+from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url
 from sessions.secrets import RedactingHandle, Redactor, SecretError, sandbox_environment
 from sessions.storage import ArtifactStorageError
 from sessions.workpool import heartbeat, releasing_handle, releasing_llm
@@ -60,13 +61,24 @@ class StepFailed(Exception):
 
 
 def git(
-    *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    source: CheckedRepository | None = None,
 ) -> str:
+    """Run git on the worker, hardened: no hooks, no fsmonitor, no submodules, and no transport at
+    all unless ``source`` (a repository URL checked just before, see ``repository_source``) names
+    the one this command may use. So nothing in a repository's config, a redirect or a submodule
+    can make git reach a place nobody checked. Without ``cwd`` git runs in ``/``, never inside
+    whatever repository the worker was started from (its config could set ``core.sshCommand``)."""
     base_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_CONFIG_NOSYSTEM": "1",
+        # Protocols marked "user" (file, by default) are never allowed: only the list below counts.
+        "GIT_PROTOCOL_FROM_USER": "0",
         "GIT_AUTHOR_NAME": "Deputies",
         "GIT_AUTHOR_EMAIL": "deputies@localhost",
         "GIT_COMMITTER_NAME": "Deputies",
@@ -74,10 +86,19 @@ def git(
         "LC_ALL": "C",
         **(env or {}),
     }
-    hardening = ["-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+    config = [
+        "safe.directory=*",
+        "core.hooksPath=/dev/null",
+        "core.fsmonitor=false",
+        "protocol.ext.allow=never",
+        "submodule.recurse=false",
+        "fetch.recurseSubmodules=false",
+        *(source.git_config() if source is not None else ["protocol.allow=never"]),
+    ]
+    hardening = [arg for value in config for arg in ("-c", value)]
     proc = subprocess.run(
         ["git", *hardening, *args],
-        cwd=cwd,
+        cwd=cwd if cwd is not None else "/",
         env=base_env,
         capture_output=True,
         text=True,
@@ -86,6 +107,16 @@ def git(
     if proc.returncode != 0:
         raise StepFailed(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc.stdout
+
+
+def repository_source(url: str) -> CheckedRepository:
+    """Check a stored repository URL again, right before git talks to it: DNS may have changed
+    since it was submitted, and rows older than the rules (or than a settings change) are refused
+    here with the reason as the run's error."""
+    try:
+        return check_repository_url(url)
+    except RepositoryRefused as exc:
+        raise StepFailed(f"the repository {url!r} is refused: {exc}") from None
 
 
 def claim(run_id: int) -> tuple[Run | None, str]:
@@ -447,6 +478,7 @@ class Runner:
         )
 
     def clone_and_upload(self, checkout: Path) -> str:
+        source = repository_source(self.session.repository.url)
         git(
             "clone",
             "--quiet",
@@ -454,8 +486,9 @@ class Runner:
             "--branch",
             self.session.base_branch,
             "--",
-            self.session.repository.url,
+            source.url,
             str(checkout),
+            source=source,
             env=self.git_env(),
         )
         commit = git("rev-parse", "HEAD", cwd=checkout).strip()
@@ -692,14 +725,16 @@ class Runner:
         if ready is None:
             raise StepFailed("the repository was never prepared for this session")
         fresh_dir(checkout)
+        source = repository_source(self.session.repository.url)
         git(
             "clone",
             "--quiet",
             "--no-checkout",
             "--no-hardlinks",
             "--",
-            self.session.repository.url,
+            source.url,
             str(checkout),
+            source=source,
             env=self.git_env(),
         )
         git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)

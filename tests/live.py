@@ -55,6 +55,12 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
             "DEPUTIES_QUEUE_POLL": "0.05",
             "DEPUTIES_LOG_LEVEL": "WARNING",
             "DJANGO_SETTINGS_MODULE": "deputies.settings",
+            # The repository rules this test runs under (tests/conftest.py), for the worker's re-check.
+            "DEPUTIES_ALLOW_LOCAL_REPOSITORIES": "true" if settings.ALLOW_LOCAL_REPOSITORIES else "false",
+            "DEPUTIES_LOCAL_REPOSITORY_ROOTS": ",".join(str(p) for p in settings.LOCAL_REPOSITORY_ROOTS),
+            "DEPUTIES_REPOSITORY_ALLOWED_NETWORKS": ",".join(
+                str(n) for n in settings.REPOSITORY_ALLOWED_NETWORKS
+            ),
         }
     )
     env.update(extra)

@@ -24,7 +24,8 @@ KEY = new_app_key()
 
 
 @pytest.fixture
-def fake(tmp_path, settings, sample_repo):
+def fake(tmp_path, loopback_remotes, sample_repo):
+    settings = loopback_remotes  # the fake's clone URLs are http://127.0.0.1:<port>/...
     private, public = KEY
     with FakeGitHub(tmp_path / "git", public_key=public) as fake:
         fake.add_repo(REPO, sample_repo, writers=("alice",))
@@ -395,3 +396,12 @@ def test_it_works_on_top_of_a_pull_requests_branch_unless_it_comes_from_a_fork(c
     fork = fake.add_pull(REPO, "From a fork", head="patch-1", head_repo="someone/widgets")
     answer = post(client, issue_comment(fake, REPO, fork, "/deputy review", pr=True), guid="p-2")
     assert Session.objects.get(pk=answer.json()["session"]).base_branch == "main"
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_repository_url_the_rules_do_not_allow(client, fake, installation, settings):
+    settings.REPOSITORY_ALLOWED_NETWORKS = ()  # loopback is refused by default
+    issue = fake.add_issue(REPO, "Bug", "")
+    answer = post(client, issue_comment(fake, REPO, issue, "/deputy fix it"))
+    assert answer.status_code == 202 and "DEPUTIES_REPOSITORY_ALLOWED_NETWORKS" in answer.json()["reason"]
+    assert not Session.objects.exists() and not Repository.objects.exists()

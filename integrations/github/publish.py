@@ -86,11 +86,12 @@ def pr_body(session: Session, summary: str) -> str:
 
 def remote_git(command: str, options: list[str], url: str, refs: list[str], *, cwd=None, env=None) -> str:
     """``git <command> <options> -- <url> <refs>`` against the session's remote (ls-remote, fetch,
-    push): the one place here that reaches the network, so the repository URL rules of
-    ``sessions.runner.git`` apply in one spot."""
-    from sessions.runner import git
+    push): the one place here that reaches the network, so the repository URL rules
+    (sessions/repository_urls.py: this transport only, the checked address pinned) apply to each."""
+    from sessions.runner import git, repository_source
 
-    return git(command, *options, "--", url, *refs, cwd=cwd, env=env)
+    source = repository_source(url)  # checked again right before git connects
+    return git(command, *options, "--", source.url, *refs, cwd=cwd, env=env, source=source)
 
 
 def publish(runner, result) -> None:

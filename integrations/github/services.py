@@ -30,6 +30,7 @@ from integrations.github import client
 from integrations.github.models import Installation, SeenDelivery
 from sessions.bindings import BindingError, start_or_follow_up
 from sessions.models import Repository, SessionBinding, Source
+from sessions.repository_urls import RepositoryRefused, check_repository_url
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,11 @@ def _handle(trigger: Trigger, guid: str) -> Answer:
         )
         if not model:
             return Answer(202, {"ignored": True, "reason": "no model configured for this installation"})
-        repository = repository_for(installation, trigger)
+        try:
+            repository = repository_for(installation, trigger)
+        except RepositoryRefused as exc:
+            logger.warning("github: the clone URL of %s is refused: %s", trigger.repo, exc)
+            return Answer(202, {"ignored": True, "reason": f"the repository's clone URL is refused: {exc}"})
         bound = SessionBinding.objects.filter(source=Source.GITHUB, key=trigger.key).exists()
         prompt = follow_up_prompt(trigger) if bound else first_prompt(gh, trigger)
         base_branch = "" if bound or not trigger.is_pr else pr_branch(gh, trigger)
@@ -268,6 +273,7 @@ def repository_for(installation: Installation, trigger: Trigger) -> Repository:
     existing = team.repositories.filter(url=trigger.clone_url).order_by("pk").first()
     if existing is not None:
         return existing
+    check_repository_url(trigger.clone_url)  # the rules of every other way in (sessions/repository_urls.py)
     name = trigger.repo
     if team.repositories.filter(name=name).exists():
         name = f"{trigger.repo} ({trigger.installation_id})"

@@ -29,13 +29,16 @@ from sessions.models import (
     Team,
     start_session,
 )
+from sessions.repository_urls import RepositoryRefused, check_repository_url
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH
 
 # --- shared checks --------------------------------------------------------------------------------
 
+# The shape of a clone URL or a path, to tell one from a repository's name (webhooks); whether it may
+# be used is for clean_clone_url (sessions/repository_urls.py) to say.
 CLONE_URL = re.compile(
     r"""^(?:
-        (?:https?|ssh|git|file)://\S+      # scheme URLs
+        [A-Za-z][A-Za-z0-9+.-]*://\S+      # scheme URLs
       | [\w.-]+@[\w.-]+:[^\s:]\S*          # scp-like: git@github.com:org/repo.git
       | /\S*                               # an absolute path on the worker host
     )$""",
@@ -66,13 +69,11 @@ def text_problem(value: str, what: str) -> str | None:
 
 
 def clean_clone_url(value: str) -> str:
-    value = value.strip()
-    if not CLONE_URL.match(value) or value.startswith("-"):
-        raise serializers.ValidationError(
-            "Expected a clone URL (https://, ssh://, git://, file://, or git@host:path) "
-            "or an absolute path on the worker host."
-        )
-    return value
+    """The repository URL as stored: checked by the rules of sessions/repository_urls.py."""
+    try:
+        return check_repository_url(value).url
+    except RepositoryRefused as exc:
+        raise serializers.ValidationError(str(exc)) from None
 
 
 def clean_branch(value: str) -> str:
@@ -513,7 +514,9 @@ class SessionCreateSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         max_length=1000,
-        help_text="Instead of repository: found or created in the team by URL.",
+        help_text="Instead of repository: found or created in the team by URL. https://, ssh://, git:// or "
+        "user@host:path to a public address (or one in DEPUTIES_REPOSITORY_ALLOWED_NETWORKS), or a path under "
+        "DEPUTIES_LOCAL_REPOSITORY_ROOTS where local repositories are allowed.",
     )
     prompt = serializers.CharField(allow_blank=True, trim_whitespace=False)
     base_branch = serializers.CharField(required=False, allow_blank=True, max_length=200)
