@@ -98,6 +98,18 @@ def resolve(host: str, port: int | None = None) -> list[Address]:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
+    from django.conf import settings
+
+    if not getattr(settings, "RESOLVE_NAMES", True):
+        # No DNS: IP literals and the hosts file only (locked-down installs; the test suite, whose
+        # traffic must stay on loopback, and a DNS query would not).
+        found = hosts_file_addresses(host)
+        if not found:
+            raise UnsafeAddress(
+                f"cannot resolve {host!r}: DEPUTIES_RESOLVE_NAMES=false allows IP addresses and "
+                f"names in {HOSTS_FILE} only"
+            )
+        return found
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -108,6 +120,29 @@ def resolve(host: str, port: int | None = None) -> list[Address]:
         if ip not in seen:
             seen.append(ip)
     return seen
+
+
+HOSTS_FILE = "/etc/hosts"
+
+
+def hosts_file_addresses(host: str) -> list[Address]:
+    """The addresses ``host`` has in the hosts file, in file order."""
+    found: list[Address] = []
+    try:
+        with open(HOSTS_FILE, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and host.lower() in (name.lower() for name in fields[1:]):
+            try:
+                ip = ipaddress.ip_address(fields[0].split("%", 1)[0])
+            except ValueError:
+                continue
+            if ip not in found:
+                found.append(ip)
+    return found
 
 
 def check_host(host: str, port: int | None, allowed: Sequence[Network], setting: str) -> list[Address]:

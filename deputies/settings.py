@@ -69,6 +69,27 @@ CSRF_TRUSTED_ORIGINS = [
 ]
 BASE_URL = envstr("DEPUTIES_BASE_URL", "http://127.0.0.1:8000")
 
+# --- HTTPS ------------------------------------------------------------------------------------
+# Simple mode is plain http on 127.0.0.1, where secure-only cookies would never be sent back, so none of
+# this is on by default. DEPUTIES_HTTPS=true says the site is served only over HTTPS (a production
+# deployment, usually behind a TLS-terminating proxy) and turns each of these on; each can be set alone.
+# `manage.py check --deploy` is clean with the settings deploy/README.md lists (tests/test_deploy_settings.py).
+HTTPS = envbool("DEPUTIES_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("DEPUTIES_SECURE_COOKIES", HTTPS)
+SECURE_SSL_REDIRECT = envbool("DEPUTIES_SSL_REDIRECT", HTTPS)
+# Probes (the image's HEALTHCHECK, a load balancer) ask over plain http inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# An hour to start with, as Django's docs advise; raise it (31536000, a year) once HTTPS is settled.
+SECURE_HSTS_SECONDS = envint("DEPUTIES_HSTS_SECONDS", 3600 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("DEPUTIES_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = envbool("DEPUTIES_HSTS_PRELOAD", False)
+# Asking browsers to preload the domain is a decision for its owner, not a default to nag about.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (and strips one sent by the client):
+# without this, every request looks like http, and the redirect above would loop.
+if envbool("DEPUTIES_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -242,8 +263,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_SCHEMA_CLASS": "sessions.api.schema.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "sessions.api.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sessions.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -262,6 +283,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
+    # Request bodies get their own components: what a client sends (secrets as {NAME: change}, write-only
+    # fields, non-blank strings) differs from what it reads back.
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Bodies are documented as JSON only: objects such as env_vars and secrets have no form encoding.
+    "PARSER_WHITELIST": ["rest_framework.parsers.JSONParser"],
 }
 
 # --- Channels -------------------------------------------------------------------------------
@@ -440,10 +466,18 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+# Largest request body (bytes) Django reads; a larger one is a 413 (sessions/api/errors.py). The default
+# admits the longest allowed prompt however it is encoded: one character is at most 12 bytes on the wire
+# (a JSON-escaped surrogate pair "\ud83d\ude00", or "%F0%9F%98%80" in a form), plus room for the rest.
+DATA_UPLOAD_MAX_MEMORY_SIZE = envint(
+    "DEPUTIES_MAX_REQUEST_BYTES", max(2_621_440, 12 * MAX_PROMPT_CHARS + 65_536), minimum=65_536
+)
 
 # Ranges that user-given addresses may reach although the default rules refuse them (loopback,
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
 CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
+# false: user-given host names are looked up in /etc/hosts only, never in DNS (IP addresses work).
+RESOLVE_NAMES = envbool("DEPUTIES_RESOLVE_NAMES", True)
 REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
 # Inbound webhooks (integrations/webhooks): POST /integrations/webhooks/<source>. Off: every source 404s.

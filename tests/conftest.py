@@ -41,6 +41,13 @@ def fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def no_dns(settings):
+    """User-given names resolve from /etc/hosts only: a DNS query would leave loopback (children
+    get the same from tests/live.py child_env)."""
+    settings.RESOLVE_NAMES = False
+
+
+@pytest.fixture(autouse=True)
 def local_repositories_under_tmp(settings, tmp_path_factory):
     """The suite's repositories are made under pytest's temporary directory: allow that one root
     (the suite runs on Postgres, where local repositories are off by default). tests/live.py hands
