@@ -405,3 +405,10 @@ def test_it_refuses_a_repository_url_the_rules_do_not_allow(client, fake, instal
     answer = post(client, issue_comment(fake, REPO, issue, "/deputy fix it"))
     assert answer.status_code == 202 and "DEPUTIES_REPOSITORY_ALLOWED_NETWORKS" in answer.json()["reason"]
     assert not Session.objects.exists() and not Repository.objects.exists()
+
+
+@pytest.mark.django_db
+def test_it_shows_the_app_and_its_installations_on_the_setup_page(admin_client, fake, installation):
+    page = admin_client.get("/setup").content.decode()
+    assert f"GitHub App {APP_ID}; webhooks at" in page and "/integrations/github/webhook" in page
+    assert f"Installation {INSTALLATION_ID}" in page and "acme -&gt; team alpha" in page
