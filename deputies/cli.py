@@ -460,6 +460,16 @@ def cmd_secrets_reencrypt(args: argparse.Namespace) -> int:  # noqa: ARG001
     return 0
 
 
+def cmd_github_manifest(args: argparse.Namespace) -> int:
+    setup_django()
+    import json
+
+    from integrations.github.manifest import manifest
+
+    print(json.dumps(manifest(args.name), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deputies", description="Control plane for background coding agents"
@@ -550,6 +560,17 @@ def build_parser() -> argparse.ArgumentParser:
         "reencrypt", help="re-encrypt every secret with the first DEPUTIES_SECRETS_KEY key (rotation)"
     )
     reencrypt.set_defaults(func=cmd_secrets_reencrypt)
+
+    github = sub.add_parser("github", help="the GitHub App")
+    github_sub = github.add_subparsers(dest="github_command", required=True)
+    github_manifest = github_sub.add_parser(
+        "manifest",
+        help="print the GitHub App manifest (permissions, events, webhook URL from DEPUTIES_BASE_URL)",
+        description="Print the GitHub App manifest (permissions, events, webhook URL from DEPUTIES_BASE_URL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    github_manifest.add_argument("--name", default="Deputies", help="the app's name on GitHub")
+    github_manifest.set_defaults(func=cmd_github_manifest)
 
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)

@@ -108,6 +108,7 @@ INSTALLED_APPS = [
     "integrations.webhooks.apps.WebhooksConfig",
     "integrations.deliveries.apps.DeliveriesConfig",
     "integrations.slack.apps.SlackConfig",
+    "integrations.github.apps.GithubConfig",
 ]
 
 MIDDLEWARE = [
@@ -513,6 +514,24 @@ SLACK_STATUS_INTERVAL = envfloat("DEPUTIES_SLACK_STATUS_INTERVAL", 3.0, minimum=
 # Attempts per Slack message (deliveries back off between them, or wait as long as a 429 asks).
 SLACK_DELIVERY_MAX_ATTEMPTS = envint("DEPUTIES_SLACK_DELIVERY_MAX_ATTEMPTS", 30, minimum=1)
 SLACK_TIMEOUT = envfloat("DEPUTIES_SLACK_TIMEOUT", 10.0, minimum=0.1)
+
+# --- GitHub App (integrations/github): issue and PR comments become sessions and pull requests ---
+# The app's id and private key (PEM; DEPUTIES_GITHUB_PRIVATE_KEY_FILE for a mounted file) sign the
+# JWT that PyGithub exchanges for installation tokens. Without them, DEPUTIES_GITHUB_TOKEN (a personal
+# access token) is a fallback for quick trials, labelled as such on /setup.
+GITHUB_APP_ID = envstr("DEPUTIES_GITHUB_APP_ID", "")
+GITHUB_PRIVATE_KEY = envstr("DEPUTIES_GITHUB_PRIVATE_KEY", "").replace("\\n", "\n")
+GITHUB_TOKEN = envstr("DEPUTIES_GITHUB_TOKEN", "")
+GITHUB_WEBHOOK_SECRET = envstr("DEPUTIES_GITHUB_WEBHOOK_SECRET", "")
+# The REST API root: GitHub Enterprise Server is https://<host>/api/v3.
+GITHUB_API_URL = envstr("DEPUTIES_GITHUB_API_URL", "https://api.github.com").rstrip("/")
+# What makes a comment a request, and the label that makes an issue one.
+GITHUB_TRIGGER = envstr("DEPUTIES_GITHUB_TRIGGER", "/deputy")
+GITHUB_LABEL = envstr("DEPUTIES_GITHUB_LABEL", "deputy")
+# Answer a trigger from someone without write access with a polite comment (else: nothing at all).
+GITHUB_REPLY_TO_NON_WRITERS = envbool("DEPUTIES_GITHUB_REPLY_TO_NON_WRITERS", False)
+# Characters of an issue's body and comment thread given to the agent with the first request.
+GITHUB_CONTEXT_CHARS = envint("DEPUTIES_GITHUB_CONTEXT_CHARS", 20_000, minimum=1000)
 
 LOGGING = {
     "version": 1,

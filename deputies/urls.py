@@ -19,6 +19,7 @@ urlpatterns = [
     path("metrics", metrics, name="metrics"),
     path("integrations/webhooks/", include("integrations.webhooks.urls")),
     path("integrations/slack/", include("integrations.slack.urls")),
+    path("integrations/github/", include("integrations.github.urls")),
     path("", include("integrations.deliveries.urls")),  # before the API's catch-all 404
     path("", include("sessions.api.urls")),
     path("", include("sessions.web.urls")),

@@ -51,12 +51,16 @@ def notice_text(type: str, p: dict) -> str:
             f"({p.get('chars_before')} → {p.get('chars_after')} characters)"
         )
     if type == "callback_sent":
-        what = "Slack message" if p.get("kind") == "slack" else "Callback"
+        what = {"slack": "Slack message", "github": "GitHub reply"}.get(p.get("kind", ""), "Callback")
         return f"{what} delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
     if type == "callback_failed":
-        what = "Slack message" if p.get("kind") == "slack" else "Callback"
+        what = {"slack": "Slack message", "github": "GitHub reply"}.get(p.get("kind", ""), "Callback")
         then = f"retrying in {p.get('retry_in')} s" if p.get("will_retry") else "giving up"
         return f"{what} to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+    if type == "branch_pushed":
+        return f"Pushed {str(p.get('commit', ''))[:10]} to {p.get('branch', '')}"
+    if type == "pull_request":
+        return f"Pull request: {p.get('url', '')}"
     if type == "run_resumed":
         return f"Run resumed (attempt {p.get('attempt')}) from step {p.get('from_step')}, sandbox {p.get('sandbox')}"
     if type == "workspace_restored":
@@ -150,6 +154,8 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             "context_compacted",
             "callback_sent",
             "callback_failed",
+            "branch_pushed",
+            "pull_request",
         ):
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":

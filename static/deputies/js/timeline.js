@@ -102,6 +102,10 @@ function body(event, downloadUrl) {
       const then = p.will_retry ? `retrying in ${p.retry_in} s` : "giving up";
       return ["progress", [muted(`Callback to ${p.target || ""} failed (attempt ${p.attempt}): ${p.error || ""}; ${then}`)]];
     }
+    case "branch_pushed":
+      return ["progress", [muted(`Pushed ${String(p.commit || "").slice(0, 10)} to ${p.branch || ""}`)]];
+    case "pull_request":
+      return ["progress", [muted(`Pull request: ${p.url || ""}`)]];
     case "run_resumed":
       return ["progress", [muted(`Run resumed (attempt ${p.attempt}) from step ${p.from_step}, sandbox ${p.sandbox}`)]];
     case "workspace_restored":
