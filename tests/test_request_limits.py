@@ -10,6 +10,7 @@ from django.conf import settings as django_settings
 from django.test import Client
 from django.urls import reverse
 
+from integrations.slack.models import SlackChannel, SlackWorkspace
 from integrations.webhooks.models import WebhookSource
 from sessions.api.schema import Generator
 from sessions.models import APIToken, Environment, Session, start_session
@@ -70,11 +71,16 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
     source = WebhookSource(team=session.team, name="ci", slug="ci", auth="token", repository=repository)
     source.issue_credentials()
     source.save()
+    workspace = SlackWorkspace.objects.create(slack_team_id="T0LIMITS", team=session.team)
+    channel = SlackChannel.objects.create(
+        team=session.team, name="#ci", workspace=workspace, channel_id="C0LIMITS"
+    )
     ids = {
         "sessions": session.pk,
         "repositories": repository.pk,
         "environments": environment.pk,
         "webhook-sources": source.pk,
+        "slack-channels": channel.pk,
     }
     operations = operations_with_a_body()
     assert ("POST", "/api/v1/sessions") in operations
