@@ -37,6 +37,14 @@ class Team(models.Model):
         help_text="Runs of this team that may run at once; more wait, queued, in order. 0: no limit. "
         "Empty: DEPUTIES_TEAM_MAX_CONCURRENT_RUNS.",
     )
+    default_profile = models.ForeignKey(
+        "AgentProfile",
+        models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The agent profile of sessions that name none and whose environment has none.",
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -132,6 +140,14 @@ class Environment(models.Model):
         "(DEPUTIES_SANDBOX_IDLE_TTL).",
     )
     default_model = models.CharField(max_length=200, blank=True)
+    default_profile = models.ForeignKey(
+        "AgentProfile",
+        models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The agent profile of sessions in this environment that name none.",
+    )
     created = models.DateTimeField(default=timezone.now)
     updated = models.DateTimeField(auto_now=True)
 
@@ -257,6 +273,9 @@ class Session(models.Model):
     )
     environment_revision = models.PositiveIntegerField(null=True, blank=True)
     model = models.CharField(max_length=200)
+    profile = models.ForeignKey(
+        "AgentProfile", models.SET_NULL, null=True, blank=True, related_name="sessions"
+    )
     status = models.CharField(max_length=20, choices=SessionStatus.choices, default=SessionStatus.QUEUED)
     source = models.CharField(max_length=20, choices=Source.choices, default=Source.API)
     external_ref = models.JSONField(default=dict, blank=True, help_text="Thread or issue bound to it.")
@@ -950,14 +969,19 @@ def start_session(
     source: str = Source.API,
     external_ref: dict | None = None,
     budget_usd: Decimal | None = None,
+    profile: AgentProfile | None = None,
 ) -> Session:
     """Create a session with its first prompt and queue its first run (at commit).
 
     The returned session carries what ``views.session_queryset()`` annotates (its active run, one
     pending message, no sandbox), so the API shows it without reading it back.
     """
+    from sessions.agent.profiles import default_profile
     from sessions.events import emit_many
 
+    profile = profile or default_profile(team, environment)
+    if budget_usd is None and profile is not None:
+        budget_usd = profile.budget_usd
     session = Session(
         team=team,
         created_by=created_by,
@@ -967,6 +991,7 @@ def start_session(
         environment_revision=environment.revision if environment else None,
         budget_usd=budget_usd,
         model=model,
+        profile=profile,
         title=title or default_title(prompt),
         source=source,
         external_ref=external_ref or {},
@@ -1045,3 +1070,7 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
     message.session_id = run.session_id = session.pk
     for obj in (session, message, run):
         obj._state.adding, obj._state.db = False, connection.alias
+
+
+# The agent's capabilities (profiles, skills, MCP servers, web results) live in their own module.
+from sessions.agent_models import AgentProfile, McpServer, Skill, WebResult  # noqa: E402, F401

@@ -458,8 +458,9 @@ class Runner:
         # The claim loaded the session (repository, environment); only the transcript may be newer.
         session = self.session
         session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
+        toolset = self.agent_toolset()
         transcript = list(session.transcript) or [
-            {"role": "system", "content": build_system_prompt(session, self.handle)}
+            {"role": "system", "content": build_system_prompt(session, self.handle, toolset)}
         ]
         for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
             transcript.append({"role": "user", "content": message.content})
@@ -470,11 +471,23 @@ class Runner:
         else:
             try:  # the run's DB connection goes back to the pool while the model or a command works
                 result = run_agent(
-                    self.run, releasing_handle(self.handle), transcript, client=llm, save_steps=False
+                    self.run,
+                    releasing_handle(self.handle),
+                    transcript,
+                    client=llm,
+                    save_steps=False,
+                    toolset=toolset,
                 )  # steps are saved by every way the run ends (Run.finish)
             finally:
                 llm.close()
         return result
+
+    def agent_toolset(self):
+        """The run's tools, skills and step limit, shaped by the session's agent profile
+        (sessions/agent/toolset.py); repository skills are read from the trusted checkout."""
+        from sessions.agent.toolset import build_toolset
+
+        return build_toolset(self.run, self.handle, self.redactor, self.checkout_dir(), emit=self.emit)
 
     def collect_diff(self) -> None:
         """Pull the workspace out and diff it against the base commit using the worker's own .git.

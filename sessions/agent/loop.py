@@ -27,7 +27,8 @@ from sandboxes.base import SandboxError
 from sessions.agent.context import compact
 from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, client_for, cost_usd
 from sessions.agent.prompts import build_system_prompt
-from sessions.agent.tools import TOOL_SPECS, ToolError, ToolResult, execute_tool
+from sessions.agent.tools import ToolError, ToolResult
+from sessions.agent.toolset import Toolset
 from sessions.artifacts import store_artifact
 from sessions.budgets import RunBudget
 from sessions.events import emit, emit_many
@@ -63,13 +64,15 @@ def run_agent(
     model: str | None = None,
     client: LLMClient | None = None,
     save_steps: bool = True,
+    toolset: Toolset | None = None,
 ) -> AgentResult:
     """Drive the conversation ``messages`` (canonical format, system prompt first) to an end.
 
     ``model`` overrides the session's model ("provider/model"); ``client`` replaces the client made
     from it (the caller then closes it). The run must already be claimed (status running).
     ``save_steps=False``: the caller ends the run (``Run.finish`` saves the step count), so the
-    count is not written here as well.
+    count is not written here as well. ``toolset``: the run's tools and limits
+    (sessions/agent/toolset.py ``build_toolset``); without it, the built-in workspace tools.
     """
     transcript = list(messages)
     try:
@@ -77,7 +80,7 @@ def run_agent(
     except LLMError as exc:
         return AgentResult(FAILED, transcript=transcript, error=str(exc))
     try:
-        return _Agent(run, handle, llm, transcript).loop()
+        return _Agent(run, handle, llm, transcript, toolset or Toolset.builtin()).loop()
     finally:
         if client is None:
             llm.close()
@@ -86,8 +89,11 @@ def run_agent(
 
 
 class _Agent:
-    def __init__(self, run: Run, handle: Any, llm: LLMClient, transcript: list[dict[str, Any]]):
+    def __init__(
+        self, run: Run, handle: Any, llm: LLMClient, transcript: list[dict[str, Any]], toolset: Toolset
+    ):
         self.run = run
+        self.toolset = toolset
         self.handle = handle
         self.llm = llm
         self.transcript = transcript
@@ -106,7 +112,7 @@ class _Agent:
         return AgentResult(status, summary, self.transcript, error, list(self.tools_called))
 
     def loop(self) -> AgentResult:
-        max_steps = settings.AGENT_MAX_STEPS
+        max_steps = self.toolset.max_steps or settings.AGENT_MAX_STEPS
         for _ in range(max_steps):
             if not self.run.beat():  # also persists the step count; False once cancelled
                 return self.result(CANCELLED, error="cancelled")
@@ -115,7 +121,9 @@ class _Agent:
             self.compact()
             self.run.steps += 1
             try:
-                response = self.llm.complete(self.transcript, TOOL_SPECS, on_attempt=self.record_attempt)
+                response = self.llm.complete(
+                    self.transcript, self.toolset.specs, on_attempt=self.record_attempt
+                )
             except LLMError as exc:
                 return self.result(FAILED, error=str(exc))
             self.transcript.append(response.to_message())
@@ -225,7 +233,7 @@ class _Agent:
             self.emit(*started)  # shown while the tool runs
         result: ToolResult | None = None
         try:
-            result = execute_tool(self.handle, call.name, call.arguments)
+            result = self.toolset.execute(self.handle, call.name, call.arguments)
             ok, output = result.ok, result.output or ""
         except ToolError as exc:
             ok, output = False, f"error: {exc}"
