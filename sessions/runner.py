@@ -36,6 +36,8 @@ BASE_REF = "refs/deputies/base"
 SETUP_SCRIPT = ".deputies/setup"
 # Tools that never write to the workspace (sessions/agent/tools.py); ``bash`` may do anything.
 READ_ONLY_TOOLS = ("read_file", "list_files", "grep", "todo_write", "report_progress", "finish")
+# Worker tools (sessions/agent/toolset.py) never touch the workspace either.
+READ_ONLY_TOOLS += ("load_skill", "web_fetch", "web_search")
 # Setup output is coalesced into events of at most this size, at most this often per stream.
 SETUP_FLUSH_CHARS = 4096
 SETUP_FLUSH_SECONDS = 0.2

@@ -332,3 +332,46 @@ def test_it_manages_team_and_personal_skills_over_the_api(owner, teammate, team)
     assert client_for(teammate).get(f"{SKILLS}/{mine.json()['id']}").status_code == 404
     assert client.delete(f"{SKILLS}/{mine.json()['id']}").status_code == 204
     assert Skill.objects.count() == 1
+
+
+def test_it_names_the_session_with_the_profiles_summary_model(run_settings, team, owner, repository):
+    """No DEPUTIES_SUMMARY_MODEL: the profile's cheaper model names the session after its first run."""
+    profile = AgentProfile.objects.create(team=team, name="titled", summary_model="cheap/tiny")
+    session = start_session(
+        team=team, repository=repository, prompt="hi there, fix it", model="scripted/demo", profile=profile
+    )
+    work = {"responses": [{"tool_calls": [call("finish", summary="Fixed.")]}]}
+    with (
+        start_in_thread(work) as main,
+        start_in_thread({"responses": [{"content": "Fix the adder"}]}) as cheap,
+    ):
+        run_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": main.base_url, "api_key": "k"},
+            "cheap": {"kind": "openai", "base_url": cheap.base_url, "api_key": "k"},
+        }
+        run_settings.SUMMARY_MODEL = ""
+        assert execute(session.runs.get().pk) == "completed"
+        assert [r["body"]["model"] for r in cheap.requests] == ["tiny"]
+    session.refresh_from_db()
+    assert session.title == "Fix the adder"
+    (title,) = [e.payload for e in Event.objects.filter(session=session, type="title")]
+    assert title["model"] == "cheap/tiny"
+
+
+def test_it_sets_an_environments_default_profile_over_the_api(providers, owner, team, other_team, repository):
+    client = client_for(owner)
+    profile = AgentProfile.objects.create(team=team, name="p", model="scripted/from-profile")
+    theirs = AgentProfile.objects.create(team=other_team, name="q")
+    created = client.post("/api/v1/environments", {"name": "e", "default_profile": profile.pk}, format="json")
+    assert created.status_code == 201, created.json()
+    assert created.json()["default_profile"] == profile.pk
+    refused = client.patch(
+        f"/api/v1/environments/{created.json()['id']}", {"default_profile": theirs.pk}, format="json"
+    )
+    assert refused.status_code == 400 and "default_profile" in refused.json()["errors"]
+    session = client.post(
+        SESSIONS,
+        {"repository": repository.pk, "prompt": "Go", "environment": created.json()["id"]},
+        format="json",
+    ).json()
+    assert (session["profile"], session["model"]) == (profile.pk, "scripted/from-profile")

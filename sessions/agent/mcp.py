@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Coroutine
@@ -76,16 +77,18 @@ def fill_headers(server: ServerConfig, secrets: dict[str, str]) -> dict[str, str
 # --- the private event loop ----------------------------------------------------------------------
 
 _loop: asyncio.AbstractEventLoop | None = None
+_loop_pid = 0
 _loop_lock = threading.Lock()
 
 
 def _event_loop() -> asyncio.AbstractEventLoop:
-    global _loop
+    """This process's MCP loop (a forked worker process starts its own: threads do not survive fork)."""
+    global _loop, _loop_pid
     with _loop_lock:
-        if _loop is None or _loop.is_closed():
+        if _loop is None or _loop.is_closed() or _loop_pid != os.getpid():
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="deputies-mcp", daemon=True).start()
-            _loop = loop
+            _loop, _loop_pid = loop, os.getpid()
         return _loop
 
 

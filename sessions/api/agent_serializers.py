@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from rest_framework import serializers
@@ -39,7 +40,7 @@ class AgentProfileSerializer(TeamOwnedSerializer):
         ]
         read_only_fields = ["created", "updated"]
         validators: list = []
-        extra_kwargs = {"max_steps": {"min_value": 1}, "budget_usd": {"min_value": 0.01}}
+        extra_kwargs = {"max_steps": {"min_value": 1}, "budget_usd": {"min_value": Decimal("0.01")}}
 
     def _model(self, value: str) -> str:
         value = value.strip()
