@@ -24,7 +24,8 @@ Event types and their payloads (all JSON objects):
 - ``run_failed``        {run_id, error}
 - ``run_requeued``      {run_id, lost_worker}
 - ``context_compacted`` {elided, chars_before, chars_after}  (old output hidden from the model)
-- ``title``             {title, model}  (named by DEPUTIES_SUMMARY_MODEL after the first run)
+- ``title``             {title, model}  (named by the summary model after the first run)
+- ``mcp_unavailable``   {server, error}  (an MCP server left out of a run: sessions/agent/mcp.py)
 - ``callback_sent``     {delivery_id, kind, target, attempt, status_code}  (integrations/deliveries)
 - ``callback_failed``   {delivery_id, kind, target, attempt, status_code, error, will_retry, retry_in}
   (``target`` without credentials or query string; one per failed attempt)

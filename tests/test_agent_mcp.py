@@ -158,3 +158,15 @@ def test_it_names_a_missing_header_secret_without_failing_the_run(run_settings, 
     assert "names the secret NOPE" in unavailable["error"]
     session.refresh_from_db()
     assert session.status == "completed"
+
+
+def test_it_shows_an_unavailable_server_in_the_timeline(run_settings, session, owner):
+    from django.test import Client
+
+    from sessions.events import emit
+
+    emit(session.pk, "mcp_unavailable", {"server": "docs", "error": "ConnectError: refused"})
+    client = Client()
+    client.force_login(owner)
+    page = client.get(f"/sessions/{session.pk}").content.decode()
+    assert "MCP server docs unavailable, its tools are left out: ConnectError: refused" in page

@@ -102,6 +102,8 @@ function body(event, downloadUrl) {
       const then = p.will_retry ? `retrying in ${p.retry_in} s` : "giving up";
       return ["progress", [muted(`Callback to ${p.target || ""} failed (attempt ${p.attempt}): ${p.error || ""}; ${then}`)]];
     }
+    case "mcp_unavailable":
+      return ["progress", [muted(`MCP server ${p.server || ""} unavailable, its tools are left out: ${p.error || ""}`)]];
     case "context_compacted":
       return ["progress", [muted(`Conversation compacted: ${p.elided} older outputs elided (${p.chars_before} → ${p.chars_after} characters)`)]];
     case "status":
