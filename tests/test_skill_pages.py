@@ -69,3 +69,20 @@ def test_it_lets_a_viewer_read_but_not_write(viewer, outsider, team):
     )
     assert client.post(f"/skills/{skill.pk}/delete").status_code == 403
     assert login(outsider).get(f"/skills/{skill.pk}").status_code == 404
+
+
+def test_it_starts_a_session_under_a_chosen_profile_from_the_form(settings, owner, team, repository):
+    from sessions.models import AgentProfile, Session
+
+    settings.LLM_PROVIDERS = {
+        "scripted": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": ""}
+    }
+    profile = AgentProfile.objects.create(team=team, name="careful", model="scripted/careful")
+    client = login(owner)
+    assert f'<option value="{profile.pk}">careful</option>' in client.get("/sessions/new").content.decode()
+    response = client.post(
+        "/sessions/new", {"repository": repository.pk, "prompt": "Go", "profile": profile.pk, "model": ""}
+    )
+    assert response.status_code == 302
+    session = Session.objects.get()
+    assert (session.profile, session.model) == (profile, "scripted/careful")
