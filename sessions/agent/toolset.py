@@ -87,6 +87,9 @@ class Toolset:
             result = handler(args)
         except ToolError as exc:
             raise ToolError(self.scrub(str(exc))) from None
+        except Exception as exc:  # a worker tool's own failure is the model's to read, not the run's end
+            log.exception("worker tool %s failed", name)
+            raise ToolError(self.scrub(f"{name} failed: {type(exc).__name__}: {exc}")) from None
         result.output = self.scrub(result.output or "")
         return result
 
