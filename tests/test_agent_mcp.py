@@ -3,6 +3,7 @@ loopback, called by the worker during real runs driven by the scripted model ove
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -30,6 +31,18 @@ class LiveMcpServer:
         def add(a: int, b: int) -> int:
             """Add two integers."""
             return a + b
+
+        self.in_flight = 0
+
+        @app.tool()
+        async def rendezvous() -> str:
+            """Wait (up to 5 s) until another call is in flight too."""
+            self.in_flight += 1
+            for _ in range(100):
+                if self.in_flight >= 2:
+                    return "together"
+                await asyncio.sleep(0.05)
+            return "alone"
 
         @app.tool()
         async def whoami(ctx: Context) -> str:
@@ -170,3 +183,23 @@ def test_it_shows_an_unavailable_server_in_the_timeline(run_settings, session, o
     client.force_login(owner)
     page = client.get(f"/sessions/{session.pk}").content.decode()
     assert "MCP server docs unavailable, its tools are left out: ConnectError: refused" in page
+
+
+def test_it_calls_mcp_servers_for_several_runs_at_once(settings, mcp_server):
+    """Runs are threads sharing the worker's one MCP event loop: a slow call does not hold up another."""
+    from sessions.agent.mcp import ServerConfig, call_tool, result_text
+
+    settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
+    settings.MCP_TIMEOUT = 10.0
+    server = ServerConfig("docs", mcp_server.url, {})
+    answers: list[str] = []
+
+    def one() -> None:
+        answers.append(result_text(call_tool(server, {}, "rendezvous", {})))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert answers == ["together", "together"]
