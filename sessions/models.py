@@ -53,11 +53,22 @@ class Team(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        _check_profile_team(self.default_profile, self.pk)
+
     def concurrency_limit(self) -> int:
         """Runs this team may have running at once; 0 is no limit."""
         if self.max_concurrent_runs is not None:
             return self.max_concurrent_runs
         return settings.TEAM_MAX_CONCURRENT_RUNS
+
+
+def _check_profile_team(profile: AgentProfile | None, team_id: int | None) -> None:
+    """A default agent profile must be one of the same team's (the admin lists every team's)."""
+    from django.core.exceptions import ValidationError
+
+    if profile is not None and profile.team_id != team_id:
+        raise ValidationError({"default_profile": f"Profile {profile.name!r} belongs to another team."})
 
 
 class Role(models.TextChoices):
@@ -167,6 +178,9 @@ class Environment(models.Model):
         super().save(*args, **kwargs)
         if self.pk:
             self.refresh_from_db(fields=["revision"])
+
+    def clean(self) -> None:
+        _check_profile_team(self.default_profile, self.team_id)
 
     def decrypted_secrets(self) -> list[Secret]:
         """Every secret with its value; raises SecretError naming one that cannot be decrypted."""

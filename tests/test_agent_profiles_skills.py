@@ -8,6 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ValidationError
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.agent.skills import repository_skills
@@ -375,3 +376,26 @@ def test_it_sets_an_environments_default_profile_over_the_api(providers, owner, 
         format="json",
     ).json()
     assert (session["profile"], session["model"]) == (profile.pk, "scripted/from-profile")
+
+
+def test_it_refuses_another_teams_profile_as_a_default_in_the_admin(team, other_team, admin_client):
+    theirs = AgentProfile.objects.create(team=other_team, name="theirs")
+    environment = Environment.objects.create(team=team, name="e")
+    response = admin_client.post(
+        f"/admin/agent_sessions/team/{team.pk}/change/",
+        {"name": team.name, "slug": team.slug, "default_profile": theirs.pk, **MEMBERSHIP_FORMSET},
+    )
+    assert response.status_code == 200 and "belongs to another team" in response.content.decode()
+    team.refresh_from_db()
+    assert team.default_profile is None
+    environment.default_profile = theirs
+    with pytest.raises(ValidationError):
+        environment.full_clean()
+
+
+MEMBERSHIP_FORMSET = {
+    "memberships-TOTAL_FORMS": "0",
+    "memberships-INITIAL_FORMS": "0",
+    "memberships-MIN_NUM_FORMS": "0",
+    "memberships-MAX_NUM_FORMS": "1000",
+}
