@@ -44,6 +44,14 @@ class LiveMcpServer:
                 await asyncio.sleep(0.05)
             return "alone"
 
+        self.release = asyncio.Event()
+
+        @app.tool()
+        async def hang() -> str:
+            """Answer only when the test lets go."""
+            await self.release.wait()
+            return "released"
+
         @app.tool()
         async def whoami(ctx: Context) -> str:
             """Echo the Authorization header this call carried."""
@@ -64,6 +72,7 @@ class LiveMcpServer:
 
     def stop(self) -> None:
         if self.thread.is_alive():
+            self.server.force_exit = True  # a hanging call does not hold the shutdown up
             self.server.should_exit = True
             self.thread.join(10)
         self.sock.close()
@@ -203,3 +212,17 @@ def test_it_calls_mcp_servers_for_several_runs_at_once(settings, mcp_server):
     for thread in threads:
         thread.join(15)
     assert answers == ["together", "together"]
+
+
+def test_it_gives_up_on_a_call_past_the_mcp_timeout(settings, mcp_server):
+    from sessions.agent.mcp import ServerConfig, _handler
+    from sessions.agent.tools import ToolError
+
+    settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
+    settings.MCP_TIMEOUT = 0.5
+    handler = _handler(ServerConfig("docs", mcp_server.url, {}), {}, "hang", "docs__hang")
+    with pytest.raises(ToolError) as failure:
+        handler({})
+    assert "docs__hang: MCP server 'docs' failed: no answer within 0.5 s (DEPUTIES_MCP_TIMEOUT)" in str(
+        failure.value
+    )

@@ -26,6 +26,7 @@ class PageServer:
 
     def __init__(self) -> None:
         self.hits: list[str] = []
+        self.release = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +43,14 @@ class PageServer:
                     self.send_header("Location", "/notes")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
+                elif path == "/stall":  # headers and a first chunk, then nothing until released
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    self.wfile.write(b"first part")
+                    self.wfile.flush()
+                    outer.release.wait(10)
                 elif path == "/big":
                     self.reply(200, b"x" * 50_000, "text/plain")
                 elif path == "/search":
@@ -75,6 +84,7 @@ class PageServer:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -203,3 +213,16 @@ def test_it_searches_through_a_searxng_backend_and_caches_per_session(run_settin
     ]
     assert "Result 3" not in first["output"]
     assert [h.split("?")[0] for h in site.hits] == ["/search"]
+
+
+def test_it_gives_up_on_a_page_past_the_time_limit(run_settings, session, site):
+    run_settings.WEB_FETCH_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
+    run_settings.WEB_FETCH_TIMEOUT = 0.5
+    run_session(
+        run_settings,
+        session,
+        [{"tool_calls": [call("web_fetch", url=f"{site.url}/stall")]}, {"content": "ok"}],
+    )
+    (result,) = outputs(session)
+    assert result["ok"] is False and "timed out after 0.5 s" in result["output"]
+    assert session.runs.get().status == "completed"
