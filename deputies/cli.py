@@ -146,17 +146,23 @@ def start_demo_model():
 def start_demo(env: dict[str, str], data_dir: Path, username: str):
     """Start the scripted demo model in-process and register the bundled sample repository."""
     from sessions.models import Repository, Team
+    from sessions.repository_urls import RepositoryRefused, check_repository_url
 
     fake = start_demo_model()
     env["DEPUTIES_LLM_PROVIDERS"] = DEMO_PROVIDER
     env["DEPUTIES_LLM_SCRIPTED_BASE_URL"] = fake.base_url
     env["DEPUTIES_DEFAULT_MODEL"] = DEMO_MODEL
     repo_path = ensure_sample_repo(data_dir / "sample-repo")
+    try:
+        url = check_repository_url(str(repo_path)).url
+    except RepositoryRefused as exc:  # local repositories switched off, or roots without it
+        print(f"deputies: the sample repository is not registered: {exc}", flush=True)
+        return fake, repo_path
     team = Team.objects.get(slug="default")
     Repository.objects.get_or_create(
         team=team,
         name="sample-repo",
-        defaults={"url": str(repo_path), "provider": "local", "default_branch": "main"},
+        defaults={"url": url, "provider": "local", "default_branch": "main"},
     )
     return fake, repo_path
 
@@ -228,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from django.contrib.auth import get_user_model
 
     from sessions.models import Membership, Repository, Source, start_session
+    from sessions.repository_urls import RepositoryRefused, check_repository_url
 
     if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
         from django.core.management import call_command
@@ -236,9 +243,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = args.prompt.strip()
     if not prompt:
         raise CLIError("the prompt is empty")
-    repo_path = Path(args.repo).expanduser().resolve()
-    if not (repo_path / ".git").exists():
-        raise CLIError(f"--repo {args.repo}: not a git repository")
+    try:  # the rules of every other way in (sessions/repository_urls.py), relative to this shell
+        url = check_repository_url(str(Path(args.repo).expanduser().absolute())).url
+    except RepositoryRefused as exc:
+        raise CLIError(f"--repo {args.repo}: {exc}") from None
+    repo_path = Path(url)
     model = args.model or settings.DEFAULT_MODEL
     if model and "/" not in model:
         raise CLIError(f"--model {model}: expected provider/model, e.g. openai/gpt-4o or {DEMO_MODEL}")
@@ -374,6 +383,8 @@ def describe(type: str, p: dict) -> str:
         return "todo: " + "; ".join(f"[{t.get('status')}] {t.get('content')}" for t in p.get("todos", []))
     if type == "sandbox_ready":
         note = "" if p.get("isolated") else f" (NOT ISOLATED: {p.get('reason')})"
+        if p.get("secrets_withheld"):
+            note += f"; secrets withheld: {', '.join(p['secrets_withheld'])}"
         return f"sandbox ready: {p.get('provider')}{note}"
     if type == "repository_ready":
         return f"repository ready: {p.get('base_branch')} @ {str(p.get('commit'))[:10]} -> {p.get('branch')}"

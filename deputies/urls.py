@@ -8,6 +8,9 @@ from django.views.generic import RedirectView
 
 from deputies.metrics import metrics
 
+# An oversized body read by middleware (the CSRF check of a page's form) becomes a 413 there.
+handler400 = "sessions.api.errors.bad_request"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("favicon.ico", RedirectView.as_view(url=static("deputies/favicon.svg"), permanent=True)),

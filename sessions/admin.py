@@ -31,6 +31,7 @@ from sessions.models import (
     Skill,
     Team,
     WebResult,
+    WorkerProcess,
 )
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH, encrypt
 
@@ -364,6 +365,9 @@ class RunAdmin(ReadOnlyAdmin):
     list_select_related = ["session"]
     raw_id_fields = ["session"]
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("checkpoint")  # a running run's whole conversation
+
 
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):
@@ -533,3 +537,16 @@ class WebResultAdmin(ReadOnlyAdmin):
     list_filter = ["kind"]
     search_fields = ["key"]
     raw_id_fields = ["session"]
+
+
+@admin.register(WorkerProcess)
+class WorkerProcessAdmin(admin.ModelAdmin):
+    """Read-only: rows are the workers' own heartbeats (deputies/worker.py)."""
+
+    list_display = ["name", "last_seen", "running", "slots", "started"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
