@@ -487,14 +487,18 @@ WEB_FETCH_ALLOWED_NETWORKS = envnetworks("DEPUTIES_WEB_FETCH_ALLOWED_NETWORKS")
 WEB_FETCH_MAX_BYTES = envint("DEPUTIES_WEB_FETCH_MAX_BYTES", 2_000_000, minimum=1024)
 WEB_FETCH_TIMEOUT = envfloat("DEPUTIES_WEB_FETCH_TIMEOUT", 20.0, minimum=0.1)
 # web_search: offered only with a backend. "searxng" is a SearXNG instance's JSON API at the URL.
+# "brave" is the Brave Search API (DEPUTIES_WEB_SEARCH_API_KEY; the URL defaults to Brave's).
 WEB_SEARCH_URL = envstr("DEPUTIES_WEB_SEARCH_URL", "").rstrip("/")
 WEB_SEARCH_BACKEND = envchoice(
-    "DEPUTIES_WEB_SEARCH_BACKEND", "searxng" if WEB_SEARCH_URL else "none", ("none", "searxng")
+    "DEPUTIES_WEB_SEARCH_BACKEND", "searxng" if WEB_SEARCH_URL else "none", ("none", "searxng", "brave")
 )
-if WEB_SEARCH_BACKEND != "none" and not WEB_SEARCH_URL:
-    raise ImproperlyConfigured(
-        f"DEPUTIES_WEB_SEARCH_BACKEND={WEB_SEARCH_BACKEND} needs DEPUTIES_WEB_SEARCH_URL"
-    )
+WEB_SEARCH_API_KEY = envstr("DEPUTIES_WEB_SEARCH_API_KEY", "")
+if WEB_SEARCH_BACKEND == "brave":
+    WEB_SEARCH_URL = WEB_SEARCH_URL or "https://api.search.brave.com/res/v1"
+    if not WEB_SEARCH_API_KEY:
+        raise ImproperlyConfigured("DEPUTIES_WEB_SEARCH_BACKEND=brave needs DEPUTIES_WEB_SEARCH_API_KEY")
+if WEB_SEARCH_BACKEND == "searxng" and not WEB_SEARCH_URL:
+    raise ImproperlyConfigured("DEPUTIES_WEB_SEARCH_BACKEND=searxng needs DEPUTIES_WEB_SEARCH_URL")
 WEB_SEARCH_RESULTS = envint("DEPUTIES_WEB_SEARCH_RESULTS", 8, minimum=1)
 # Remote MCP servers (streamable HTTP) for every team: [{"name", "url", "headers"}]; teams add their
 # own in the admin. Header values may name the session environment's secrets as ${NAME}.

@@ -27,6 +27,7 @@ class PageServer:
     def __init__(self) -> None:
         self.hits: list[str] = []
         self.release = threading.Event()
+        self.keys: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +52,17 @@ class PageServer:
                     self.wfile.write(b"first part")
                     self.wfile.flush()
                     outer.release.wait(10)
+                elif path == "/res/v1/web/search":  # the Brave Search API's shape
+                    outer.keys.append(self.headers.get("X-Subscription-Token", ""))
+                    query = parse_qs(urlsplit(self.path).query)
+                    results = [
+                        {
+                            "title": "Brave result",
+                            "url": "https://example.org/b",
+                            "description": f"about <strong>{query['q'][0]}</strong>",
+                        }
+                    ]
+                    self.reply(200, json.dumps({"web": {"results": results}}).encode(), "application/json")
                 elif path == "/big":
                     self.reply(200, b"x" * 50_000, "text/plain")
                 elif path == "/search":
@@ -226,3 +238,14 @@ def test_it_gives_up_on_a_page_past_the_time_limit(run_settings, session, site):
     (result,) = outputs(session)
     assert result["ok"] is False and "timed out after 0.5 s" in result["output"]
     assert session.runs.get().status == "completed"
+
+
+def test_it_searches_through_the_brave_api(run_settings, session, site):
+    run_settings.WEB_SEARCH_BACKEND = "brave"
+    run_settings.WEB_SEARCH_URL = f"{site.url}/res/v1"
+    run_settings.WEB_SEARCH_API_KEY = "brave-key-123456"
+    run_session(run_settings, session, [{"tool_calls": [call("web_search", query="mcp")]}, {"content": "ok"}])
+    (result,) = outputs(session)
+    assert result["output"] == "1. Brave result\n   https://example.org/b\n   about mcp"
+    assert site.keys == ["brave-key-123456"]
+    assert "brave-key-123456" not in json.dumps([e.payload for e in Event.objects.filter(session=session)])

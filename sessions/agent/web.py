@@ -6,8 +6,8 @@ addresses unless ``DEPUTIES_WEB_FETCH_ALLOWED_NETWORKS`` opens a range), redirec
 hand (each hop checked again), the body is cut at ``DEPUTIES_WEB_FETCH_MAX_BYTES`` and the whole
 fetch at ``DEPUTIES_WEB_FETCH_TIMEOUT``. HTML comes back as its text.
 
-Search goes to a pluggable backend (``DEPUTIES_WEB_SEARCH_BACKEND``); with none, the tool is not
-offered. Both cache their answers per session (``WebResult``), so asking twice costs nothing.
+Search goes to a pluggable backend (``DEPUTIES_WEB_SEARCH_BACKEND``: SearXNG or the Brave Search
+API; ``SEARCH_BACKENDS`` maps a name to a function); with none, the tool is not offered. Both cache their answers per session (``WebResult``), so asking twice costs nothing.
 """
 
 from __future__ import annotations
@@ -214,7 +214,34 @@ def searxng(query: str, count: int) -> list[dict[str, str]]:
     ]
 
 
-SEARCH_BACKENDS: dict[str, Callable[[str, int], list[dict[str, str]]]] = {"searxng": searxng}
+def brave(query: str, count: int) -> list[dict[str, str]]:
+    """The Brave Search API (``/web/search``, key in ``X-Subscription-Token``)."""
+    with httpx.Client(timeout=settings.WEB_FETCH_TIMEOUT, trust_env=False, follow_redirects=False) as client:
+        response = client.get(
+            f"{settings.WEB_SEARCH_URL}/web/search",
+            params={"q": query, "count": min(count, 20)},
+            headers={
+                "User-Agent": USER_AGENT,
+                "Accept": "application/json",
+                "X-Subscription-Token": settings.WEB_SEARCH_API_KEY,
+            },
+        )
+        response.raise_for_status()
+        data = response.json()
+    web = data.get("web", {}) if isinstance(data, dict) else {}
+    results = web.get("results", []) if isinstance(web, dict) else []
+    return [
+        {
+            "title": str(r.get("title", "")),
+            "url": str(r.get("url", "")),
+            "snippet": html_text(str(r.get("description", ""))),  # Brave marks matches with <strong>
+        }
+        for r in results[:count]
+        if isinstance(r, dict)
+    ]
+
+
+SEARCH_BACKENDS: dict[str, Callable[[str, int], list[dict[str, str]]]] = {"searxng": searxng, "brave": brave}
 
 
 def _web_search(context: Any, args: dict[str, Any]) -> ToolResult:
