@@ -86,3 +86,13 @@ def test_it_starts_a_session_under_a_chosen_profile_from_the_form(settings, owne
     assert response.status_code == 302
     session = Session.objects.get()
     assert (session.profile, session.model) == (profile, "scripted/careful")
+
+
+def test_it_shows_the_sessions_profile_on_its_page(owner, team, repository):
+    from sessions.models import AgentProfile, start_session
+
+    profile = AgentProfile.objects.create(team=team, name="careful")
+    session = start_session(
+        team=team, repository=repository, prompt="Go", model="scripted/demo", profile=profile
+    )
+    assert "profile careful" in login(owner).get(f"/sessions/{session.pk}").content.decode()
