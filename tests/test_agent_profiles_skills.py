@@ -399,3 +399,27 @@ MEMBERSHIP_FORMSET = {
     "memberships-MIN_NUM_FORMS": "0",
     "memberships-MAX_NUM_FORMS": "1000",
 }
+
+
+def test_it_reads_repository_skills_from_the_sandbox_when_this_host_has_no_work_tree(loop_sandbox, tmp_path):
+    """A follow-up on another worker host: its clone has no files, the sandbox has the repository."""
+    loop_sandbox.write_file(".deputies/skills/ship.md", b"---\ndescription: Ship it\n---\nRun make ship.\n")
+    loop_sandbox.write_file(".deputies/skills/nested/deep.md", b"Not picked\n")
+    bare = tmp_path / "checkout"
+    (bare / ".git").mkdir(parents=True)
+    docs = repository_skills(bare, loop_sandbox)
+    assert [(d.name, d.description, d.body) for d in docs] == [("ship", "Ship it", "Run make ship.")]
+    # With a work tree here, the checkout is the truth and the sandbox is not asked.
+    (bare / "README.md").write_text("hi")
+    assert repository_skills(bare, loop_sandbox) == []
+
+
+@pytest.fixture
+def loop_sandbox(run_settings, db):
+    from sandboxes.base import SandboxSpec
+    from sandboxes.providers.local import LocalProvider
+
+    provider = LocalProvider()
+    handle = provider.create(SandboxSpec(session_id=1))
+    yield handle
+    provider.destroy(handle.id)

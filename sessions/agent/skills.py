@@ -73,7 +73,7 @@ def repository_skills(checkout: Path | None, handle: Any) -> list[SkillDoc]:
             if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_SKILL_BYTES:
                 continue  # a symlink could point anywhere on the worker: never followed
             found[path.stem] = path.read_bytes().decode("utf-8", errors="replace")
-    elif handle is not None and (checkout is None or not (checkout / REPOSITORY_SKILLS).exists()):
+    elif handle is not None and not _has_work_tree(checkout):  # a clone without files: ask the sandbox
         try:
             paths = [p for p in handle.list_files(REPOSITORY_SKILLS) if p.endswith(".md")]
         except SandboxError:
@@ -94,6 +94,14 @@ def repository_skills(checkout: Path | None, handle: Any) -> list[SkillDoc]:
         if re.fullmatch(NAME_RE, name):
             docs.append(parse_markdown(name, text))
     return docs
+
+
+def _has_work_tree(checkout: Path | None) -> bool:
+    """Whether the checkout has its files (a follow-up on another host clones without them)."""
+    try:
+        return checkout is not None and any(entry.name != ".git" for entry in checkout.iterdir())
+    except OSError:
+        return False
 
 
 def _real_dir(root: Path, folder: Path) -> bool:
