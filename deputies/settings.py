@@ -551,7 +551,13 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("DEPUTIES_LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "django_q": {"level": "WARNING"}},
+    # httpx2 is the mcp SDK's client (sessions/agent/mcp.py): one INFO line per request otherwise.
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "mcp": {"level": "WARNING"},
+        "django_q": {"level": "WARNING"},
+    },
 }
 
 os.environ.setdefault("GIT_TERMINAL_PROMPT", "0")
