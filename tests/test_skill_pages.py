@@ -96,3 +96,25 @@ def test_it_shows_the_sessions_profile_on_its_page(owner, team, repository):
         team=team, repository=repository, prompt="Go", model="scripted/demo", profile=profile
     )
     assert "profile careful" in login(owner).get(f"/sessions/{session.pk}").content.decode()
+
+
+def test_it_sets_an_environments_default_profile_on_its_page(settings, owner, team):
+    from sessions.models import AgentProfile, Environment
+
+    settings.LLM_PROVIDERS = {
+        "scripted": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": ""}
+    }
+    profile = AgentProfile.objects.create(team=team, name="careful")
+    environment = Environment.objects.create(team=team, name="py")
+    client = login(owner)
+    page = client.get(f"/environments/{environment.pk}").content.decode()
+    assert f'<option value="{profile.pk}">careful</option>' in page
+    from tests.test_environment_pages import edit_data
+
+    data = edit_data(environment, default_profile=str(profile.pk))
+    response = client.post(f"/environments/{environment.pk}", data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    environment.refresh_from_db()
+    assert environment.default_profile == profile
+    page = client.get(f"/environments/{environment.pk}").content.decode()
+    assert f'<option value="{profile.pk}" selected>careful</option>' in page
