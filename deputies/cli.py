@@ -411,6 +411,33 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
     return fake_main(argv)
 
 
+def cmd_slack(args: argparse.Namespace) -> int:
+    """``deputies slack``: Socket Mode in the foreground; ``deputies slack manifest``: the app manifest."""
+    setup_django()
+    from django.conf import settings
+
+    if args.action == "manifest":
+        from integrations.slack.manifest import build
+
+        socket_mode = {"auto": bool(settings.SLACK_APP_TOKEN), "on": True, "off": False}[args.socket_mode]
+        manifest = build(settings.BASE_URL, socket_mode, command=settings.SLACK_COMMAND, name=args.name)
+        print(json.dumps(manifest, indent=2))
+        return 0
+
+    from integrations.slack.socket_mode import serve
+
+    if not settings.SLACK_APP_TOKEN:
+        raise CLIError(
+            "DEPUTIES_SLACK_APP_TOKEN is not set: Socket Mode needs the app-level token (xapp-...)"
+        )
+    if not settings.SLACK_BOT_TOKEN:
+        raise CLIError("DEPUTIES_SLACK_BOT_TOKEN is not set: replies need the bot token (xoxb-...)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    return serve(stop)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     setup_django()
     from django.core.management import CommandError, call_command
@@ -430,6 +457,16 @@ def cmd_secrets_reencrypt(args: argparse.Namespace) -> int:  # noqa: ARG001
         call_command("reencrypt_secrets")
     except CommandError as exc:
         raise CLIError(str(exc)) from None
+    return 0
+
+
+def cmd_github_manifest(args: argparse.Namespace) -> int:
+    setup_django()
+    import json
+
+    from integrations.github.manifest import manifest
+
+    print(json.dumps(manifest(args.name), indent=2))
     return 0
 
 
@@ -506,12 +543,34 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
     fake.set_defaults(func=cmd_fake_llm)
 
+    slack = command("slack", "Slack: run Socket Mode in the foreground, or print the app manifest")
+    slack.add_argument("action", nargs="?", choices=["run", "manifest"], default="run", help="what to do")
+    slack.add_argument(
+        "--socket-mode",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="manifest: Socket Mode (no public URL) or HTTP request URLs under DEPUTIES_BASE_URL; auto: on when DEPUTIES_SLACK_APP_TOKEN is set",
+    )
+    slack.add_argument("--name", default="Deputies", help="manifest: the app's and the bot's name")
+    slack.set_defaults(func=cmd_slack)
+
     secrets = sub.add_parser("secrets", help="environment secrets")
     secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
     reencrypt = secrets_sub.add_parser(
         "reencrypt", help="re-encrypt every secret with the first DEPUTIES_SECRETS_KEY key (rotation)"
     )
     reencrypt.set_defaults(func=cmd_secrets_reencrypt)
+
+    github = sub.add_parser("github", help="the GitHub App")
+    github_sub = github.add_subparsers(dest="github_command", required=True)
+    github_manifest = github_sub.add_parser(
+        "manifest",
+        help="print the GitHub App manifest (permissions, events, webhook URL from DEPUTIES_BASE_URL)",
+        description="Print the GitHub App manifest (permissions, events, webhook URL from DEPUTIES_BASE_URL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    github_manifest.add_argument("--name", default="Deputies", help="the app's name on GitHub")
+    github_manifest.set_defaults(func=cmd_github_manifest)
 
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)

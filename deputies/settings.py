@@ -107,6 +107,8 @@ INSTALLED_APPS = [
     "sandboxes.apps.SandboxesConfig",
     "integrations.webhooks.apps.WebhooksConfig",
     "integrations.deliveries.apps.DeliveriesConfig",
+    "integrations.slack.apps.SlackConfig",
+    "integrations.github.apps.GithubConfig",
 ]
 
 MIDDLEWARE = [
@@ -544,6 +546,40 @@ DELIVERY_TIMEOUT = envfloat("DEPUTIES_DELIVERY_TIMEOUT", 10.0, minimum=0.1)
 DELIVERY_LEASE = envfloat("DEPUTIES_DELIVERY_LEASE", max(60.0, DELIVERY_TIMEOUT * 3), minimum=1)
 # Deliveries one worker process sends at once (threads beside its runs).
 DELIVERY_CONCURRENCY = envint("DEPUTIES_DELIVERY_CONCURRENCY", 8, minimum=1)
+
+# --- Slack (integrations/slack): off until a bot token and a signing secret (HTTP) or an app token
+# (Socket Mode) are set. Each also reads NAME_FILE.
+SLACK_BOT_TOKEN = envstr("DEPUTIES_SLACK_BOT_TOKEN")
+SLACK_SIGNING_SECRET = envstr("DEPUTIES_SLACK_SIGNING_SECRET")
+SLACK_APP_TOKEN = envstr("DEPUTIES_SLACK_APP_TOKEN")
+# The Web API's base URL (tests point it at a loopback fake).
+SLACK_API_URL = envstr("DEPUTIES_SLACK_API_URL", "https://slack.com/api/")
+# Socket Mode inside every `deputies worker` when the app token is set (else only `deputies slack`).
+SLACK_SOCKET_MODE_IN_WORKER = envbool("DEPUTIES_SLACK_SOCKET_MODE_IN_WORKER", True)
+# The slash command the app registers, and seconds between two edits of a thread's status message.
+SLACK_COMMAND = envstr("DEPUTIES_SLACK_COMMAND", "/deputy")
+SLACK_STATUS_INTERVAL = envfloat("DEPUTIES_SLACK_STATUS_INTERVAL", 3.0, minimum=0.1)
+# Attempts per Slack message (deliveries back off between them, or wait as long as a 429 asks).
+SLACK_DELIVERY_MAX_ATTEMPTS = envint("DEPUTIES_SLACK_DELIVERY_MAX_ATTEMPTS", 30, minimum=1)
+SLACK_TIMEOUT = envfloat("DEPUTIES_SLACK_TIMEOUT", 10.0, minimum=0.1)
+
+# --- GitHub App (integrations/github): issue and PR comments become sessions and pull requests ---
+# The app's id and private key (PEM; DEPUTIES_GITHUB_PRIVATE_KEY_FILE for a mounted file) sign the
+# JWT that PyGithub exchanges for installation tokens. Without them, DEPUTIES_GITHUB_TOKEN (a personal
+# access token) is a fallback for quick trials, labelled as such on /setup.
+GITHUB_APP_ID = envstr("DEPUTIES_GITHUB_APP_ID", "")
+GITHUB_PRIVATE_KEY = envstr("DEPUTIES_GITHUB_PRIVATE_KEY", "").replace("\\n", "\n")
+GITHUB_TOKEN = envstr("DEPUTIES_GITHUB_TOKEN", "")
+GITHUB_WEBHOOK_SECRET = envstr("DEPUTIES_GITHUB_WEBHOOK_SECRET", "")
+# The REST API root: GitHub Enterprise Server is https://<host>/api/v3.
+GITHUB_API_URL = envstr("DEPUTIES_GITHUB_API_URL", "https://api.github.com").rstrip("/")
+# What makes a comment a request, and the label that makes an issue one.
+GITHUB_TRIGGER = envstr("DEPUTIES_GITHUB_TRIGGER", "/deputy")
+GITHUB_LABEL = envstr("DEPUTIES_GITHUB_LABEL", "deputy")
+# Answer a trigger from someone without write access with a polite comment (else: nothing at all).
+GITHUB_REPLY_TO_NON_WRITERS = envbool("DEPUTIES_GITHUB_REPLY_TO_NON_WRITERS", False)
+# Characters of an issue's body and comment thread given to the agent with the first request.
+GITHUB_CONTEXT_CHARS = envint("DEPUTIES_GITHUB_CONTEXT_CHARS", 20_000, minimum=1000)
 
 LOGGING = {
     "version": 1,

@@ -18,6 +18,8 @@ urlpatterns = [
     path("logout", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
     path("metrics", metrics, name="metrics"),
     path("integrations/webhooks/", include("integrations.webhooks.urls")),
+    path("integrations/slack/", include("integrations.slack.urls")),
+    path("integrations/github/", include("integrations.github.urls")),
     path("", include("integrations.deliveries.urls")),  # before the API's catch-all 404
     path("", include("sessions.api.urls")),
     path("", include("sessions.web.urls")),

@@ -88,6 +88,9 @@ class Worker:
                 "no database connection pool (psycopg[pool] missing or DEPUTIES_DB_POOL_SIZE=0): "
                 "every running run keeps its own Postgres connection"
             )
+        from integrations.slack.socket_mode import start_in_worker
+
+        slack = start_in_worker()  # Socket Mode beside the runs, when DEPUTIES_SLACK_APP_TOKEN is set
         next_schedule = next_recovery = next_beat = 0.0
         while not self.stopping.is_set():
             if time.monotonic() >= next_beat:
@@ -113,6 +116,8 @@ class Worker:
                 self.pool.unreserve()
             for n, (ack_id, payload) in enumerate(tasks):
                 self.handle(ack_id, payload, reserved=n == 0)
+        if slack is not None:
+            slack.close()
         return self.shutdown()
 
     def beat(self, gone: bool = False) -> None:

@@ -31,6 +31,8 @@ Event types and their payloads (all JSON objects):
 - ``context_compacted`` {elided, chars_before, chars_after}  (old output hidden from the model)
 - ``title``             {title, model}  (named by the summary model after the first run)
 - ``mcp_unavailable``   {server, error}  (an MCP server left out of a run: sessions/agent/mcp.py)
+- ``branch_pushed``     {branch, commit}  (publish step of a GitHub session: integrations/github/publish.py)
+- ``pull_request``      {url, number, branch}  (opened, or its body updated, after a push)
 - ``callback_sent``     {delivery_id, kind, target, attempt, status_code}  (integrations/deliveries)
 - ``callback_failed``   {delivery_id, kind, target, attempt, status_code, error, will_retry, retry_in}
   (``target`` without credentials or query string; one per failed attempt)

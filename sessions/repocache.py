@@ -68,7 +68,7 @@ class _Branch:
 _branches: dict[tuple[str, str], _Branch] = {}
 
 
-def resolve(url: str, branch: str) -> str | None:
+def resolve(url: str, branch: str, env: dict[str, str] | None = None) -> str | None:
     """The commit at the tip of ``branch``, or None when there is no such branch (a tag, say).
 
     Always a lookup that started after the call (so a run starts from the latest push), but
@@ -92,7 +92,7 @@ def resolve(url: str, branch: str) -> str | None:
         with _lock:
             state.running, state.next = lookup, None
     try:
-        lookup.commit = _ls_remote(url, branch)
+        lookup.commit = _ls_remote(url, branch, env)
     except BaseException as exc:
         lookup.error = exc
     finally:
@@ -103,11 +103,11 @@ def resolve(url: str, branch: str) -> str | None:
     return lookup.result()
 
 
-def _ls_remote(url: str, branch: str) -> str | None:
+def _ls_remote(url: str, branch: str, env: dict[str, str] | None = None) -> str | None:
     from sessions.runner import git, repository_source
 
     source = repository_source(url)
-    out = git("ls-remote", "--", source.url, f"refs/heads/{branch}", source=source)
+    out = git("ls-remote", "--", source.url, f"refs/heads/{branch}", source=source, env=env)
     for line in out.splitlines():
         sha, _, ref = line.partition("\t")
         if ref == f"refs/heads/{branch}":
@@ -115,8 +115,9 @@ def _ls_remote(url: str, branch: str) -> str | None:
     return None
 
 
-def template(url: str, branch: str, commit: str) -> Path:
-    """The clone of ``url`` at ``commit`` (HEAD detached), made once per host."""
+def template(url: str, branch: str, commit: str, env: dict[str, str] | None = None) -> Path:
+    """The clone of ``url`` at ``commit`` (HEAD detached), made once per host. ``env`` carries a
+    private remote's credentials for git (never written into the clone's config)."""
     from sessions.runner import git, repository_source
 
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -138,7 +139,7 @@ def template(url: str, branch: str, commit: str) -> Path:
             source = repository_source(url)
             git(
                 "clone", "--quiet", "--no-local", "--template=", "--no-checkout", "--branch", branch,
-                "--", source.url, str(tree), source=source,
+                "--", source.url, str(tree), source=source, env=env,
             )  # fmt: skip
             git("checkout", "--quiet", "--detach", commit, cwd=tree)
             try:

@@ -1,4 +1,5 @@
-"""Executes one Run as ordered steps: provision sandbox, prepare repository, agent loop, collect diff.
+"""Executes one Run as ordered steps: provision sandbox, prepare repository, agent loop, collect diff,
+publish (a GitHub session's branch and pull request).
 
 The runner owns error capture so each step only does its work; a step that raises fails the run
 with the error kept on the Run, the Session and a ``run_failed`` event.
@@ -33,7 +34,7 @@ from sessions import repocache
 from sessions.artifacts import store_artifact
 from sessions.cancels import CancellingHandle
 from sessions.events import emit, emit_many
-from sessions.models import Artifact, Message, Run, Session
+from sessions.models import Artifact, Message, Run, Session, Source
 from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url
 from sessions.secrets import RedactingHandle, Redactor, SecretError, sandbox_environment
 from sessions.storage import ArtifactStorageError
@@ -243,6 +244,8 @@ class Runner:
         # repository_ready); written, in order, before any other event of the run.
         self.held: list[tuple[str, dict]] = []
         self.hold_sandbox_ready = False  # execute() sets it: repository_ready always follows there
+        self.remote = None  # credentials for the remote (remote_credentials()), worker-side only
+        self.tree: str | None = None  # the workspace's tree, written by collect_diff
         self.reconnected = False  # the sandbox was alive and reused
         self.restored: Artifact | None = None  # the saved work a new sandbox was given
         self.unsaved_steps = 0  # steps that may have changed the workspace since its last checkpoint
@@ -295,6 +298,8 @@ class Runner:
             result = self.agent_loop()
             if not (pristine and self.left_workspace_alone(result)):
                 self.collect_diff()
+            if result.status == "completed":
+                self.publish(result)
         except Exception as exc:  # the runner owns error capture
             log.exception("run %s failed", self.run.pk)
             self.flush_held()
@@ -360,7 +365,8 @@ class Runner:
             secrets = env.decrypted_secrets() if env else []
         except SecretError as exc:
             raise StepFailed(str(exc)) from None
-        self.redactor = Redactor(secrets)
+        self.remote = self.remote_credentials()
+        self.redactor = Redactor([*secrets, *(self.remote.secrets if self.remote else [])])
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
         caps = provider.capabilities()
         sandbox_env, withheld = sandbox_environment(env, secrets, caps)
@@ -421,6 +427,32 @@ class Runner:
     def checkout_dir(self) -> Path:
         return checkout_dir(self.session.pk)
 
+    def remote_credentials(self):
+        """What the worker's git needs for a private remote (a GitHub installation token, as
+        environment for git: integrations/github/publish.py), or None. Never in .git/config or the
+        sandbox; the values are added to the run's redactor."""
+        if self.session.source != Source.GITHUB:
+            return None
+        from integrations.github.publish import credentials
+
+        try:
+            return credentials(self.session)
+        except Exception as exc:
+            raise StepFailed(f"no GitHub token for the repository: {type(exc).__name__}: {exc}") from None
+
+    def git_env(self) -> dict[str, str] | None:
+        return self.remote.env if self.remote else None
+
+    def publish(self, result) -> None:
+        """Publish step: a GitHub session's changes become a commit on its branch, pushed, and a
+        pull request opened or updated (integrations/github/publish.py). Other sessions keep their
+        diff artifact only."""
+        if self.remote is None or self.session.source != Source.GITHUB:
+            return
+        from integrations.github.publish import publish
+
+        publish(self, result)
+
     def prepare_repository(self, commit: str | None = None) -> None:
         """Upload the base branch's tip (or ``commit``) on the session's branch; the worker fetches
         it (credentials never enter the sandbox), from this host's per-commit template
@@ -428,11 +460,11 @@ class Runner:
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
-        commit = commit or repocache.resolve(repo.url, self.session.base_branch)
+        commit = commit or repocache.resolve(repo.url, self.session.base_branch, env=self.git_env())
         if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
             commit = self.clone_and_upload(checkout)
         else:
-            template = repocache.template(repo.url, self.session.base_branch, commit)
+            template = repocache.template(repo.url, self.session.base_branch, commit, env=self.git_env())
             repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
             self.handle.put_archive(
                 ".", repocache.sandbox_tar(template, self.session.branch, commit, BASE_REF)
@@ -459,6 +491,7 @@ class Runner:
             source.url,
             str(checkout),
             source=source,
+            env=self.git_env(),
         )
         commit = git("rev-parse", "HEAD", cwd=checkout).strip()
         git("update-ref", BASE_REF, commit, cwd=checkout)
@@ -599,6 +632,8 @@ class Runner:
             git(*trusted, "read-tree", BASE_REF, env=index)
             git(*trusted, "add", "-A", env=index)
             diff = git(*trusted, "diff", "--cached", "--binary", BASE_REF, env=index)
+            if self.remote is not None:  # the publish step commits this tree
+                self.tree = git(*trusted, "write-tree", env=index).strip()
         if self.redactor:
             diff = self.redactor.text(diff)
         return diff
@@ -711,5 +746,6 @@ class Runner:
             source.url,
             str(checkout),
             source=source,
+            env=self.git_env(),
         )
         git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)

@@ -10,6 +10,7 @@ from django.conf import settings as django_settings
 from django.test import Client
 from django.urls import reverse
 
+from integrations.slack.models import SlackChannel, SlackWorkspace
 from integrations.webhooks.models import WebhookSource
 from sessions.api.schema import Generator
 from sessions.models import AgentProfile, APIToken, Environment, Session, Skill, start_session
@@ -72,6 +73,10 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
     source.save()
     profile = AgentProfile.objects.create(team=session.team, name="p")
     skill = Skill.objects.create(team=session.team, name="s", description="d", body="b")
+    workspace = SlackWorkspace.objects.create(slack_team_id="T0LIMITS", name="w", team=session.team)
+    channel = SlackChannel.objects.create(
+        team=session.team, name="#c", workspace=workspace, channel_id="C0LIMITS"
+    )
     ids = {
         "sessions": session.pk,
         "repositories": repository.pk,
@@ -79,6 +84,7 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
         "webhook-sources": source.pk,
         "agent-profiles": profile.pk,
         "skills": skill.pk,
+        "slack-channels": channel.pk,
     }
     operations = operations_with_a_body()
     assert ("POST", "/api/v1/sessions") in operations

@@ -6,6 +6,7 @@ from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from integrations.slack.api import SlackChannelViewSet
 from integrations.webhooks.api import WebhookSourceViewSet
 from sessions.api import agent_views, health, views
 from sessions.api.schema import Generator
@@ -20,6 +21,7 @@ router.register("environments", views.EnvironmentViewSet, basename="api-environm
 router.register("agent-profiles", agent_views.AgentProfileViewSet, basename="api-agent-profile")
 router.register("skills", agent_views.SkillViewSet, basename="api-skill")
 router.register("webhook-sources", WebhookSourceViewSet, basename="api-webhook-source")
+router.register("slack-channels", SlackChannelViewSet, basename="api-slack-channel")
 
 
 @csrf_exempt  # it changes nothing: an unknown path is a 404 whatever the cookies say

@@ -53,10 +53,16 @@ def notice_text(type: str, p: dict) -> str:
     if type == "mcp_unavailable":
         return f"MCP server {p.get('server', '')} unavailable, its tools are left out: {p.get('error', '')}"
     if type == "callback_sent":
-        return f"Callback delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
+        what = {"slack": "Slack message", "github": "GitHub reply"}.get(p.get("kind", ""), "Callback")
+        return f"{what} delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
     if type == "callback_failed":
+        what = {"slack": "Slack message", "github": "GitHub reply"}.get(p.get("kind", ""), "Callback")
         then = f"retrying in {p.get('retry_in')} s" if p.get("will_retry") else "giving up"
-        return f"Callback to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+        return f"{what} to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+    if type == "branch_pushed":
+        return f"Pushed {str(p.get('commit', ''))[:10]} to {p.get('branch', '')}"
+    if type == "pull_request":
+        return f"Pull request: {p.get('url', '')}"
     if type == "run_resumed":
         return f"Run resumed (attempt {p.get('attempt')}) from step {p.get('from_step')}, sandbox {p.get('sandbox')}"
     if type == "workspace_restored":
@@ -151,6 +157,8 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             "callback_sent",
             "callback_failed",
             "mcp_unavailable",
+            "branch_pushed",
+            "pull_request",
         ):
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":

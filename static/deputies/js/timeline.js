@@ -104,6 +104,10 @@ function body(event, downloadUrl) {
     }
     case "mcp_unavailable":
       return ["progress", [muted(`MCP server ${p.server || ""} unavailable, its tools are left out: ${p.error || ""}`)]];
+    case "branch_pushed":
+      return ["progress", [muted(`Pushed ${String(p.commit || "").slice(0, 10)} to ${p.branch || ""}`)]];
+    case "pull_request":
+      return ["progress", [muted(`Pull request: ${p.url || ""}`)]];
     case "run_resumed":
       return ["progress", [muted(`Run resumed (attempt ${p.attempt}) from step ${p.from_step}, sandbox ${p.sandbox}`)]];
     case "workspace_restored":
