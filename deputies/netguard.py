@@ -329,3 +329,47 @@ def guarded_client(
     return httpx.Client(
         transport=transport, timeout=timeout, follow_redirects=False, trust_env=False, **kwargs
     )
+
+
+def guarded_async_client(allowed: Sequence[Network], setting: str, *, timeout: float = 30.0, **kwargs):
+    """The async twin of ``guarded_client`` for the ``mcp`` SDK, which speaks httpx2: the same
+    connect-time address check (DNS resolution on a thread), no redirects, no environment proxies."""
+    import anyio
+    import httpcore2
+    import httpx2
+
+    class _GuardedAsyncBackend(httpcore2.AsyncNetworkBackend):
+        def __init__(self) -> None:
+            self.inner = httpcore2.AnyIOBackend()
+
+        async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            addresses = await anyio.to_thread.run_sync(check_host, host, port, tuple(allowed), setting)
+            last: Exception | None = None
+            for ip in addresses:
+                try:
+                    return await self.inner.connect_tcp(
+                        str(ip),
+                        port,
+                        timeout=timeout,
+                        local_address=local_address,
+                        socket_options=socket_options,
+                    )
+                except httpcore2.ConnectError as exc:
+                    last = exc
+            raise last or httpcore2.ConnectError(f"cannot connect to {host}")
+
+        async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            raise UnsafeAddress("unix sockets are not allowed")
+
+        async def sleep(self, seconds: float) -> None:
+            await self.inner.sleep(seconds)
+
+    transport = httpx2.AsyncHTTPTransport(retries=0, trust_env=False)
+    transport._pool._network_backend = _GuardedAsyncBackend()  # see guarded_client
+    return httpx2.AsyncClient(
+        transport=transport,
+        timeout=httpx2.Timeout(timeout),
+        follow_redirects=False,
+        trust_env=False,
+        **kwargs,
+    )

@@ -481,6 +481,54 @@ CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
 RESOLVE_NAMES = envbool("DEPUTIES_RESOLVE_NAMES", True)
 REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
+# --- Agent tools beyond the workspace (sessions/agent/web.py, sessions/agent/mcp.py) -------------
+# web_fetch: an http(s) GET by the worker. Addresses follow deputies/netguard.py (public only unless
+# a range is allowed here); bodies are cut at MAX_BYTES, a fetch gives up after TIMEOUT seconds.
+WEB_FETCH_ENABLED = envbool("DEPUTIES_WEB_FETCH_ENABLED", True)
+WEB_FETCH_ALLOWED_NETWORKS = envnetworks("DEPUTIES_WEB_FETCH_ALLOWED_NETWORKS")
+WEB_FETCH_MAX_BYTES = envint("DEPUTIES_WEB_FETCH_MAX_BYTES", 2_000_000, minimum=1024)
+WEB_FETCH_TIMEOUT = envfloat("DEPUTIES_WEB_FETCH_TIMEOUT", 20.0, minimum=0.1)
+# web_search: offered only with a backend. "searxng" is a SearXNG instance's JSON API at the URL.
+# "brave" is the Brave Search API (DEPUTIES_WEB_SEARCH_API_KEY; the URL defaults to Brave's).
+WEB_SEARCH_URL = envstr("DEPUTIES_WEB_SEARCH_URL", "").rstrip("/")
+WEB_SEARCH_BACKEND = envchoice(
+    "DEPUTIES_WEB_SEARCH_BACKEND", "searxng" if WEB_SEARCH_URL else "none", ("none", "searxng", "brave")
+)
+WEB_SEARCH_API_KEY = envstr("DEPUTIES_WEB_SEARCH_API_KEY", "")
+if WEB_SEARCH_BACKEND == "brave":
+    WEB_SEARCH_URL = WEB_SEARCH_URL or "https://api.search.brave.com/res/v1"
+    if not WEB_SEARCH_API_KEY:
+        raise ImproperlyConfigured("DEPUTIES_WEB_SEARCH_BACKEND=brave needs DEPUTIES_WEB_SEARCH_API_KEY")
+if WEB_SEARCH_BACKEND == "searxng" and not WEB_SEARCH_URL:
+    raise ImproperlyConfigured("DEPUTIES_WEB_SEARCH_BACKEND=searxng needs DEPUTIES_WEB_SEARCH_URL")
+WEB_SEARCH_RESULTS = envint("DEPUTIES_WEB_SEARCH_RESULTS", 8, minimum=1)
+# Remote MCP servers (streamable HTTP) for every team: [{"name", "url", "headers"}]; teams add their
+# own in the admin. Header values may name the session environment's secrets as ${NAME}.
+MCP_SERVERS = envjson("DEPUTIES_MCP_SERVERS", [])
+MCP_ALLOWED_NETWORKS = envnetworks("DEPUTIES_MCP_ALLOWED_NETWORKS")
+MCP_TIMEOUT = envfloat("DEPUTIES_MCP_TIMEOUT", 60.0, minimum=0.1)
+
+
+def _check_mcp_servers(servers: object) -> None:
+    import re
+
+    if not isinstance(servers, list):
+        raise ImproperlyConfigured("DEPUTIES_MCP_SERVERS must be a JSON list of {name, url, headers}")
+    for n, server in enumerate(servers):
+        where = f"DEPUTIES_MCP_SERVERS[{n}]"
+        if not isinstance(server, dict) or set(server) - {"name", "url", "headers"}:
+            raise ImproperlyConfigured(f"{where} must be an object with name, url and optional headers")
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]|_(?!_)){0,39}", str(server.get("name", ""))):
+            raise ImproperlyConfigured(f"{where}.name must be lower-case letters, digits, - and _ (no __)")
+        if not str(server.get("url", "")).startswith(("http://", "https://")):
+            raise ImproperlyConfigured(f"{where}.url must be an http:// or https:// URL")
+        headers = server.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise ImproperlyConfigured(f"{where}.headers must be an object of strings")
+
+
+_check_mcp_servers(MCP_SERVERS)
+
 # Inbound webhooks (integrations/webhooks): POST /integrations/webhooks/<source>. Off: every source 404s.
 WEBHOOKS_ENABLED = envbool("DEPUTIES_WEBHOOKS_ENABLED", True)
 
@@ -539,7 +587,13 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("DEPUTIES_LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "django_q": {"level": "WARNING"}},
+    # httpx2 is the mcp SDK's client (sessions/agent/mcp.py): one INFO line per request otherwise.
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "mcp": {"level": "WARNING"},
+        "django_q": {"level": "WARNING"},
+    },
 }
 
 os.environ.setdefault("GIT_TERMINAL_PROMPT", "0")

@@ -13,12 +13,14 @@ from django.utils.html import format_html
 from sessions.budgets import team_month_spend
 from sessions.limits import wake_after_commit, wake_waiting_runs
 from sessions.models import (
+    AgentProfile,
     APIToken,
     Artifact,
     Environment,
     EnvironmentSecret,
     Event,
     LLMCall,
+    McpServer,
     Membership,
     Message,
     RateCounter,
@@ -26,7 +28,9 @@ from sessions.models import (
     Run,
     Session,
     SessionBinding,
+    Skill,
     Team,
+    WebResult,
     WorkerProcess,
 )
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH, encrypt
@@ -453,6 +457,86 @@ class RateCounterAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+
+# --- what shapes an agent (sessions/agent_models.py) ----------------------------------------------
+
+
+class McpServerForm(forms.ModelForm):
+    class Meta:
+        model = McpServer
+        fields = ["team", "name", "url", "headers", "enabled"]
+
+    def clean_url(self) -> str:
+        url = self.cleaned_data["url"].strip()
+        if not url.startswith(("http://", "https://")):
+            raise forms.ValidationError(
+                "An http:// or https:// URL of the server's streamable HTTP endpoint."
+            )
+        return url
+
+    def clean_headers(self) -> dict:
+        headers = self.cleaned_data["headers"] or {}
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise forms.ValidationError(
+                'An object of header names to strings, e.g. {"Authorization": "Bearer ${TOKEN}"}.'
+            )
+        return headers
+
+
+class AgentProfileForm(forms.ModelForm):
+    class Meta:
+        model = AgentProfile
+        fields = "__all__"
+
+    def clean_allowed_tools(self) -> list:
+        from sessions.agent_models import clean_tool_names
+
+        try:
+            return clean_tool_names(self.cleaned_data["allowed_tools"] or [])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+
+@admin.register(AgentProfile)
+class AgentProfileAdmin(admin.ModelAdmin):
+    list_display = ["name", "team", "model", "summary_model", "max_steps", "budget_usd", "updated"]
+    list_filter = ["team"]
+    search_fields = ["name", "description", "model"]
+    autocomplete_fields = ["team"]
+    readonly_fields = ["created", "updated"]
+    form = AgentProfileForm
+
+
+@admin.register(Skill)
+class SkillAdmin(admin.ModelAdmin):
+    list_display = ["name", "team", "owner", "description", "revision", "updated"]
+    list_filter = ["team"]
+    search_fields = ["name", "description", "body"]
+    autocomplete_fields = ["team"]
+    raw_id_fields = ["owner"]
+    readonly_fields = ["revision", "created", "updated"]
+
+
+@admin.register(McpServer)
+class McpServerAdmin(admin.ModelAdmin):
+    """A team's remote MCP servers. Headers name environment secrets as ${NAME}; never values."""
+
+    form = McpServerForm
+    list_display = ["name", "team", "url", "enabled", "created"]
+    list_filter = ["team", "enabled"]
+    search_fields = ["name", "url"]
+    autocomplete_fields = ["team"]
+
+
+@admin.register(WebResult)
+class WebResultAdmin(ReadOnlyAdmin):
+    """Pages and searches cached per session by web_fetch / web_search."""
+
+    list_display = ["session", "kind", "key", "created"]
+    list_filter = ["kind"]
+    search_fields = ["key"]
+    raw_id_fields = ["session"]
 
 
 @admin.register(WorkerProcess)

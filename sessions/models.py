@@ -40,6 +40,14 @@ class Team(models.Model):
         help_text="Runs of this team that may run at once; more wait, queued, in order. 0: no limit. "
         "Empty: DEPUTIES_TEAM_MAX_CONCURRENT_RUNS.",
     )
+    default_profile = models.ForeignKey(
+        "AgentProfile",
+        models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The agent profile of sessions that name none and whose environment has none.",
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -48,11 +56,22 @@ class Team(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        _check_profile_team(self.default_profile, self.pk)
+
     def concurrency_limit(self) -> int:
         """Runs this team may have running at once; 0 is no limit."""
         if self.max_concurrent_runs is not None:
             return self.max_concurrent_runs
         return settings.TEAM_MAX_CONCURRENT_RUNS
+
+
+def _check_profile_team(profile: AgentProfile | None, team_id: int | None) -> None:
+    """A default agent profile must be one of the same team's (the admin lists every team's)."""
+    from django.core.exceptions import ValidationError
+
+    if profile is not None and profile.team_id != team_id:
+        raise ValidationError({"default_profile": f"Profile {profile.name!r} belongs to another team."})
 
 
 class Role(models.TextChoices):
@@ -150,6 +169,14 @@ class Environment(models.Model):
         "(DEPUTIES_SANDBOX_IDLE_TTL).",
     )
     default_model = models.CharField(max_length=200, blank=True)
+    default_profile = models.ForeignKey(
+        "AgentProfile",
+        models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The agent profile of sessions in this environment that name none.",
+    )
     created = models.DateTimeField(default=timezone.now)
     updated = models.DateTimeField(auto_now=True)
 
@@ -169,6 +196,9 @@ class Environment(models.Model):
         super().save(*args, **kwargs)
         if self.pk:
             self.refresh_from_db(fields=["revision"])
+
+    def clean(self) -> None:
+        _check_profile_team(self.default_profile, self.team_id)
 
     def decrypted_secrets(self) -> list[Secret]:
         """Every secret with its value; raises SecretError naming one that cannot be decrypted."""
@@ -275,6 +305,9 @@ class Session(models.Model):
     )
     environment_revision = models.PositiveIntegerField(null=True, blank=True)
     model = models.CharField(max_length=200)
+    profile = models.ForeignKey(
+        "AgentProfile", models.SET_NULL, null=True, blank=True, related_name="sessions"
+    )
     status = models.CharField(max_length=20, choices=SessionStatus.choices, default=SessionStatus.QUEUED)
     source = models.CharField(max_length=20, choices=Source.choices, default=Source.API)
     external_ref = models.JSONField(default=dict, blank=True, help_text="Thread or issue bound to it.")
@@ -1066,14 +1099,19 @@ def start_session(
     source: str = Source.API,
     external_ref: dict | None = None,
     budget_usd: Decimal | None = None,
+    profile: AgentProfile | None = None,
 ) -> Session:
     """Create a session with its first prompt and queue its first run (at commit).
 
     The returned session carries what ``views.session_queryset()`` annotates (its active run, one
     pending message, no sandbox), so the API shows it without reading it back.
     """
+    from sessions.agent.profiles import default_profile
     from sessions.events import emit_many
 
+    profile = profile or default_profile(team, environment)
+    if budget_usd is None and profile is not None:
+        budget_usd = profile.budget_usd
     session = Session(
         team=team,
         created_by=created_by,
@@ -1083,6 +1121,7 @@ def start_session(
         environment_revision=environment.revision if environment else None,
         budget_usd=budget_usd,
         model=model,
+        profile=profile,
         title=title or default_title(prompt),
         source=source,
         external_ref=external_ref or {},
@@ -1161,3 +1200,7 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
     message.session_id = run.session_id = session.pk
     for obj in (session, message, run):
         obj._state.adding, obj._state.db = False, connection.alias
+
+
+# The agent's capabilities (profiles, skills, MCP servers, web results) live in their own module.
+from sessions.agent_models import AgentProfile, McpServer, Skill, WebResult  # noqa: E402, F401

@@ -46,6 +46,8 @@ BASE_REF = "refs/deputies/base"
 SETUP_SCRIPT = ".deputies/setup"
 # Tools that never write to the workspace (sessions/agent/tools.py); ``bash`` may do anything.
 READ_ONLY_TOOLS = ("read_file", "list_files", "grep", "todo_write", "report_progress", "finish")
+# Worker tools (sessions/agent/toolset.py) never touch the workspace either.
+READ_ONLY_TOOLS += ("load_skill", "web_fetch", "web_search")
 # Setup output is coalesced into events of at most this size, at most this often per stream.
 SETUP_FLUSH_CHARS = 4096
 SETUP_FLUSH_SECONDS = 0.2
@@ -559,6 +561,7 @@ class Runner:
         from sessions.agent.loop import AgentResult, build_system_prompt, run_agent
 
         session = self.session
+        toolset = self.agent_toolset()
         checkpoint = self.run.checkpoint
         if checkpoint.get("transcript"):  # a recovered attempt: where the lost one got to
             transcript = list(checkpoint["transcript"])
@@ -567,7 +570,7 @@ class Runner:
             # The claim loaded the session (repository, environment); only the transcript may be newer.
             session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
             transcript = list(session.transcript) or [
-                {"role": "system", "content": build_system_prompt(session, self.handle)}
+                {"role": "system", "content": build_system_prompt(session, self.handle, toolset)}
             ]
             for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
                 transcript.append({"role": "user", "content": message.content})
@@ -585,10 +588,18 @@ class Runner:
                     save_steps=False,  # steps are saved by every way the run ends (Run.finish)
                     todos=checkpoint.get("todos"),
                     after_step=self.after_step if settings.CHECKPOINT_EVERY else None,
+                    toolset=toolset,
                 )
             finally:
                 llm.close()
         return result
+
+    def agent_toolset(self):
+        """The run's tools, skills and step limit, shaped by the session's agent profile
+        (sessions/agent/toolset.py); repository skills are read from the trusted checkout."""
+        from sessions.agent.toolset import build_toolset
+
+        return build_toolset(self.run, self.handle, self.redactor, self.checkout_dir(), emit=self.emit)
 
     def collect_diff(self) -> None:
         diff = self.workspace_diff()

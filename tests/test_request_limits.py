@@ -13,7 +13,7 @@ from django.urls import reverse
 from integrations.slack.models import SlackChannel, SlackWorkspace
 from integrations.webhooks.models import WebhookSource
 from sessions.api.schema import Generator
-from sessions.models import APIToken, Environment, Session, start_session
+from sessions.models import AgentProfile, APIToken, Environment, Session, Skill, start_session
 from tests.conftest import client_for
 from tests.live import child_env, web_process
 
@@ -71,15 +71,19 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
     source = WebhookSource(team=session.team, name="ci", slug="ci", auth="token", repository=repository)
     source.issue_credentials()
     source.save()
-    workspace = SlackWorkspace.objects.create(slack_team_id="T0LIMITS", team=session.team)
+    profile = AgentProfile.objects.create(team=session.team, name="p")
+    skill = Skill.objects.create(team=session.team, name="s", description="d", body="b")
+    workspace = SlackWorkspace.objects.create(slack_team_id="T0LIMITS", name="w", team=session.team)
     channel = SlackChannel.objects.create(
-        team=session.team, name="#ci", workspace=workspace, channel_id="C0LIMITS"
+        team=session.team, name="#c", workspace=workspace, channel_id="C0LIMITS"
     )
     ids = {
         "sessions": session.pk,
         "repositories": repository.pk,
         "environments": environment.pk,
         "webhook-sources": source.pk,
+        "agent-profiles": profile.pk,
+        "skills": skill.pk,
         "slack-channels": channel.pk,
     }
     operations = operations_with_a_body()

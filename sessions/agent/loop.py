@@ -35,7 +35,8 @@ from sandboxes.base import SandboxError
 from sessions.agent.context import compact
 from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, client_for, cost_usd
 from sessions.agent.prompts import build_system_prompt
-from sessions.agent.tools import TOOL_SPECS, ToolError, ToolResult, execute_tool
+from sessions.agent.tools import ToolError, ToolResult
+from sessions.agent.toolset import Toolset
 from sessions.artifacts import store_artifact
 from sessions.budgets import RunBudget
 from sessions.events import emit, emit_many
@@ -77,6 +78,7 @@ def run_agent(
     save_steps: bool = True,
     todos: list[dict[str, str]] | None = None,
     after_step: Callable[[list[str]], None] | None = None,
+    toolset: Toolset | None = None,
 ) -> AgentResult:
     """Drive the conversation ``messages`` (canonical format, system prompt first) to an end.
 
@@ -86,7 +88,8 @@ def run_agent(
     count is not written here as well. ``messages`` may be a checkpoint's conversation (with
     ``run.steps`` and ``todos`` from it too): a reply whose tool calls are unanswered is finished first.
     ``after_step(tools)`` is called after each step the run goes on from, with the tools it ran
-    (the runner saves the workspace there).
+    (the runner saves the workspace there). ``toolset``: the run's tools and limits
+    (sessions/agent/toolset.py ``build_toolset``); without it, the built-in workspace tools.
     """
     transcript = list(messages)
     try:
@@ -94,7 +97,7 @@ def run_agent(
     except LLMError as exc:
         return AgentResult(FAILED, transcript=transcript, error=str(exc))
     try:
-        return _Agent(run, handle, llm, transcript, todos, after_step).loop()
+        return _Agent(run, handle, llm, transcript, todos, after_step, toolset).loop()
     finally:
         if client is None:
             llm.close()
@@ -111,8 +114,10 @@ class _Agent:
         transcript: list[dict[str, Any]],
         todos: list[dict[str, str]] | None = None,
         after_step: Callable[[list[str]], None] | None = None,
+        toolset: Toolset | None = None,
     ):
         self.run = run
+        self.toolset = toolset or Toolset.builtin()
         self.handle = handle
         self.llm = llm
         self.transcript = transcript
@@ -139,7 +144,7 @@ class _Agent:
         return AgentResult(status, summary, self.transcript, error, list(self.tools_called))
 
     def loop(self) -> AgentResult:
-        max_steps = settings.AGENT_MAX_STEPS
+        max_steps = self.toolset.max_steps or settings.AGENT_MAX_STEPS
         unanswered = self.unanswered()
         if unanswered is not None:  # resumed mid-step: finish the step the lost attempt was in
             calls, text = unanswered
@@ -154,7 +159,9 @@ class _Agent:
             self.compact()
             self.run.steps += 1
             try:
-                response = self.llm.complete(self.transcript, TOOL_SPECS, on_attempt=self.record_attempt)
+                response = self.llm.complete(
+                    self.transcript, self.toolset.specs, on_attempt=self.record_attempt
+                )
             except LLMError as exc:
                 return self.result(FAILED, error=str(exc))
             self.transcript.append(response.to_message())
@@ -309,7 +316,7 @@ class _Agent:
             self.emit(*started)  # shown while the tool runs
         result: ToolResult | None = None
         try:
-            result = execute_tool(self.handle, call.name, call.arguments)
+            result = self.toolset.execute(self.handle, call.name, call.arguments)
             ok, output = result.ok, result.output or ""
         except ToolError as exc:
             ok, output = False, f"error: {exc}"
@@ -368,7 +375,7 @@ class _Agent:
         self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": finished["output"]})
         if call.name in INSTANT_TOOLS:  # they only record what the model said: run them again, silently
             try:
-                result = execute_tool(self.handle, call.name, call.arguments)
+                result = self.toolset.execute(self.handle, call.name, call.arguments)
             except ToolError:
                 return None
             if result.todos is not None:

@@ -24,16 +24,26 @@ How to work:
 """
 
 
-def build_system_prompt(session: Any, handle: Any) -> str:
-    """The first message of a session's conversation; follow-up runs reuse the stored transcript."""
+def build_system_prompt(session: Any, handle: Any, toolset: Any = None) -> str:
+    """The first message of a session's conversation; follow-up runs reuse the stored transcript.
+
+    ``toolset`` (sessions/agent/toolset.py): the tools to name, and what the run adds to the prompt
+    (the skills' descriptions, the agent profile's instructions), after the general rules.
+    """
     from sessions.agent.tools import TOOL_SPECS
 
-    tools = ", ".join(f"`{spec['name']}`" for spec in TOOL_SPECS) or "(none)"
+    specs = toolset.specs if toolset is not None else TOOL_SPECS
+    tools = ", ".join(f"`{spec['name']}`" for spec in specs) or "(none)"
     repository = getattr(session, "repository", None)
-    return SYSTEM_PROMPT.format(
+    prompt = SYSTEM_PROMPT.format(
         workspace=getattr(handle, "workspace", ".") or ".",
         branch=session.branch or "(working branch)",
         base_branch=session.base_branch or "(default branch)",
         repository=getattr(repository, "name", "") or "(unnamed)",
         tools=tools,
     )
+    if not any(spec["name"] == "bash" for spec in specs):  # a profile without bash
+        prompt = "\n".join(line for line in prompt.split("\n") if "with `bash`" not in line)
+    for section in toolset.prompt_sections if toolset is not None else []:
+        prompt += f"\n{section}\n"
+    return prompt

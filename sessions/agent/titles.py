@@ -1,4 +1,5 @@
-"""Session titles from a cheaper model (``DEPUTIES_SUMMARY_MODEL``), after a session's first run.
+"""Session titles from a cheaper model (the agent profile's summary model, else
+``DEPUTIES_SUMMARY_MODEL``), after a session's first run.
 
 Without a title of its own a session is named after its prompt's first line, which is often a poor
 name ("Hi, can you look at..."). When a summary model is configured, the first run that completes
@@ -14,9 +15,9 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import transaction
 
+from sessions.agent.profiles import summary_model
 from sessions.events import emit_many
 from sessions.models import LLMCall, Message, Run, Session, default_title
 
@@ -34,7 +35,7 @@ INSTRUCTIONS = (
 
 def wants_title(run: Run) -> bool:
     """The session's first run, and the session still has the title its prompt gave it."""
-    if not settings.SUMMARY_MODEL or run.attempt != 1:
+    if not summary_model(run.session) or run.attempt != 1:
         return False
     prompt = (
         Message.objects.filter(session_id=run.session_id, position=1)
@@ -53,6 +54,8 @@ def clean(text: str) -> str:
 def title_session(run: Run, summary: str) -> str | None:
     """Ask the summary model for the session's title and save it; returns it (None when not)."""
     from sessions.agent.llm import LLMError, client_for, cost_usd
+
+    model = summary_model(run.session)
 
     prompt = (
         Message.objects.filter(session_id=run.session_id, position=1)
@@ -91,19 +94,17 @@ def title_session(run: Run, summary: str) -> str | None:
 
     record.usage = None
     try:
-        with client_for(
-            settings.SUMMARY_MODEL, max_tokens=TITLE_MAX_TOKENS, timeout=TITLE_TIMEOUT, max_retries=1
-        ) as llm:
+        with client_for(model, max_tokens=TITLE_MAX_TOKENS, timeout=TITLE_TIMEOUT, max_retries=1) as llm:
             response = llm.complete(messages, None, on_attempt=record)
     except LLMError as exc:
-        log.warning("session %s: no title from %s: %s", run.session_id, settings.SUMMARY_MODEL, exc)
+        log.warning("session %s: no title from %s: %s", run.session_id, model, exc)
         return None
     title = clean(response.text)
     if not title:
         return None
     with transaction.atomic():
         Session.objects.filter(pk=run.session_id).update(title=title)
-        events = [("title", {"title": title, "model": settings.SUMMARY_MODEL})]
+        events = [("title", {"title": title, "model": model})]
         if record.usage is not None:
             usage, cost, model_key = record.usage
             events.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +154,42 @@ TOOL_SPECS: list[dict[str, Any]] = [
 _SPECS_BY_NAME = {spec["name"]: spec for spec in TOOL_SPECS}
 
 
+# --- worker tools ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerTool:
+    """A tool the worker runs itself, without the sandbox (skills, the web, MCP servers).
+
+    ``run(context, args)`` gets the run's context (sessions/agent/toolset.py ``RunContext``) and the
+    validated arguments; ``offered(context)`` says whether this run's model sees the tool at all
+    (``web_search`` without a backend, ``load_skill`` without skills are not offered).
+    """
+
+    spec: dict[str, Any]
+    run: Callable[[Any, dict[str, Any]], ToolResult]
+    offered: Callable[[Any], bool]
+
+
+WORKER_TOOLS: dict[str, WorkerTool] = {}
+
+
+def register_worker_tool(
+    spec: dict[str, Any],
+    run: Callable[[Any, dict[str, Any]], ToolResult],
+    offered: Callable[[Any], bool] | None = None,
+) -> None:
+    """Add a worker tool to the registry (at import of its module: sessions/agent/toolset.py)."""
+    WORKER_TOOLS[spec["name"]] = WorkerTool(spec, run, offered or (lambda context: True))
+
+
+def known_tool_names() -> set[str]:
+    """Every built-in and registered tool (for validating a profile's allowed tools)."""
+    import sessions.agent.toolset  # noqa: F401  (registers the worker tools)
+
+    return set(_SPECS_BY_NAME) | set(WORKER_TOOLS)
+
+
 # --- argument validation ------------------------------------------------------------------------
 
 _JSON_TYPES = {
@@ -219,9 +256,15 @@ def _validate(tool: str, where: str, value: Any, schema: dict[str, Any]) -> None
             _validate(tool, f"{where}[{index}]", item, schema["items"])
 
 
-def parse_arguments(name: str, arguments: dict[str, Any] | str | None) -> dict[str, Any]:
-    """Arguments as the model sent them (a JSON string, usually) -> a validated dict."""
-    spec = _SPECS_BY_NAME.get(name)
+def parse_arguments(
+    name: str, arguments: dict[str, Any] | str | None, spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Arguments as the model sent them (a JSON string, usually) -> a validated dict.
+
+    ``spec``: the tool's spec when it is not a built-in one (worker tools); an MCP tool's schema is
+    the server's to enforce, so it is given with ``parameters`` {} and only the JSON object is checked.
+    """
+    spec = spec or _SPECS_BY_NAME.get(name)
     if spec is None:
         raise ToolError(f"unknown tool {name!r}; available tools: {', '.join(_SPECS_BY_NAME)}")
     if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
@@ -233,7 +276,8 @@ def parse_arguments(name: str, arguments: dict[str, Any] | str | None) -> dict[s
             raise ToolError(f"{name}: arguments are not valid JSON ({exc}); send a JSON object") from None
     if not isinstance(arguments, dict):
         raise ToolError(f"{name}: arguments must be a JSON object, not {type(arguments).__name__}")
-    _validate(name, "", arguments, spec["parameters"])
+    if spec["parameters"]:
+        _validate(name, "", arguments, spec["parameters"])
     return arguments
 
 

@@ -308,6 +308,7 @@ class EnvironmentSerializer(TeamOwnedSerializer):
             "timeout_seconds",
             "idle_ttl_seconds",
             "default_model",
+            "default_profile",
             "secrets",
             "created",
             "updated",
@@ -384,6 +385,12 @@ class EnvironmentSerializer(TeamOwnedSerializer):
             raise serializers.ValidationError(problem)
         return value
 
+    def validate_default_profile(self, value):
+        team = self.instance.team if self.instance else self.context["team"]
+        if value is not None and value.team_id != team.pk:
+            raise serializers.ValidationError(f"Unknown agent profile {value.pk} in team {team.slug!r}.")
+        return value
+
 
 # --- sessions ---------------------------------------------------------------------------------------
 
@@ -433,6 +440,9 @@ class SessionSerializer(serializers.ModelSerializer):
     thread = serializers.CharField(
         source="thread_label", read_only=True, help_text="The external thread it is bound to, or empty."
     )
+    profile = serializers.IntegerField(
+        source="profile_id", read_only=True, allow_null=True, help_text="The agent profile's id, or null."
+    )
     # A URLField's schema says format uri, which "" (no pull request yet) is not.
     pull_request_url = serializers.CharField(
         read_only=True, help_text="The pull request opened for the session's branch; empty until then."
@@ -454,6 +464,7 @@ class SessionSerializer(serializers.ModelSerializer):
             "environment",
             "environment_revision",
             "model",
+            "profile",
             "summary",
             "error",
             "pull_request_url",
@@ -551,7 +562,7 @@ class SessionCreateSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         max_length=200,
-        help_text="provider/model; default: the environment's, then DEPUTIES_DEFAULT_MODEL.",
+        help_text="provider/model; default: the agent profile's, the environment's, then DEPUTIES_DEFAULT_MODEL.",
     )
     title = StrictCharField(required=False, allow_blank=True, max_length=200)
     budget_usd = serializers.DecimalField(
@@ -560,7 +571,14 @@ class SessionCreateSerializer(serializers.Serializer):
         max_digits=12,
         decimal_places=2,
         min_value=Decimal("0.01"),
-        help_text="Model spend this session may reach over all its runs; default DEPUTIES_SESSION_BUDGET_USD.",
+        help_text="Model spend this session may reach over all its runs; default: the agent profile's, "
+        "then DEPUTIES_SESSION_BUDGET_USD.",
+    )
+    profile = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=100,
+        help_text="Agent profile id or name; default: the environment's default profile, then the team's.",
     )
 
     @property
@@ -610,6 +628,18 @@ class SessionCreateSerializer(serializers.Serializer):
     def validate_base_branch(self, value: str) -> str:
         return clean_branch(value)
 
+    def validate_profile(self, value: str):
+        value = value.strip()
+        if not value:
+            return None
+        profiles = self.target_team.agent_profiles
+        profile = (profiles.filter(pk=int(value)) if value.isdigit() else profiles.filter(name=value)).first()
+        if profile is None:
+            raise serializers.ValidationError(
+                f"Unknown agent profile {value!r} in team {self.target_team.slug!r}."
+            )
+        return profile
+
     def validate_model(self, value: str) -> str:
         value = value.strip()
         if value and (problem := model_problem(value)):
@@ -627,8 +657,15 @@ class SessionCreateSerializer(serializers.Serializer):
                 {"repository": ["This field is required (or give repository_url)."]}
             )
         environment = attrs.get("environment")
+        from sessions.agent.profiles import default_profile
+
+        profile = attrs.get("profile") or default_profile(self.target_team, environment)
+        attrs["profile"] = profile
         model = (
-            attrs.get("model") or (environment.default_model if environment else "") or settings.DEFAULT_MODEL
+            attrs.get("model")
+            or (profile.model if profile is not None else "")
+            or (environment.default_model if environment else "")
+            or settings.DEFAULT_MODEL
         )
         if not model:
             providers = ", ".join(sorted(settings.LLM_PROVIDERS)) or "none"
@@ -662,6 +699,7 @@ class SessionCreateSerializer(serializers.Serializer):
                 title=validated_data.get("title", ""),
                 source=Source.API,
                 budget_usd=validated_data.get("budget_usd"),
+                profile=validated_data.get("profile"),
             )
 
     def _repository_for_url(self, url: str) -> Repository:

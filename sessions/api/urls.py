@@ -8,7 +8,7 @@ from rest_framework.routers import SimpleRouter
 
 from integrations.slack.api import SlackChannelViewSet
 from integrations.webhooks.api import WebhookSourceViewSet
-from sessions.api import health, views
+from sessions.api import agent_views, health, views
 from sessions.api.schema import Generator
 
 # "/?": both /api/v1/sessions and /api/v1/sessions/ answer, without a redirect that drops a POST body.
@@ -18,6 +18,8 @@ router.register("sessions", views.SessionViewSet, basename="api-session")
 router.register("artifacts", views.ArtifactViewSet, basename="api-artifact")
 router.register("repositories", views.RepositoryViewSet, basename="api-repository")
 router.register("environments", views.EnvironmentViewSet, basename="api-environment")
+router.register("agent-profiles", agent_views.AgentProfileViewSet, basename="api-agent-profile")
+router.register("skills", agent_views.SkillViewSet, basename="api-skill")
 router.register("webhook-sources", WebhookSourceViewSet, basename="api-webhook-source")
 router.register("slack-channels", SlackChannelViewSet, basename="api-slack-channel")
 

@@ -27,7 +27,7 @@ from rest_framework.exceptions import ValidationError
 
 from sessions.api.permissions import can_write, readable_teams, team_for_write, writable_teams
 from sessions.api.serializers import EnvironmentSerializer
-from sessions.models import Environment
+from sessions.models import AgentProfile, Environment
 from sessions.web.forms import model_options
 
 # The serializer's writable fields except secrets, which the page edits in a section of its own:
@@ -37,7 +37,7 @@ FIELDS = tuple(
     for name in EnvironmentSerializer.Meta.fields
     if name not in ("id", "secrets", *EnvironmentSerializer.Meta.read_only_fields)
 )
-NULLABLE = ("cpu_limit", "memory_mb", "idle_ttl_seconds")  # empty means "no limit" or "the default"
+NULLABLE = ("cpu_limit", "memory_mb", "idle_ttl_seconds", "default_profile")  # empty: no limit / the default
 NEW_SECRET_ROWS = 2
 MAX_NEW_SECRET_ROWS = 20
 RETYPE = "Secret values are never shown again: type the ones you entered once more."
@@ -118,6 +118,12 @@ class EnvironmentForm(forms.Form):
     default_model = forms.CharField(
         required=False, label="Default model", widget=text_input(list="model-options")
     )
+    default_profile = forms.CharField(
+        required=False,
+        label="Default agent profile",
+        widget=forms.Select,
+        help_text="For sessions in this environment that name none. Empty: the team's default.",
+    )
 
     def __init__(self, data=None, *, user, environment: Environment | None = None) -> None:
         super().__init__(data, initial=initial_for(environment))
@@ -156,6 +162,12 @@ class EnvironmentForm(forms.Form):
             + (", ".join(sorted(settings.LLM_PROVIDERS)) or "none")
         )
         self.model_options = model_options(Environment.objects.filter(team__in=scope))
+        profiles = (
+            AgentProfile.objects.filter(team__in=scope).select_related("team").order_by("team__name", "name")
+        )
+        self.fields["default_profile"].widget.choices = [("", "none (the team's default)")] + [
+            (str(p.pk), f"{p.name} ({p.team.name})" if len(scope) > 1 else p.name) for p in profiles
+        ]
         self.secret_rows = existing_rows(environment, self.data if self.is_bound else None)
         self.new_rows = new_rows(self.data if self.is_bound else None)
         self.secret_errors: list[str] = []
@@ -276,8 +288,9 @@ def initial_for(environment: Environment | None) -> dict[str, Any]:
     initial = {
         name: "" if getattr(environment, name) is None else str(getattr(environment, name))
         for name in FIELDS
-        if name not in ("team", "env_vars")
+        if name not in ("team", "env_vars", "default_profile")
     }
+    initial["default_profile"] = str(environment.default_profile_id or "")
     initial["env_vars"] = "\n".join(f"{key}={value}" for key, value in environment.env_vars.items())
     return initial
 

@@ -16,9 +16,9 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 
 from sessions.api.permissions import as_id, readable_teams, team_for_write, writable_teams
 from sessions.api.serializers import SessionCreateSerializer
-from sessions.models import Environment, Repository, Session, Source
+from sessions.models import AgentProfile, Environment, Repository, Session, Source
 
-FIELDS = ("team", "repository", "repository_url", "base_branch", "environment", "model", "prompt")
+FIELDS = ("team", "repository", "repository_url", "base_branch", "environment", "profile", "model", "prompt")
 
 
 class NewSessionForm(forms.Form):
@@ -35,6 +35,12 @@ class NewSessionForm(forms.Form):
         required=False, widget=forms.TextInput(attrs={"placeholder": "the repository's default branch"})
     )
     environment = forms.CharField(required=False, widget=forms.Select)
+    profile = forms.CharField(
+        required=False,
+        label="Agent profile",
+        widget=forms.Select,
+        help_text="Tools, skills, step limit and budget; its model applies when the model is left empty.",
+    )
     model = forms.CharField(required=False, widget=forms.TextInput(attrs={"list": "model-options"}))
     prompt = forms.CharField(
         required=False,
@@ -57,6 +63,11 @@ class NewSessionForm(forms.Form):
         self.fields["environment"].widget.choices = [("", "none (deployment defaults)")] + [
             (str(e.pk), f"{e.name} ({e.team.name})" if several else e.name) for e in environments
         ]
+        profiles = AgentProfile.objects.filter(team__in=self.teams).select_related("team").order_by("name")
+        self.fields["profile"].widget.choices = [("", "default (the environment's, else the team's)")] + [
+            (str(p.pk), f"{p.name} ({p.team.name})" if several else p.name) for p in profiles
+        ]
+        self.has_profiles = bool(profiles)
         self.has_repositories = bool(repositories)
         if repositories and all(r.provider == "local" for r in repositories):
             # Teams that only work on local checkouts are not shown a GitHub address as the example.

@@ -50,6 +50,8 @@ def notice_text(type: str, p: dict) -> str:
             f"Conversation compacted: {p.get('elided')} older outputs elided "
             f"({p.get('chars_before')} → {p.get('chars_after')} characters)"
         )
+    if type == "mcp_unavailable":
+        return f"MCP server {p.get('server', '')} unavailable, its tools are left out: {p.get('error', '')}"
     if type == "callback_sent":
         what = {"slack": "Slack message", "github": "GitHub reply"}.get(p.get("kind", ""), "Callback")
         return f"{what} delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
@@ -154,6 +156,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             "context_compacted",
             "callback_sent",
             "callback_failed",
+            "mcp_unavailable",
             "branch_pushed",
             "pull_request",
         ):

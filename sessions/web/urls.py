@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from sessions.web import environments, views
+from sessions.web import environments, skills, views
 
 urlpatterns = [
     path("", views.session_list, name="session-list"),
@@ -15,6 +15,9 @@ urlpatterns = [
     path("environments", environments.environment_list, name="environment-list"),
     path("environments/new", environments.environment_new, name="environment-new"),
     path("environments/<int:pk>", environments.environment_detail, name="environment-detail"),
+    path("skills", skills.skill_list, name="skill-list"),
+    path("skills/<int:pk>", skills.skill_detail, name="skill-detail"),
+    path("skills/<int:pk>/delete", skills.skill_delete, name="skill-delete"),
     path("usage", views.usage, name="usage"),
     path("setup", views.setup_status, name="setup"),
 ]

@@ -102,6 +102,8 @@ function body(event, downloadUrl) {
       const then = p.will_retry ? `retrying in ${p.retry_in} s` : "giving up";
       return ["progress", [muted(`Callback to ${p.target || ""} failed (attempt ${p.attempt}): ${p.error || ""}; ${then}`)]];
     }
+    case "mcp_unavailable":
+      return ["progress", [muted(`MCP server ${p.server || ""} unavailable, its tools are left out: ${p.error || ""}`)]];
     case "branch_pushed":
       return ["progress", [muted(`Pushed ${String(p.commit || "").slice(0, 10)} to ${p.branch || ""}`)]];
     case "pull_request":
