@@ -167,7 +167,7 @@ def test_it_refuses_a_bad_signature(hmac_source):
     assert nothing_written()
 
 
-@pytest.mark.parametrize("age", [301, -301, None], ids=["old", "future", "garbage"])
+@pytest.mark.parametrize("age", [360, -360, None], ids=["old", "future", "garbage"])
 def test_it_refuses_a_timestamp_outside_the_five_minute_window(hmac_source, age):
     source, shown = hmac_source
     if age is None:
