@@ -392,6 +392,10 @@ def test_it_finishes_a_run_after_its_database_connections_are_terminated(tmp_pat
                 )
                 assert cursor.fetchone()[0] >= 1
             wait_for(lambda: finished([sid]), timeout=60, what="the run to end")
+    # The statement above also cut this process's idle pooled connections: start the pool afresh so
+    # later tests in this process do not wait on dead ones.
+    connection.close()
+    connection.close_pool()
     session = Session.objects.get(pk=sid)
     # A query cut off mid-flight may fail the run, then with the database's own words as the reason.
     assert session.status == "completed" or (
