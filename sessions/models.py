@@ -322,18 +322,29 @@ class Session(models.Model):
             transaction.on_commit(lambda: tasks.enqueue_run(run.pk))
         return run
 
-    def add_message(self, content: str, author=None) -> Message:
-        """A follow-up: queued for the active run, or starting a new run when none is active."""
+    def add_message(self, content: str, author=None, steer: bool = False) -> Message:
+        """A follow-up: queued for the active run, or starting a new run when none is active.
+
+        ``steer``: deliver it to the active run before its next model call (sessions/steering.py)
+        rather than to the next run; the run's ``steers`` counter is how the loop learns of it.
+        """
         from sessions.events import emit
 
         with transaction.atomic():
             locked = Session.objects.select_for_update().get(pk=self.pk)
             position = locked.messages.count() + 1
             message = Message.objects.create(
-                session=locked, content=content, author=author, position=position
+                session=locked, content=content, author=author, position=position, steer=steer
             )
-            emit(locked.pk, "message", {"message_id": message.pk, "content": content, "position": position})
-            if not locked.runs.filter(status__in=Run.ACTIVE).exists():
+            payload = {"message_id": message.pk, "content": content, "position": position}
+            if steer:
+                payload["steer"] = True
+            emit(locked.pk, "message", payload)
+            active = locked.runs.filter(status__in=Run.ACTIVE)
+            if steer:
+                if not active.update(steers=F("steers") + 1):
+                    locked.enqueue_run()
+            elif not active.exists():
                 locked.enqueue_run()
             self.refresh_from_db()
         return message
@@ -420,6 +431,10 @@ class Message(models.Model):
     content = models.TextField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     run = models.ForeignKey("Run", models.SET_NULL, null=True, blank=True, related_name="messages")
+    steer = models.BooleanField(
+        default=False,
+        help_text="Delivered to the running agent before its next model call, not to the next run.",
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -430,6 +445,18 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.position} of session {self.session_id}"
+
+    def edit(self, content: str) -> bool:
+        """Change a follow-up no run has picked yet; False once one has (sessions/steering.py)."""
+        from sessions.steering import edit_pending
+
+        return edit_pending(self, content)
+
+    def withdraw(self) -> bool:
+        """Cancel a follow-up no run has picked yet; False once one has (sessions/steering.py)."""
+        from sessions.steering import cancel_pending
+
+        return cancel_pending(self)
 
 
 class Run(models.Model):
@@ -452,6 +479,9 @@ class Run(models.Model):
     finished = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     steps = models.PositiveIntegerField(default=0)
+    # Steer messages sent to this run (Session.add_message); the heartbeat reads it back, so the loop
+    # notices one without a query of its own (sessions/steering.py).
+    steers = models.PositiveIntegerField(default=0)
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
@@ -636,9 +666,25 @@ class Run(models.Model):
             events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
             self.finish(Run.Status.FAILED, error, events=events)
             return False
-        return bool(
-            Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING).update(heartbeat=now, steps=self.steps)
-        )
+        return self._beat_rows(now)
+
+    def _beat_rows(self, now) -> bool:
+        """The heartbeat statement; it also reads back ``steers`` into ``self.steers``, so a steer
+        message costs the loop no extra query per step (sessions/steering.py)."""
+        from django.db import connection
+
+        table = connection.ops.quote_name(Run._meta.db_table)
+        heartbeat = Run._meta.get_field("heartbeat").get_db_prep_save(now, connection)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"UPDATE {table} SET heartbeat = %s, steps = %s WHERE id = %s AND status = %s RETURNING steers",
+                [heartbeat, self.steps, self.pk, Run.Status.RUNNING],
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return False
+        self.steers = row[0]
+        return True
 
     def finish(
         self,

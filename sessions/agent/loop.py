@@ -94,6 +94,7 @@ class _Agent:
         self.started = timezone.now()
         self.budget = RunBudget(run)
         self.tools_called: list[str] = []
+        self.steers_seen = run.steers  # Run.beat reads the counter back each step
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
         emit(self.run.session_id, type, payload, run_id=self.run.pk)
@@ -110,6 +111,7 @@ class _Agent:
         for _ in range(max_steps):
             if not self.run.beat():  # also persists the step count; False once cancelled
                 return self.result(CANCELLED, error="cancelled")
+            self.take_steers()
             if problem := self.budget.problem() or self.time_problem():
                 return self.result(FAILED, error=problem)
             self.compact()
@@ -144,6 +146,14 @@ class _Agent:
             if summary is not None:
                 return self.result(COMPLETED, summary=summary)
         return self.result(FAILED, error=f"step limit ({max_steps}) reached")
+
+    def take_steers(self) -> None:
+        """Steer messages sent since the last step, as user messages before this model call."""
+        if self.run.steers != self.steers_seen:
+            from sessions.steering import take_steers
+
+            self.steers_seen = self.run.steers
+            take_steers(self.run, self.transcript)
 
     def time_problem(self) -> str | None:
         """The environment's time limit, checked between steps (a command in flight keeps its own

@@ -661,6 +661,11 @@ def repository_for_url(team: Team, url: str) -> Repository:
 
 class MessageCreateSerializer(serializers.Serializer):
     content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    steer = serializers.BooleanField(
+        default=False,
+        help_text="Deliver it to the running agent before its next model call instead of queueing it "
+        "for the next run. Without an active run it starts one, like any follow-up.",
+    )
 
     def validate_content(self, value: str) -> str:
         if problem := text_problem(value, "message"):
@@ -668,14 +673,30 @@ class MessageCreateSerializer(serializers.Serializer):
         return value.strip()
 
 
+class MessageUpdateSerializer(serializers.Serializer):
+    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+
+    validate_content = MessageCreateSerializer.validate_content
+
+
 class MessageCreatedSerializer(serializers.ModelSerializer):
     queued_behind_active_run = serializers.BooleanField(
-        help_text="True when a run is in progress: the message waits and the next run picks it up."
+        help_text="True when a run is in progress: the message waits and the next run picks it up "
+        "(a steer message goes to that run instead)."
     )
 
     class Meta:
         model = Message
-        fields = ["id", "position", "status", "queued_behind_active_run"]
+        fields = ["id", "position", "status", "steer", "queued_behind_active_run"]
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    author = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+
+    class Meta:
+        model = Message
+        fields = ["id", "position", "content", "status", "steer", "run", "author", "created"]
+        read_only_fields = fields
 
 
 class EventSerializer(serializers.ModelSerializer):

@@ -73,6 +73,7 @@ class Item:
 def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> list[Item]:
     items: list[Item] = []
     tools: dict[tuple[int | None, str], Item] = {}
+    messages: dict[Any, Item] = {}  # message id -> its item, for edits, cancels and injections
     for event in events:
         p = event.payload if isinstance(event.payload, dict) else {}
         t = event.type
@@ -83,10 +84,26 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
                 event.seq,
                 event.created,
                 {
+                    "id": p.get("message_id"),
                     "content": p.get("content", ""),
                     "position": p.get("position"),
                     "pending": p.get("message_id") in pending_message_ids,
+                    "steer": bool(p.get("steer")),
                 },
+            )
+            messages[p.get("message_id")] = item
+        elif t == "message_edited" and (edited := messages.get(p.get("message_id"))) is not None:
+            edited.data.update(content=p.get("content", ""), edited=True)
+        elif t == "message_cancelled" and (withdrawn := messages.get(p.get("message_id"))) is not None:
+            withdrawn.data.update(cancelled=True, pending=False)
+        elif t == "message_injected":
+            if (steered := messages.get(p.get("message_id"))) is not None:
+                steered.data["pending"] = False
+            item = Item(
+                "progress",
+                event.seq,
+                event.created,
+                {"message": f"Steer message #{p.get('position')} delivered to the running agent"},
             )
         elif t == "assistant_text":
             item = Item("assistant", event.seq, event.created, {"text": p.get("text", "")})
@@ -140,7 +157,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
         elif t == "run_started":
             item = Item("run", event.seq, event.created, {"attempt": p.get("attempt")})
             for previous in items:  # a run claims every pending message
-                if previous.kind == "message":
+                if previous.kind == "message" and not previous.data.get("cancelled"):
                     previous.data["pending"] = False
         elif t == "sandbox_ready":
             item = Item(

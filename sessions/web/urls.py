@@ -9,6 +9,11 @@ urlpatterns = [
     path("sessions/new", views.session_new, name="session-new"),
     path("sessions/<int:pk>", views.session_detail, name="session-detail"),
     path("sessions/<int:pk>/messages", views.session_message, name="session-message"),
+    path(
+        "sessions/<int:pk>/messages/<int:message_id>",
+        views.session_message_change,
+        name="session-message-change",
+    ),
     path("sessions/<int:pk>/cancel", views.session_cancel, name="session-cancel"),
     path("sessions/<int:pk>/archive", views.session_archive, name="session-archive"),
     path("sessions/<int:pk>/diff", views.session_diff, name="session-diff"),

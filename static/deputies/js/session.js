@@ -34,6 +34,8 @@ function setActive(active) {
   if (cancel) cancel.hidden = !active;
   const hint = $("followup-hint");
   if (hint) hint.textContent = active ? hint.dataset.active : hint.dataset.idle;
+  const steer = $("followup-steer-label");
+  if (steer) steer.hidden = !active;
 }
 
 function setStatus(value, at) {

@@ -65,9 +65,17 @@ function body(event, downloadUrl) {
   const p = event.payload || {};
   switch (event.type) {
     case "message": {
-      const label = h("div", { class: "ev-label" }, p.position === 1 ? "Prompt" : "Follow-up", " ", h("span", { class: "badge pending", title: "Waiting for the next run to pick it up" }, "pending"));
+      const kind = p.position === 1 ? "Prompt" : p.steer ? "Steer" : "Follow-up";
+      const title = p.steer ? "Delivered to the running agent before its next step" : "Waiting for the next run to pick it up";
+      const label = h("div", { class: "ev-label" }, kind, " ", h("span", { class: "badge pending", title }, "pending"));
       return ["message", [label, textBlock(p.content)]];
     }
+    case "message_injected":
+      return ["progress", [h("div", { class: "ev-label" }, "Progress"), textBlock(`Steer message #${p.position} delivered to the running agent`)]];
+    case "message_edited":
+      return ["progress", [muted(`A pending follow-up was edited: ${p.content || ""}`)]];
+    case "message_cancelled":
+      return ["progress", [muted(`Follow-up #${p.position} was cancelled before a run picked it`)]];
     case "assistant_text":
       return ["assistant", [h("div", { class: "ev-label" }, "Agent"), textBlock(p.text)]];
     case "tool_started":
