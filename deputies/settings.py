@@ -411,6 +411,12 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+# Child sessions (sessions/children.py): how deep they may nest (0: agents cannot spawn any) and how
+# many one session may spawn in all; a child's spend counts against its parent's budget.
+CHILD_MAX_DEPTH = envint("DEPUTIES_CHILD_MAX_DEPTH", 2, minimum=0)
+CHILD_MAX_PER_SESSION = envint("DEPUTIES_CHILD_MAX_PER_SESSION", 5, minimum=1)
+# Longest a wait_sessions call may wait (seconds); the model may ask for less.
+CHILD_WAIT_TIMEOUT = envint("DEPUTIES_CHILD_WAIT_TIMEOUT", 3600, minimum=1)
 
 # Ranges that user-given addresses may reach although the default rules refuse them (loopback,
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.

@@ -220,14 +220,24 @@ class EnvironmentAdmin(admin.ModelAdmin):
 
 class MessageInline(ReadOnlyInline):
     model = Message
-    fields = ["position", "status", "author", "content", "run", "created"]
+    fields = ["position", "status", "steer", "author", "content", "run", "created"]
     readonly_fields = fields
     ordering = ["position"]
 
 
 class RunInline(ReadOnlyInline):
     model = Run
-    fields = ["attempt", "status", "lease_owner", "started", "finished", "steps", "cost_usd", "error"]
+    fields = [
+        "attempt",
+        "status",
+        "lease_owner",
+        "started",
+        "finished",
+        "steps",
+        "waiting",
+        "cost_usd",
+        "error",
+    ]
     readonly_fields = fields
     ordering = ["attempt"]
 
@@ -264,7 +274,7 @@ class SessionAdmin(admin.ModelAdmin):
         "created",
     ]
     list_display_links = ["id", "title"]
-    list_filter = ["status", "source", "team", "model"]
+    list_filter = ["status", "source", "team", "model", "depth"]
     search_fields = ["title", "summary", "branch", "pull_request_url", "repository__name"]
     date_hierarchy = "created"
     list_select_related = ["team", "repository", "created_by"]
@@ -291,6 +301,9 @@ class SessionAdmin(admin.ModelAdmin):
         "cached_tokens",
         "cost_usd",
         "last_seq",
+        "parent",
+        "depth",
+        "children_cost_usd",
         "created",
         "updated",
         "finished",

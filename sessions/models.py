@@ -241,6 +241,7 @@ class Source(models.TextChoices):
     WEBHOOK = "webhook"
     SCHEDULE = "schedule"
     CLI = "cli"
+    AGENT = "agent"  # spawned by another session's agent (sessions/children.py)
 
 
 class Session(models.Model):
@@ -277,6 +278,20 @@ class Session(models.Model):
         help_text="Model spend this session may reach over all its runs. Empty: DEPUTIES_SESSION_BUDGET_USD.",
     )
     last_seq = models.BigIntegerField(default=0, editable=False)
+    # Child sessions (sessions/children.py): spawned by this session's agent, in its team.
+    parent = models.ForeignKey(
+        "self", models.SET_NULL, null=True, blank=True, related_name="children", editable=False
+    )
+    depth = models.PositiveSmallIntegerField(
+        default=0, editable=False, help_text="0 for a top-level session."
+    )
+    children_cost_usd = models.DecimalField(
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("0"),
+        editable=False,
+        help_text="What its child sessions (and theirs) have spent; counts against this session's budget.",
+    )
     created = models.DateTimeField(default=timezone.now, db_index=True)
     updated = models.DateTimeField(auto_now=True)
     finished = models.DateTimeField(null=True, blank=True)
@@ -378,6 +393,9 @@ class Session(models.Model):
                     error="cancelled by user",
                 )  # fmt: skip
         self.refresh_from_db()
+        from sessions.children import cancel_children
+
+        cancel_children(self.pk)
         return True
 
     def archive(self) -> bool:
@@ -482,6 +500,9 @@ class Run(models.Model):
     # Steer messages sent to this run (Session.add_message); the heartbeat reads it back, so the loop
     # notices one without a query of its own (sessions/steering.py).
     steers = models.PositiveIntegerField(default=0)
+    # Waiting for child sessions (wait_sessions): not counted against its team's concurrency limit,
+    # so the children it waits for can start (sessions/children.py).
+    waiting = models.BooleanField(default=False)
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
@@ -566,7 +587,7 @@ class Run(models.Model):
     UNLIMITED_GUARD = "(SELECT n FROM lim) = 0"
     LIMIT_GUARD = (
         "((SELECT n FROM lim) = 0 OR (SELECT count(*) FROM {run} q JOIN {session} qs ON qs.id = q.session_id "
-        "WHERE qs.team_id = (SELECT team_id FROM lim) AND (q.status = %(running)s "
+        "WHERE qs.team_id = (SELECT team_id FROM lim) AND ((q.status = %(running)s AND NOT q.waiting) "
         "OR (q.status = %(queued)s AND q.id < %(id)s))) < (SELECT n FROM lim))"
     )
     LIMITED = "limited"  # _claim_rows: queued, but its team has no free slot (or must be locked first)
@@ -826,6 +847,7 @@ class Run(models.Model):
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
             )
+            self._charge_ancestors(cost)
             return
         add = (
             "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
@@ -841,6 +863,19 @@ class Run(models.Model):
                 {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
                  "session": self.session_id},
             )  # fmt: skip
+        self._charge_ancestors(cost)
+
+    def _charge_ancestors(self, cost: Decimal) -> None:
+        """A child session's spend counts against its parent's budget (and theirs): only child
+        sessions pay a statement for this (sessions/children.py)."""
+        session = self._state.fields_cache.get("session")
+        parent_id = session.parent_id if session is not None else None
+        if session is None:
+            parent_id = Session.objects.filter(pk=self.session_id).values_list("parent_id", flat=True).first()
+        if parent_id and cost:
+            from sessions.children import charge_ancestors
+
+            charge_ancestors(parent_id, cost)
 
 
 class Event(models.Model):
@@ -996,6 +1031,7 @@ def start_session(
     source: str = Source.API,
     external_ref: dict | None = None,
     budget_usd: Decimal | None = None,
+    parent: Session | None = None,
 ) -> Session:
     """Create a session with its first prompt and queue its first run (at commit).
 
@@ -1016,6 +1052,8 @@ def start_session(
         title=title or default_title(prompt),
         source=source,
         external_ref=external_ref or {},
+        parent=parent,
+        depth=parent.depth + 1 if parent is not None else 0,
     )
     with transaction.atomic(savepoint=False):
         if transaction.get_connection().vendor == "postgresql":
@@ -1037,6 +1075,7 @@ def start_session(
         )
         run = session.enqueue_run(first=True, run=run)
     session.active_runs, session.pending_message_count, session.latest_sandboxes = [run], 1, []
+    session.child_list = []
     return session
 
 

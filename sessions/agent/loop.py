@@ -30,6 +30,9 @@ from sessions.agent.prompts import build_system_prompt
 from sessions.agent.tools import TOOL_SPECS, ToolError, ToolResult, execute_tool
 from sessions.artifacts import store_artifact
 from sessions.budgets import RunBudget
+from sessions.children import NAMES as SESSION_TOOLS
+from sessions.children import execute as execute_session_tool
+from sessions.children import tool_specs as session_tool_specs
 from sessions.events import emit, emit_many
 from sessions.models import LLMCall, Run
 
@@ -95,6 +98,7 @@ class _Agent:
         self.budget = RunBudget(run)
         self.tools_called: list[str] = []
         self.steers_seen = run.steers  # Run.beat reads the counter back each step
+        self.tool_specs = TOOL_SPECS + session_tool_specs(run.session)  # sessions/children.py
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
         emit(self.run.session_id, type, payload, run_id=self.run.pk)
@@ -117,7 +121,7 @@ class _Agent:
             self.compact()
             self.run.steps += 1
             try:
-                response = self.llm.complete(self.transcript, TOOL_SPECS, on_attempt=self.record_attempt)
+                response = self.llm.complete(self.transcript, self.tool_specs, on_attempt=self.record_attempt)
             except LLMError as exc:
                 return self.result(FAILED, error=str(exc))
             self.transcript.append(response.to_message())
@@ -235,7 +239,10 @@ class _Agent:
             self.emit(*started)  # shown while the tool runs
         result: ToolResult | None = None
         try:
-            result = execute_tool(self.handle, call.name, call.arguments)
+            if call.name in SESSION_TOOLS:  # spawn/wait/cancel child sessions: they need the run
+                result = execute_session_tool(self.run, call.name, call.arguments)
+            else:
+                result = execute_tool(self.handle, call.name, call.arguments)
             ok, output = result.ok, result.output or ""
         except ToolError as exc:
             ok, output = False, f"error: {exc}"

@@ -395,6 +395,12 @@ class SandboxSummarySerializer(serializers.ModelSerializer):
         fields = ["provider", "isolated", "isolation_note", "status"]
 
 
+class ChildSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Session
+        fields = ["id", "title", "status", "cost_usd"]
+
+
 class SessionSerializer(serializers.ModelSerializer):
     """The session as the API shows it. Use with ``views.session_queryset()`` to avoid N+1 queries."""
 
@@ -412,6 +418,10 @@ class SessionSerializer(serializers.ModelSerializer):
     thread = serializers.CharField(
         source="thread_label", read_only=True, help_text="The external thread it is bound to, or empty."
     )
+    parent = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, help_text="The session whose agent spawned this one, or null."
+    )
+    children = serializers.SerializerMethodField(help_text="Child sessions its agent spawned, oldest first.")
 
     class Meta:
         model = Session
@@ -445,8 +455,18 @@ class SessionSerializer(serializers.ModelSerializer):
             "pending_messages",
             "sandbox",
             "queue_position",
+            "parent",
+            "depth",
+            "children",
+            "children_cost_usd",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(ChildSummarySerializer(many=True))
+    def get_children(self, obj: Session) -> list[dict[str, Any]]:
+        children = obj.child_list if hasattr(obj, "child_list") else obj.children.order_by("pk")
+        serializer = _shared(ChildSummarySerializer)
+        return [serializer.to_representation(child) for child in children]
 
     @extend_schema_field(ActiveRunSerializer(allow_null=True))
     def get_active_run(self, obj: Session) -> dict[str, Any] | None:

@@ -65,6 +65,13 @@ def session_queryset() -> QuerySet[Session]:
             Prefetch(
                 "sandboxes", queryset=Sandbox.objects.order_by("-created", "-pk"), to_attr="latest_sandboxes"
             ),
+            Prefetch(
+                "children",
+                queryset=Session.objects.only("pk", "parent_id", "title", "status", "cost_usd").order_by(
+                    "pk"
+                ),
+                to_attr="child_list",
+            ),
         )
         .order_by("-created", "-pk")
     )

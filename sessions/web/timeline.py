@@ -50,6 +50,8 @@ def notice_text(type: str, p: dict) -> str:
             f"Conversation compacted: {p.get('elided')} older outputs elided "
             f"({p.get('chars_before')} → {p.get('chars_after')} characters)"
         )
+    if type == "child_spawned":
+        return f"Started child session #{p.get('session_id')}: {p.get('title', '')} ({p.get('model', '')})"
     if type == "callback_sent":
         return f"Callback delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
     if type == "callback_failed":
@@ -150,7 +152,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
         elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted", "callback_sent",
-                   "callback_failed"):  # fmt: skip
+                   "callback_failed", "child_spawned"):  # fmt: skip
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})

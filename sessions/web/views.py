@@ -221,9 +221,30 @@ def render_detail(request: HttpRequest, session: Session, followup: dict | None 
             "elapsed": human_duration(duration_of(session)),
             "followup": followup or {},
             "config": config,
+            "family": session_family(session),
         },
         status=status,
     )
+
+
+def session_family(session: Session) -> dict | None:
+    """The session's place in its tree of child sessions: its ancestors (root first) and its
+    children with theirs; None for a session that has neither."""
+    from sessions.children import ancestors
+
+    chain = list(reversed(ancestors(session))) if session.parent_id else []
+    fields = ("pk", "parent_id", "title", "status", "cost_usd", "children_cost_usd")
+    children = list(Session.objects.filter(parent=session).only(*fields).order_by("pk"))
+    grandchildren: dict[int, list[Session]] = {}
+    for grandchild in Session.objects.filter(parent__in=children).only(*fields).order_by("pk"):
+        grandchildren.setdefault(grandchild.parent_id, []).append(grandchild)
+    if not chain and not children:
+        return None
+    titles = dict(Session.objects.filter(pk__in=[a.pk for a in chain]).values_list("pk", "title"))
+    return {
+        "ancestors": [{"pk": a.pk, "title": titles.get(a.pk) or f"Session {a.pk}"} for a in chain],
+        "children": [{"session": c, "children": grandchildren.get(c.pk, [])} for c in children],
+    }
 
 
 def shown_artifact_kinds() -> list[str]:

@@ -70,6 +70,8 @@ function body(event, downloadUrl) {
       const label = h("div", { class: "ev-label" }, kind, " ", h("span", { class: "badge pending", title }, "pending"));
       return ["message", [label, textBlock(p.content)]];
     }
+    case "child_spawned":
+      return ["progress", [h("div", { class: "ev-label" }, "Progress"), textBlock(`Started child session #${p.session_id}: ${p.title || ""} (${p.model || ""})`)]];
     case "message_injected":
       return ["progress", [h("div", { class: "ev-label" }, "Progress"), textBlock(`Steer message #${p.position} delivered to the running agent`)]];
     case "message_edited":
