@@ -1130,3 +1130,7 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
     message.session_id = run.session_id = session.pk
     for obj in (session, message, run):
         obj._state.adding, obj._state.db = False, connection.alias
+
+
+# Automations live in their own module; imported here so Django registers their models with the app.
+from sessions.automations import Automation, AutomationFiring, ScheduledMessage  # noqa: E402, F401

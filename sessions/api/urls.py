@@ -6,7 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from integrations.webhooks.api import WebhookSourceViewSet
-from sessions.api import health, views
+from sessions.api import automations, health, views
 from sessions.api.schema import Generator
 
 # "/?": both /api/v1/sessions and /api/v1/sessions/ answer, without a redirect that drops a POST body.
@@ -17,6 +17,12 @@ router.register("artifacts", views.ArtifactViewSet, basename="api-artifact")
 router.register("repositories", views.RepositoryViewSet, basename="api-repository")
 router.register("environments", views.EnvironmentViewSet, basename="api-environment")
 router.register("webhook-sources", WebhookSourceViewSet, basename="api-webhook-source")
+router.register("automations", automations.AutomationViewSet, basename="api-automation")
+router.register(
+    r"sessions/(?P<session_pk>[0-9]{1,18})/scheduled-messages",
+    automations.ScheduledMessageViewSet,
+    basename="api-scheduled-message",
+)
 
 
 def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from sessions.web import environments, views
+from sessions.web import automations, environments, views
 
 urlpatterns = [
     path("", views.session_list, name="session-list"),
@@ -20,6 +20,9 @@ urlpatterns = [
     path("environments", environments.environment_list, name="environment-list"),
     path("environments/new", environments.environment_new, name="environment-new"),
     path("environments/<int:pk>", environments.environment_detail, name="environment-detail"),
+    path("automations", automations.automation_list, name="automation-list"),
+    path("automations/<int:pk>/toggle", automations.automation_toggle, name="automation-toggle"),
+    path("sessions/<int:pk>/scheduled", automations.session_schedule_followup, name="session-schedule"),
     path("usage", views.usage, name="usage"),
     path("setup", views.setup_status, name="setup"),
 ]

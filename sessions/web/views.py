@@ -222,6 +222,7 @@ def render_detail(request: HttpRequest, session: Session, followup: dict | None 
             "followup": followup or {},
             "config": config,
             "family": session_family(session),
+            "scheduled": list(session.scheduled_messages.filter(status="pending").order_by("due_at", "pk")),
         },
         status=status,
     )
