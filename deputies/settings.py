@@ -241,6 +241,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
+    # Several models have a `status`; these keep the enums' names stable as serializers are added.
+    "ENUM_NAME_OVERRIDES": {
+        "SessionStatusEnum": "sessions.models.SessionStatus",
+        "MessageCreatedStatusEnum": "sessions.models.Message.Status",
+        "ScheduledMessageStatusEnum": "sessions.automations.ScheduledMessage.Status",
+    },
 }
 
 # --- Channels -------------------------------------------------------------------------------

@@ -246,3 +246,88 @@ def test_it_shows_the_session_tree_on_the_session_pages(parent, owner, client):
         team=parent.team, repository=parent.repository, prompt="alone", model="scripted/demo"
     )
     assert 'id="session-tree"' not in client.get(f"/sessions/{lonely.pk}").content.decode()
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_it_cancels_running_children_when_a_waiting_parent_is_cancelled_on_a_real_worker(
+    settings, tmp_path, team, owner, repository
+):
+    parent_script = {
+        "responses": [
+            {"tool_calls": [{"name": "spawn_session", "arguments": {"prompt": f"Slow part {n}", "model": "kid/demo"}}
+                            for n in range(2)]},
+            {"tool_calls": [{"name": "wait_sessions", "arguments": {}}]},
+            {"content": "never reached"},
+        ]
+    }  # fmt: skip
+    child_script = {"responses": [{"content": "too late", "delay": 4.0}]}  # the model "thinks" for 4 s
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    settings.MEDIA_ROOT = data_dir / "media"
+    with start_in_thread(parent_script) as parent_llm, start_in_thread(child_script) as child_llm:
+        env = child_env(
+            data_dir,
+            DEPUTIES_LLM_PROVIDERS="scripted,kid",
+            DEPUTIES_LLM_SCRIPTED_BASE_URL=parent_llm.base_url,
+            DEPUTIES_LLM_KID_BASE_URL=child_llm.base_url,
+            DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
+            DEPUTIES_SANDBOX_ISOLATION="none",
+        )
+        with worker_process(env):
+            parent = start_session(team=team, repository=repository, prompt="Fan out", model="scripted/demo",
+                                   created_by=owner)  # fmt: skip
+            wait_for(
+                lambda: (
+                    Run.objects.filter(session__parent=parent, status="running").count() == 2
+                    and Run.objects.filter(session=parent, waiting=True).exists()
+                ),
+                timeout=60,
+                what="both children running while the parent waits",
+            )
+            reply = client_for(owner).post(f"/api/v1/sessions/{parent.pk}/cancel")
+            assert reply.status_code == 200, reply.content
+            children = Session.objects.filter(parent=parent)
+            assert set(children.values_list("status", flat=True)) == {"cancelled"}
+            assert set(Run.objects.filter(session__parent=parent).values_list("status", flat=True)) == {
+                "cancelled"
+            }
+            # The parent's wait notices at its next poll and its run ends: no more model calls.
+            wait_for(
+                lambda: not Run.objects.filter(waiting=True).exists(), timeout=30, what="the wait to end"
+            )
+            wait_for(
+                lambda: len(child_llm.requests) >= 2,
+                timeout=30,
+                what="the children's model calls to return",
+            )
+    chats = [r for r in parent_llm.requests if r["path"].endswith("/chat/completions")]
+    assert len(chats) == 2  # spawn, wait; nothing after the cancel
+    assert Session.objects.get(pk=parent.pk).status == "cancelled"
+    assert not Run.objects.filter(status__in=Run.ACTIVE).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_stops_waiting_for_children_when_a_steer_message_arrives_or_the_timeout_passes(parent, owner):
+    from sessions.children import wait
+
+    run = claimed(parent)
+    child = spawn(parent, "child")
+    timed_out = wait(run, [child.pk], 0.3)
+    assert timed_out[0]["status"] == "queued" and timed_out[-1]["note"].startswith("timed out after 0.3 s")
+
+    results: list = []
+
+    def waiter() -> None:
+        try:
+            results.append(wait(run, None, 30))
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_for(lambda: Run.objects.filter(pk=run.pk, waiting=True).exists(), timeout=10, what="the wait")
+    parent.add_message("change of plan", author=owner, steer=True)
+    thread.join(timeout=30)
+    assert results and results[0][-1]["note"].startswith("a new instruction arrived")
+    assert not Run.objects.get(pk=run.pk).waiting
