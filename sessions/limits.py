@@ -9,6 +9,9 @@ count in a *separate* statement, so the count sees every claim committed before 
 granted (one statement would count from a snapshot taken before it waited for the lock). Teams
 without a limit never take the lock: their claim stays one statement.
 
+A run waiting for its child sessions (``Run.waiting``, sessions/children.py) holds no slot: counting
+it would let a team at its limit wait forever for children that cannot start.
+
 Order: a run may start only if the runs running plus the team's runs queued *before* it leave a
 slot, so waiting runs start oldest first, and ``queue_position`` (1 = starts next) is what it says.
 """

@@ -660,7 +660,7 @@ class Run(models.Model):
             with transaction.atomic():
                 changed = cls.objects.filter(
                     pk=run.pk, status=cls.Status.RUNNING, heartbeat__lt=cutoff
-                ).update(status=cls.Status.QUEUED, lease_owner="")
+                ).update(status=cls.Status.QUEUED, lease_owner="", waiting=False)
                 if changed:
                     emit(
                         run.session_id,

@@ -331,3 +331,17 @@ def test_it_stops_waiting_for_children_when_a_steer_message_arrives_or_the_timeo
     thread.join(timeout=30)
     assert results and results[0][-1]["note"].startswith("a new instruction arrived")
     assert not Run.objects.get(pk=run.pk).waiting
+
+
+@pytest.mark.django_db
+def test_it_clears_the_waiting_mark_of_a_run_whose_worker_was_lost(parent):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = claimed(parent)
+    old = timezone.now() - timedelta(hours=1)
+    Run.objects.filter(pk=run.pk).update(waiting=True, heartbeat=old)
+    assert Run.recover_stale(timezone.now() - timedelta(minutes=5)) == [run.pk]
+    run.refresh_from_db()
+    assert (run.status, run.waiting) == (Run.Status.QUEUED, False)  # it counts for its team again
