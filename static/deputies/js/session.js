@@ -156,6 +156,11 @@ function handle(event) {
       for (const badge of timeline.querySelectorAll(".ev-message .badge.pending")) badge.remove();
       setActive(true);
       break;
+    case "message_injected":
+    case "message_cancelled":
+      // Picked by the running agent (a steer message) or withdrawn: no longer pending.
+      for (const badge of timeline.querySelectorAll(`.ev-message[data-message="${Number(p.message_id)}"] .badge.pending`)) badge.remove();
+      break;
     case "todo":
       showTodos(p.todos);
       break;

@@ -141,5 +141,6 @@ export function renderEvent(event, downloadUrl) {
   const [kind, children] = made;
   const attrs = { class: `ev ev-${kind} new`, "data-seq": event.seq };
   if (kind === "tool") attrs["data-call"] = `${event.run ?? ""}:${(event.payload || {}).call_id ?? ""}`;
+  if (event.type === "message") attrs["data-message"] = (event.payload || {}).message_id ?? "";
   return h("li", attrs, h("time", { class: "ev-time", datetime: event.created }, localTime(event.created)), h("div", { class: "ev-body" }, ...children));
 }
