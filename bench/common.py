@@ -26,6 +26,9 @@ def setup(data_dir: Path | None = None) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "deputies.settings")
     if data_dir is not None:
         os.environ["DEPUTIES_DATA_DIR"] = str(data_dir)
+        # The benches' repositories are made in the data directory; Postgres turns local ones off.
+        os.environ.setdefault("DEPUTIES_ALLOW_LOCAL_REPOSITORIES", "true")
+        os.environ.setdefault("DEPUTIES_LOCAL_REPOSITORY_ROOTS", str(Path(data_dir).resolve()))
     os.environ.setdefault("DEPUTIES_LOG_LEVEL", "WARNING")
     # Benchmarks measure the server, not its rate limits (one client sends thousands a minute).
     os.environ.setdefault("DEPUTIES_API_RATE", "0")

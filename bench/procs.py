@@ -187,6 +187,8 @@ def bench_env(data_dir: Path, fake_url: str, **extra: str) -> dict[str, str]:
         DEPUTIES_LLM_PROVIDERS="scripted",
         DEPUTIES_LLM_SCRIPTED_BASE_URL=fake_url,
         DEPUTIES_LOG_LEVEL="WARNING",
+        DEPUTIES_ALLOW_LOCAL_REPOSITORIES="true",  # the bench repository is in the data directory
+        DEPUTIES_LOCAL_REPOSITORY_ROOTS=str(data_dir.resolve()),
     )
     if getattr(settings, "SECRETS_KEYS", None):
         env["DEPUTIES_SECRETS_KEY"] = ",".join(settings.SECRETS_KEYS)

@@ -146,17 +146,23 @@ def start_demo_model():
 def start_demo(env: dict[str, str], data_dir: Path, username: str):
     """Start the scripted demo model in-process and register the bundled sample repository."""
     from sessions.models import Repository, Team
+    from sessions.repository_urls import RepositoryRefused, check_repository_url
 
     fake = start_demo_model()
     env["DEPUTIES_LLM_PROVIDERS"] = DEMO_PROVIDER
     env["DEPUTIES_LLM_SCRIPTED_BASE_URL"] = fake.base_url
     env["DEPUTIES_DEFAULT_MODEL"] = DEMO_MODEL
     repo_path = ensure_sample_repo(data_dir / "sample-repo")
+    try:
+        url = check_repository_url(str(repo_path)).url
+    except RepositoryRefused as exc:  # local repositories switched off, or roots without it
+        print(f"deputies: the sample repository is not registered: {exc}", flush=True)
+        return fake, repo_path
     team = Team.objects.get(slug="default")
     Repository.objects.get_or_create(
         team=team,
         name="sample-repo",
-        defaults={"url": str(repo_path), "provider": "local", "default_branch": "main"},
+        defaults={"url": url, "provider": "local", "default_branch": "main"},
     )
     return fake, repo_path
 
@@ -228,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from django.contrib.auth import get_user_model
 
     from sessions.models import Membership, Repository, Source, start_session
+    from sessions.repository_urls import RepositoryRefused, check_repository_url
 
     if settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"):
         from django.core.management import call_command
@@ -236,9 +243,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     prompt = args.prompt.strip()
     if not prompt:
         raise CLIError("the prompt is empty")
-    repo_path = Path(args.repo).expanduser().resolve()
-    if not (repo_path / ".git").exists():
-        raise CLIError(f"--repo {args.repo}: not a git repository")
+    try:  # the rules of every other way in (sessions/repository_urls.py), relative to this shell
+        url = check_repository_url(str(Path(args.repo).expanduser().absolute())).url
+    except RepositoryRefused as exc:
+        raise CLIError(f"--repo {args.repo}: {exc}") from None
+    repo_path = Path(url)
     model = args.model or settings.DEFAULT_MODEL
     if model and "/" not in model:
         raise CLIError(f"--model {model}: expected provider/model, e.g. openai/gpt-4o or {DEMO_MODEL}")
@@ -374,6 +383,8 @@ def describe(type: str, p: dict) -> str:
         return "todo: " + "; ".join(f"[{t.get('status')}] {t.get('content')}" for t in p.get("todos", []))
     if type == "sandbox_ready":
         note = "" if p.get("isolated") else f" (NOT ISOLATED: {p.get('reason')})"
+        if p.get("secrets_withheld"):
+            note += f"; secrets withheld: {', '.join(p['secrets_withheld'])}"
         return f"sandbox ready: {p.get('provider')}{note}"
     if type == "repository_ready":
         return f"repository ready: {p.get('base_branch')} @ {str(p.get('commit'))[:10]} -> {p.get('branch')}"
@@ -398,6 +409,33 @@ def cmd_fake_llm(args: argparse.Namespace) -> int:
 
     argv = ["--script", args.script, "--port", str(args.port), "--host", args.host]
     return fake_main(argv)
+
+
+def cmd_slack(args: argparse.Namespace) -> int:
+    """``deputies slack``: Socket Mode in the foreground; ``deputies slack manifest``: the app manifest."""
+    setup_django()
+    from django.conf import settings
+
+    if args.action == "manifest":
+        from integrations.slack.manifest import build
+
+        socket_mode = {"auto": bool(settings.SLACK_APP_TOKEN), "on": True, "off": False}[args.socket_mode]
+        manifest = build(settings.BASE_URL, socket_mode, command=settings.SLACK_COMMAND, name=args.name)
+        print(json.dumps(manifest, indent=2))
+        return 0
+
+    from integrations.slack.socket_mode import serve
+
+    if not settings.SLACK_APP_TOKEN:
+        raise CLIError(
+            "DEPUTIES_SLACK_APP_TOKEN is not set: Socket Mode needs the app-level token (xapp-...)"
+        )
+    if not settings.SLACK_BOT_TOKEN:
+        raise CLIError("DEPUTIES_SLACK_BOT_TOKEN is not set: replies need the bot token (xoxb-...)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    return serve(stop)
 
 
 def cmd_token(args: argparse.Namespace) -> int:
@@ -494,6 +532,17 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8099, help="port; 0 picks a free one")
     fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
     fake.set_defaults(func=cmd_fake_llm)
+
+    slack = command("slack", "Slack: run Socket Mode in the foreground, or print the app manifest")
+    slack.add_argument("action", nargs="?", choices=["run", "manifest"], default="run", help="what to do")
+    slack.add_argument(
+        "--socket-mode",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="manifest: Socket Mode (no public URL) or HTTP request URLs under DEPUTIES_BASE_URL; auto: on when DEPUTIES_SLACK_APP_TOKEN is set",
+    )
+    slack.add_argument("--name", default="Deputies", help="manifest: the app's and the bot's name")
+    slack.set_defaults(func=cmd_slack)
 
     secrets = sub.add_parser("secrets", help="environment secrets")
     secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)

@@ -105,3 +105,18 @@ def envnetworks(name: str, default: str = "") -> tuple:
         return parse_networks(envstr(name, default), name)
     except ValueError as exc:
         raise ImproperlyConfigured(str(exc)) from None
+
+
+def envpaths(name: str, default: str = "") -> tuple:
+    """Comma-separated absolute paths, each resolved (symlinks, ``..``) as the checks compare them."""
+    from pathlib import Path
+
+    paths = []
+    for item in (part.strip() for part in envstr(name, default).split(",")):
+        if not item:
+            continue
+        path = Path(item).expanduser()
+        if not path.is_absolute():
+            raise ImproperlyConfigured(f"{name}: {item!r} is not an absolute path")
+        paths.append(path.resolve())
+    return tuple(paths)

@@ -14,8 +14,10 @@ it actually connects to, at connect time, and never follows redirects or environ
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpcore
@@ -51,11 +53,22 @@ def parse_networks(value: str, name: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def _unmapped(ip: Address) -> Address:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def allowed_by(ip: Address, allowed: Iterable[Network]) -> bool:
+    """Whether ``ip`` is inside one of the operator's allowed ranges."""
+    ip = _unmapped(ip)
+    return any(ip in net for net in allowed if net.version == ip.version)
+
+
 def refusal(ip: Address, allowed: Iterable[Network] = ()) -> str:
     """Why ``ip`` may not be connected to, or "" when it may."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if any(ip in net for net in allowed if net.version == ip.version):
+    ip = _unmapped(ip)
+    if allowed_by(ip, allowed):
         return ""
     if ip in METADATA_ADDRESSES:
         kind = "a cloud metadata address"
@@ -85,6 +98,18 @@ def resolve(host: str, port: int | None = None) -> list[Address]:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
+    from django.conf import settings
+
+    if not getattr(settings, "RESOLVE_NAMES", True):
+        # No DNS: IP literals and the hosts file only (locked-down installs; the test suite, whose
+        # traffic must stay on loopback, and a DNS query would not).
+        found = hosts_file_addresses(host)
+        if not found:
+            raise UnsafeAddress(
+                f"cannot resolve {host!r}: DEPUTIES_RESOLVE_NAMES=false allows IP addresses and "
+                f"names in {HOSTS_FILE} only"
+            )
+        return found
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -95,6 +120,29 @@ def resolve(host: str, port: int | None = None) -> list[Address]:
         if ip not in seen:
             seen.append(ip)
     return seen
+
+
+HOSTS_FILE = "/etc/hosts"
+
+
+def hosts_file_addresses(host: str) -> list[Address]:
+    """The addresses ``host`` has in the hosts file, in file order."""
+    found: list[Address] = []
+    try:
+        with open(HOSTS_FILE, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and host.lower() in (name.lower() for name in fields[1:]):
+            try:
+                ip = ipaddress.ip_address(fields[0].split("%", 1)[0])
+            except ValueError:
+                continue
+            if ip not in found:
+                found.append(ip)
+    return found
 
 
 def check_host(host: str, port: int | None, allowed: Sequence[Network], setting: str) -> list[Address]:
@@ -137,6 +185,116 @@ def check_url(
         raise UnsafeAddress("the URL has no host")
     if resolve_host:
         check_host(parts.hostname, port, allowed, setting)
+
+
+# --- git remotes ------------------------------------------------------------------------------
+
+GIT_PORTS = {"https": 443, "http": 80, "ssh": 22, "git": 9418}
+# A DNS name (labels of letters, digits, "-" and "_", not starting with "-") or an IP literal.
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?:\.(?!-)[A-Za-z0-9_-]{1,63})*\.?$")
+_USER = re.compile(r"^[A-Za-z0-9._~%+-]{1,100}$")
+# scp-like syntax, as git reads it: [user@]host:path, with no slash before the first colon.
+# git's remote-helper syntax, ``transport::address`` (``ext::sh -c ...`` runs a command).
+_HELPER = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*::")
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^@/:\[\]]+):(?P<path>.*)$")
+
+
+@dataclass(frozen=True)
+class GitRemote:
+    """Where a git remote URL connects: enough for the address rules and for pinning the connection."""
+
+    scheme: str  # https, http, ssh or git; scp-like ``user@host:path`` is ssh
+    host: str  # lower case, IPv6 without brackets
+    port: int | None
+    user: str
+    path: str
+
+    @property
+    def connect_port(self) -> int:
+        return self.port or GIT_PORTS[self.scheme]
+
+    @property
+    def host_is_address(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+def parse_git_remote(url: str) -> GitRemote:
+    """Split a remote repository URL the way git would read it, refusing what git and Python might
+    read differently (backslashes, several ``@``, odd host characters) and anything option-like
+    (``ssh://-oProxyCommand=...``), so the host checked is the host git connects to."""
+    if _HELPER.match(url):
+        raise UnsafeAddress("git's transport::address syntax is not accepted")
+    if "://" not in url and not _SCP_LIKE.match(url):
+        raise UnsafeAddress(
+            "not a git URL (https://host/path, ssh://host/path, git://host/path or user@host:path)"
+        )
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 or c == "\\" for c in url):
+        raise UnsafeAddress("the URL contains spaces, control characters or backslashes")
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise UnsafeAddress(f"not a valid URL: {exc}") from None
+        scheme, netloc = parts.scheme.lower(), parts.netloc
+        if netloc.count("@") > 1:
+            raise UnsafeAddress("the URL has more than one '@' before its host")
+        if parts.password is not None:
+            raise UnsafeAddress(
+                "the URL contains a password; give the worker's git its credentials (a credential "
+                "helper or an SSH key), never in the URL, which every team member and event shows"
+            )
+        host, user, path = (parts.hostname or ""), (parts.username or ""), parts.path
+        if netloc.rpartition("@")[2].startswith("-"):
+            host = "-" + host.lstrip("-")  # refused below, with its own words
+    else:
+        match = _SCP_LIKE.match(url)
+        assert match is not None  # checked above
+        scheme, port = "ssh", None
+        host, user, path = match["host"].strip("[]").lower(), match["user"] or "", match["path"]
+    if not host:
+        raise UnsafeAddress("the URL has no host")
+    if host.startswith("-") or user.startswith("-"):
+        raise UnsafeAddress(
+            f"{(user + '@' if user else '') + host!r} looks like a command-line option, not a host"
+        )
+    if user and not _USER.match(user):
+        raise UnsafeAddress(f"{user!r} is not a user name")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.match(host):
+            raise UnsafeAddress(f"{host!r} is not a host name") from None
+    if path.startswith("-"):
+        raise UnsafeAddress(f"the path {path!r} looks like a command-line option")
+    if not path.strip("/"):
+        raise UnsafeAddress("the URL names no repository path")
+    return GitRemote(scheme=scheme, host=host, port=port, user=user, path=path)
+
+
+def check_git_remote(
+    url: str,
+    *,
+    allowed: Sequence[Network],
+    setting: str = "DEPUTIES_REPOSITORY_ALLOWED_NETWORKS",
+    schemes: Sequence[str] = ("https", "ssh", "git"),
+    allowed_network_schemes: Sequence[str] = ("http",),
+) -> tuple[GitRemote, list[Address]]:
+    """Parse a remote repository URL and check where it connects: the remote and the addresses it
+    resolves to now. ``allowed_network_schemes`` (plain http) are accepted only when every address
+    is inside ``allowed``: unencrypted fetches stay inside networks the operator named."""
+    remote = parse_git_remote(url)
+    if remote.scheme not in (*schemes, *allowed_network_schemes):
+        names = " or ".join(schemes)
+        raise UnsafeAddress(f"the scheme must be {names} (or user@host:path), not {remote.scheme!r}")
+    addresses = check_host(remote.host, remote.connect_port, allowed, setting)
+    if remote.scheme in allowed_network_schemes and not all(allowed_by(ip, allowed) for ip in addresses):
+        raise UnsafeAddress(f"plain {remote.scheme} is accepted only for hosts inside {setting}; use https")
+    return remote, addresses
 
 
 class _GuardedBackend(httpcore.SyncBackend):

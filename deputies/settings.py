@@ -9,7 +9,17 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from deputies.env import envbool, envchoice, envfloat, envint, envjson, envnetworks, envrate, envstr
+from deputies.env import (
+    envbool,
+    envchoice,
+    envfloat,
+    envint,
+    envjson,
+    envnetworks,
+    envpaths,
+    envrate,
+    envstr,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
@@ -59,6 +69,27 @@ CSRF_TRUSTED_ORIGINS = [
 ]
 BASE_URL = envstr("DEPUTIES_BASE_URL", "http://127.0.0.1:8000")
 
+# --- HTTPS ------------------------------------------------------------------------------------
+# Simple mode is plain http on 127.0.0.1, where secure-only cookies would never be sent back, so none of
+# this is on by default. DEPUTIES_HTTPS=true says the site is served only over HTTPS (a production
+# deployment, usually behind a TLS-terminating proxy) and turns each of these on; each can be set alone.
+# `manage.py check --deploy` is clean with the settings deploy/README.md lists (tests/test_deploy_settings.py).
+HTTPS = envbool("DEPUTIES_HTTPS", False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = envbool("DEPUTIES_SECURE_COOKIES", HTTPS)
+SECURE_SSL_REDIRECT = envbool("DEPUTIES_SSL_REDIRECT", HTTPS)
+# Probes (the image's HEALTHCHECK, a load balancer) ask over plain http inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# An hour to start with, as Django's docs advise; raise it (31536000, a year) once HTTPS is settled.
+SECURE_HSTS_SECONDS = envint("DEPUTIES_HSTS_SECONDS", 3600 if HTTPS else 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("DEPUTIES_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = envbool("DEPUTIES_HSTS_PRELOAD", False)
+# Asking browsers to preload the domain is a decision for its owner, not a default to nag about.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (and strips one sent by the client):
+# without this, every request looks like http, and the redirect above would loop.
+if envbool("DEPUTIES_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
@@ -76,6 +107,7 @@ INSTALLED_APPS = [
     "sandboxes.apps.SandboxesConfig",
     "integrations.webhooks.apps.WebhooksConfig",
     "integrations.deliveries.apps.DeliveriesConfig",
+    "integrations.slack.apps.SlackConfig",
 ]
 
 MIDDLEWARE = [
@@ -167,6 +199,16 @@ elif _db["ENGINE"] == "django.db.backends.postgresql":
         os.register_at_fork(after_in_child=forget_inherited_pools)  # django-q2 forks its workers
 DATABASES = {"default": _db}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Simple mode is the single-host trial: SQLite. Integrated and Scale mode run on Postgres.
+SIMPLE_MODE = _db["ENGINE"] == "django.db.backends.sqlite3"
+
+# --- Repositories ---------------------------------------------------------------------------
+# Paths on the worker host as repositories (sessions/repository_urls.py): only in Simple mode unless
+# switched on, only under these roots (resolved; Deputies' own data below them never counts).
+ALLOW_LOCAL_REPOSITORIES = envbool("DEPUTIES_ALLOW_LOCAL_REPOSITORIES", SIMPLE_MODE)
+LOCAL_REPOSITORY_ROOTS = envpaths(
+    "DEPUTIES_LOCAL_REPOSITORY_ROOTS", f"{DATA_DIR / 'sample-repo'},{DATA_DIR / 'repositories'}"
+)
 
 # --- Auth, i18n, static, media ------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -221,8 +263,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_SCHEMA_CLASS": "sessions.api.schema.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "sessions.api.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sessions.api.errors.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -247,6 +289,11 @@ SPECTACULAR_SETTINGS = {
         "MessageCreatedStatusEnum": "sessions.models.Message.Status",
         "ScheduledMessageStatusEnum": "sessions.automations.ScheduledMessage.Status",
     },
+    # Request bodies get their own components: what a client sends (secrets as {NAME: change}, write-only
+    # fields, non-blank strings) differs from what it reads back.
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Bodies are documented as JSON only: objects such as env_vars and secrets have no form encoding.
+    "PARSER_WHITELIST": ["rest_framework.parsers.JSONParser"],
 }
 
 # --- Channels -------------------------------------------------------------------------------
@@ -322,6 +369,9 @@ SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "do
 SANDBOX_ROOT = Path(envstr("DEPUTIES_SANDBOX_ROOT", str(DATA_DIR / "sandboxes"))).resolve()
 SANDBOX_ISOLATION = envchoice("DEPUTIES_SANDBOX_ISOLATION", "auto", ("auto", "bwrap", "none"))
 SANDBOX_EXEC_TIMEOUT = envint("DEPUTIES_SANDBOX_EXEC_TIMEOUT", 600, minimum=1)
+# While a command runs, each worker process checks this often (one query for all its runs) whether
+# a run was cancelled, and kills its command (sessions/cancels.py). Nothing is asked while idle.
+CANCEL_POLL = envfloat("DEPUTIES_CANCEL_POLL", 0.5, minimum=0.05)
 # The repository's .deputies/setup runs once per new sandbox, before the agent, within this limit.
 SETUP_TIMEOUT = envint("DEPUTIES_SETUP_TIMEOUT", 600, minimum=1)
 # A ready sandbox unused for this long is destroyed by the reaper (an environment may set its own).
@@ -334,10 +384,15 @@ TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, mini
 TEAM_MAX_CONCURRENT_RUNS = envint("DEPUTIES_TEAM_MAX_CONCURRENT_RUNS", 0, minimum=0)
 # No sandbox lives longer than this, used or not: its next run starts from a fresh one.
 SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
-# A running run whose heartbeat is older than this lost its worker; it is queued again (once more).
-RUN_LEASE_SECONDS = envint(
-    "DEPUTIES_RUN_LEASE", max(900, SANDBOX_EXEC_TIMEOUT + 300, SETUP_TIMEOUT + 300), minimum=2
-)
+# A running run whose heartbeat is older than this lost its worker; it is queued again and resumes
+# from its last step. Each worker process beats for all its runs every third of it (sessions/
+# workpool.py, Heartbeat), however long a step takes, and checks for lost runs every few seconds.
+RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", 30, minimum=2)
+# A run whose worker was lost this many times fails instead of being queued again.
+RUN_MAX_RECOVERIES = envint("DEPUTIES_RUN_MAX_RECOVERIES", 3, minimum=0)
+# Save the workspace (its diff against the base commit, an artifact) after every Nth agent step that
+# ran a tool able to change it, so a run whose sandbox is lost resumes with its work; 0: never.
+CHECKPOINT_EVERY = envint("DEPUTIES_CHECKPOINT_EVERY", 1, minimum=0)
 # Docker provider: the engine is whatever DEPUTIES_DOCKER_HOST (else DOCKER_HOST) points at, Docker
 # Engine or Podman's Docker-compatible API. Limits apply when an environment sets none.
 DOCKER_HOST = envstr("DEPUTIES_DOCKER_HOST")
@@ -423,10 +478,18 @@ CHILD_MAX_DEPTH = envint("DEPUTIES_CHILD_MAX_DEPTH", 2, minimum=0)
 CHILD_MAX_PER_SESSION = envint("DEPUTIES_CHILD_MAX_PER_SESSION", 5, minimum=1)
 # Longest a wait_sessions call may wait (seconds); the model may ask for less.
 CHILD_WAIT_TIMEOUT = envint("DEPUTIES_CHILD_WAIT_TIMEOUT", 3600, minimum=1)
+# Largest request body (bytes) Django reads; a larger one is a 413 (sessions/api/errors.py). The default
+# admits the longest allowed prompt however it is encoded: one character is at most 12 bytes on the wire
+# (a JSON-escaped surrogate pair "\ud83d\ude00", or "%F0%9F%98%80" in a form), plus room for the rest.
+DATA_UPLOAD_MAX_MEMORY_SIZE = envint(
+    "DEPUTIES_MAX_REQUEST_BYTES", max(2_621_440, 12 * MAX_PROMPT_CHARS + 65_536), minimum=65_536
+)
 
 # Ranges that user-given addresses may reach although the default rules refuse them (loopback,
 # link-local, private, ...): deputies/netguard.py. Empty: only public addresses.
 CALLBACK_ALLOWED_NETWORKS = envnetworks("DEPUTIES_CALLBACK_ALLOWED_NETWORKS")
+# false: user-given host names are looked up in /etc/hosts only, never in DNS (IP addresses work).
+RESOLVE_NAMES = envbool("DEPUTIES_RESOLVE_NAMES", True)
 REPOSITORY_ALLOWED_NETWORKS = envnetworks("DEPUTIES_REPOSITORY_ALLOWED_NETWORKS")
 
 # Inbound webhooks (integrations/webhooks): POST /integrations/webhooks/<source>. Off: every source 404s.
@@ -446,6 +509,22 @@ DELIVERY_TIMEOUT = envfloat("DEPUTIES_DELIVERY_TIMEOUT", 10.0, minimum=0.1)
 DELIVERY_LEASE = envfloat("DEPUTIES_DELIVERY_LEASE", max(60.0, DELIVERY_TIMEOUT * 3), minimum=1)
 # Deliveries one worker process sends at once (threads beside its runs).
 DELIVERY_CONCURRENCY = envint("DEPUTIES_DELIVERY_CONCURRENCY", 8, minimum=1)
+
+# --- Slack (integrations/slack): off until a bot token and a signing secret (HTTP) or an app token
+# (Socket Mode) are set. Each also reads NAME_FILE.
+SLACK_BOT_TOKEN = envstr("DEPUTIES_SLACK_BOT_TOKEN")
+SLACK_SIGNING_SECRET = envstr("DEPUTIES_SLACK_SIGNING_SECRET")
+SLACK_APP_TOKEN = envstr("DEPUTIES_SLACK_APP_TOKEN")
+# The Web API's base URL (tests point it at a loopback fake).
+SLACK_API_URL = envstr("DEPUTIES_SLACK_API_URL", "https://slack.com/api/")
+# Socket Mode inside every `deputies worker` when the app token is set (else only `deputies slack`).
+SLACK_SOCKET_MODE_IN_WORKER = envbool("DEPUTIES_SLACK_SOCKET_MODE_IN_WORKER", True)
+# The slash command the app registers, and seconds between two edits of a thread's status message.
+SLACK_COMMAND = envstr("DEPUTIES_SLACK_COMMAND", "/deputy")
+SLACK_STATUS_INTERVAL = envfloat("DEPUTIES_SLACK_STATUS_INTERVAL", 3.0, minimum=0.1)
+# Attempts per Slack message (deliveries back off between them, or wait as long as a 429 asks).
+SLACK_DELIVERY_MAX_ATTEMPTS = envint("DEPUTIES_SLACK_DELIVERY_MAX_ATTEMPTS", 30, minimum=1)
+SLACK_TIMEOUT = envfloat("DEPUTIES_SLACK_TIMEOUT", 10.0, minimum=0.1)
 
 LOGGING = {
     "version": 1,

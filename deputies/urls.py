@@ -8,6 +8,9 @@ from django.views.generic import RedirectView
 
 from deputies.metrics import metrics
 
+# An oversized body read by middleware (the CSRF check of a page's form) becomes a 413 there.
+handler400 = "sessions.api.errors.bad_request"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("favicon.ico", RedirectView.as_view(url=static("deputies/favicon.svg"), permanent=True)),
@@ -15,6 +18,7 @@ urlpatterns = [
     path("logout", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
     path("metrics", metrics, name="metrics"),
     path("integrations/webhooks/", include("integrations.webhooks.urls")),
+    path("integrations/slack/", include("integrations.slack.urls")),
     path("", include("integrations.deliveries.urls")),  # before the API's catch-all 404
     path("", include("sessions.api.urls")),
     path("", include("sessions.web.urls")),

@@ -17,7 +17,10 @@ The loop: reserve a run slot (while the pool is full it takes nothing, so other 
 work), dequeue one task, and either start it on the pool, where the run's own thread claims it and
 acknowledges the task once the run is claimed (from then on its lease protects it), or hand any other task (schedules: stale
 run recovery, the sandbox reaper) to a small side executor that saves its result as qcluster does.
-Every 30 s it runs the django-q2 scheduler, like qcluster's sentinel.
+Every 30 s it runs the django-q2 scheduler, like qcluster's sentinel, and every few seconds
+(``recovery_interval``) it looks for runs whose worker was lost (``Run.recover_stale``: one indexed
+query when there are none), so a killed worker's runs resume within about one ``DEPUTIES_RUN_LEASE``
+instead of waiting for the every-minute schedule.
 
 ``manage.py qcluster`` still works (``sessions.tasks.execute_run`` uses the same pool inside each
 qcluster worker), but ``deputies worker`` is the supported way to run workers.
@@ -40,6 +43,14 @@ RUN_TASK = "sessions.tasks.execute_run"
 # Outbound deliveries get their own threads: a slow receiver must not hold up the schedules.
 DELIVERY_TASK = "integrations.deliveries.tasks.send_delivery"
 SCHEDULER_INTERVAL = 30.0  # seconds, as qcluster's sentinel
+
+
+def recovery_interval() -> float:
+    """How often each worker checks for lost runs: a third of the lease, at most 5 s (an idle
+    worker then costs the database one small query per 5 s)."""
+    from django.conf import settings
+
+    return max(0.5, min(5.0, settings.RUN_LEASE_SECONDS / 3))
 
 
 class Worker:
@@ -77,11 +88,22 @@ class Worker:
                 "no database connection pool (psycopg[pool] missing or DEPUTIES_DB_POOL_SIZE=0): "
                 "every running run keeps its own Postgres connection"
             )
-        next_schedule = 0.0
+        from integrations.slack.socket_mode import start_in_worker
+
+        slack = start_in_worker()  # Socket Mode beside the runs, when DEPUTIES_SLACK_APP_TOKEN is set
+        next_schedule = next_recovery = next_beat = 0.0
         while not self.stopping.is_set():
+            if time.monotonic() >= next_beat:
+                from sessions.models import WorkerProcess
+
+                next_beat = time.monotonic() + WorkerProcess.BEAT_SECONDS
+                self.beat()
             if settings.Q_CLUSTER.get("scheduler", True) and time.monotonic() >= next_schedule:
                 next_schedule = time.monotonic() + SCHEDULER_INTERVAL
                 scheduler(broker=self.broker)  # logs its own errors
+            if time.monotonic() >= next_recovery:
+                next_recovery = time.monotonic() + recovery_interval()
+                self.recover()
             if not self.pool.reserve(wait=1.0):
                 continue  # full: leave the queue to other workers
             try:
@@ -94,7 +116,51 @@ class Worker:
                 self.pool.unreserve()
             for n, (ack_id, payload) in enumerate(tasks):
                 self.handle(ack_id, payload, reserved=n == 0)
+        if slack is not None:
+            slack.close()
         return self.shutdown()
+
+    def beat(self, gone: bool = False) -> None:
+        """This process's liveness row, for /setup (deleted when it stops cleanly)."""
+        import socket
+
+        from django.utils import timezone
+
+        from sessions.models import WorkerProcess
+        from sessions.workpool import release_connection
+
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        try:
+            if gone:
+                WorkerProcess.objects.filter(name=name).delete()
+            else:
+                self.started = getattr(self, "started", None) or timezone.now()
+                WorkerProcess.beat(
+                    name,
+                    socket.gethostname(),
+                    os.getpid(),
+                    self.started,
+                    len(self.pool.in_flight()),
+                    self.pool.size,
+                )
+        except Exception as exc:  # the database is away: the next beat retries
+            log.warning("worker heartbeat failed (%s: %s)", type(exc).__name__, exc)
+        finally:
+            release_connection()
+
+    def recover(self) -> None:
+        """Queue again the runs of workers that stopped heartbeating (they resume from their checkpoint)."""
+        from sessions.tasks import recover_stale_runs
+        from sessions.workpool import release_connection
+
+        try:
+            text = recover_stale_runs()
+            if text != "requeued []":
+                log.warning("lease recovery: %s", text)
+        except Exception as exc:  # the database is away, say: the next check retries
+            log.warning("lease recovery failed (%s: %s); retrying", type(exc).__name__, exc)
+        finally:
+            release_connection()
 
     def handle(self, ack_id, payload, reserved: bool) -> None:
         from django_q.conf import Conf
@@ -197,6 +263,7 @@ class Worker:
 
         from sessions.workpool import hand_over
 
+        self.beat(gone=True)
         self.side.shutdown(wait=True, cancel_futures=True)
         self.deliveries.shutdown(wait=True, cancel_futures=True)
         if self.pool.in_flight():

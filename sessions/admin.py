@@ -28,6 +28,7 @@ from sessions.models import (
     Session,
     SessionBinding,
     Team,
+    WorkerProcess,
 )
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH, encrypt
 
@@ -374,6 +375,9 @@ class RunAdmin(ReadOnlyAdmin):
     list_select_related = ["session"]
     raw_id_fields = ["session"]
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("checkpoint")  # a running run's whole conversation
+
 
 @admin.register(Event)
 class EventAdmin(ReadOnlyAdmin):
@@ -462,6 +466,19 @@ class RateCounterAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+
+@admin.register(WorkerProcess)
+class WorkerProcessAdmin(admin.ModelAdmin):
+    """Read-only: rows are the workers' own heartbeats (deputies/worker.py)."""
+
+    list_display = ["name", "last_seen", "running", "slots", "started"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False
 
 

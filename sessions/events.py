@@ -8,13 +8,15 @@ Event types and their payloads (all JSON objects):
 - ``status``            {status}
 - ``message``           {message_id, content, position}
 - ``run_started``       {run_id, attempt}
-- ``sandbox_ready``     {sandbox_id, provider, isolated, reason?}
+- ``sandbox_ready``     {sandbox_id, provider, isolated, reason?, secrets_withheld?: [names],
+                        secrets_withheld_reason?}  (withheld: an unisolated sandbox, no opt-in)
 - ``repository_ready``  {url, base_branch, branch, commit}
 - ``setup_output``      {stream, text}  (``.deputies/setup`` output, coalesced)
 - ``setup_finished``    {script, exit_code, duration, timed_out}  (environment's, then the repository's)
 - ``assistant_text``    {text}
 - ``tool_started``      {call_id, name, arguments}
-- ``tool_finished``     {call_id, name, ok, output, truncated, artifact_id?}
+- ``tool_finished``     {call_id, name, ok, output, truncated, artifact_id?, interrupted?}  (``interrupted``:
+                         closed by the attempt that resumed the run; its worker was lost mid-call)
 - ``todo``              {todos: [{content, status}]}
 - ``progress``          {message}
 - ``usage``             {input_tokens, output_tokens, cached_tokens, cost_usd, model}
@@ -22,7 +24,10 @@ Event types and their payloads (all JSON objects):
 - ``artifact_created``  {artifact_id, kind, name, size}
 - ``run_completed``     {run_id, summary}
 - ``run_failed``        {run_id, error}
-- ``run_requeued``      {run_id, lost_worker}
+- ``run_requeued``      {run_id, lost_worker, attempt}  (``attempt``: the one that will resume it)
+- ``run_resumed``       {run_id, attempt, from_step, sandbox ("reconnected" or "recreated"),
+                         restored_artifact_id}  (a recovered attempt goes on from its checkpoint)
+- ``workspace_restored`` {artifact_id, changed, deleted}  (a new sandbox got the session's saved work)
 - ``context_compacted`` {elided, chars_before, chars_after}  (old output hidden from the model)
 - ``title``             {title, model}  (named by DEPUTIES_SUMMARY_MODEL after the first run)
 - ``callback_sent``     {delivery_id, kind, target, attempt, status_code}  (integrations/deliveries)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sessions.secrets import Secret, decrypt, encrypt
@@ -97,13 +100,28 @@ class Repository(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self) -> None:
+        """The repository URL rules (sessions/repository_urls.py), for model forms such as the admin."""
+        from sessions.repository_urls import RepositoryRefused, check_repository_url
+
+        try:
+            self.url = check_repository_url(self.url).url
+        except RepositoryRefused as exc:
+            raise ValidationError({"url": str(exc)}) from None
+
     @staticmethod
     def provider_for(url: str) -> str:
-        if url.startswith(("/", "file://", "./", "../")):
+        from deputies.netguard import UnsafeAddress, parse_git_remote
+        from sessions.repository_urls import is_local
+
+        if is_local(url) or url.startswith(("./", "../")):
             return Repository.Provider.LOCAL
-        if "github.com" in url:
-            return Repository.Provider.GITHUB
-        return Repository.Provider.GIT
+        try:
+            host = parse_git_remote(url).host
+        except UnsafeAddress:
+            host = ""
+        # By host, not by substring: a GitHub token must never go to evil.example/github.com/x.
+        return Repository.Provider.GITHUB if host == "github.com" else Repository.Provider.GIT
 
 
 class Environment(models.Model):
@@ -321,8 +339,9 @@ class Session(models.Model):
         ``run``: the first run, already inserted (start_session on Postgres).
         """
         if run is None:
-            attempt = 1 if first else self.runs.count() + 1
-            run = Run.objects.create(session=self, attempt=attempt)
+            # After the highest attempt so far: a recovered run took the next number (Run.recover_stale).
+            last = self.runs.aggregate(last=models.Max("attempt"))["last"] or 0
+            run = Run.objects.create(session=self, attempt=1 if first else last + 1)
         if not first:
             Session.objects.filter(pk=self.pk).update(status=SessionStatus.QUEUED, finished=None, error="")
         self.status = SessionStatus.QUEUED
@@ -507,6 +526,10 @@ class Run(models.Model):
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    # Where a recovered attempt goes on from (sessions/runner.py, Runner.resume): the conversation
+    # as of the last saved step, with the todo list. Written by the statements a step makes anyway
+    # (the heartbeat, the model call's usage), so saving it costs no extra round trip.
+    checkpoint = models.JSONField(default=dict, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created"]
@@ -517,6 +540,12 @@ class Run(models.Model):
                 name="one_active_run_per_session",
             ),
         ]
+        indexes = [  # the workers' lease check (recover_stale) reads only running runs
+            models.Index(fields=["heartbeat"], condition=Q(status="running"), name="run_running_heartbeat"),
+        ]
+
+    # Set by claim(): this attempt goes on from where a lost worker left the run.
+    recovered = False
 
     def __str__(self) -> str:
         return f"Run {self.pk} ({self.status})"
@@ -530,11 +559,15 @@ class Run(models.Model):
         A team with a concurrency limit (``Team.concurrency_limit``) is claimed for under its row
         lock, so two workers cannot both take its last slot; a run that finds no slot stays queued
         (``self.waiting_for_team``) and is queued again when one frees (sessions/limits.py).
+
+        A run that had started before lost its worker (``recover_stale``): it keeps its first start
+        (its time limits count from there) and is ``recovered``, so the runner resumes it.
         """
         from sessions.events import emit_many
 
         now = timezone.now()
         self.waiting_for_team = False
+        self.recovered = self.started is not None
         with transaction.atomic():
             claimed = self._claim_rows(owner, now)
             if claimed is Run.LIMITED:
@@ -552,11 +585,14 @@ class Run(models.Model):
                 ],
                 run_id=self.pk,
             )
-        self.status, self.lease_owner, self.started, self.heartbeat = Run.Status.RUNNING, owner, now, now
+        self.status, self.lease_owner, self.heartbeat = Run.Status.RUNNING, owner, now
+        self.started = self.started or now
         return True
 
     # The run, the session's status and the pending messages in one statement (a round trip each
-    # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``).
+    # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``),
+    # and only by its first claim: a resumed attempt goes on with the conversation it had, and
+    # follow-ups sent meanwhile wait for the next run (Run.finish starts it).
     # ``lim`` is the team's concurrency limit: this statement claims only for a team without one
     # (``{guard}``); for a limited team it says so and sessions/limits.py claims under the team's lock.
     _CLAIM = """
@@ -566,9 +602,10 @@ class Run(models.Model):
         WHERE x.id = %(id)s
     ),
     r AS (
-        UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = %(now)s, heartbeat = %(now)s
+        UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = COALESCE(started, %(now)s),
+            heartbeat = %(now)s
         WHERE id = %(id)s AND status = %(queued)s AND {guard}
-        RETURNING id, session_id
+        RETURNING id, session_id, started = %(now)s AS first
     ),
     s AS (
         UPDATE {session} t SET status = %(session_running)s FROM r
@@ -577,7 +614,7 @@ class Run(models.Model):
     ),
     m AS (
         UPDATE {message} t SET status = %(claimed)s, run_id = r.id FROM r
-        WHERE t.session_id = r.session_id AND t.status = %(pending)s
+        WHERE t.session_id = r.session_id AND t.status = %(pending)s AND r.first
         RETURNING t.id
     )
     SELECT (SELECT count(*) FROM r), (SELECT status FROM lim), (SELECT n FROM lim)
@@ -606,13 +643,18 @@ class Run(models.Model):
             if team.concurrency_limit() and (guard == Run.UNLIMITED_GUARD or not slot_free(self, team)):
                 return Run.LIMITED
             changed = Run.objects.filter(pk=self.pk, status=Run.Status.QUEUED).update(
-                status=Run.Status.RUNNING, lease_owner=owner, started=now, heartbeat=now
+                status=Run.Status.RUNNING,
+                lease_owner=owner,
+                started=Coalesce(F("started"), Value(now)),
+                heartbeat=now,
             )
             if not changed:
                 return False
             Session.objects.filter(pk=self.session_id).exclude(
                 status__in=(SessionStatus.CANCELLED, SessionStatus.ARCHIVED)
             ).update(status=SessionStatus.RUNNING)
+            if self.recovered:
+                return True
             Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).update(
                 status=Message.Status.CLAIMED, run=self
             )
@@ -638,34 +680,34 @@ class Run(models.Model):
             return True
         return Run.LIMITED if status == Run.Status.QUEUED and limit else False
 
-    MAX_RECOVERIES = 2
-
     @classmethod
     def recover_stale(cls, cutoff) -> list[int]:
         """Queue runs again whose worker stopped heartbeating (crash, OOM, lost host).
 
         The conditional update makes this safe to run anywhere, any number of times; a run that
-        lost its worker MAX_RECOVERIES times fails instead of looping forever.
+        lost its worker DEPUTIES_RUN_MAX_RECOVERIES times fails instead of looping forever.
         """
         from sessions import tasks
         from sessions.events import emit
 
         requeued = []
-        for run in cls.objects.filter(status=cls.Status.RUNNING, heartbeat__lt=cutoff):
+        stale = cls.objects.filter(status=cls.Status.RUNNING, heartbeat__lt=cutoff).defer("checkpoint")
+        for run in stale:
             recoveries = Event.objects.filter(run=run, type="run_requeued").count()
-            if recoveries >= cls.MAX_RECOVERIES:
+            if recoveries >= settings.RUN_MAX_RECOVERIES:
                 run.finish(cls.Status.FAILED, f"the worker running it was lost {recoveries + 1} times")
                 emit(run.session_id, "run_failed", {"run_id": run.pk, "error": run.error}, run_id=run.pk)
                 continue
             with transaction.atomic():
+                # The next attempt resumes from the run's checkpoint (Runner.resume).
                 changed = cls.objects.filter(
                     pk=run.pk, status=cls.Status.RUNNING, heartbeat__lt=cutoff
-                ).update(status=cls.Status.QUEUED, lease_owner="", waiting=False)
+                ).update(status=cls.Status.QUEUED, lease_owner="", attempt=F("attempt") + 1, waiting=False)
                 if changed:
                     emit(
                         run.session_id,
                         "run_requeued",
-                        {"run_id": run.pk, "lost_worker": run.lease_owner},
+                        {"run_id": run.pk, "lost_worker": run.lease_owner, "attempt": run.attempt + 1},
                         run_id=run.pk,
                     )
                     transaction.on_commit(lambda pk=run.pk: tasks.enqueue_run(pk))
@@ -675,8 +717,10 @@ class Run(models.Model):
     def is_cancelled(self) -> bool:
         return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
 
-    def beat(self) -> bool:
+    def beat(self, checkpoint: dict | None = None) -> bool:
         """Heartbeat; returns False when the run was cancelled under us or ran out of time.
+
+        ``checkpoint`` (the agent's state after its last step) is saved in the same statement.
 
         Runs share their worker process (sessions/workpool.py), so DEPUTIES_RUN_TIMEOUT is enforced
         here, at the next step, rather than by killing the process.
@@ -687,20 +731,33 @@ class Run(models.Model):
             events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
             self.finish(Run.Status.FAILED, error, events=events)
             return False
-        return self._beat_rows(now)
+        return self._beat_rows(now, checkpoint)
 
-    def _beat_rows(self, now) -> bool:
-        """The heartbeat statement; it also reads back ``steers`` into ``self.steers``, so a steer
-        message costs the loop no extra query per step (sessions/steering.py)."""
+    def _beat_rows(self, now, checkpoint) -> bool:
+        """The heartbeat statement, only while the lease is ours: a worker cut off (or starved) for
+        longer than the lease, whose run was recovered and claimed again (the next attempt, maybe by
+        this same process), stops at its next step instead of running it twice.
+
+        It also reads back ``steers`` into ``self.steers``, so a steer message costs the loop no
+        extra query per step (sessions/steering.py)."""
         from django.db import connection
 
+        fields: dict[str, Any] = {"heartbeat": now, "steps": self.steps}
+        if checkpoint is not None:
+            fields["checkpoint"] = checkpoint
+        assignments, params = [], []
+        for name, value in fields.items():
+            field = Run._meta.get_field(name)
+            assignments.append(f"{connection.ops.quote_name(field.column)} = %s")
+            params.append(field.get_db_prep_save(value, connection))
         table = connection.ops.quote_name(Run._meta.db_table)
-        heartbeat = Run._meta.get_field("heartbeat").get_db_prep_save(now, connection)
+        sql = (
+            f"UPDATE {table} SET {', '.join(assignments)} "
+            "WHERE id = %s AND status = %s AND lease_owner = %s AND attempt = %s RETURNING steers"
+        )
+        params += [self.pk, Run.Status.RUNNING, self.lease_owner, self.attempt]
         with connection.cursor() as cursor:
-            cursor.execute(
-                f"UPDATE {table} SET heartbeat = %s, steps = %s WHERE id = %s AND status = %s RETURNING steers",
-                [heartbeat, self.steps, self.pk, Run.Status.RUNNING],
-            )
+            cursor.execute(sql, params)
             row = cursor.fetchone()
         if row is None:
             return False
@@ -757,13 +814,15 @@ class Run(models.Model):
         self.status, self.finished, self.error = status, now, error
         return True
 
-    # The run, its claimed messages and the session in one statement, the run first; updating the
+    # The run (its checkpoint is of no use once it ended: the session has the transcript), its
+    # claimed messages and the session in one statement, the run first; updating the
     # session takes its row lock (ordering this against add_message and cancel), as SELECT ... FOR
     # UPDATE did. The messages and the session change only if the run did (``FROM r``).
     _FINISH = """
     WITH r AS (
-        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s
-        WHERE id = %(id)s AND status = %(running)s
+        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s,
+            checkpoint = '{{}}'
+        WHERE id = %(id)s AND status = %(running)s AND attempt = %(attempt)s
         RETURNING id, session_id
     ),
     m AS (
@@ -785,9 +844,9 @@ class Run(models.Model):
         """None when the run was not running; else its team's id and concurrency limit."""
         from django.db import connection
 
-        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING)
+        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
         if connection.vendor != "postgresql":
-            if not changed.update(status=status, finished=now, error=error, steps=self.steps):
+            if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return None
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
             Session.objects.select_for_update().filter(pk=self.session_id).exists()
@@ -815,6 +874,7 @@ class Run(models.Model):
             now=now,
             error=error,
             steps=self.steps,
+            attempt=self.attempt,
             running=Run.Status.RUNNING,
             message_status=message_status,
             claimed=Message.Status.CLAIMED,
@@ -826,8 +886,19 @@ class Run(models.Model):
             row = cursor.fetchone()
         return (row[3], row[4]) if row and row[0] else None
 
-    def add_usage(self, input_tokens: int, output_tokens: int, cached_tokens: int, cost: Decimal) -> None:
-        """Count one model call's usage on the run and its session (one statement on Postgres)."""
+    def add_usage(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int,
+        cost: Decimal,
+        checkpoint: dict | None = None,
+    ) -> None:
+        """Count one model call's usage on the run and its session (one statement on Postgres).
+
+        ``checkpoint`` (the conversation with the model's reply) is saved on the run in the same
+        statement, so a worker lost while the reply's tools run does not ask the model again.
+        """
         from django.db import connection
 
         self.input_tokens += input_tokens
@@ -840,6 +911,7 @@ class Run(models.Model):
                 output_tokens=F("output_tokens") + output_tokens,
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
+                **({"checkpoint": checkpoint} if checkpoint is not None else {}),
             )
             Session.objects.filter(pk=self.session_id).update(
                 input_tokens=F("input_tokens") + input_tokens,
@@ -853,16 +925,21 @@ class Run(models.Model):
             "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
             "cached_tokens = t.cached_tokens + %(c)s, cost_usd = t.cost_usd + %(cost)s"
         )
+        params = {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
+                  "session": self.session_id}  # fmt: skip
+        saved = ""
+        if checkpoint is not None:  # not over the checkpoints of a later attempt (see beat)
+            saved = (
+                ", checkpoint = CASE WHEN t.attempt = %(attempt)s THEN %(checkpoint)s ELSE t.checkpoint END"
+            )
+            params["attempt"] = self.attempt
+            params["checkpoint"] = Run._meta.get_field("checkpoint").get_db_prep_save(checkpoint, connection)
         sql = (
-            f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add} WHERE t.id = %(run)s RETURNING t.id) "
+            f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s RETURNING t.id) "
             f"UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
         )
         with connection.cursor() as cursor:
-            cursor.execute(
-                sql,
-                {"i": input_tokens, "o": output_tokens, "c": cached_tokens, "cost": cost, "run": self.pk,
-                 "session": self.session_id},
-            )  # fmt: skip
+            cursor.execute(sql, params)
         self._charge_ancestors(cost)
 
     def _charge_ancestors(self, cost: Decimal) -> None:
@@ -876,6 +953,50 @@ class Run(models.Model):
             from sessions.children import charge_ancestors
 
             charge_ancestors(parent_id, cost)
+
+
+class WorkerProcess(models.Model):
+    """A ``deputies worker`` process, as it last said it was alive: /setup shows the workers' real
+    liveness from these rows (a process's own stats would only show that process)."""
+
+    name = models.CharField(max_length=200, unique=True, help_text="host:pid")
+    host = models.CharField(max_length=200)
+    pid = models.PositiveIntegerField()
+    started = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    running = models.PositiveIntegerField(default=0, help_text="Runs on it at its last beat.")
+    slots = models.PositiveIntegerField(default=0, help_text="Runs it may take at once.")
+
+    class Meta:
+        ordering = ["host", "pid"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    BEAT_SECONDS = 15  # a worker counts as gone after three missed beats
+
+    @classmethod
+    def beat(cls, name: str, host: str, pid: int, started, running: int, slots: int) -> None:
+        """One statement (INSERT ... ON CONFLICT UPDATE): cheap enough for an idle worker."""
+        row = cls(
+            name=name,
+            host=host,
+            pid=pid,
+            started=started,
+            last_seen=timezone.now(),
+            running=running,
+            slots=slots,
+        )
+        cls.objects.bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["name"],
+            update_fields=["last_seen", "running", "slots"],
+        )
+
+    @classmethod
+    def alive(cls):
+        return cls.objects.filter(last_seen__gte=timezone.now() - timedelta(seconds=3 * cls.BEAT_SECONDS))
 
 
 class Event(models.Model):
@@ -924,6 +1045,7 @@ def artifact_path(instance: Artifact, filename: str) -> str:
 class Artifact(models.Model):
     class Kind(models.TextChoices):
         DIFF = "diff"
+        CHECKPOINT = "checkpoint"  # the workspace's diff against the base commit, mid-run
         LOG = "log"
         FILE = "file"
         TOOL_OUTPUT = "tool_output"

@@ -104,9 +104,10 @@ def resolve(url: str, branch: str) -> str | None:
 
 
 def _ls_remote(url: str, branch: str) -> str | None:
-    from sessions.runner import git
+    from sessions.runner import git, repository_source
 
-    out = git("ls-remote", "--", url, f"refs/heads/{branch}")
+    source = repository_source(url)
+    out = git("ls-remote", "--", source.url, f"refs/heads/{branch}", source=source)
     for line in out.splitlines():
         sha, _, ref = line.partition("\t")
         if ref == f"refs/heads/{branch}":
@@ -116,7 +117,7 @@ def _ls_remote(url: str, branch: str) -> str | None:
 
 def template(url: str, branch: str, commit: str) -> Path:
     """The clone of ``url`` at ``commit`` (HEAD detached), made once per host."""
-    from sessions.runner import git
+    from sessions.runner import git, repository_source
 
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     path = cache_root() / f"{key}-{commit}"
@@ -134,9 +135,10 @@ def template(url: str, branch: str, commit: str) -> Path:
             tree = tmp / "tree"
             # --no-local: objects arrive as one pack even from a local path (fewer files to upload);
             # --template=: no sample hooks.
+            source = repository_source(url)
             git(
                 "clone", "--quiet", "--no-local", "--template=", "--no-checkout", "--branch", branch,
-                "--", url, str(tree),
+                "--", source.url, str(tree), source=source,
             )  # fmt: skip
             git("checkout", "--quiet", "--detach", commit, cwd=tree)
             try:

@@ -2,6 +2,13 @@
 
 The runner owns error capture so each step only does its work; a step that raises fails the run
 with the error kept on the Run, the Session and a ``run_failed`` event.
+
+Resuming: a run whose worker was lost (``Run.recover_stale``) is claimed again with the next
+attempt number and goes on from its checkpoint (``Run.checkpoint``, see sessions/agent/loop.py)
+after a ``run_resumed`` event. Its sandbox is reconnected when it is alive; otherwise a new one gets
+the base commit the session started from plus the session's latest saved work: the newest ``diff`` or
+``checkpoint`` artifact (the workspace's diff against that commit, redacted like every diff). The
+same restore gives a follow-up whose sandbox was reaped the work of the runs before it.
 """
 
 from __future__ import annotations
@@ -20,15 +27,17 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from sandboxes.base import SandboxHandle, SandboxSpec, get_provider
+from sandboxes.base import SandboxHandle, SandboxSpec, get_provider, secrets_withheld_reason
 from sandboxes.models import Sandbox
 from sessions import repocache
 from sessions.artifacts import store_artifact
+from sessions.cancels import CancellingHandle
 from sessions.events import emit, emit_many
-from sessions.models import Message, Run, Session
-from sessions.secrets import RedactingHandle, Redactor, SecretError
+from sessions.models import Artifact, Message, Run, Session
+from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url
+from sessions.secrets import RedactingHandle, Redactor, SecretError, sandbox_environment
 from sessions.storage import ArtifactStorageError
-from sessions.workpool import releasing_handle, releasing_llm
+from sessions.workpool import heartbeat, releasing_handle, releasing_llm
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +60,24 @@ class StepFailed(Exception):
 
 
 def git(
-    *args: str, cwd: str | Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    source: CheckedRepository | None = None,
 ) -> str:
+    """Run git on the worker, hardened: no hooks, no fsmonitor, no submodules, and no transport at
+    all unless ``source`` (a repository URL checked just before, see ``repository_source``) names
+    the one this command may use. So nothing in a repository's config, a redirect or a submodule
+    can make git reach a place nobody checked. Without ``cwd`` git runs in ``/``, never inside
+    whatever repository the worker was started from (its config could set ``core.sshCommand``)."""
     base_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/tmp"),
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_CONFIG_NOSYSTEM": "1",
+        # Protocols marked "user" (file, by default) are never allowed: only the list below counts.
+        "GIT_PROTOCOL_FROM_USER": "0",
         "GIT_AUTHOR_NAME": "Deputies",
         "GIT_AUTHOR_EMAIL": "deputies@localhost",
         "GIT_COMMITTER_NAME": "Deputies",
@@ -65,10 +85,19 @@ def git(
         "LC_ALL": "C",
         **(env or {}),
     }
-    hardening = ["-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+    config = [
+        "safe.directory=*",
+        "core.hooksPath=/dev/null",
+        "core.fsmonitor=false",
+        "protocol.ext.allow=never",
+        "submodule.recurse=false",
+        "fetch.recurseSubmodules=false",
+        *(source.git_config() if source is not None else ["protocol.allow=never"]),
+    ]
+    hardening = [arg for value in config for arg in ("-c", value)]
     proc = subprocess.run(
         ["git", *hardening, *args],
-        cwd=cwd,
+        cwd=cwd if cwd is not None else "/",
         env=base_env,
         capture_output=True,
         text=True,
@@ -77,6 +106,16 @@ def git(
     if proc.returncode != 0:
         raise StepFailed(f"git {args[0]} failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
     return proc.stdout
+
+
+def repository_source(url: str) -> CheckedRepository:
+    """Check a stored repository URL again, right before git talks to it: DNS may have changed
+    since it was submitted, and rows older than the rules (or than a settings change) are refused
+    here with the reason as the run's error."""
+    try:
+        return check_repository_url(url)
+    except RepositoryRefused as exc:
+        raise StepFailed(f"the repository {url!r} is refused: {exc}") from None
 
 
 def claim(run_id: int) -> tuple[Run | None, str]:
@@ -202,6 +241,9 @@ class Runner:
         # repository_ready); written, in order, before any other event of the run.
         self.held: list[tuple[str, dict]] = []
         self.hold_sandbox_ready = False  # execute() sets it: repository_ready always follows there
+        self.reconnected = False  # the sandbox was alive and reused
+        self.restored: Artifact | None = None  # the saved work a new sandbox was given
+        self.unsaved_steps = 0  # steps that may have changed the workspace since its last checkpoint
 
     def emit(self, type: str, payload: dict) -> None:
         if self.held:
@@ -216,16 +258,38 @@ class Runner:
             emit_many(self.session.pk, held, run_id=self.run.pk)
 
     def execute(self) -> str:
+        """Run the steps while this process keeps the run's lease (one heartbeat for all its runs)."""
+        with heartbeat().beating(self.run.pk):
+            return self.run_steps()
+
+    def run_steps(self) -> str:
         result = None
         try:
             pristine = False  # the workspace is exactly the base commit
             self.hold_sandbox_ready = True
             fresh = self.provision_sandbox()
             if fresh or self.sandbox.prepared is None:
-                self.prepare_repository()
+                saved = self.saved_work()
+                self.prepare_repository(commit=self.base_commit() if saved is not None else None)
                 self.run_setup_script()
-                pristine = not (self.checkout_dir() / SETUP_SCRIPT).exists()
+                if saved is not None:
+                    self.restore_workspace(saved)
+                pristine = saved is None and not (self.checkout_dir() / SETUP_SCRIPT).exists()
                 Sandbox.objects.filter(pk=self.sandbox.pk).update(prepared=timezone.now())
+            else:
+                self.reconnected = True
+            if self.run.recovered:
+                self.flush_held()
+                self.emit(
+                    "run_resumed",
+                    {
+                        "run_id": self.run.pk,
+                        "attempt": self.run.attempt,
+                        "from_step": self.run.checkpoint.get("steps", 0),
+                        "sandbox": "reconnected" if self.reconnected else "recreated",
+                        "restored_artifact_id": self.restored.pk if self.restored else None,
+                    },
+                )
             result = self.agent_loop()
             if not (pristine and self.left_workspace_alone(result)):
                 self.collect_diff()
@@ -296,10 +360,12 @@ class Runner:
             raise StepFailed(str(exc)) from None
         self.redactor = Redactor(secrets)
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
+        caps = provider.capabilities()
+        sandbox_env, withheld = sandbox_environment(env, secrets, caps)
         live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
             try:
-                self.handle = self.scrubbed(provider.connect(live.external_id))
+                self.handle = self.scrubbed(provider.connect(live.external_id, env=sandbox_env))
                 self.sandbox = live
                 return False
             except Exception as exc:
@@ -307,7 +373,6 @@ class Runner:
                 Sandbox.objects.filter(pk=live.pk).update(
                     status=Sandbox.Status.DESTROYED, destroyed=timezone.now()
                 )
-        caps = provider.capabilities()
         self.sandbox = Sandbox.objects.create(
             session=self.session,
             provider=provider.name,
@@ -317,12 +382,7 @@ class Runner:
         spec = SandboxSpec(
             session_id=self.session.pk,
             image=env.image if env else "",
-            # Bytecode caches go stale when an edit keeps size and mtime second; tests must see edits.
-            env={
-                "PYTHONDONTWRITEBYTECODE": "1",
-                **{str(k): str(v) for k, v in (env.env_vars if env else {}).items()},
-                **{s.name: s.value for s in secrets if s.sandbox_visible},
-            },
+            env=sandbox_env,
             network=env.network_policy if env else "none",
             cpu_limit=env.cpu_limit if env else None,
             memory_mb=env.memory_mb if env else None,
@@ -341,6 +401,9 @@ class Runner:
         payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
         if not caps.isolated:
             payload["reason"] = caps.reason
+        if withheld:  # names only; the run goes on without them
+            payload["secrets_withheld"] = withheld
+            payload["secrets_withheld_reason"] = secrets_withheld_reason(caps)
         if self.hold_sandbox_ready:
             self.held.append(("sandbox_ready", payload))  # written with repository_ready (or the failure)
         else:
@@ -348,19 +411,22 @@ class Runner:
         return True
 
     def scrubbed(self, handle: SandboxHandle) -> SandboxHandle:
-        """What the sandbox says passes through the secrets' redactor before anyone sees it."""
+        """What the sandbox says passes through the secrets' redactor before anyone sees it, and its
+        commands are killed as soon as the run is cancelled (sessions/cancels.py)."""
+        handle = CancellingHandle(handle, self.run.pk)
         return RedactingHandle(handle, self.redactor) if self.redactor else handle
 
     def checkout_dir(self) -> Path:
         return checkout_dir(self.session.pk)
 
-    def prepare_repository(self) -> None:
-        """Upload the base branch's tip on the session's branch; the worker fetches it (credentials
-        never enter the sandbox), from this host's per-commit template (sessions/repocache.py)."""
+    def prepare_repository(self, commit: str | None = None) -> None:
+        """Upload the base branch's tip (or ``commit``) on the session's branch; the worker fetches
+        it (credentials never enter the sandbox), from this host's per-commit template
+        (sessions/repocache.py)."""
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
-        commit = repocache.resolve(repo.url, self.session.base_branch)
+        commit = commit or repocache.resolve(repo.url, self.session.base_branch)
         if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
             commit = self.clone_and_upload(checkout)
         else:
@@ -380,6 +446,7 @@ class Runner:
         )
 
     def clone_and_upload(self, checkout: Path) -> str:
+        source = repository_source(self.session.repository.url)
         git(
             "clone",
             "--quiet",
@@ -387,8 +454,9 @@ class Runner:
             "--branch",
             self.session.base_branch,
             "--",
-            self.session.repository.url,
+            source.url,
             str(checkout),
+            source=source,
         )
         commit = git("rev-parse", "HEAD", cwd=checkout).strip()
         git("update-ref", BASE_REF, commit, cwd=checkout)
@@ -435,6 +503,8 @@ class Runner:
                         "timed_out": result.timed_out,
                     },
                 )
+                if result.cancelled:
+                    raise StepFailed(f"{label} was stopped: the run was cancelled")
                 if result.timed_out:
                     raise StepFailed(
                         f"{label} timed out after {timeout:g} s (DEPUTIES_SETUP_TIMEOUT); see the setup log"
@@ -455,14 +525,19 @@ class Runner:
         from sessions.agent.llm import LLMError, client_for
         from sessions.agent.loop import AgentResult, build_system_prompt, run_agent
 
-        # The claim loaded the session (repository, environment); only the transcript may be newer.
         session = self.session
-        session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
-        transcript = list(session.transcript) or [
-            {"role": "system", "content": build_system_prompt(session, self.handle)}
-        ]
-        for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
-            transcript.append({"role": "user", "content": message.content})
+        checkpoint = self.run.checkpoint
+        if checkpoint.get("transcript"):  # a recovered attempt: where the lost one got to
+            transcript = list(checkpoint["transcript"])
+            self.run.steps = checkpoint.get("steps", 0)
+        else:
+            # The claim loaded the session (repository, environment); only the transcript may be newer.
+            session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
+            transcript = list(session.transcript) or [
+                {"role": "system", "content": build_system_prompt(session, self.handle)}
+            ]
+            for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
+                transcript.append({"role": "user", "content": message.content})
         try:
             llm = releasing_llm(client_for(session.model))
         except LLMError as exc:
@@ -470,13 +545,31 @@ class Runner:
         else:
             try:  # the run's DB connection goes back to the pool while the model or a command works
                 result = run_agent(
-                    self.run, releasing_handle(self.handle), transcript, client=llm, save_steps=False
-                )  # steps are saved by every way the run ends (Run.finish)
+                    self.run,
+                    releasing_handle(self.handle),
+                    transcript,
+                    client=llm,
+                    save_steps=False,  # steps are saved by every way the run ends (Run.finish)
+                    todos=checkpoint.get("todos"),
+                    after_step=self.after_step if settings.CHECKPOINT_EVERY else None,
+                )
             finally:
                 llm.close()
         return result
 
     def collect_diff(self) -> None:
+        diff = self.workspace_diff()
+        if diff.strip():
+            store_artifact(
+                self.session.pk,
+                "diff",
+                f"session-{self.session.pk}-run-{self.run.attempt}.diff",
+                diff,
+                run_id=self.run.pk,
+                content_type="text/x-diff; charset=utf-8",
+            )
+
+    def workspace_diff(self) -> str:
         """Pull the workspace out and diff it against the base commit using the worker's own .git.
 
         Only regular files and directories come back, and the sandbox's ``.git`` is dropped: a
@@ -497,15 +590,99 @@ class Runner:
             diff = git(*trusted, "diff", "--cached", "--binary", BASE_REF, env=index)
         if self.redactor:
             diff = self.redactor.text(diff)
-        if diff.strip():
-            store_artifact(
-                self.session.pk,
-                "diff",
-                f"session-{self.session.pk}-run-{self.run.attempt}.diff",
-                diff,
-                run_id=self.run.pk,
-                content_type="text/x-diff; charset=utf-8",
+        return diff
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    def after_step(self, tools: list[str]) -> None:
+        """Save the workspace every DEPUTIES_CHECKPOINT_EVERY steps that may have changed it.
+
+        An empty diff is saved too: it says the work so far was undone, so an older one must not
+        be restored.
+        """
+        if any(name not in READ_ONLY_TOOLS for name in tools):
+            self.unsaved_steps += 1
+        if self.unsaved_steps < settings.CHECKPOINT_EVERY:
+            return
+        self.unsaved_steps = 0
+        store_artifact(
+            self.session.pk,
+            Artifact.Kind.CHECKPOINT,
+            f"session-{self.session.pk}-run-{self.run.attempt}-step-{self.run.steps}.diff",
+            self.workspace_diff(),
+            run_id=self.run.pk,
+            content_type="text/x-diff; charset=utf-8",
+        )
+
+    def saved_work(self) -> Artifact | None:
+        """The session's latest saved workspace, for a new sandbox of a session that had one before.
+
+        A session's first run (attempt 1, never recovered) has none, and asks nothing.
+        """
+        if self.run.attempt == 1:
+            return None
+        return (
+            Artifact.objects.filter(
+                session_id=self.session.pk, kind__in=(Artifact.Kind.DIFF, Artifact.Kind.CHECKPOINT)
             )
+            .order_by("-created", "-pk")
+            .first()
+        )
+
+    def base_commit(self) -> str | None:
+        """The commit the session's saved work was diffed against (its last prepared repository)."""
+        ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
+        return ready.payload["commit"] if ready is not None else None
+
+    def restore_workspace(self, artifact: Artifact) -> None:
+        """Apply a saved diff to the freshly prepared workspace.
+
+        The patch is applied on the worker, to the base tree taken from the trusted checkout (the
+        sandbox may have no git); then the files it adds or changes are uploaded and those it
+        deletes are removed in the sandbox.
+        """
+        with artifact.file.open("rb") as fh:
+            patch = fh.read()
+        self.restored = artifact
+        if not patch.strip():
+            self.emit("workspace_restored", {"artifact_id": artifact.pk, "changed": 0, "deleted": 0})
+            return
+        checkout = self.checkout_dir()
+        with tempfile.TemporaryDirectory(prefix="deputies-restore-") as tmp:
+            tree = Path(tmp) / "tree"
+            tree.mkdir()
+            (Path(tmp) / "patch").write_bytes(patch)
+            trusted = ["--git-dir", str(checkout / ".git"), "--work-tree", str(tree)]
+            index = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            git(*trusted, "read-tree", "--reset", "-u", BASE_REF, env=index)  # index and tree, stat-fresh
+            try:
+                git(*trusted, "apply", "--index", "--binary", str(Path(tmp) / "patch"), cwd=tree, env=index)
+            except StepFailed as exc:
+                raise StepFailed(
+                    f"could not restore the session's saved work (artifact {artifact.pk}) in a new sandbox: {exc}"
+                ) from None
+            status = git(*trusted, "diff-index", "--cached", "--no-renames", "--name-status", "-z", BASE_REF,
+                         env=index)  # fmt: skip
+            fields = status.split("\0")
+            changed, deleted = [], []
+            for code, path in zip(fields[0::2], fields[1::2], strict=False):
+                (deleted if code == "D" else changed).append(path)
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for path in changed:
+                    tar.add(tree / path, arcname=path, recursive=False)  # links stay links
+        if changed:
+            self.handle.put_archive(".", buffer.getvalue())
+        if deleted:
+            result = self.handle.exec(["rm", "-f", "--", *deleted], timeout=120)
+            if result.exit_code != 0:
+                raise StepFailed(
+                    f"could not restore the session's saved work: rm failed: {result.output[-500:]}"
+                )
+        self.emit(
+            "workspace_restored",
+            {"artifact_id": artifact.pk, "changed": len(changed), "deleted": len(deleted)},
+        )
 
     def restore_checkout(self, checkout: Path) -> None:
         """A follow-up on another worker host: clone again and pin the recorded base commit."""
@@ -513,13 +690,15 @@ class Runner:
         if ready is None:
             raise StepFailed("the repository was never prepared for this session")
         fresh_dir(checkout)
+        source = repository_source(self.session.repository.url)
         git(
             "clone",
             "--quiet",
             "--no-checkout",
             "--no-hardlinks",
             "--",
-            self.session.repository.url,
+            source.url,
             str(checkout),
+            source=source,
         )
         git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)

@@ -1,6 +1,10 @@
 """Environment secrets: encrypted at rest, handed to sandboxes only when marked sandbox-visible,
 and scrubbed from everything a sandbox says before it reaches events, artifacts or the model.
 
+A sandbox-visible secret reaches only the process environment of the sandbox's commands: providers
+write no values to disk, and a reconnected sandbox is given them again from these rows. An
+unisolated sandbox gets none unless the operator accepted it (``sandbox_environment``).
+
 Encryption is Fernet (AES-128-CBC + HMAC-SHA256, from ``cryptography``) under keys derived from
 ``settings.SECRETS_KEYS``: the first key encrypts, every key decrypts, so rotating is "prepend the new
 key, run ``deputies secrets reencrypt``, drop the old one".
@@ -22,7 +26,7 @@ from functools import lru_cache
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 
-from sandboxes.base import ExecResult, OutputCallback, SandboxHandle
+from sandboxes.base import Cancel, Capabilities, ExecResult, OutputCallback, SandboxHandle
 
 MIN_SECRET_LENGTH = 6
 MAX_SECRET_BYTES = 64 * 1024
@@ -74,6 +78,27 @@ class Secret:
     name: str
     value: str
     sandbox_visible: bool
+
+
+def sandbox_environment(
+    environment, secrets: list[Secret], caps: Capabilities
+) -> tuple[dict[str, str], list[str]]:
+    """The variables a sandbox's commands get, and the names of the secrets withheld from them.
+
+    Sandbox-visible secrets go only to a sandbox whose provider allows it (``caps.secrets_allowed``:
+    isolated, or unisolated by the operator's explicit choice); an unisolated sandbox could read
+    every other session's sandbox and processes, so there the run goes on without them.
+    """
+    variables = {
+        # Bytecode caches go stale when an edit keeps size and mtime second; tests must see edits.
+        "PYTHONDONTWRITEBYTECODE": "1",
+        **{str(k): str(v) for k, v in (environment.env_vars if environment else {}).items()},
+    }
+    visible = [s for s in secrets if s.sandbox_visible]
+    if not caps.secrets_allowed:
+        return variables, sorted(s.name for s in visible)
+    variables.update({s.name: s.value for s in visible})
+    return variables, []
 
 
 class Redactor:
@@ -154,11 +179,17 @@ class RedactingHandle:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        cancel: Cancel | None = None,
     ) -> ExecResult:
         scrubber = _StreamScrubber(self.redactor, on_output) if on_output else None
         try:
             result = self.inner.exec(
-                argv, cwd=cwd, env=env, timeout=timeout, on_output=scrubber.write if scrubber else None
+                argv,
+                cwd=cwd,
+                env=env,
+                timeout=timeout,
+                on_output=scrubber.write if scrubber else None,
+                cancel=cancel,
             )
         finally:
             if scrubber:

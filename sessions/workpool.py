@@ -9,8 +9,11 @@ the queue applies back-pressure and the other worker processes (or hosts) take t
 What does not change:
 
 * Claiming is still the conditional update in ``Run.claim``: a duplicate delivery is a no-op.
-* Crash safety is the lease: a run whose process dies stops heartbeating and ``Run.recover_stale``
-  queues it again. The queue task is acknowledged once the run has *started*, not when it ends.
+* Crash safety is the lease: one thread per process (``Heartbeat``) beats for all the process's runs
+  in one statement every third of ``DEPUTIES_RUN_LEASE``, however long their steps take; a run whose
+  process dies stops heartbeating, and ``Run.recover_stale`` (every few seconds on each worker's loop)
+  queues it again, to resume from its checkpoint. The queue task is acknowledged once the run has
+  *started*, not when it ends.
 * Threads hold a database connection only while they talk to the database. On Postgres the
   connections come from Django's psycopg pool (``DEPUTIES_DB_POOL_SIZE`` per process) and a run gives
   its connection back before every model call and every sandbox command (``releasing_llm``,
@@ -18,8 +21,8 @@ What does not change:
 
 Shutdown (SIGTERM to the qcluster): the worker process stops taking tasks, then waits up to
 ``DEPUTIES_WORKER_GRACE`` seconds for its runs to finish. Runs still going after that are left to
-lease recovery with their heartbeat backdated, so the next recovery pass (every minute) picks them up
-once this process is gone; none is lost and none runs twice at once.
+lease recovery with their heartbeat backdated (and the process's heartbeat stopped), so the next
+recovery pass picks them up once this process is gone; none is lost and none runs twice at once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -108,6 +112,93 @@ def releasing_llm(client: Any) -> Any:
 
 def releasing_handle(handle: Any) -> Any:
     return _ReleasingHandle(handle) if pooled() else handle
+
+
+class Heartbeat:
+    """Keeps the leases of this process's runs: one UPDATE for all of them, every third of the lease.
+
+    The agent loop's own beat (one per step) also saves the checkpoint and notices cancels, but a
+    step can take as long as a command's timeout; with this the lease only has to outlast a few
+    missed beats, not the longest step, so a lost worker is noticed within a lease of its death.
+    A wedged run thread keeps its lease; its own timeouts (exec, model call, DEPUTIES_RUN_TIMEOUT at
+    the next step) end it.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.runs: dict[int, int] = {}  # run id -> holders (a duplicate delivery makes 2)
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def interval(self) -> float:
+        from django.conf import settings
+
+        return max(0.5, settings.RUN_LEASE_SECONDS / 3)
+
+    @contextmanager
+    def beating(self, run_id: int) -> Iterator[None]:
+        with self.lock:
+            self.runs[run_id] = self.runs.get(run_id, 0) + 1
+            if self.thread is None and not self.stopped.is_set():
+                self.thread = threading.Thread(target=self.loop, name="heartbeat", daemon=True)
+                self.thread.start()
+        try:
+            yield
+        finally:
+            with self.lock:
+                left = self.runs.get(run_id, 0) - 1
+                if left > 0:
+                    self.runs[run_id] = left
+                else:
+                    self.runs.pop(run_id, None)
+
+    def loop(self) -> None:
+        while not self.stopped.wait(self.interval()):
+            with self.lock:
+                ids = sorted(self.runs)
+            if ids:
+                self.beat(ids)
+
+    def beat(self, run_ids: list[int]) -> int:
+        from django.db import connection
+        from django.utils import timezone
+
+        from sessions.models import Run
+        from sessions.runner import worker_id
+
+        try:
+            return Run.objects.filter(
+                pk__in=run_ids, status=Run.Status.RUNNING, lease_owner=worker_id()
+            ).update(heartbeat=timezone.now())
+        except Exception as exc:  # the database is away: the runs' own steps say so; try again next time
+            log.warning("heartbeat for runs %s failed (%s: %s)", run_ids, type(exc).__name__, exc)
+            return 0
+        finally:
+            try:
+                connection.close()
+            except Exception:
+                log.exception("closing the heartbeat's connection")
+
+    def stop(self) -> None:
+        """No more beats from this process (it is handing its runs over)."""
+        self.stopped.set()
+        with self.lock:
+            thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+
+_heartbeat: Heartbeat | None = None
+_heartbeat_pid: int | None = None
+
+
+def heartbeat() -> Heartbeat:
+    """This process's heartbeat (made after a fork, like the pool)."""
+    global _heartbeat, _heartbeat_pid
+    with _pool_lock:
+        if _heartbeat is None or _heartbeat_pid != os.getpid():
+            _heartbeat, _heartbeat_pid = Heartbeat(), os.getpid()
+        return _heartbeat
 
 
 class RunPool:
@@ -222,8 +313,8 @@ def shutdown(pool: RunPool) -> None:
 def hand_over(run_ids: list[int]) -> None:
     """Leave runs this process cannot finish to lease recovery, as soon as the process is gone.
 
-    Their heartbeat is moved past the lease, so the next ``recover_stale_runs`` pass (a minute at most)
-    requeues them. The process exits right after this, well before that pass.
+    Their heartbeat is moved past the lease, so the next ``recover_stale_runs`` pass (a few seconds
+    on any worker) requeues them. The process exits right after this; its heartbeat stops first.
     """
     from django.conf import settings
     from django.utils import timezone
@@ -231,6 +322,7 @@ def hand_over(run_ids: list[int]) -> None:
     from sessions.models import Run
     from sessions.runner import worker_id
 
+    heartbeat().stop()
     stale = timezone.now() - timedelta(seconds=settings.RUN_LEASE_SECONDS + 1)
     try:
         count = Run.objects.filter(pk__in=run_ids, status=Run.Status.RUNNING, lease_owner=worker_id()).update(

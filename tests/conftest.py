@@ -10,6 +10,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from deputies.netguard import parse_networks
 from sessions.models import Membership, Repository, Role, Team
 
 SAMPLE_REPO = Path(__file__).resolve().parent.parent / "deputies" / "demo" / "sample_repo"
@@ -37,6 +38,32 @@ def make_git_repo(path: Path, source: Path = SAMPLE_REPO, branch: str = "main") 
 @pytest.fixture(autouse=True)
 def fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
+def no_dns(settings):
+    """User-given names resolve from /etc/hosts only: a DNS query would leave loopback (children
+    get the same from tests/live.py child_env)."""
+    settings.RESOLVE_NAMES = False
+
+
+@pytest.fixture(autouse=True)
+def local_repositories_under_tmp(settings, tmp_path_factory):
+    """The suite's repositories are made under pytest's temporary directory: allow that one root
+    (the suite runs on Postgres, where local repositories are off by default). tests/live.py hands
+    the same rules to the processes it starts."""
+    settings.ALLOW_LOCAL_REPOSITORIES = True
+    settings.LOCAL_REPOSITORY_ROOTS = (tmp_path_factory.getbasetemp().resolve(),)
+    settings.REPOSITORY_ALLOWED_NETWORKS = ()
+
+
+@pytest.fixture
+def loopback_remotes(settings):
+    """Remote repositories on loopback accepted, as an operator opens a range on purpose."""
+    settings.REPOSITORY_ALLOWED_NETWORKS = parse_networks(
+        "127.0.0.0/8", "DEPUTIES_REPOSITORY_ALLOWED_NETWORKS"
+    )
+    return settings
 
 
 @pytest.fixture

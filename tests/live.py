@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,7 +55,14 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
             "DEPUTIES_DATA_DIR": str(data_dir),
             "DEPUTIES_QUEUE_POLL": "0.05",
             "DEPUTIES_LOG_LEVEL": "WARNING",
+            "DEPUTIES_RESOLVE_NAMES": "false",  # no DNS queries: they would leave loopback
             "DJANGO_SETTINGS_MODULE": "deputies.settings",
+            # The repository rules this test runs under (tests/conftest.py), for the worker's re-check.
+            "DEPUTIES_ALLOW_LOCAL_REPOSITORIES": "true" if settings.ALLOW_LOCAL_REPOSITORIES else "false",
+            "DEPUTIES_LOCAL_REPOSITORY_ROOTS": ",".join(str(p) for p in settings.LOCAL_REPOSITORY_ROOTS),
+            "DEPUTIES_REPOSITORY_ALLOWED_NETWORKS": ",".join(
+                str(n) for n in settings.REPOSITORY_ALLOWED_NETWORKS
+            ),
         }
     )
     env.update(extra)
@@ -99,6 +107,46 @@ def worker_process(
     )
     try:
         yield proc
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def web_process(env: dict[str, str], port: int | None = None, name: str = "web") -> Iterator[str]:
+    """A real ``deputies web`` (daphne) on loopback; yields its base URL once ``/healthz`` answers.
+    Output in ``DATA_DIR/<name>.log``; SIGTERM (then SIGKILL) when the block ends."""
+    import httpx
+
+    port = port or free_port()
+    log_path = Path(env["DEPUTIES_DATA_DIR"]) / f"{name}.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "deputies"), "web", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(answers, timeout=30, what="daphne to answer")
+        yield base
     finally:
         stop_process(proc)
         log.close()

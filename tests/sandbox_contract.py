@@ -16,13 +16,14 @@ import os
 import secrets
 import socket
 import tarfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from django.conf import settings
 
-from sandboxes.base import ExecResult, PathEscape, SandboxError, SandboxSpec
+from sandboxes.base import CANCELLED_EXIT_CODE, Cancel, ExecResult, PathEscape, SandboxError, SandboxSpec
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 
@@ -184,6 +185,42 @@ class SandboxContract:
         assert result.exit_code == 124
         wait_until(lambda: not live_processes_with(marker), message="the sleeps to be killed")
 
+    def test_it_kills_the_whole_process_tree_within_two_seconds_of_a_cancel(self, sandbox):
+        marker = unique_sleep()
+        cancel = Cancel()
+        cancelled_at: list[float] = []
+
+        def cancel_once_running() -> None:
+            wait_until(lambda: len(live_processes_with(marker)) >= 2, timeout=30, message="the sleeps")
+            cancelled_at.append(time.monotonic())
+            cancel.set()
+
+        thread = threading.Thread(target=cancel_once_running)
+        thread.start()
+        result = shell(sandbox, f"echo started; sleep {marker} & sleep {marker}", timeout=120, cancel=cancel)
+        returned = time.monotonic()
+        thread.join()
+        assert (result.cancelled, result.timed_out, result.exit_code) == (True, False, CANCELLED_EXIT_CODE)
+        assert result.stdout == "started\n"
+        assert returned - cancelled_at[0] < 2, (
+            f"exec returned {returned - cancelled_at[0]:.2f} s after the cancel"
+        )
+        wait_until(lambda: not live_processes_with(marker), timeout=0.5, message="the sleeps to be killed")
+        assert shell(sandbox, "echo still usable").stdout == "still usable\n"  # the sandbox itself lives
+
+    def test_it_starts_nothing_under_a_cancel_already_set(self, sandbox):
+        cancel = Cancel()
+        cancel.set()
+        result = shell(sandbox, "touch ran", cancel=cancel)
+        assert (result.cancelled, result.exit_code) == (True, CANCELLED_EXIT_CODE)
+        assert shell(sandbox, "test -e ran").exit_code != 0
+
+    def test_it_does_not_call_a_command_that_ended_on_its_own_cancelled(self, sandbox):
+        cancel = Cancel()
+        result = shell(sandbox, "echo done", cancel=cancel)
+        cancel.set()
+        assert (result.cancelled, result.exit_code, result.stdout) == (False, 0, "done\n")
+
     def test_it_does_not_wait_for_background_processes_holding_the_output(self, sandbox):
         marker = unique_sleep()
         started = time.monotonic()
@@ -300,6 +337,18 @@ class SandboxContract:
         assert again.id == sandbox.id
         assert again.read_file("note.txt") == b"kept"
         assert shell(again, "cat note.txt").stdout == "kept"
+
+    def test_it_is_given_the_environment_again_on_connect_and_keeps_no_values(self, provider):
+        value = "canary-" + secrets.token_hex(8)
+        handle = provider.create(SandboxSpec(session_id=7, env={"API_TOKEN": value}))
+        try:
+            script = 'echo "t=${API_TOKEN:-unset}"'
+            assert shell(handle, script).stdout == f"t={value}\n"
+            assert shell(provider.connect(handle.id), script).stdout == "t=unset\n"  # nothing kept to restore
+            again = provider.connect(handle.id, env={"API_TOKEN": value})
+            assert shell(again, script).stdout == f"t={value}\n"
+        finally:
+            provider.destroy(handle.id)
 
     def test_it_destroys_idempotently(self, provider):
         handle = provider.create(SandboxSpec(session_id=8))

@@ -75,7 +75,7 @@ ENDPOINTS = [
         "POST",
         "/api/v1/repositories",
         201,
-        {"team": "alpha", "name": "new", "url": "https://github.com/acme/new.git"},
+        {"team": "alpha", "name": "new", "url": "https://127.0.0.1/acme/new.git"},
         outsider=400,  # "unknown team"
     ),
     Endpoint("GET", "/api/v1/repositories/{repository}", 200),
@@ -84,7 +84,7 @@ ENDPOINTS = [
         "PUT",
         "/api/v1/repositories/{repository}",
         200,
-        {"name": "renamed", "url": "https://github.com/acme/renamed.git", "default_branch": "main"},
+        {"name": "renamed", "url": "https://127.0.0.1/acme/renamed.git", "default_branch": "main"},
     ),
     Endpoint("DELETE", "/api/v1/repositories/{spare}", 204),
     # environments
@@ -100,7 +100,7 @@ IDS = [f"{e.method} {e.path}" for e in ENDPOINTS]
 
 
 @pytest.fixture(autouse=True)
-def providers(settings, tmp_path):
+def providers(settings, tmp_path, loopback_remotes):
     settings.LLM_PROVIDERS = {
         "scripted": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": ""}
     }

@@ -33,7 +33,7 @@ SESSIONS = "/api/v1/sessions"
 
 
 @pytest.fixture(autouse=True)
-def providers(settings):
+def providers(settings, loopback_remotes):
     settings.LLM_PROVIDERS = {
         "scripted": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": ""}
     }
@@ -104,7 +104,7 @@ def test_it_starts_a_session_on_a_repository_by_id(owner, repository, django_cap
 
 def test_it_starts_a_session_from_a_repository_url(owner, team, django_capture_on_commit_callbacks):
     client = client_for(owner)
-    url = "https://github.com/acme/widgets.git"
+    url = "https://127.0.0.1/acme/widgets.git"
     first, body = start(
         client,
         {"repository_url": url, "prompt": "Go", "model": "scripted/demo"},
@@ -116,7 +116,7 @@ def test_it_starts_a_session_from_a_repository_url(owner, team, django_capture_o
         team,
         "widgets",
         url,
-        "github",
+        "git",
     )
 
     again, body = start(
@@ -127,7 +127,7 @@ def test_it_starts_a_session_from_a_repository_url(owner, team, django_capture_o
     assert again.status_code == 201
     assert body["repository"]["id"] == repository.pk  # found, not created twice
 
-    other = "https://git.example.com/other/widgets"
+    other = "git@127.0.0.2:other/widgets"
     third, body = start(
         client,
         {"repository_url": other, "prompt": "Go", "model": "scripted/demo"},
@@ -143,7 +143,7 @@ DROP = object()  # remove the key from the body
 BAD_INPUTS = [
     ("unknown repository", {"repository": 99999999}, "repository"),
     ("no repository at all", {"repository": DROP}, "repository"),
-    ("both repository and url", {"repository_url": "https://github.com/a/b"}, "repository"),
+    ("both repository and url", {"repository_url": "https://127.0.0.1/a/b"}, "repository"),
     ("repository is not a number", {"repository": "abc"}, "repository"),
     (
         "a repository_url that is not a URL",
@@ -292,7 +292,7 @@ def test_it_needs_a_team_when_the_user_can_write_in_several(
 ):
     Membership.objects.create(team=other_team, user=owner, role=Role.MEMBER)
     client = client_for(owner)
-    url = "https://github.com/acme/widgets"
+    url = "https://127.0.0.1/acme/widgets"
     response, body = start(
         client,
         {"repository_url": url, "prompt": "Go", "model": "scripted/demo"},

@@ -77,11 +77,18 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
 @pytest.mark.parametrize(
     ("args", "extra_env", "message"),
     [
-        (["run", "--repo", "/nonexistent", "x"], {}, "not a git repository"),
-        (["run", "--repo", ".", "--model", "nope/m", "x"], {}, "provider 'nope' is not configured"),
-        (["run", "--repo", ".", "--model", "foo", "x"], {}, "expected provider/model"),
+        (["run", "--repo", "/nonexistent", "x"], {}, "/nonexistent is not under a local repository root"),
+        (["run", "--repo", "/etc", "x"], {}, "--repo /etc: /etc is not under a local repository root"),
+        (["run", "--repo", "REPO/..", "x"], {}, "is not a git repository"),
         (
-            ["run", "--repo", ".", "x"],
+            ["run", "--repo", "REPO", "x"],
+            {"DEPUTIES_ALLOW_LOCAL_REPOSITORIES": "false"},
+            "DEPUTIES_ALLOW_LOCAL_REPOSITORIES is off",
+        ),
+        (["run", "--repo", "REPO", "--model", "nope/m", "x"], {}, "provider 'nope' is not configured"),
+        (["run", "--repo", "REPO", "--model", "foo", "x"], {}, "expected provider/model"),
+        (
+            ["run", "--repo", "REPO", "x"],
             {"DEPUTIES_WORKERS": "many"},
             "DEPUTIES_WORKERS='many' is not an integer",
         ),
@@ -104,7 +111,8 @@ def test_it_exits_non_zero_when_the_run_fails(tmp_path, owner, sample_repo):
         ),
     ],
 )
-def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, args, extra_env, message):
+def test_it_explains_bad_input_without_a_traceback(tmp_path, owner, sample_repo, args, extra_env, message):
+    args = [arg.replace("REPO", str(sample_repo)) for arg in args]
     result = deputies(*args, env=child_env(tmp_path, **extra_env))
     assert result.returncode == 2
     assert message in result.stderr

@@ -79,11 +79,11 @@ def test_it_queues_a_failed_callback_when_a_run_times_out(settings, owner, repos
 
 
 @pytest.mark.django_db
-def test_it_queues_a_failed_callback_when_recovery_gives_a_run_up(owner, repository):
+def test_it_queues_a_failed_callback_when_recovery_gives_a_run_up(owner, repository, settings):
     session = subscribed_session(owner, repository)
     run = session.runs.get()
     assert run.claim("lost-worker")
-    for _ in range(Run.MAX_RECOVERIES):
+    for _ in range(settings.RUN_MAX_RECOVERIES):
         Event.objects.create(session=session, seq=1000 + _, run=run, type="run_requeued", payload={})
     Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
     assert Run.recover_stale(timezone.now() - timedelta(minutes=5)) == []

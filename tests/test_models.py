@@ -72,19 +72,20 @@ def test_it_requeues_a_run_whose_worker_stopped_heartbeating(session, django_cap
     with django_capture_on_commit_callbacks(execute=True):
         assert Run.recover_stale(cutoff) == [run.pk]
     assert OrmQ.objects.count() == queued + 1  # enqueued again
-    assert Run.objects.get(pk=run.pk).status == Run.Status.QUEUED
+    requeued = Run.objects.get(pk=run.pk)
+    assert (requeued.status, requeued.attempt) == (Run.Status.QUEUED, 2)  # the next attempt resumes
     assert Run.recover_stale(cutoff) == []  # a fresh or queued run is left alone
     assert run.claim("second-worker") is True
 
 
-def test_it_fails_a_run_that_keeps_losing_its_worker(session):
+def test_it_fails_a_run_that_keeps_losing_its_worker(session, settings):
     from datetime import timedelta
 
     from django.utils import timezone
 
     run = session.runs.get()
     cutoff = timezone.now() - timedelta(minutes=15)
-    for attempt in range(Run.MAX_RECOVERIES + 1):
+    for attempt in range(settings.RUN_MAX_RECOVERIES + 1):
         run.claim(f"worker-{attempt}")
         Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
         Run.recover_stale(cutoff)
@@ -93,3 +94,25 @@ def test_it_fails_a_run_that_keeps_losing_its_worker(session):
     assert "lost" in run.error
     assert Session.objects.get(pk=session.pk).status == "failed"
     assert Event.objects.filter(session=session, type="run_failed").exists()
+
+
+def test_it_resumes_a_recovered_run_without_taking_the_follow_ups_sent_meanwhile(session):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    run = Run.objects.get(pk=session.runs.get().pk)
+    assert run.claim("lost-worker") and run.recovered is False
+    first_start = run.started
+    follow_up = session.add_message("and also this")  # while the run is active: it waits
+    Run.objects.filter(pk=run.pk).update(heartbeat=timezone.now() - timedelta(hours=1))
+    assert Run.recover_stale(timezone.now() - timedelta(minutes=15)) == [run.pk]
+
+    again = Run.objects.get(pk=run.pk)
+    assert again.claim("second-worker") is True
+    assert (again.recovered, again.attempt, again.started) == (True, 2, first_start)
+    follow_up.refresh_from_db()
+    assert follow_up.status == "pending" and follow_up.run_id is None  # for the next run
+    assert list(session.messages.filter(status="claimed").values_list("position", flat=True)) == [1]
+    started = Event.objects.filter(session=session, type="run_started").order_by("seq")
+    assert [e.payload["attempt"] for e in started] == [1, 2]

@@ -98,3 +98,11 @@ def test_it_ignores_proxies_from_the_environment(receiver, monkeypatch):
         assert client.post(url + "/p").status_code == 302
     assert hits == ["/p"]
     assert isinstance(client, httpx.Client)
+
+
+def test_it_resolves_from_the_hosts_file_only_when_dns_is_off(settings):
+    settings.RESOLVE_NAMES = False  # as in every test: a DNS query would leave loopback
+    with pytest.raises(UnsafeAddress, match="loopback"):
+        check_url("http://localhost:9/hook")  # /etc/hosts knows it
+    with pytest.raises(UnsafeAddress, match="DEPUTIES_RESOLVE_NAMES=false"):
+        check_url("https://deputies-test.invalid/hook")

@@ -292,10 +292,10 @@ def test_it_starts_a_session_from_the_form(owner, repository, django_capture_on_
     assert session.messages.get().content == "Make the failing test pass"
 
 
-def test_it_starts_a_session_on_a_new_clone_url(owner, team):
+def test_it_starts_a_session_on_a_new_clone_url(owner, team, loopback_remotes):
     response = browser(owner).post(
         reverse("session-new"),
-        {"repository_url": "https://github.com/acme/widgets.git", "prompt": "Hi", "base_branch": "dev"},
+        {"repository_url": "https://127.0.0.1/acme/widgets.git", "prompt": "Hi", "base_branch": "dev"},
     )
     session = Session.objects.get()
     assert response.status_code == 302
@@ -319,11 +319,12 @@ def field_errors(html: str, field: str) -> str:
         ({"model": "other/x"}, "model", "Unknown provider"),
         ({"base_branch": "bad..branch"}, "base_branch", "is not a valid branch name"),
         ({"repository": ""}, "repository", "This field is required"),
-        ({"repository_url": "not a url"}, "repository_url", "Expected a clone URL"),
-        ({"repository_url": "https://example.com/x.git"}, "repository", "not both"),
+        ({"repository_url": "not a url"}, "repository_url", "Not a git URL"),
+        ({"repository_url": "/etc"}, "repository_url", "not under a local repository root"),
+        ({"repository_url": "https://127.0.0.1/x.git"}, "repository", "not both"),
     ],
 )
-def test_it_shows_validation_errors_at_the_field(owner, repository, data, field, words):
+def test_it_shows_validation_errors_at_the_field(owner, repository, data, field, words, loopback_remotes):
     body = {"repository": repository.pk, "prompt": "Do it", "model": "scripted/demo", **data}
     response = browser(owner).post(reverse("session-new"), body)
     assert response.status_code == 400

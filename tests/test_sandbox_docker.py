@@ -275,9 +275,22 @@ def test_it_keeps_the_workspace_when_the_container_restarts(docker_provider):
     try:
         handle.write_file("kept.txt", b"still here")
         engine_client().api.stop(handle.id, timeout=5)
-        again = docker_provider.connect(handle.id)  # starts it again
+        again = docker_provider.connect(handle.id, env={"GREETING": "hi"})  # starts it again
         assert again.read_file("kept.txt") == b"still here"
         assert shell(again, "echo $GREETING; touch more").stdout == "hi\n"
+    finally:
+        docker_provider.destroy(handle.id)
+
+
+def test_it_keeps_the_specs_values_out_of_the_containers_configuration(docker_provider):
+    value = "canary-" + os.urandom(8).hex()
+    handle = docker_provider.create(SandboxSpec(session_id=1, env={"API_TOKEN": value}))
+    try:
+        assert shell(handle, "echo $API_TOKEN").stdout == f"{value}\n"
+        # What `docker inspect` shows, and what the engine keeps on its disk.
+        info = engine_client().api.inspect_container(handle.id)
+        assert value not in repr(info)
+        assert not any(e.startswith("API_TOKEN=") for e in info["Config"]["Env"])
     finally:
         docker_provider.destroy(handle.id)
 

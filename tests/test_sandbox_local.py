@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tarfile
@@ -146,12 +147,30 @@ def test_it_destroys_read_only_trees_left_by_the_sandbox(no_isolation, settings)
     assert not (Path(settings.SANDBOX_ROOT) / handle.id).exists()
 
 
-def test_it_keeps_the_env_from_the_spec_across_connect(no_isolation):
-    handle = no_isolation.create(SandboxSpec(session_id=1, env={"GREETING": "hi"}))
-    again = no_isolation.connect(handle.id)
-    assert again.exec(["sh", "-c", "echo $GREETING"]).stdout == "hi\n"
+def files_holding(root: Path, value: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and value.encode() in p.read_bytes()]
+
+
+def test_it_writes_the_envs_names_but_never_its_values(no_isolation, settings):
+    value = "canary-" + os.urandom(8).hex()
+    handle = no_isolation.create(SandboxSpec(session_id=1, env={"API_TOKEN": value, "GREETING": "hi"}))
+    assert handle.exec(["sh", "-c", "echo $API_TOKEN"]).stdout == f"{value}\n"
     meta = Path(handle.host_workspace).parent / "sandbox.json"
     assert meta.stat().st_mode & 0o077 == 0
+    assert json.loads(meta.read_text())["env_names"] == ["API_TOKEN", "GREETING"]
+    assert files_holding(Path(settings.SANDBOX_ROOT), value) == []
+    assert no_isolation.logs(handle.id).details["environment variables"] == "API_TOKEN, GREETING"
+
+
+def test_it_drops_the_values_an_older_version_wrote_when_it_connects(no_isolation, settings):
+    value = "canary-" + os.urandom(8).hex()
+    handle = no_isolation.create(SandboxSpec(session_id=1))
+    meta = Path(handle.host_workspace).parent / "sandbox.json"
+    meta.write_text(json.dumps({"session_id": 1, "network": "none", "env": {"API_TOKEN": value}}))
+    again = no_isolation.connect(handle.id, env={"API_TOKEN": value})
+    assert again.exec(["sh", "-c", "echo $API_TOKEN"]).stdout == f"{value}\n"
+    assert json.loads(meta.read_text()) == {"session_id": 1, "network": "none", "env_names": ["API_TOKEN"]}
+    assert files_holding(Path(settings.SANDBOX_ROOT), value) == []
 
 
 def test_it_writes_nothing_outside_the_workspace(no_isolation, tmp_path):

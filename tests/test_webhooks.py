@@ -248,34 +248,41 @@ def test_it_needs_a_repository_when_the_source_has_no_default(team):
     assert "no default" in response.json()["errors"]["repository"][0]
 
 
-def test_it_finds_the_repository_by_name_or_url(team, token_source):
+def test_it_finds_the_repository_by_name_or_url(team, token_source, loopback_remotes):
     source, shown = token_source
-    other = Repository.objects.create(team=team, name="widgets", url="https://github.com/acme/widgets.git")
+    other = Repository.objects.create(team=team, name="widgets", url="https://127.0.0.1/acme/widgets.git")
     by_name = post(source, {"prompt": "x", "repository": "widgets"}, shown["token"])
     assert Session.objects.get(pk=by_name.json()["session"]).repository == other
-    by_url = post(
-        source, {"prompt": "y", "repository": "https://github.com/acme/widgets.git"}, shown["token"]
-    )
+    by_url = post(source, {"prompt": "y", "repository": "https://127.0.0.1/acme/widgets.git"}, shown["token"])
     assert Session.objects.get(pk=by_url.json()["session"]).repository == other
-    new = post(source, {"prompt": "z", "repository": "https://github.com/acme/gadgets.git"}, shown["token"])
+    new = post(source, {"prompt": "z", "repository": "https://127.0.0.1/acme/gadgets.git"}, shown["token"])
     assert new.status_code == 202
     assert Session.objects.get(pk=new.json()["session"]).repository.name == "gadgets"
 
 
-def test_it_keeps_requests_to_the_allowlist(team, other_team, repository, token_source):
+def test_it_keeps_requests_to_the_allowlist(team, other_team, repository, token_source, loopback_remotes):
     source, shown = token_source
-    allowed = Repository.objects.create(team=team, name="allowed", url="https://github.com/acme/allowed.git")
-    Repository.objects.create(team=team, name="other", url="https://github.com/acme/other.git")
-    Repository.objects.create(team=other_team, name="theirs", url="https://github.com/beta/theirs.git")
+    allowed = Repository.objects.create(team=team, name="allowed", url="https://127.0.0.1/acme/allowed.git")
+    Repository.objects.create(team=team, name="other", url="https://127.0.0.1/acme/other.git")
+    Repository.objects.create(team=other_team, name="theirs", url="https://127.0.0.1/beta/theirs.git")
     source.allowed_repositories.set([allowed])
     assert post(source, {"prompt": "a", "repository": "allowed"}, shown["token"]).status_code == 202
     assert post(source, {"prompt": "b"}, shown["token"]).status_code == 202  # the default is allowed
-    for refused in ("other", "https://github.com/acme/new.git", "theirs"):
+    for refused in ("other", "https://127.0.0.1/acme/new.git", "theirs"):
         response = post(source, {"prompt": "c", "repository": refused}, shown["token"])
         assert response.status_code == 400, refused
         assert list(response.json()["errors"]) == ["repository"]
     assert not Repository.objects.filter(name="new").exists()
     assert Session.objects.count() == 2
+
+
+@pytest.mark.parametrize("url", ["/etc", "http://169.254.169.254/latest/", "ssh://-oProxyCommand=id/x"])
+def test_it_refuses_an_unsafe_repository_url(token_source, url):
+    source, shown = token_source
+    response = post(source, {"prompt": "x", "repository": url}, shown["token"])
+    assert response.status_code == 400
+    assert list(response.json()["errors"]) == ["repository"]
+    assert not Session.objects.exists() and not Repository.objects.filter(url=url).exists()
 
 
 # --- dedupe and threads -----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ Public interface (``integrations.deliveries.services``; the module docstring the
   ends of the session's runs (``run.completed`` / ``run.failed`` / ``run.cancelled``), signed with
   ``secret`` (stored encrypted). Check the URL with ``deputies.netguard.check_url`` first; the address
   is checked again when connecting.
+* ``wake(queryset) -> ids``: pending deliveries that waited for something (Slack: the thread's first
+  message) become due now. ``session`` may be None for an answer that belongs to no session.
 * ``replay(delivery) -> Delivery``: send an ended delivery again (same payload, same idempotency key).
 * A new kind (Slack, GitHub): a ``senders.Sender`` subclass with ``kind`` and ``send(delivery,
   attempt) -> Outcome``, decorated with ``senders.register`` and imported by its app's ``ready()``;

@@ -73,7 +73,10 @@ class Delivery(models.Model):
         DELIVERED = "delivered"
         FAILED = "failed"
 
-    session = models.ForeignKey("agent_sessions.Session", models.CASCADE, related_name="deliveries")
+    # Empty only for an answer that belongs to no session (Slack: telling someone why nothing was queued).
+    session = models.ForeignKey(
+        "agent_sessions.Session", models.CASCADE, null=True, blank=True, related_name="deliveries"
+    )
     run = models.ForeignKey(
         "agent_sessions.Run", models.SET_NULL, null=True, blank=True, related_name="deliveries"
     )

@@ -10,6 +10,8 @@ Public interface (what integrations call):
   gets a signed callback whenever one of the session's runs ends. Validate the URL first
   (``deputies.netguard.check_url``); it is checked again on the address connected to, at send time.
   Subscribing the same URL again updates its secret and label.
+* ``wake(queryset) -> ids``: pending deliveries that waited for something (Slack: the thread's first
+  message) become due now. ``session`` may be None for an answer that belongs to no session.
 * ``replay(delivery) -> Delivery``: a new delivery with the same payload and idempotency key.
 
 Sending: ``send(delivery_id)`` (the queue task) claims a due pending row with a conditional update
@@ -134,6 +136,18 @@ def _insert(delivery: Delivery) -> bool:
     delivery.pk = row[0]
     delivery._state.adding, delivery._state.db = False, connection.alias
     return True
+
+
+def wake(deliveries) -> list[int]:
+    """Make these pending deliveries due now and queue them: what they waited for arrived (Slack:
+    the thread's first message, whose ``ts`` the later messages need). Safe to repeat."""
+    now = timezone.now()
+    with transaction.atomic():
+        ids = list(deliveries.filter(status=Delivery.Status.PENDING).values_list("pk", flat=True))
+        Delivery.objects.filter(pk__in=ids, status=Delivery.Status.PENDING).update(next_attempt=now)
+        for pk in ids:
+            _queue(pk)
+    return ids
 
 
 def subscribe(session, url: str, secret: str, *, label: str = "") -> CallbackSubscription:
@@ -319,6 +333,10 @@ def record(delivery: Delivery, outcome: Outcome, started, duration_ms: int) -> s
         )
         if not changed:
             return "superseded: recovery gave the delivery to another attempt"
+        if delivery.session_id is None:  # no timeline to note it on
+            if next_attempt is not None:
+                _queue(delivery.pk, next_attempt)
+            return status
         base = {"delivery_id": delivery.pk, "kind": delivery.kind, "target": delivery.display_target,
                 "attempt": attempt, "status_code": outcome.status_code}  # fmt: skip
         if outcome.ok:

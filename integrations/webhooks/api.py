@@ -70,6 +70,8 @@ class WebhookSourceSerializer(TeamOwnedSerializer):
             "callback_secret",
         ]
         read_only_fields = ["token_prefix", "created", "last_used"]
+        # Shown once, in the create answer (to_representation): the schema must not require them.
+        sometimes_absent = ["token", "signing_secret", "callback_secret"]
         validators: list = []
         extra_kwargs = {"slug": {"required": False}}
 

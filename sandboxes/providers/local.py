@@ -19,6 +19,13 @@ Exec semantics, shared by both modes:
 * On timeout the whole process group is killed with SIGKILL, and the result has ``timed_out=True``
   and ``exit_code=124`` (the convention of coreutils ``timeout``). A command killed by a signal for
   any other reason reports ``128 + signal``, as a shell would.
+* When the exec's ``Cancel`` is set (the run was cancelled), the group is killed the same way, at
+  once, from the thread that set it; the result has ``cancelled=True`` and ``exit_code=137``.
+
+The environment given to commands (``spec.env``, which may hold the environment's secrets) lives
+only in the handle's memory and in the children's process environment: ``sandbox.json`` keeps the
+variables' names, and ``connect(id, env=...)`` is given the values again by the worker, which
+decrypts them from the database.
 """
 
 from __future__ import annotations
@@ -37,13 +44,16 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from contextlib import ExitStack
 from io import BytesIO
 from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
 from sandboxes.base import (
+    CANCELLED_EXIT_CODE,
     LIST_FILES_LIMIT,
+    Cancel,
     Capabilities,
     ExecResult,
     OutputCallback,
@@ -154,14 +164,17 @@ def run_process(
     env: dict[str, str],
     timeout: float,
     on_output: OutputCallback | None = None,
+    cancel: Cancel | None = None,
 ) -> ExecResult:
     """Run ``argv`` in its own process group, streaming stdout and stderr, killing the group at the end.
 
     Everything happens on the calling thread with a selector (no reader threads to leak). A pidfd,
     when the kernel has them, wakes the loop as soon as the child exits even if a grandchild still
-    holds the pipes open.
+    holds the pipes open -- also when ``cancel`` killed the group from another thread.
     """
     started = time.monotonic()
+    if cancel is not None and cancel.is_set():
+        return ExecResult(CANCELLED_EXIT_CODE, "", "", cancelled=True)
     try:
         proc = subprocess.Popen(
             argv,
@@ -209,6 +222,8 @@ def run_process(
     exited = False
     drain_until = 0.0
     timed_out = False
+    hooks = ExitStack()
+    cancelled = hooks.enter_context(cancel.on_set(lambda: _kill_group(proc.pid))) if cancel else lambda: False
     try:
         while True:
             now = time.monotonic()
@@ -243,6 +258,7 @@ def run_process(
                 else:
                     selector.unregister(key.fileobj)
     finally:
+        hooks.close()  # before the child is reaped: a late kill must never reach a reused pid
         if not exited:  # an exception (e.g. from on_output) interrupted the loop
             _kill_group(proc.pid)
         returncode = proc.wait()
@@ -258,6 +274,8 @@ def run_process(
             chunks[name].append(f"\n[{dropped[name]} characters of {name} not kept by the sandbox]\n")
     if timed_out:
         exit_code = TIMEOUT_EXIT_CODE
+    elif cancelled():
+        exit_code = CANCELLED_EXIT_CODE
     elif returncode < 0:
         exit_code = 128 - returncode
     else:
@@ -268,6 +286,7 @@ def run_process(
         stderr="".join(chunks["stderr"]),
         timed_out=timed_out,
         duration=time.monotonic() - started,
+        cancelled=cancelled() and not timed_out,
     )
 
 
@@ -289,6 +308,18 @@ def _disk_usage(root: Path) -> str:
             return f"over {size:,} bytes in over {files:,} files (stopped counting at {entries:,} entries)"
     text = f"{size:,} bytes in {files:,} files"
     return f"{text} ({len(unreadable)} directories could not be read)" if unreadable else text
+
+
+def _rewrite(path: Path, meta: dict) -> None:
+    """Replace a metadata file whole (a new file renamed over it), so the old bytes are unlinked."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".meta-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(meta, fh)
+        os.replace(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise SandboxError(f"cannot rewrite {path}: {exc}") from exc
 
 
 def _check_sandbox_id(sandbox_id: str) -> None:
@@ -369,6 +400,7 @@ class LocalHandle:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        cancel: Cancel | None = None,
     ) -> ExecResult:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise SandboxError("exec needs a non-empty list of strings")
@@ -387,9 +419,10 @@ class LocalHandle:
                 raise SandboxError("bubblewrap (bwrap) is no longer installed on this worker")
             inner_cwd = str(PurePosixPath(SANDBOX_WORKSPACE) / self._relative(host_cwd))
             # bwrap's own environment is the child's: /proc/1/environ inside must hold no secrets.
-            full = [*_bwrap_args(bwrap, self.host_workspace, self.network, inner_cwd), "--", *argv]
-            return run_process(full, cwd=str(host_cwd), env=child_env, timeout=timeout, on_output=on_output)
-        return run_process(list(argv), cwd=str(host_cwd), env=child_env, timeout=timeout, on_output=on_output)
+            argv = [*_bwrap_args(bwrap, self.host_workspace, self.network, inner_cwd), "--", *argv]
+        return run_process(
+            list(argv), cwd=str(host_cwd), env=child_env, timeout=timeout, on_output=on_output, cancel=cancel
+        )
 
     # --- files ----------------------------------------------------------------------------------
 
@@ -513,7 +546,15 @@ class LocalProvider:
             isolated, reason = self._isolation()
         except SandboxError as exc:
             return Capabilities(isolated=False, network_policy=False, resource_limits=False, reason=str(exc))
-        return Capabilities(isolated=isolated, network_policy=isolated, resource_limits=False, reason=reason)
+        return Capabilities(
+            isolated=isolated,
+            network_policy=isolated,
+            resource_limits=False,
+            reason=reason,
+            # Unisolated, every sandbox (and /proc) of every team is readable by every command:
+            # secrets only when the operator said so by switching isolation off explicitly.
+            secrets_allowed=isolated or self.isolation == "none",
+        )
 
     def create(self, spec: SandboxSpec) -> LocalHandle:
         isolated, _ = self._isolation()
@@ -523,8 +564,8 @@ class LocalProvider:
         directory = self.root / sandbox_id
         try:
             (directory / "workspace").mkdir(parents=True, mode=0o700)
-            meta = {"session_id": spec.session_id, "network": spec.network, "env": dict(spec.env)}
-            # Outside the workspace, so the sandboxed process never sees it; it may hold env values.
+            # Names only: the values may be secrets, and nothing on disk may hold one.
+            meta = {"session_id": spec.session_id, "network": spec.network, "env_names": sorted(spec.env)}
             fd = os.open(directory / METADATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 json.dump(meta, fh)
@@ -532,7 +573,7 @@ class LocalProvider:
             raise SandboxError(f"cannot create the sandbox directory under {self.root}: {exc}") from exc
         return LocalHandle(sandbox_id, directory, isolated=isolated, network=spec.network, env=spec.env)
 
-    def connect(self, sandbox_id: str) -> LocalHandle:
+    def connect(self, sandbox_id: str, env: dict[str, str] | None = None) -> LocalHandle:
         _check_sandbox_id(sandbox_id)
         directory = self.root / sandbox_id
         if not (directory / "workspace").is_dir():
@@ -541,13 +582,12 @@ class LocalProvider:
             meta = json.loads((directory / METADATA_FILE).read_text())
         except (OSError, ValueError) as exc:
             raise SandboxError(f"sandbox {sandbox_id} has no readable metadata: {exc}") from exc
+        if "env" in meta:  # written by an older version, values included: keep the names only
+            meta["env_names"] = sorted(meta.pop("env") or {})
+            _rewrite(directory / METADATA_FILE, meta)
         isolated, _ = self._isolation()
         return LocalHandle(
-            sandbox_id,
-            directory,
-            isolated=isolated,
-            network=meta.get("network", "none"),
-            env=meta.get("env") or {},
+            sandbox_id, directory, isolated=isolated, network=meta.get("network", "none"), env=env or {}
         )
 
     def destroy(self, sandbox_id: str) -> None:
@@ -597,8 +637,8 @@ class LocalProvider:
             details["metadata"] = f"unreadable: {exc}"
         else:
             details["network"] = str(meta.get("network", "none"))
-            # Names only: the values may be secrets the environment handed to the sandbox.
-            details["environment variables"] = ", ".join(sorted(meta.get("env") or {})) or "none"
+            names = meta.get("env_names") or sorted(meta.get("env") or {})  # "env": an older version's
+            details["environment variables"] = ", ".join(names) or "none"
         caps = self.capabilities()
         details["isolation now"] = "bubblewrap" if caps.isolated else f"none: {caps.reason}"
         return SandboxLogs(

@@ -8,6 +8,13 @@ cancelled run (checked before every model call and between tool calls).
 The conversation is kept in the canonical (OpenAI chat) format. Every assistant tool call gets a
 ``tool`` message back, even when it was skipped, so the stored transcript is always a valid
 conversation for the follow-up run.
+
+Checkpoints, for resuming after a lost worker: the state (conversation, todo list, step count) is
+saved on the Run by statements a step makes anyway: with the model call's usage once the reply is in
+the conversation, and with the next step's heartbeat once its tool results are. A run resumed from
+the first kind has the reply's tool calls still to answer: those that finished are answered from
+their ``tool_finished`` events, the one that was running is closed as interrupted (an event with
+``interrupted: true``, a tool result telling the model), the rest are run.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -34,7 +42,7 @@ from sessions.children import NAMES as SESSION_TOOLS
 from sessions.children import execute as execute_session_tool
 from sessions.children import tool_specs as session_tool_specs
 from sessions.events import emit, emit_many
-from sessions.models import LLMCall, Run
+from sessions.models import Event, LLMCall, Run
 
 __all__ = ["AgentResult", "build_system_prompt", "run_agent"]
 
@@ -44,6 +52,10 @@ COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
 # Tools that only record what the model said (sessions/agent/tools.py): they return at once, so
 # their tool_started waits and shares one statement with what follows it.
 INSTANT_TOOLS = frozenset({"finish", "todo_write", "report_progress"})
+INTERRUPTED = (
+    "interrupted: the worker running this call stopped before it returned, so its output is lost. "
+    "It may have run partly or completely; check the workspace before running it again."
+)
 EVENT_TEXT_LIMIT = 20_000  # assistant text in one event
 EVENT_ARGUMENT_LIMIT = 2_000  # each string inside tool arguments, in events only
 ERROR_LIMIT = 2_000
@@ -66,13 +78,18 @@ def run_agent(
     model: str | None = None,
     client: LLMClient | None = None,
     save_steps: bool = True,
+    todos: list[dict[str, str]] | None = None,
+    after_step: Callable[[list[str]], None] | None = None,
 ) -> AgentResult:
     """Drive the conversation ``messages`` (canonical format, system prompt first) to an end.
 
     ``model`` overrides the session's model ("provider/model"); ``client`` replaces the client made
     from it (the caller then closes it). The run must already be claimed (status running).
     ``save_steps=False``: the caller ends the run (``Run.finish`` saves the step count), so the
-    count is not written here as well.
+    count is not written here as well. ``messages`` may be a checkpoint's conversation (with
+    ``run.steps`` and ``todos`` from it too): a reply whose tool calls are unanswered is finished first.
+    ``after_step(tools)`` is called after each step the run goes on from, with the tools it ran
+    (the runner saves the workspace there).
     """
     transcript = list(messages)
     try:
@@ -80,7 +97,7 @@ def run_agent(
     except LLMError as exc:
         return AgentResult(FAILED, transcript=transcript, error=str(exc))
     try:
-        return _Agent(run, handle, llm, transcript).loop()
+        return _Agent(run, handle, llm, transcript, todos, after_step).loop()
     finally:
         if client is None:
             llm.close()
@@ -89,7 +106,15 @@ def run_agent(
 
 
 class _Agent:
-    def __init__(self, run: Run, handle: Any, llm: LLMClient, transcript: list[dict[str, Any]]):
+    def __init__(
+        self,
+        run: Run,
+        handle: Any,
+        llm: LLMClient,
+        transcript: list[dict[str, Any]],
+        todos: list[dict[str, str]] | None = None,
+        after_step: Callable[[list[str]], None] | None = None,
+    ):
         self.run = run
         self.handle = handle
         self.llm = llm
@@ -99,6 +124,14 @@ class _Agent:
         self.tools_called: list[str] = []
         self.steers_seen = run.steers  # Run.beat reads the counter back each step
         self.tool_specs = TOOL_SPECS + session_tool_specs(run.session)  # sessions/children.py
+        self.todos = todos
+        self.after_step = after_step
+        self.answer: AttemptRecord | None = None  # the successful attempt, recorded with its reply
+        self.recorded: dict[str, dict[str, Any]] = {}  # call id -> its events from a lost attempt
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What a recovered attempt needs to go on from here (Run.checkpoint)."""
+        return {"steps": self.run.steps, "transcript": self.transcript, "todos": self.todos}
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
         emit(self.run.session_id, type, payload, run_id=self.run.pk)
@@ -112,8 +145,14 @@ class _Agent:
 
     def loop(self) -> AgentResult:
         max_steps = settings.AGENT_MAX_STEPS
-        for _ in range(max_steps):
-            if not self.run.beat():  # also persists the step count; False once cancelled
+        unanswered = self.unanswered()
+        if unanswered is not None:  # resumed mid-step: finish the step the lost attempt was in
+            calls, text = unanswered
+            if (end := self.act(calls, text)) is not None:
+                return end
+        while self.run.steps < max_steps:
+            # Also persists the step count and the checkpoint; False once cancelled.
+            if not self.run.beat(self.checkpoint()):
                 return self.result(CANCELLED, error="cancelled")
             self.take_steers()
             if problem := self.budget.problem() or self.time_problem():
@@ -125,30 +164,16 @@ class _Agent:
             except LLMError as exc:
                 return self.result(FAILED, error=str(exc))
             self.transcript.append(response.to_message())
+            if self.answer is not None:  # its usage, and the checkpoint with the reply: one statement
+                answer, self.answer = self.answer, None
+                self.save_attempt(answer, self.checkpoint())
             text = response.text.strip()
             if text:
                 self.emit("assistant_text", {"text": _clip(text, EVENT_TEXT_LIMIT)})
             if not response.tool_calls:
                 return self.result(COMPLETED, summary=text)
-            summary: str | None = None
-            for n, call in enumerate(response.tool_calls):
-                if summary is not None:
-                    self.skip(call, "not run: `finish` was called earlier in the same reply")
-                    continue
-                if n > 0 and self.run.is_cancelled():
-                    for rest in response.tool_calls[n:]:
-                        self.skip(rest, "not run: the run was cancelled")
-                    return self.result(CANCELLED, error="cancelled")
-                try:
-                    result = self.run_tool(call)
-                except SandboxError as exc:  # the sandbox itself is broken: no point going on
-                    for rest in response.tool_calls[n:]:
-                        self.skip(rest, f"not run: the sandbox failed ({exc})")
-                    return self.result(FAILED, error=f"sandbox error in {call.name}: {exc}")
-                if result is not None and result.finished:
-                    summary = (result.summary or "").strip() or text
-            if summary is not None:
-                return self.result(COMPLETED, summary=summary)
+            if (end := self.act(response.tool_calls, text)) is not None:
+                return end
         return self.result(FAILED, error=f"step limit ({max_steps}) reached")
 
     def take_steers(self) -> None:
@@ -158,6 +183,50 @@ class _Agent:
 
             self.steers_seen = self.run.steers
             take_steers(self.run, self.transcript)
+
+    def unanswered(self) -> tuple[list[ToolCall], str] | None:
+        """The last reply's tool calls when none has its result in the conversation yet (a
+        checkpoint saved with the reply), with the lost attempt's events for each of them."""
+        last = self.transcript[-1] if self.transcript else {}
+        if last.get("role") != "assistant" or not last.get("tool_calls"):
+            return None
+        calls = [
+            ToolCall(c.get("id", ""), c["function"]["name"], c["function"].get("arguments", ""))
+            for c in last["tool_calls"]
+        ]
+        events = Event.objects.filter(
+            run_id=self.run.pk,
+            type__in=("tool_started", "tool_finished"),
+            payload__call_id__in=[c.id for c in calls],
+        ).order_by("seq")
+        for event in events:
+            self.recorded.setdefault(event.payload["call_id"], {})[event.type] = event.payload
+        return calls, (last.get("content") or "").strip()
+
+    def act(self, calls: list[ToolCall], text: str) -> AgentResult | None:
+        """Run one reply's tool calls; the run's result when the step ends it, else None."""
+        summary: str | None = None
+        for n, call in enumerate(calls):
+            if summary is not None:
+                self.skip(call, "not run: `finish` was called earlier in the same reply")
+                continue
+            if n > 0 and self.run.is_cancelled():
+                for rest in calls[n:]:
+                    self.skip(rest, "not run: the run was cancelled")
+                return self.result(CANCELLED, error="cancelled")
+            try:
+                result = self.run_tool(call)
+            except SandboxError as exc:  # the sandbox itself is broken: no point going on
+                for rest in calls[n:]:
+                    self.skip(rest, f"not run: the sandbox failed ({exc})")
+                return self.result(FAILED, error=f"sandbox error in {call.name}: {exc}")
+            if result is not None and result.finished:
+                summary = (result.summary or "").strip() or text
+        if summary is not None:
+            return self.result(COMPLETED, summary=summary)
+        if self.after_step is not None:
+            self.after_step([c.name for c in calls])
+        return None
 
     def time_problem(self) -> str | None:
         """The environment's time limit, checked between steps (a command in flight keeps its own
@@ -181,7 +250,17 @@ class _Agent:
             )
 
     def record_attempt(self, record: AttemptRecord) -> None:
-        """One LLMCall row per HTTP attempt; usage and cost count only for successful ones."""
+        """One LLMCall row per HTTP attempt; usage and cost count only for successful ones.
+
+        The successful attempt is written once its reply is in the conversation (``loop``), so the
+        checkpoint with the reply shares its statement.
+        """
+        if record.outcome == LLMCall.Outcome.OK and record.usage is not None:
+            self.answer = record
+            return
+        self.save_attempt(record)
+
+    def save_attempt(self, record: AttemptRecord, checkpoint: dict[str, Any] | None = None) -> None:
         usage = record.usage
         ok = record.outcome == LLMCall.Outcome.OK and usage is not None
         cost = cost_usd(record.model_key, usage) if ok else Decimal("0")
@@ -201,7 +280,9 @@ class _Agent:
                 error=record.error[:ERROR_LIMIT],
             )
             if ok:
-                self.run.add_usage(usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost)
+                self.run.add_usage(
+                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint
+                )
                 self.emit(
                     "usage",
                     {
@@ -227,6 +308,9 @@ class _Agent:
 
         A SandboxError (the sandbox is broken, per the tools contract) propagates to the caller.
         """
+        recorded = self.recorded.pop(call.id, None)
+        if recorded:
+            return self.replay(call, recorded)
         self.tools_called.append(call.name)
         started = (
             "tool_started",
@@ -279,12 +363,35 @@ class _Agent:
             payload["artifact_id"] = artifact_id
         events.append(("tool_finished", payload))
         if result is not None and result.todos is not None:
+            self.todos = result.todos
             events.append(("todo", {"todos": result.todos}))
         if result is not None and result.progress:
             events.append(("progress", {"message": result.progress}))
         self.emit_all(events)
         self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": text})
         return result
+
+    def replay(self, call: ToolCall, recorded: dict[str, dict[str, Any]]) -> ToolResult | None:
+        """A call of the lost attempt: answered from its ``tool_finished`` (the text the model
+        would have got), or closed as interrupted when it was still running."""
+        self.tools_called.append(call.name)
+        finished = recorded.get("tool_finished")
+        if finished is None:
+            payload = {"call_id": call.id, "name": call.name, "ok": False, "output": INTERRUPTED,
+                       "truncated": False, "interrupted": True}  # fmt: skip
+            self.emit("tool_finished", payload)
+            self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": INTERRUPTED})
+            return None
+        self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": finished["output"]})
+        if call.name in INSTANT_TOOLS:  # they only record what the model said: run them again, silently
+            try:
+                result = execute_tool(self.handle, call.name, call.arguments)
+            except ToolError:
+                return None
+            if result.todos is not None:
+                self.todos = result.todos
+            return result
+        return ToolResult(ok=bool(finished.get("ok")), output=finished["output"])
 
     def truncate(self, call: ToolCall, output: str) -> tuple[str, int | None]:
         """Head and tail within TOOL_OUTPUT_LIMIT; the whole output is kept as an artifact."""

@@ -266,11 +266,18 @@ def _bash(handle, args: dict[str, Any], on_output) -> ToolResult:
         text += "\n"
     if result.timed_out:
         text += f"[timed out after {timeout:g} s: the command and its child processes were killed]\n"
+    if result.cancelled:
+        text += "[cancelled: the run was cancelled, so the command and its child processes were killed]\n"
     text += f"[exit code {result.exit_code}]"
     return ToolResult(
-        ok=result.exit_code == 0 and not result.timed_out,
+        ok=result.exit_code == 0 and not result.timed_out and not result.cancelled,
         output=text,
-        extra={"exit_code": result.exit_code, "timed_out": result.timed_out, "duration": result.duration},
+        extra={
+            "exit_code": result.exit_code,
+            "timed_out": result.timed_out,
+            "cancelled": result.cancelled,
+            "duration": result.duration,
+        },
     )
 
 
@@ -282,6 +289,8 @@ def _has_bash(handle) -> bool:
     key = str(handle.id)
     if key not in _bash_cache:
         probe = handle.exec(["sh", "-c", "command -v bash"], timeout=30)
+        if probe.cancelled:  # says nothing about the sandbox; the command will not run either
+            return False
         _bash_cache[key] = probe.exit_code == 0
         while len(_bash_cache) > 1024:
             _bash_cache.popitem(last=False)
@@ -379,6 +388,8 @@ def _grep(handle, args: dict[str, Any], on_output) -> ToolResult:
     _check_in_sandbox(handle, "grep", path)
     argv = ["grep", "-rn", "-I", "--exclude-dir=.git", "-e", args["pattern"], "--", path]
     result = handle.exec(argv, timeout=float(settings.SANDBOX_EXEC_TIMEOUT))
+    if result.cancelled:
+        raise ToolError("grep: cancelled: the run was cancelled")
     if result.timed_out:
         raise ToolError(f"grep: timed out searching {path}; search a smaller directory")
     if result.exit_code == 1 and not result.stderr.strip():

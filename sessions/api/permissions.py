@@ -55,7 +55,7 @@ def find_team(user, value: Any) -> Team | None:
     teams = readable_teams(user)
     if (pk := as_id(value)) is not None and (team := teams.filter(pk=pk).first()) is not None:
         return team
-    if isinstance(value, str) and value:
+    if isinstance(value, str) and value and "\x00" not in value:  # Postgres text cannot hold NUL
         return teams.filter(slug=value).first()
     return None
 

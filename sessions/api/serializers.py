@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from drf_spectacular.extensions import OpenApiSerializerFieldExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -29,19 +29,39 @@ from sessions.models import (
     Team,
     start_session,
 )
+from sessions.repository_urls import RepositoryRefused, check_repository_url
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH
 
 # --- shared checks --------------------------------------------------------------------------------
 
+# The shape of a clone URL or a path, to tell one from a repository's name (webhooks); whether it may
+# be used is for clean_clone_url (sessions/repository_urls.py) to say.
 CLONE_URL = re.compile(
     r"""^(?:
-        (?:https?|ssh|git|file)://\S+      # scheme URLs
+        [A-Za-z][A-Za-z0-9+.-]*://\S+      # scheme URLs
       | [\w.-]+@[\w.-]+:[^\s:]\S*          # scp-like: git@github.com:org/repo.git
       | /\S*                               # an absolute path on the worker host
     )$""",
     re.VERBOSE,
 )
 BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/+-]*$")
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, not a number turned into one: the schema says string, so ``0`` is a 400."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+@extend_schema_field({"oneOf": [{"type": "integer"}, {"type": "string"}], "description": "Team id or slug."})
+class TeamRefField(serializers.CharField):
+    """A team named by id (a number) or slug; the view resolves it before validation."""
+
+
+STRICT_TEXT_FIELDS = {models.CharField: StrictCharField, models.TextField: StrictCharField}
 
 
 def model_problem(model: str) -> str | None:
@@ -66,13 +86,11 @@ def text_problem(value: str, what: str) -> str | None:
 
 
 def clean_clone_url(value: str) -> str:
-    value = value.strip()
-    if not CLONE_URL.match(value) or value.startswith("-"):
-        raise serializers.ValidationError(
-            "Expected a clone URL (https://, ssh://, git://, file://, or git@host:path) "
-            "or an absolute path on the worker host."
-        )
-    return value
+    """The repository URL as stored: checked by the rules of sessions/repository_urls.py."""
+    try:
+        return check_repository_url(value).url
+    except RepositoryRefused as exc:
+        raise serializers.ValidationError(str(exc)) from None
 
 
 def clean_branch(value: str) -> str:
@@ -130,6 +148,7 @@ class TeamOwnedSerializer(serializers.ModelSerializer):
     """
 
     team = TeamField(required=False)
+    serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping, **STRICT_TEXT_FIELDS}
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         team = self.instance.team if self.instance else self.context["team"]
@@ -311,6 +330,8 @@ class EnvironmentSerializer(TeamOwnedSerializer):
                 raise serializers.ValidationError(f"{key!r} is not a valid environment variable name.")
             if not isinstance(item, str):
                 raise serializers.ValidationError(f"The value of {key} must be a string.")
+            if "\x00" in item:  # neither jsonb nor a process environment can hold it
+                raise serializers.ValidationError(f"The value of {key} contains a null character.")
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -422,6 +443,10 @@ class SessionSerializer(serializers.ModelSerializer):
         read_only=True, allow_null=True, help_text="The session whose agent spawned this one, or null."
     )
     children = serializers.SerializerMethodField(help_text="Child sessions its agent spawned, oldest first.")
+    # A URLField's schema says format uri, which "" (no pull request yet) is not.
+    pull_request_url = serializers.CharField(
+        read_only=True, help_text="The pull request opened for the session's branch; empty until then."
+    )
 
     class Meta:
         model = Session
@@ -523,30 +548,32 @@ def session_data(session: Session) -> ReturnDict:
 class SessionCreateSerializer(serializers.Serializer):
     """``context["team"]`` is decided by the view before validation (so a viewer gets 403 first)."""
 
-    team = serializers.CharField(
+    team = TeamRefField(
         required=False, allow_blank=True, help_text="Team id or slug; optional with one writable team."
     )
     repository = serializers.IntegerField(
         required=False, allow_null=True, min_value=1, max_value=MAX_ID, help_text="Repository id."
     )
-    repository_url = serializers.CharField(
+    repository_url = StrictCharField(
         required=False,
         allow_blank=True,
         max_length=1000,
-        help_text="Instead of repository: found or created in the team by URL.",
+        help_text="Instead of repository: found or created in the team by URL. https://, ssh://, git:// or "
+        "user@host:path to a public address (or one in DEPUTIES_REPOSITORY_ALLOWED_NETWORKS), or a path under "
+        "DEPUTIES_LOCAL_REPOSITORY_ROOTS where local repositories are allowed.",
     )
-    prompt = serializers.CharField(allow_blank=True, trim_whitespace=False)
-    base_branch = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    prompt = StrictCharField(allow_blank=True, trim_whitespace=False)
+    base_branch = StrictCharField(required=False, allow_blank=True, max_length=200)
     environment = serializers.IntegerField(
         required=False, allow_null=True, min_value=1, max_value=MAX_ID, help_text="Environment id."
     )
-    model = serializers.CharField(
+    model = StrictCharField(
         required=False,
         allow_blank=True,
         max_length=200,
         help_text="provider/model; default: the environment's, then DEPUTIES_DEFAULT_MODEL.",
     )
-    title = serializers.CharField(required=False, allow_blank=True, max_length=200)
+    title = StrictCharField(required=False, allow_blank=True, max_length=200)
     budget_usd = serializers.DecimalField(
         required=False,
         allow_null=True,
@@ -680,7 +707,7 @@ def repository_for_url(team: Team, url: str) -> Repository:
 
 
 class MessageCreateSerializer(serializers.Serializer):
-    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    content = StrictCharField(allow_blank=True, trim_whitespace=False)
     steer = serializers.BooleanField(
         default=False,
         help_text="Deliver it to the running agent before its next model call instead of queueing it "
@@ -694,7 +721,7 @@ class MessageCreateSerializer(serializers.Serializer):
 
 
 class MessageUpdateSerializer(serializers.Serializer):
-    content = serializers.CharField(allow_blank=True, trim_whitespace=False)
+    content = StrictCharField(allow_blank=True, trim_whitespace=False)
 
     validate_content = MessageCreateSerializer.validate_content
 

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from integrations.slack.api import SlackChannelViewSet
 from integrations.webhooks.api import WebhookSourceViewSet
 from sessions.api import automations, health, views
 from sessions.api.schema import Generator
@@ -23,8 +25,10 @@ router.register(
     automations.ScheduledMessageViewSet,
     basename="api-scheduled-message",
 )
+router.register("slack-channels", SlackChannelViewSet, basename="api-slack-channel")
 
 
+@csrf_exempt  # it changes nothing: an unknown path is a 404 whatever the cookies say
 def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
     """Unknown paths under /api/ answer in JSON like every other API error."""
     return JsonResponse({"detail": f"No API endpoint at {request.path}.", "code": "not_found"}, status=404)

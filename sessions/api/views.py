@@ -34,6 +34,7 @@ from sessions.api.permissions import (
     request_body,
     team_for_write,
 )
+from sessions.api.schema import bounded_int
 from sessions.limits import queue_position_sql
 from sessions.models import (
     WRITE_ROLES,
@@ -144,7 +145,7 @@ _REPOSITORY_CHECK = RepositoryCheck()
 
 def query_int(request: Request, name: str, default: int | None, minimum: int, maximum: int | None = None):
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # "?after=" is not a number either: a 400, as the schema says
         return default
     try:
         value = int(raw)
@@ -184,7 +185,7 @@ class TeamScopedMixin:
         summary="List sessions, newest first",
         parameters=[
             OpenApiParameter("status", str, enum=SessionStatus.values),
-            OpenApiParameter("repository", int, description="Repository id."),
+            OpenApiParameter("repository", bounded_int(1, MAX_ID), description="Repository id."),
             OpenApiParameter("source", str, enum=Source.values, description="Where the work came from."),
             OpenApiParameter("search", str, description="Text in the title or the messages."),
         ],
@@ -221,6 +222,8 @@ class SessionViewSet(
                 raise ValidationError({"source": [f"Expected one of {', '.join(Source.values)}."]})
             queryset = queryset.filter(source=source)
         if search := params.get("search", "").strip():
+            if "\x00" in search:  # Postgres text cannot hold it
+                raise ValidationError({"search": ["Null characters are not allowed."]})
             in_messages = Message.objects.filter(session=OuterRef("pk"), content__icontains=search)
             queryset = queryset.filter(Q(title__icontains=search) | Exists(in_messages))
         return queryset
@@ -361,11 +364,13 @@ class SessionViewSet(
         summary="Events in order, for polling",
         parameters=[
             OpenApiParameter(
-                "after", int, description="Return events with seq greater than this (default 0)."
+                "after",
+                bounded_int(0, MAX_ID),
+                description="Return events with seq greater than this (default 0).",
             ),
             OpenApiParameter(
                 "limit",
-                int,
+                bounded_int(1, EVENTS_MAX_LIMIT),
                 description=f"At most this many (default {EVENTS_DEFAULT_LIMIT}, max {EVENTS_MAX_LIMIT}).",
             ),
         ],
@@ -406,6 +411,9 @@ class PassthroughRenderer(renderers.BaseRenderer):
     def render(self, data, accepted_media_type=None, renderer_context=None):
         if isinstance(data, bytes):
             return data
+        # Only errors get here (a download is a FileResponse): say they are JSON.
+        if renderer_context and (response := renderer_context.get("response")) is not None:
+            response["Content-Type"] = "application/json"
         return json.dumps(data).encode()
 
 
@@ -428,6 +436,7 @@ class ArtifactViewSet(TeamScopedMixin, mixins.RetrieveModelMixin, viewsets.Gener
         responses={
             (200, "*/*"): OpenApiTypes.BINARY,
             302: OpenApiResponse(description="Redirect to a presigned URL in the bucket"),
+            503: OpenApiResponse(description="The artifact store cannot sign a download link."),
         },
     )
     @action(

@@ -76,9 +76,8 @@ def check_database() -> Check:
 
 def check_queue() -> Check:
     from django_q.models import Failure, OrmQ, Success
-    from django_q.status import Stat
 
-    from sessions.models import Run
+    from sessions.models import Run, WorkerProcess
 
     now = timezone.now()
     waiting = OrmQ.objects.filter(lock__lte=now)
@@ -88,28 +87,31 @@ def check_queue() -> Check:
     running = Run.objects.filter(status=Run.Status.RUNNING)
     fresh = running.filter(heartbeat__gte=now - HEARTBEAT_STALE).count()
     stale = running.filter(heartbeat__lt=now - HEARTBEAT_STALE).count()
-    try:
-        clusters = len(Stat.get_all())
-    except Exception:
-        logger.warning("setup: could not read django-q cluster stats", exc_info=True)
-        clusters = 0
+    workers = list(WorkerProcess.alive())
     details = [
         ("Tasks waiting", str(waiting.count())),
         ("Tasks being worked on", str(OrmQ.objects.filter(lock__gt=now).count())),
         ("Runs with a live heartbeat", str(fresh)),
+        ("Workers alive", str(len(workers)) if workers else "none seen in the last minute"),
+    ]
+    details += [
         (
-            "Clusters visible from this process",
-            str(clusters) if clusters else "none (stats live in a per-process cache)",
-        ),
+            f"Worker {w.name}",
+            f"seen {_ago(w.last_seen, now)}, {w.running} of {w.slots} run slots busy, up since {_ago(w.started, now)}",
+        )
+        for w in workers
+    ]
+    details += [
         ("Last task succeeded", _ago(last_success, now)),
         ("Last task failed", _ago(last_failure, now)),
     ]
+    start_one = "Start a worker: `deputies worker` (or `deputies up`, which runs one with the web server)."
     if oldest is not None and now - oldest > QUEUE_STALL:
         return Check(
             "Queue workers",
             "error",
             f"A task has waited {_seconds(now - oldest)} for a worker.",
-            "Start a worker: `deputies worker` (or `deputies up`, which runs one with the web server).",
+            start_one,
             details,
         )
     if stale:
@@ -120,14 +122,12 @@ def check_queue() -> Check:
             "A worker may have died mid-run: check the worker logs, then cancel or retry those sessions.",
             details,
         )
-    if clusters or fresh or (last_success and now - last_success < timedelta(hours=1)):
-        return Check("Queue workers", "ok", "Workers are taking tasks.", details=details)
-    return Check(
-        "Queue workers",
-        "ok",
-        "Nothing is waiting. Worker liveness shows once a task runs.",
-        details=details,
-    )
+    if workers:
+        slots = sum(w.slots for w in workers)
+        return Check(
+            "Queue workers", "ok", f"{len(workers)} worker(s) alive with {slots} run slots.", details=details
+        )
+    return Check("Queue workers", "warn", "No worker has reported in the last minute.", start_one, details)
 
 
 def check_sandbox() -> Check:
@@ -150,6 +150,7 @@ def check_sandbox() -> Check:
         ("Isolated", "yes" if caps.isolated else "no"),
         ("Network policy", "yes" if caps.network_policy else "no"),
         ("Resource limits", "yes" if caps.resource_limits else "no"),
+        ("Environment secrets", _secrets_given(caps)),
     ]
     if not health.get("ok", False):
         return Check(
@@ -160,15 +161,29 @@ def check_sandbox() -> Check:
             details,
         )
     if not caps.isolated:
-        return Check(
-            "Sandbox provider",
-            "warn",
-            f"{provider.name} runs agent commands WITHOUT isolation: {caps.reason or 'no isolation available'}",
+        summary = f"{provider.name} runs agent commands WITHOUT isolation: {caps.reason or 'no isolation available'}"
+        fix = (
             "Install bubblewrap on the worker host (`apt-get install bubblewrap`) or use "
-            "DEPUTIES_SANDBOX_PROVIDER=docker.",
-            details,
+            "DEPUTIES_SANDBOX_PROVIDER=docker."
         )
+        if caps.secrets_allowed:
+            summary += "; environment secrets are given to unisolated sandboxes (single-user trials only)."
+        else:
+            summary += "; environment secrets are withheld from its sandboxes (runs go on without them)."
+            fix = (
+                fix[:-1]
+                + "; or, for a single-user trial, set DEPUTIES_SANDBOX_ISOLATION=none to give them anyway."
+            )
+        return Check("Sandbox provider", "warn", summary, fix, details)
     return Check("Sandbox provider", "ok", f"{provider.name} is healthy and isolated.", details=details)
+
+
+def _secrets_given(caps) -> str:
+    if caps.isolated:
+        return "given" if caps.secrets_allowed else "withheld"
+    if caps.secrets_allowed:
+        return "given, without isolation (DEPUTIES_SANDBOX_ISOLATION=none)"
+    return "withheld (not isolated)"
 
 
 def check_llm() -> Check:

@@ -53,10 +53,19 @@ def notice_text(type: str, p: dict) -> str:
     if type == "child_spawned":
         return f"Started child session #{p.get('session_id')}: {p.get('title', '')} ({p.get('model', '')})"
     if type == "callback_sent":
-        return f"Callback delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
+        what = "Slack message" if p.get("kind") == "slack" else "Callback"
+        return f"{what} delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
     if type == "callback_failed":
+        what = "Slack message" if p.get("kind") == "slack" else "Callback"
         then = f"retrying in {p.get('retry_in')} s" if p.get("will_retry") else "giving up"
-        return f"Callback to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+        return f"{what} to {p.get('target', '')} failed (attempt {p.get('attempt')}): {p.get('error', '')}; {then}"
+    if type == "run_resumed":
+        return f"Run resumed (attempt {p.get('attempt')}) from step {p.get('from_step')}, sandbox {p.get('sandbox')}"
+    if type == "workspace_restored":
+        return (
+            f"Workspace restored from the saved work (artifact {p.get('artifact_id')}): "
+            f"{p.get('changed')} files changed, {p.get('deleted')} deleted"
+        )
     return "Run queued again: its worker was lost"
 
 
@@ -151,8 +160,17 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             item = Item("todo", event.seq, event.created, {"todos": todos, "done": done, "total": total})
         elif t == "progress":
             item = Item("progress", event.seq, event.created, {"message": p.get("message", "")})
-        elif t in ("setup_output", "setup_finished", "run_requeued", "context_compacted", "callback_sent",
-                   "callback_failed", "child_spawned"):  # fmt: skip
+        elif t in (
+            "setup_output",
+            "setup_finished",
+            "run_requeued",
+            "run_resumed",
+            "workspace_restored",
+            "context_compacted",
+            "callback_sent",
+            "callback_failed",
+            "child_spawned",
+        ):
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
             item = Item("status", event.seq, event.created, {"status": p.get("status", "")})
@@ -166,7 +184,13 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
                 "sandbox",
                 event.seq,
                 event.created,
-                {"provider": p.get("provider", ""), "isolated": p.get("isolated"), "reason": p.get("reason")},
+                {
+                    "provider": p.get("provider", ""),
+                    "isolated": p.get("isolated"),
+                    "reason": p.get("reason"),
+                    "secrets_withheld": p.get("secrets_withheld") or [],
+                    "secrets_withheld_reason": p.get("secrets_withheld_reason", ""),
+                },
             )
         elif t == "repository_ready":
             item = Item(

@@ -26,10 +26,14 @@ Exec keeps the local provider's semantics. The command runs under a small ``/bin
 starts it in its own session (``setsid``), waits for it, then kills whatever it left in its process
 group, so background processes never outlive the call or hold its output open. On timeout the worker
 kills the group from a second exec (the wrapper writes the group id under ``/run/deputies``) and the
-result is ``exit_code=124, timed_out=True``. ``/tmp`` is emptied when a command ends (unless another
+result is ``exit_code=124, timed_out=True``; a set ``Cancel`` kills it the same way, from a thread, and
+the result is ``exit_code=137, cancelled=True`` (the Engine API has no call to kill an exec: moby
+issues #9098 and #35703). ``/tmp`` is emptied when a command ends (unless another
 command is still running), as under bubblewrap where each command has its own. The environment is the
 image's plus ``HOME=/workspace``, ``LANG``, ``TERM``, the spec's and the call's variables: never the
-worker's. Output is read from the hijacked exec socket with ``select``, demultiplexed here, so a
+worker's. The spec's variables (secrets among them) are sent with each exec and kept in the handle's
+memory only, never in the container's configuration (which the engine stores on its disk and shows to
+anyone who can inspect the container); ``connect(id, env=...)`` is given them again. Output is read from the hijacked exec socket with ``select``, demultiplexed here, so a
 silent command is never cut off by the HTTP client's read timeout.
 
 Files go through the archive API. Every path is resolved inside the container by a portable

@@ -9,14 +9,24 @@ import posixpath
 import secrets
 import select
 import tarfile
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import docker
 from django.conf import settings
 
-from sandboxes.base import LIST_FILES_LIMIT, ExecResult, OutputCallback, PathEscape, SandboxError
+from sandboxes.base import (
+    CANCELLED_EXIT_CODE,
+    LIST_FILES_LIMIT,
+    Cancel,
+    ExecResult,
+    OutputCallback,
+    PathEscape,
+    SandboxError,
+)
 from sandboxes.providers.docker.engine import WORKSPACE, engine_client, engine_errors
 from sandboxes.providers.docker.scripts import EXEC_SCRIPT, FIND_SCRIPT, KILL_SCRIPT, RESOLVE_SCRIPT
 from sandboxes.providers.local import MAX_CAPTURE_CHARS, TIMEOUT_EXIT_CODE
@@ -27,6 +37,16 @@ DRAIN_GRACE = 1.0  # seconds to keep reading once the command is known to have e
 KILL_GRACE = 5.0  # after a timeout kill, how long to wait for the output stream to close
 IDLE_POLL = 1.0  # a silent command: how often to ask the engine whether it has ended
 RESOLVE_BATCH = 256  # paths per resolver exec, well under any argv limit
+
+
+def _checked_env(env: dict[str, str] | None) -> dict[str, str]:
+    environment = {}
+    for key, value in (env or {}).items():
+        key, value = str(key), str(value)
+        if not key or "=" in key or "\x00" in key + value:
+            raise SandboxError(f"invalid environment variable name {key!r}")
+        environment[key] = value
+    return environment
 
 
 def _inside(path: str) -> bool:
@@ -56,11 +76,14 @@ class Resolved:
 class DockerHandle:
     workspace = WORKSPACE
 
-    def __init__(self, sandbox_id: str, user: str):
+    def __init__(self, sandbox_id: str, user: str, env: dict[str, str] | None = None):
         self.id = sandbox_id
         self.user = user
         uid, _, gid = user.partition(":")
         self.uid, self.gid = int(uid), int(gid or uid)
+        # The spec's variables (secrets among them) go with each exec, never into the container's
+        # configuration, which the engine keeps on its disk and shows to anyone who inspects it.
+        self.env = _checked_env(env)
 
     def __repr__(self) -> str:
         return f"<DockerHandle {self.id}>"
@@ -100,7 +123,11 @@ class DockerHandle:
         try:
             self._run(["/bin/sh", "-c", KILL_SCRIPT, "deputies-kill", token])
         except SandboxError as exc:
-            log.warning("could not kill a timed-out command in %s: %s", self.id, exc)
+            log.warning("could not kill a command in %s: %s", self.id, exc)
+
+    def _kill_soon(self, token: str) -> None:
+        """The kill for a ``Cancel``: a second exec, on its own thread (``Cancel.set`` must be quick)."""
+        threading.Thread(target=self._kill, args=(token,), name=f"kill-{self.id}", daemon=True).start()
 
     def _candidate(self, path: str) -> str:
         if not isinstance(path, str) or not path or "\x00" in path:
@@ -175,18 +202,16 @@ class DockerHandle:
         env: dict[str, str] | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        cancel: Cancel | None = None,
     ) -> ExecResult:
         if not argv or not all(isinstance(a, str) and "\x00" not in a for a in argv):
             raise SandboxError("exec needs a non-empty list of strings")
         timeout = float(timeout if timeout is not None else settings.SANDBOX_EXEC_TIMEOUT)
         if timeout <= 0:
             raise SandboxError("exec timeout must be positive")
-        environment = {}
-        for key, value in (env or {}).items():
-            key, value = str(key), str(value)
-            if not key or "=" in key or "\x00" in key + value:
-                raise SandboxError(f"invalid environment variable name {key!r}")
-            environment[key] = value
+        environment = {**self.env, **_checked_env(env)}
+        if cancel is not None and cancel.is_set():
+            return ExecResult(CANCELLED_EXIT_CODE, "", "", cancelled=True)
         workdir = WORKSPACE
         if cwd not in (None, "", ".", WORKSPACE):
             where = self.resolve(cwd)
@@ -212,17 +237,21 @@ class DockerHandle:
         stream = _ExecStream(sock, on_output)
         ended = False
         timed_out = False
-        try:
-            ended, timed_out = self._pump(stream, exec_id, token, started + timeout)
-        except BaseException:
-            if not ended:  # on_output raised, or the worker is being stopped
-                self._kill(token)
-            raise
-        finally:
-            stream.close()
+        hook = cancel.on_set(lambda: self._kill_soon(token)) if cancel else nullcontext(lambda: False)
+        with hook as cancelled:
+            try:
+                ended, timed_out = self._pump(stream, exec_id, token, started + timeout, cancelled)
+            except BaseException:
+                if not ended:  # on_output raised, or the worker is being stopped
+                    self._kill(token)
+                raise
+            finally:
+                stream.close()
         stdout, stderr = stream.results()
         if timed_out:
             exit_code = TIMEOUT_EXIT_CODE
+        elif cancelled():
+            exit_code = CANCELLED_EXIT_CODE
         else:
             exit_code = self._exit_code(exec_id)
         return ExecResult(
@@ -231,10 +260,17 @@ class DockerHandle:
             stderr=stderr,
             timed_out=timed_out,
             duration=time.monotonic() - started,
+            cancelled=cancelled() and not timed_out,
         )
 
-    def _pump(self, stream: _ExecStream, exec_id: str, token: str, deadline: float) -> tuple[bool, bool]:
-        """Read until the stream closes: (ended normally, timed out)."""
+    def _pump(
+        self, stream: _ExecStream, exec_id: str, token: str, deadline: float, cancelled
+    ) -> tuple[bool, bool]:
+        """Read until the stream closes: (ended normally, timed out).
+
+        ``cancelled()`` turns true once a ``Cancel`` sent the kill (from another thread); from then
+        on, as after a timeout, the stream gets ``KILL_GRACE`` seconds to close.
+        """
         timed_out = False
         stop_at = None  # once set, read no later than this
         last_poll = time.monotonic()
@@ -242,7 +278,9 @@ class DockerHandle:
             now = time.monotonic()
             if stop_at is not None and now >= stop_at:
                 return False, timed_out
-            if not timed_out and now >= deadline:
+            if stop_at is None and cancelled():
+                stop_at = now + KILL_GRACE
+            if not timed_out and not cancelled() and now >= deadline:
                 timed_out = True
                 self._kill(token)
                 stop_at = time.monotonic() + KILL_GRACE

@@ -38,7 +38,7 @@ class DockerProvider:
     name = "docker"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(isolated=True, network_policy=True, resource_limits=True)
+        return Capabilities(isolated=True, network_policy=True, resource_limits=True, secrets_allowed=True)
 
     @property
     def api(self) -> docker.APIClient:
@@ -51,6 +51,7 @@ class DockerProvider:
         sandbox_id = f"deputies-s{spec.session_id}-{secrets.token_hex(6)}"
         volume = f"{sandbox_id}-workspace"
         user = settings.DOCKER_USER
+        handle = DockerHandle(sandbox_id, user, env=spec.env)  # checks the variables before anything exists
         labels = {str(k): str(v) for k, v in spec.labels.items()}
         labels.update(
             {
@@ -72,12 +73,8 @@ class DockerProvider:
                     user=user,
                     working_dir=WORKSPACE,
                     hostname="sandbox",
-                    environment={
-                        "HOME": WORKSPACE,
-                        "LANG": "C.UTF-8",
-                        "TERM": "dumb",
-                        **{str(k): str(v) for k, v in spec.env.items()},
-                    },
+                    # spec.env goes with each exec (DockerHandle.env), never into the container's config.
+                    environment={"HOME": WORKSPACE, "LANG": "C.UTF-8", "TERM": "dumb"},
                     labels=labels,
                     host_config=self._host_config(spec, volume, user),
                 )
@@ -88,7 +85,7 @@ class DockerProvider:
             except Exception as exc:  # keep the original error; the reaper finds what is left
                 log.warning("could not clean up the half-made sandbox %s: %s", sandbox_id, exc)
             raise
-        return DockerHandle(sandbox_id, user)
+        return handle
 
     def _host_config(self, spec: SandboxSpec, volume: str, user: str) -> dict:
         memory_mb = spec.memory_mb or settings.DOCKER_MEMORY_MB
@@ -173,7 +170,7 @@ class DockerProvider:
             except docker.errors.NotFound:
                 pass
 
-    def connect(self, sandbox_id: str) -> DockerHandle:
+    def connect(self, sandbox_id: str, env: dict[str, str] | None = None) -> DockerHandle:
         check_sandbox_id(sandbox_id)
         api = self.api
         with engine_errors(f"cannot connect to sandbox {sandbox_id}"):
@@ -188,7 +185,7 @@ class DockerProvider:
                 if state.get("Status") not in ("created", "exited"):
                     raise SandboxError(f"sandbox {sandbox_id} is {state.get('Status')}")
                 api.start(sandbox_id)
-        return DockerHandle(sandbox_id, info["Config"].get("User") or settings.DOCKER_USER)
+        return DockerHandle(sandbox_id, info["Config"].get("User") or settings.DOCKER_USER, env=env)
 
     def destroy(self, sandbox_id: str) -> None:
         check_sandbox_id(sandbox_id)

@@ -96,7 +96,9 @@ function showTodos(todos) {
 }
 
 function addArtifact(p) {
-  if (!p.artifact_id) return;
+  // Mid-run workspace checkpoints (crash resume) are the runner's, not the user's: the panel lists
+  // what the page lists on load (sessions/web/views.py shown_artifact_kinds).
+  if (!p.artifact_id || p.kind === "checkpoint") return;
   $("artifacts").append(h("li", {}, downloadLink(config.downloadUrl, p.artifact_id, p.name), " ", h("span", { class: "muted" }, `${p.kind} · ${formatSize(p.size)}`)));
   $("artifacts-empty").hidden = true;
 }

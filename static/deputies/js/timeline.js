@@ -112,6 +112,10 @@ function body(event, downloadUrl) {
       const then = p.will_retry ? `retrying in ${p.retry_in} s` : "giving up";
       return ["progress", [muted(`Callback to ${p.target || ""} failed (attempt ${p.attempt}): ${p.error || ""}; ${then}`)]];
     }
+    case "run_resumed":
+      return ["progress", [muted(`Run resumed (attempt ${p.attempt}) from step ${p.from_step}, sandbox ${p.sandbox}`)]];
+    case "workspace_restored":
+      return ["progress", [muted(`Workspace restored from the saved work (artifact ${p.artifact_id}): ${p.changed} files changed, ${p.deleted} deleted`)]];
     case "context_compacted":
       return ["progress", [muted(`Conversation compacted: ${p.elided} older outputs elided (${p.chars_before} → ${p.chars_after} characters)`)]];
     case "status":
@@ -119,7 +123,10 @@ function body(event, downloadUrl) {
     case "run_started":
       return ["run", [muted(`Run ${p.attempt ?? ""} started`)]];
     case "sandbox_ready":
-      return ["sandbox", [muted(`Sandbox ready (${p.provider || ""})`, p.isolated ? "" : [" — ", h("strong", { class: "warn-text" }, "not isolated"), p.reason ? `: ${p.reason}` : ""])]];
+      return ["sandbox", [
+        muted(`Sandbox ready (${p.provider || ""})`, p.isolated ? "" : [" — ", h("strong", { class: "warn-text" }, "not isolated"), p.reason ? `: ${p.reason}` : ""]),
+        (p.secrets_withheld || []).length ? muted(h("strong", { class: "warn-text" }, "Secrets withheld"), ` (${p.secrets_withheld.join(", ")}): ${p.secrets_withheld_reason || ""}`) : "",
+      ]];
     case "repository_ready":
       return ["repository", [muted(`Checked out ${p.base_branch || ""} at `, h("code", {}, String(p.commit || "").slice(0, 10)), " on branch ", h("code", {}, p.branch || ""))]];
     case "artifact_created":

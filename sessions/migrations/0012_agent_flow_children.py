@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agent_sessions', '0009_agent_flow_steering'),
+        ('agent_sessions', '0011_agent_flow_steering'),
     ]
 
     operations = [

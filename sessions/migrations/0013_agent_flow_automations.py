@@ -24,7 +24,7 @@ def remove_schedule(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agent_sessions', '0010_agent_flow_children'),
+        ('agent_sessions', '0012_agent_flow_children'),
         ('django_q', '0018_task_success_index'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]

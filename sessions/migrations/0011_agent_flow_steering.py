@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agent_sessions', '0008_merge_limits_webhooks'),
+        ('agent_sessions', '0010_worker_processes'),
     ]
 
     operations = [

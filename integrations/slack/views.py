@@ -1,0 +1,92 @@
+"""The HTTP transport: verify first (slack-sdk's ``SignatureVerifier``: v0 HMAC of the raw body,
+5-minute window), before anything is parsed; bad, missing or stale: 401, nothing written. Then parse
+and hand the payload to handler.py, the same code Socket Mode uses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import parse_qs
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+from slack_sdk.signature import SignatureVerifier
+
+from integrations.slack import handler
+
+log = logging.getLogger(__name__)
+
+
+def _verified(request: HttpRequest) -> bytes | JsonResponse:
+    if not settings.SLACK_SIGNING_SECRET:
+        return JsonResponse(
+            {"detail": "Slack over HTTP is not configured: set DEPUTIES_SLACK_SIGNING_SECRET."}, status=503
+        )
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        return JsonResponse({"detail": "The body is too large."}, status=413)
+    timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+    signature = request.headers.get("X-Slack-Signature", "")
+    if not timestamp or not signature:
+        return JsonResponse({"detail": "Missing X-Slack-Request-Timestamp or X-Slack-Signature."}, status=401)
+    try:
+        valid = SignatureVerifier(settings.SLACK_SIGNING_SECRET).is_valid(body, timestamp, signature)
+    except ValueError:  # a timestamp that is not a number
+        valid = False
+    if not valid:
+        return JsonResponse({"detail": "Bad or stale Slack signature."}, status=401)
+    return body
+
+
+def _form(body: bytes) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+
+
+def _bad(field: str, why: str) -> JsonResponse:
+    return JsonResponse({"detail": f"Invalid input: {field}.", "errors": {field: [why]}}, status=400)
+
+
+@csrf_exempt
+@require_POST
+def events(request: HttpRequest) -> JsonResponse:
+    body = _verified(request)
+    if isinstance(body, JsonResponse):
+        return body
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return _bad("body", "Not valid JSON.")
+    if not isinstance(data, dict):
+        return _bad("body", "Expected a JSON object.")
+    answer = handler.handle_event(data, retry_num=request.headers.get("X-Slack-Retry-Num"))
+    return JsonResponse(answer.body, status=answer.status)
+
+
+@csrf_exempt
+@require_POST
+def commands(request: HttpRequest) -> JsonResponse:
+    body = _verified(request)
+    if isinstance(body, JsonResponse):
+        return body
+    answer = handler.handle_command(_form(body))
+    return JsonResponse(answer.body, status=answer.status)
+
+
+@csrf_exempt
+@require_POST
+def interactive(request: HttpRequest) -> JsonResponse:
+    body = _verified(request)
+    if isinstance(body, JsonResponse):
+        return body
+    try:
+        payload = json.loads(_form(body).get("payload") or "")
+    except ValueError:
+        return _bad("payload", "Not valid JSON.")
+    if not isinstance(payload, dict):
+        return _bad("payload", "Expected a JSON object.")
+    answer = handler.handle_interaction(payload)
+    return JsonResponse(answer.body, status=answer.status)
