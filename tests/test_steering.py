@@ -102,7 +102,7 @@ def test_it_edits_and_cancels_a_pending_follow_up_until_a_run_picks_it(running, 
     empty = api.patch(messages_url(session, message_id), {"content": "  "}, format="json")
     assert empty.status_code == 400 and "content" in empty.json()["errors"]
 
-    listed = api.get(messages_url(session)).json()
+    listed = api.get(messages_url(session)).json()["results"]
     assert [(m["position"], m["status"]) for m in listed] == [(1, "claimed"), (2, "pending")]
 
     cancelled = api.delete(messages_url(session, message_id))

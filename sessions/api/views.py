@@ -300,8 +300,8 @@ class SessionViewSet(
     def messages(self, request: Request, pk: str | None = None) -> Response:
         session = self.get_object()
         if request.method == "GET":
-            queryset = session.messages.select_related("author").order_by("position")
-            return Response(s.MessageSerializer(queryset, many=True).data)
+            page = self.paginate_queryset(session.messages.select_related("author").order_by("position"))
+            return self.get_paginated_response(s.MessageSerializer(page, many=True).data)
         serializer = s.MessageCreateSerializer(data=request_body(request.data))
         serializer.is_valid(raise_exception=True)
         if session.status == SessionStatus.ARCHIVED:
