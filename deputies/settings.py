@@ -284,6 +284,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "deepLinking": True, "displayOperationId": False},
+    # Several models have a `status`; these keep the enums' names stable as serializers are added.
+    "ENUM_NAME_OVERRIDES": {
+        "SessionStatusEnum": "sessions.models.SessionStatus",
+        "MessageCreatedStatusEnum": "sessions.models.Message.Status",
+        "ScheduledMessageStatusEnum": "sessions.automations.ScheduledMessage.Status",
+    },
     # Request bodies get their own components: what a client sends (secrets as {NAME: change}, write-only
     # fields, non-blank strings) differs from what it reads back.
     "COMPONENT_SPLIT_REQUEST": True,
@@ -467,6 +473,12 @@ TOOL_OUTPUT_LIMIT = envint("DEPUTIES_TOOL_OUTPUT_LIMIT", 16000, minimum=256)
 # Characters of conversation sent to the model (~4 per token); older tool output is elided past it.
 CONTEXT_CHARS = envint("DEPUTIES_CONTEXT_CHARS", 400_000, minimum=10_000)
 MAX_PROMPT_CHARS = envint("DEPUTIES_MAX_PROMPT_CHARS", 100_000, minimum=1)
+# Child sessions (sessions/children.py): how deep they may nest (0: agents cannot spawn any) and how
+# many one session may spawn in all; a child's spend counts against its parent's budget.
+CHILD_MAX_DEPTH = envint("DEPUTIES_CHILD_MAX_DEPTH", 2, minimum=0)
+CHILD_MAX_PER_SESSION = envint("DEPUTIES_CHILD_MAX_PER_SESSION", 5, minimum=1)
+# Longest a wait_sessions call may wait (seconds); the model may ask for less.
+CHILD_WAIT_TIMEOUT = envint("DEPUTIES_CHILD_WAIT_TIMEOUT", 3600, minimum=1)
 # Largest request body (bytes) Django reads; a larger one is a 413 (sessions/api/errors.py). The default
 # admits the longest allowed prompt however it is encoded: one character is at most 12 bytes on the wire
 # (a JSON-escaped surrogate pair "\ud83d\ude00", or "%F0%9F%98%80" in a form), plus room for the rest.

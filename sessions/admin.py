@@ -10,6 +10,7 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
+from sessions.automations import Automation, AutomationFiring, ScheduledMessage, cron_problem, zone_problem
 from sessions.budgets import team_month_spend
 from sessions.limits import wake_after_commit, wake_waiting_runs
 from sessions.models import (
@@ -225,14 +226,24 @@ class EnvironmentAdmin(admin.ModelAdmin):
 
 class MessageInline(ReadOnlyInline):
     model = Message
-    fields = ["position", "status", "author", "content", "run", "created"]
+    fields = ["position", "status", "steer", "author", "content", "run", "created"]
     readonly_fields = fields
     ordering = ["position"]
 
 
 class RunInline(ReadOnlyInline):
     model = Run
-    fields = ["attempt", "status", "lease_owner", "started", "finished", "steps", "cost_usd", "error"]
+    fields = [
+        "attempt",
+        "status",
+        "lease_owner",
+        "started",
+        "finished",
+        "steps",
+        "waiting",
+        "cost_usd",
+        "error",
+    ]
     readonly_fields = fields
     ordering = ["attempt"]
 
@@ -269,7 +280,7 @@ class SessionAdmin(admin.ModelAdmin):
         "created",
     ]
     list_display_links = ["id", "title"]
-    list_filter = ["status", "source", "team", "model"]
+    list_filter = ["status", "source", "team", "model", "depth"]
     search_fields = ["title", "summary", "branch", "pull_request_url", "repository__name"]
     date_hierarchy = "created"
     list_select_related = ["team", "repository", "created_by"]
@@ -296,6 +307,9 @@ class SessionAdmin(admin.ModelAdmin):
         "cached_tokens",
         "cost_usd",
         "last_seq",
+        "parent",
+        "depth",
+        "children_cost_usd",
         "created",
         "updated",
         "finished",
@@ -550,3 +564,122 @@ class WorkerProcessAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+# --- automations (sessions/automations.py) ------------------------------------------------------
+
+
+class AutomationAdminForm(forms.ModelForm):
+    class Meta:
+        model = Automation
+        fields = [
+            "team",
+            "name",
+            "cron",
+            "timezone",
+            "prompt",
+            "repository",
+            "environment",
+            "model",
+            "created_by",
+        ]
+
+    def clean_cron(self) -> str:
+        value = " ".join(self.cleaned_data["cron"].split())
+        if problem := cron_problem(value):
+            raise forms.ValidationError(problem)
+        return value
+
+    def clean_timezone(self) -> str:
+        value = self.cleaned_data["timezone"].strip()
+        if problem := zone_problem(value):
+            raise forms.ValidationError(problem)
+        return value
+
+    def clean(self):
+        data = super().clean()
+        team = data.get("team")
+        for name in ("repository", "environment"):
+            value = data.get(name)
+            if team is not None and value is not None and value.team_id != team.pk:
+                self.add_error(name, f"It belongs to another team than {team}.")
+        return data
+
+
+class AutomationFiringInline(ReadOnlyInline):
+    model = AutomationFiring
+    fields = ["due_at", "fired_at", "session", "skipped"]
+    readonly_fields = fields
+    ordering = ["-due_at"]
+    show_change_link = False
+
+    def get_queryset(self, request: HttpRequest):
+        return super().get_queryset(request).select_related("session")
+
+
+class AutomationAdmin(admin.ModelAdmin):
+    form = AutomationAdminForm
+    list_display = [
+        "name",
+        "team",
+        "cron",
+        "timezone",
+        "paused",
+        "next_fire_at",
+        "last_fired_at",
+        "last_session",
+    ]
+    list_filter = ["paused", "team"]
+    search_fields = ["name", "prompt"]
+    list_select_related = ["team", "last_session"]
+    readonly_fields = ["paused", "next_fire_at", "last_fired_at", "last_session", "created", "updated"]
+    inlines = [AutomationFiringInline]
+    actions = ["pause_automations", "resume_automations"]
+
+    def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:
+        if change and {"cron", "timezone"} & set(form.changed_data) and not obj.paused:
+            obj.schedule()
+        super().save_model(request, obj, form, change)
+
+    @admin.action(description="Pause selected automations", permissions=["change"])
+    def pause_automations(self, request: HttpRequest, queryset: QuerySet) -> None:
+        done = sum(1 for automation in queryset if automation.pause())
+        self.message_user(request, f"Paused {done} automation(s).", messages.SUCCESS)
+
+    @admin.action(
+        description="Resume selected automations (from their next occurrence)", permissions=["change"]
+    )
+    def resume_automations(self, request: HttpRequest, queryset: QuerySet) -> None:
+        done = sum(1 for automation in queryset if automation.resume())
+        self.message_user(request, f"Resumed {done} automation(s).", messages.SUCCESS)
+
+
+class ScheduledMessageAdmin(admin.ModelAdmin):
+    list_display = ["session", "due_at", "status", "steer", "created_by"]
+    list_filter = ["status"]
+    list_select_related = ["session", "created_by"]
+    raw_id_fields = ["session", "message"]
+    readonly_fields = ["status", "message", "error", "created"]
+    actions = ["cancel_messages"]
+
+    @admin.action(description="Cancel selected scheduled follow-ups", permissions=["change"])
+    def cancel_messages(self, request: HttpRequest, queryset: QuerySet) -> None:
+        done = sum(1 for scheduled in queryset if scheduled.cancel())
+        self.message_user(request, f"Cancelled {done} scheduled follow-up(s).", messages.SUCCESS)
+
+
+class AutomationFiringAdmin(admin.ModelAdmin):
+    """The history of occurrences: written by the scheduler only."""
+
+    list_display = ["automation", "due_at", "fired_at", "session", "skipped"]
+    list_filter = ["automation__team"]
+    list_select_related = ["automation", "session"]
+    readonly_fields = ["automation", "due_at", "fired_at", "session", "skipped"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+admin.site.register(Automation, AutomationAdmin)
+admin.site.register(AutomationFiring, AutomationFiringAdmin)
+admin.site.register(ScheduledMessage, ScheduledMessageAdmin)

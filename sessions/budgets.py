@@ -41,7 +41,15 @@ REFRESH_SECONDS = 5.0  # how stale a run's view of its session's and team's limi
 def _load(session_id: int) -> Session:
     return (
         Session.objects.select_related("team")
-        .only("cost_usd", "budget_usd", "team_id", "team__monthly_budget_usd", "team__name")
+        .only(
+            "cost_usd",
+            "children_cost_usd",
+            "budget_usd",
+            "parent_id",
+            "team_id",
+            "team__monthly_budget_usd",
+            "team__name",
+        )
         .get(pk=session_id)
     )
 
@@ -53,6 +61,13 @@ def _problem(session, session_spent: Decimal, team_spent) -> str | None:
     )
     if limit and session_spent >= limit:
         return f"budget exceeded: this session has spent ${session_spent:.4f} of its ${limit:.2f} budget"
+    if session.parent_id and (headroom := getattr(session, "ancestor_headroom", None)) is not None:
+        left, ancestor = headroom  # a child session: its spend since then also counts for its ancestors
+        if session_spent - getattr(session, "ancestor_base", session_spent) >= left:
+            return (
+                f"budget exceeded: ancestor session {ancestor.pk} has used up its budget with its child "
+                "sessions"
+            )
     team_limit = session.team.monthly_budget_usd
     if team_limit is None:
         team_limit = Decimal(str(settings.TEAM_MONTHLY_BUDGET_USD))
@@ -66,10 +81,20 @@ def _problem(session, session_spent: Decimal, team_spent) -> str | None:
     return None
 
 
+def _with_ancestors(session: Session, spent: Decimal) -> Session:
+    """A child session carries what its ancestors' budgets have left (sessions/children.py)."""
+    if session.parent_id:
+        from sessions.children import ancestor_headroom
+
+        session.ancestor_headroom, session.ancestor_base = ancestor_headroom(session), spent
+    return session
+
+
 def budget_problem(session_id: int) -> str | None:
     """Why the session may not call the model again, or None (straight from the database)."""
     session = _load(session_id)
-    return _problem(session, session.cost_usd, lambda: team_month_spend(session.team_id))
+    spent = session.cost_usd + session.children_cost_usd
+    return _problem(_with_ancestors(session, spent), spent, lambda: team_month_spend(session.team_id))
 
 
 class RunBudget:
@@ -100,7 +125,9 @@ class RunBudget:
             else:
                 self.session = _load(self.run.session_id)
             self.session_at = now
-            self.session_base, self.session_run_base = self.session.cost_usd, spent_by_run
+            self.session_base = self.session.cost_usd + self.session.children_cost_usd
+            self.session_run_base = spent_by_run
+            _with_ancestors(self.session, self.session_base)
         session_spent = self.session_base + (spent_by_run - self.session_run_base)
         return _problem(self.session, session_spent, lambda: self.team_month_spend(now, spent_by_run))
 

@@ -9,6 +9,9 @@ count in a *separate* statement, so the count sees every claim committed before 
 granted (one statement would count from a snapshot taken before it waited for the lock). Teams
 without a limit never take the lock: their claim stays one statement.
 
+A run waiting for its child sessions (``Run.waiting``, sessions/children.py) holds no slot: counting
+it would let a team at its limit wait forever for children that cannot start.
+
 Order: a run may start only if the runs running plus the team's runs queued *before* it leave a
 slot, so waiting runs start oldest first, and ``queue_position`` (1 = starts next) is what it says.
 """
@@ -48,7 +51,7 @@ def claim_within_limit(run: Run, owner: str, now) -> bool | str:
 def _ahead(run: Run, team_id: int) -> int:
     """The team's runs running, plus those queued before ``run``."""
     return Run.objects.filter(
-        Q(status=Run.Status.RUNNING) | Q(status=Run.Status.QUEUED, pk__lt=run.pk),
+        Q(status=Run.Status.RUNNING, waiting=False) | Q(status=Run.Status.QUEUED, pk__lt=run.pk),
         session__team_id=team_id,
     ).count()
 
@@ -76,7 +79,8 @@ def wake_waiting_runs(team_id: int, limit: int | None = None, lifted: bool = Fal
         limit = team.concurrency_limit()
     team_runs = Run.objects.filter(session__team_id=team_id)
     if limit:
-        free = limit - team_runs.filter(status=Run.Status.RUNNING).count()
+        # A run waiting for its child sessions holds no slot (sessions/children.py).
+        free = limit - team_runs.filter(status=Run.Status.RUNNING, waiting=False).count()
         if free <= 0:
             return []
         waiting = team_runs.filter(status=Run.Status.QUEUED).order_by("pk")[:free]

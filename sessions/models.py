@@ -289,6 +289,7 @@ class Source(models.TextChoices):
     WEBHOOK = "webhook"
     SCHEDULE = "schedule"
     CLI = "cli"
+    AGENT = "agent"  # spawned by another session's agent (sessions/children.py)
 
 
 class Session(models.Model):
@@ -328,6 +329,20 @@ class Session(models.Model):
         help_text="Model spend this session may reach over all its runs. Empty: DEPUTIES_SESSION_BUDGET_USD.",
     )
     last_seq = models.BigIntegerField(default=0, editable=False)
+    # Child sessions (sessions/children.py): spawned by this session's agent, in its team.
+    parent = models.ForeignKey(
+        "self", models.SET_NULL, null=True, blank=True, related_name="children", editable=False
+    )
+    depth = models.PositiveSmallIntegerField(
+        default=0, editable=False, help_text="0 for a top-level session."
+    )
+    children_cost_usd = models.DecimalField(
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("0"),
+        editable=False,
+        help_text="What its child sessions (and theirs) have spent; counts against this session's budget.",
+    )
     created = models.DateTimeField(default=timezone.now, db_index=True)
     updated = models.DateTimeField(auto_now=True)
     finished = models.DateTimeField(null=True, blank=True)
@@ -374,18 +389,29 @@ class Session(models.Model):
             transaction.on_commit(lambda: tasks.enqueue_run(run.pk))
         return run
 
-    def add_message(self, content: str, author=None) -> Message:
-        """A follow-up: queued for the active run, or starting a new run when none is active."""
+    def add_message(self, content: str, author=None, steer: bool = False) -> Message:
+        """A follow-up: queued for the active run, or starting a new run when none is active.
+
+        ``steer``: deliver it to the active run before its next model call (sessions/steering.py)
+        rather than to the next run; the run's ``steers`` counter is how the loop learns of it.
+        """
         from sessions.events import emit
 
         with transaction.atomic():
             locked = Session.objects.select_for_update().get(pk=self.pk)
             position = locked.messages.count() + 1
             message = Message.objects.create(
-                session=locked, content=content, author=author, position=position
+                session=locked, content=content, author=author, position=position, steer=steer
             )
-            emit(locked.pk, "message", {"message_id": message.pk, "content": content, "position": position})
-            if not locked.runs.filter(status__in=Run.ACTIVE).exists():
+            payload = {"message_id": message.pk, "content": content, "position": position}
+            if steer:
+                payload["steer"] = True
+            emit(locked.pk, "message", payload)
+            active = locked.runs.filter(status__in=Run.ACTIVE)
+            if steer:
+                if not active.update(steers=F("steers") + 1):
+                    locked.enqueue_run()
+            elif not active.exists():
                 locked.enqueue_run()
             self.refresh_from_db()
         return message
@@ -419,6 +445,9 @@ class Session(models.Model):
                     error="cancelled by user",
                 )  # fmt: skip
         self.refresh_from_db()
+        from sessions.children import cancel_children
+
+        cancel_children(self.pk)
         return True
 
     def archive(self) -> bool:
@@ -472,6 +501,10 @@ class Message(models.Model):
     content = models.TextField()
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     run = models.ForeignKey("Run", models.SET_NULL, null=True, blank=True, related_name="messages")
+    steer = models.BooleanField(
+        default=False,
+        help_text="Delivered to the running agent before its next model call, not to the next run.",
+    )
     created = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -482,6 +515,18 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.position} of session {self.session_id}"
+
+    def edit(self, content: str) -> bool:
+        """Change a follow-up no run has picked yet; False once one has (sessions/steering.py)."""
+        from sessions.steering import edit_pending
+
+        return edit_pending(self, content)
+
+    def withdraw(self) -> bool:
+        """Cancel a follow-up no run has picked yet; False once one has (sessions/steering.py)."""
+        from sessions.steering import cancel_pending
+
+        return cancel_pending(self)
 
 
 class Run(models.Model):
@@ -504,6 +549,12 @@ class Run(models.Model):
     finished = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     steps = models.PositiveIntegerField(default=0)
+    # Steer messages sent to this run (Session.add_message); the heartbeat reads it back, so the loop
+    # notices one without a query of its own (sessions/steering.py).
+    steers = models.PositiveIntegerField(default=0)
+    # Waiting for child sessions (wait_sessions): not counted against its team's concurrency limit,
+    # so the children it waits for can start (sessions/children.py).
+    waiting = models.BooleanField(default=False)
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
@@ -606,7 +657,7 @@ class Run(models.Model):
     UNLIMITED_GUARD = "(SELECT n FROM lim) = 0"
     LIMIT_GUARD = (
         "((SELECT n FROM lim) = 0 OR (SELECT count(*) FROM {run} q JOIN {session} qs ON qs.id = q.session_id "
-        "WHERE qs.team_id = (SELECT team_id FROM lim) AND (q.status = %(running)s "
+        "WHERE qs.team_id = (SELECT team_id FROM lim) AND ((q.status = %(running)s AND NOT q.waiting) "
         "OR (q.status = %(queued)s AND q.id < %(id)s))) < (SELECT n FROM lim))"
     )
     LIMITED = "limited"  # _claim_rows: queued, but its team has no free slot (or must be locked first)
@@ -684,7 +735,7 @@ class Run(models.Model):
                 # The next attempt resumes from the run's checkpoint (Runner.resume).
                 changed = cls.objects.filter(
                     pk=run.pk, status=cls.Status.RUNNING, heartbeat__lt=cutoff
-                ).update(status=cls.Status.QUEUED, lease_owner="", attempt=F("attempt") + 1)
+                ).update(status=cls.Status.QUEUED, lease_owner="", attempt=F("attempt") + 1, waiting=False)
                 if changed:
                     emit(
                         run.session_id,
@@ -713,16 +764,38 @@ class Run(models.Model):
             events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
             self.finish(Run.Status.FAILED, error, events=events)
             return False
+        return self._beat_rows(now, checkpoint)
+
+    def _beat_rows(self, now, checkpoint) -> bool:
+        """The heartbeat statement, only while the lease is ours: a worker cut off (or starved) for
+        longer than the lease, whose run was recovered and claimed again (the next attempt, maybe by
+        this same process), stops at its next step instead of running it twice.
+
+        It also reads back ``steers`` into ``self.steers``, so a steer message costs the loop no
+        extra query per step (sessions/steering.py)."""
+        from django.db import connection
+
         fields: dict[str, Any] = {"heartbeat": now, "steps": self.steps}
         if checkpoint is not None:
             fields["checkpoint"] = checkpoint
-        # Only while the lease is ours: a worker cut off (or starved) for longer than the lease,
-        # whose run was recovered and claimed again (the next attempt, maybe by this same process),
-        # stops at its next step instead of running it twice.
-        mine = Run.objects.filter(
-            pk=self.pk, status=Run.Status.RUNNING, lease_owner=self.lease_owner, attempt=self.attempt
+        assignments, params = [], []
+        for name, value in fields.items():
+            field = Run._meta.get_field(name)
+            assignments.append(f"{connection.ops.quote_name(field.column)} = %s")
+            params.append(field.get_db_prep_save(value, connection))
+        table = connection.ops.quote_name(Run._meta.db_table)
+        sql = (
+            f"UPDATE {table} SET {', '.join(assignments)} "
+            "WHERE id = %s AND status = %s AND lease_owner = %s AND attempt = %s RETURNING steers"
         )
-        return bool(mine.update(**fields))
+        params += [self.pk, Run.Status.RUNNING, self.lease_owner, self.attempt]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if row is None:
+            return False
+        self.steers = row[0]
+        return True
 
     def finish(
         self,
@@ -879,6 +952,7 @@ class Run(models.Model):
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
             )
+            self._charge_ancestors(cost)
             return
         add = (
             "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
@@ -899,6 +973,19 @@ class Run(models.Model):
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
+        self._charge_ancestors(cost)
+
+    def _charge_ancestors(self, cost: Decimal) -> None:
+        """A child session's spend counts against its parent's budget (and theirs): only child
+        sessions pay a statement for this (sessions/children.py)."""
+        session = self._state.fields_cache.get("session")
+        parent_id = session.parent_id if session is not None else None
+        if session is None:
+            parent_id = Session.objects.filter(pk=self.session_id).values_list("parent_id", flat=True).first()
+        if parent_id and cost:
+            from sessions.children import charge_ancestors
+
+            charge_ancestors(parent_id, cost)
 
 
 class WorkerProcess(models.Model):
@@ -1100,6 +1187,7 @@ def start_session(
     external_ref: dict | None = None,
     budget_usd: Decimal | None = None,
     profile: AgentProfile | None = None,
+    parent: Session | None = None,
 ) -> Session:
     """Create a session with its first prompt and queue its first run (at commit).
 
@@ -1125,6 +1213,8 @@ def start_session(
         title=title or default_title(prompt),
         source=source,
         external_ref=external_ref or {},
+        parent=parent,
+        depth=parent.depth + 1 if parent is not None else 0,
     )
     with transaction.atomic(savepoint=False):
         if transaction.get_connection().vendor == "postgresql":
@@ -1146,6 +1236,7 @@ def start_session(
         )
         run = session.enqueue_run(first=True, run=run)
     session.active_runs, session.pending_message_count, session.latest_sandboxes = [run], 1, []
+    session.child_list = []
     return session
 
 
@@ -1204,3 +1295,6 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
 
 # The agent's capabilities (profiles, skills, MCP servers, web results) live in their own module.
 from sessions.agent_models import AgentProfile, McpServer, Skill, WebResult  # noqa: E402, F401
+
+# Automations live in their own module; imported here so Django registers their models with the app.
+from sessions.automations import Automation, AutomationFiring, ScheduledMessage  # noqa: E402, F401

@@ -53,3 +53,12 @@ def recover_stale_runs() -> str:
     if woken := wake_all_waiting():
         logging.getLogger(__name__).info("queued again runs waiting on their team's limit: %s", woken)
     return f"requeued {requeued}"
+
+
+def run_automations() -> str:
+    """Scheduled every minute (see the migration that creates the Schedule): fire due automations
+    and send due follow-ups (sessions/automations.py)."""
+    from sessions.automations import run_due
+
+    counts = run_due()
+    return ", ".join(f"{n} {what}" for what, n in counts.items())

@@ -13,6 +13,7 @@ from sandboxes.providers.local import LocalProvider
 from sessions.agent.fake_llm import start_in_thread
 from sessions.agent.loop import build_system_prompt, run_agent
 from sessions.agent.tools import TOOL_SPECS
+from sessions.children import SPECS as SESSION_TOOL_SPECS
 from sessions.models import Artifact, Event, LLMCall, Run, Session, start_session
 from tests.conftest import SAMPLE_REPO
 
@@ -215,7 +216,8 @@ def test_it_fixes_the_bug_with_a_scripted_model(scripted, session, run, handle, 
     bodies = [r["body"] for r in fake.requests]
     assert len(bodies) == 6
     assert all(b["max_tokens"] == 777 and b["model"] == "demo" for b in bodies)
-    assert all([t["function"]["name"] for t in b["tools"]] == [s["name"] for s in TOOL_SPECS] for b in bodies)
+    offered = [s["name"] for s in TOOL_SPECS + SESSION_TOOL_SPECS]  # a top-level session may spawn children
+    assert all([t["function"]["name"] for t in b["tools"]] == offered for b in bodies)
     assert [sum(m["role"] == "assistant" for m in b["messages"]) for b in bodies] == [0, 1, 2, 3, 4, 5]
     read_result = bodies[3]["messages"][-1]
     assert read_result["role"] == "tool" and "return a - b" in read_result["content"]

@@ -13,6 +13,7 @@ from django.urls import reverse
 from integrations.slack.models import SlackChannel, SlackWorkspace
 from integrations.webhooks.models import WebhookSource
 from sessions.api.schema import Generator
+from sessions.automations import Automation
 from sessions.models import AgentProfile, APIToken, Environment, Session, Skill, start_session
 from tests.conftest import client_for
 from tests.live import child_env, web_process
@@ -85,6 +86,10 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
         "agent-profiles": profile.pk,
         "skills": skill.pk,
         "slack-channels": channel.pk,
+        "automations": Automation.objects.create(
+            team=session.team, name="a", cron="0 * * * *", prompt="p", repository=repository
+        ).pk,
+        "messages": session.messages.get().pk,
     }
     operations = operations_with_a_body()
     assert ("POST", "/api/v1/sessions") in operations
@@ -93,7 +98,9 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
     client = client_for(owner)
     body = oversized_json()
     for method, path in operations:
-        url = path.replace("{id}", str(ids[path.split("/")[3]]))
+        # Each {placeholder} takes the id of the resource named just before it.
+        parts = path.split("/")
+        url = "/".join(str(ids[parts[i - 1]]) if p.startswith("{") else p for i, p in enumerate(parts))
         response = client.generic(method, url, body, content_type="application/json")
         assert_names_the_limit(response)
     assert session.messages.count() == 1  # nothing half-written

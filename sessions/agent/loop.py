@@ -39,6 +39,9 @@ from sessions.agent.tools import ToolError, ToolResult
 from sessions.agent.toolset import Toolset
 from sessions.artifacts import store_artifact
 from sessions.budgets import RunBudget
+from sessions.children import NAMES as SESSION_TOOLS
+from sessions.children import execute as execute_session_tool
+from sessions.children import tool_specs as session_tool_specs
 from sessions.events import emit, emit_many
 from sessions.models import Event, LLMCall, Run
 
@@ -124,6 +127,15 @@ class _Agent:
         self.started = timezone.now()
         self.budget = RunBudget(run)
         self.tools_called: list[str] = []
+        self.steers_seen = run.steers  # Run.beat reads the counter back each step
+        # The run's toolset (profile, MCP, web) plus the child-session tools (sessions/children.py).
+        # A profile that lists its tools gets only those of the session tools too.
+        profile = run.session.profile
+        self.tool_specs = self.toolset.specs + [
+            spec
+            for spec in session_tool_specs(run.session)
+            if profile is None or profile.allows_tool(spec["name"])
+        ]
         self.todos = todos
         self.after_step = after_step
         self.answer: AttemptRecord | None = None  # the successful attempt, recorded with its reply
@@ -154,14 +166,13 @@ class _Agent:
             # Also persists the step count and the checkpoint; False once cancelled.
             if not self.run.beat(self.checkpoint()):
                 return self.result(CANCELLED, error="cancelled")
+            self.take_steers()
             if problem := self.budget.problem() or self.time_problem():
                 return self.result(FAILED, error=problem)
             self.compact()
             self.run.steps += 1
             try:
-                response = self.llm.complete(
-                    self.transcript, self.toolset.specs, on_attempt=self.record_attempt
-                )
+                response = self.llm.complete(self.transcript, self.tool_specs, on_attempt=self.record_attempt)
             except LLMError as exc:
                 return self.result(FAILED, error=str(exc))
             self.transcript.append(response.to_message())
@@ -176,6 +187,14 @@ class _Agent:
             if (end := self.act(response.tool_calls, text)) is not None:
                 return end
         return self.result(FAILED, error=f"step limit ({max_steps}) reached")
+
+    def take_steers(self) -> None:
+        """Steer messages sent since the last step, as user messages before this model call."""
+        if self.run.steers != self.steers_seen:
+            from sessions.steering import take_steers
+
+            self.steers_seen = self.run.steers
+            take_steers(self.run, self.transcript)
 
     def unanswered(self) -> tuple[list[ToolCall], str] | None:
         """The last reply's tool calls when none has its result in the conversation yet (a
@@ -316,7 +335,11 @@ class _Agent:
             self.emit(*started)  # shown while the tool runs
         result: ToolResult | None = None
         try:
-            result = self.toolset.execute(self.handle, call.name, call.arguments)
+            if call.name in SESSION_TOOLS and any(spec["name"] == call.name for spec in self.tool_specs):
+                # spawn/wait/cancel child sessions: they need the run
+                result = execute_session_tool(self.run, call.name, call.arguments)
+            else:
+                result = self.toolset.execute(self.handle, call.name, call.arguments)
             ok, output = result.ok, result.output or ""
         except ToolError as exc:
             ok, output = False, f"error: {exc}"

@@ -423,6 +423,12 @@ class SandboxSummarySerializer(serializers.ModelSerializer):
         fields = ["provider", "isolated", "isolation_note", "status"]
 
 
+class ChildSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Session
+        fields = ["id", "title", "status", "cost_usd"]
+
+
 class SessionSerializer(serializers.ModelSerializer):
     """The session as the API shows it. Use with ``views.session_queryset()`` to avoid N+1 queries."""
 
@@ -443,6 +449,10 @@ class SessionSerializer(serializers.ModelSerializer):
     profile = serializers.IntegerField(
         source="profile_id", read_only=True, allow_null=True, help_text="The agent profile's id, or null."
     )
+    parent = serializers.PrimaryKeyRelatedField(
+        read_only=True, allow_null=True, help_text="The session whose agent spawned this one, or null."
+    )
+    children = serializers.SerializerMethodField(help_text="Child sessions its agent spawned, oldest first.")
     # A URLField's schema says format uri, which "" (no pull request yet) is not.
     pull_request_url = serializers.CharField(
         read_only=True, help_text="The pull request opened for the session's branch; empty until then."
@@ -481,8 +491,18 @@ class SessionSerializer(serializers.ModelSerializer):
             "pending_messages",
             "sandbox",
             "queue_position",
+            "parent",
+            "depth",
+            "children",
+            "children_cost_usd",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(ChildSummarySerializer(many=True))
+    def get_children(self, obj: Session) -> list[dict[str, Any]]:
+        children = obj.child_list if hasattr(obj, "child_list") else obj.children.order_by("pk")
+        serializer = _shared(ChildSummarySerializer)
+        return [serializer.to_representation(child) for child in children]
 
     @extend_schema_field(ActiveRunSerializer(allow_null=True))
     def get_active_run(self, obj: Session) -> dict[str, Any] | None:
@@ -726,6 +746,11 @@ def repository_for_url(team: Team, url: str) -> Repository:
 
 class MessageCreateSerializer(serializers.Serializer):
     content = StrictCharField(allow_blank=True, trim_whitespace=False)
+    steer = serializers.BooleanField(
+        default=False,
+        help_text="Deliver it to the running agent before its next model call instead of queueing it "
+        "for the next run. Without an active run it starts one, like any follow-up.",
+    )
 
     def validate_content(self, value: str) -> str:
         if problem := text_problem(value, "message"):
@@ -733,14 +758,30 @@ class MessageCreateSerializer(serializers.Serializer):
         return value.strip()
 
 
+class MessageUpdateSerializer(serializers.Serializer):
+    content = StrictCharField(allow_blank=True, trim_whitespace=False)
+
+    validate_content = MessageCreateSerializer.validate_content
+
+
 class MessageCreatedSerializer(serializers.ModelSerializer):
     queued_behind_active_run = serializers.BooleanField(
-        help_text="True when a run is in progress: the message waits and the next run picks it up."
+        help_text="True when a run is in progress: the message waits and the next run picks it up "
+        "(a steer message goes to that run instead)."
     )
 
     class Meta:
         model = Message
-        fields = ["id", "position", "status", "queued_behind_active_run"]
+        fields = ["id", "position", "status", "steer", "queued_behind_active_run"]
+
+
+class MessageSerializer(serializers.ModelSerializer):
+    author = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+
+    class Meta:
+        model = Message
+        fields = ["id", "position", "content", "status", "steer", "run", "author", "created"]
+        read_only_fields = fields
 
 
 class EventSerializer(serializers.ModelSerializer):

@@ -8,7 +8,7 @@ from rest_framework.routers import SimpleRouter
 
 from integrations.slack.api import SlackChannelViewSet
 from integrations.webhooks.api import WebhookSourceViewSet
-from sessions.api import agent_views, health, views
+from sessions.api import agent_views, automations, health, views
 from sessions.api.schema import Generator
 
 # "/?": both /api/v1/sessions and /api/v1/sessions/ answer, without a redirect that drops a POST body.
@@ -21,6 +21,12 @@ router.register("environments", views.EnvironmentViewSet, basename="api-environm
 router.register("agent-profiles", agent_views.AgentProfileViewSet, basename="api-agent-profile")
 router.register("skills", agent_views.SkillViewSet, basename="api-skill")
 router.register("webhook-sources", WebhookSourceViewSet, basename="api-webhook-source")
+router.register("automations", automations.AutomationViewSet, basename="api-automation")
+router.register(
+    r"sessions/(?P<session_pk>[0-9]{1,18})/scheduled-messages",
+    automations.ScheduledMessageViewSet,
+    basename="api-scheduled-message",
+)
 router.register("slack-channels", SlackChannelViewSet, basename="api-slack-channel")
 
 

@@ -66,6 +66,13 @@ def session_queryset() -> QuerySet[Session]:
             Prefetch(
                 "sandboxes", queryset=Sandbox.objects.order_by("-created", "-pk"), to_attr="latest_sandboxes"
             ),
+            Prefetch(
+                "children",
+                queryset=Session.objects.only("pk", "parent_id", "title", "status", "cost_usd").order_by(
+                    "pk"
+                ),
+                to_attr="child_list",
+            ),
         )
         .order_by("-created", "-pk")
     )
@@ -281,24 +288,62 @@ class SessionViewSet(
         return Repository.objects.filter(team__in=readable_teams(self.request.user))
 
     @extend_schema(
-        summary="Send a follow-up message",
+        methods=["POST"],
+        summary="Send a follow-up message (or steer the running agent with steer: true)",
         request=s.MessageCreateSerializer,
         responses={201: s.MessageCreatedSerializer, 409: OpenApiResponse(description="Session archived.")},
     )
-    @action(detail=True, methods=["post"])
+    @extend_schema(
+        methods=["GET"], summary="The session's messages", responses={200: s.MessageSerializer(many=True)}
+    )
+    @action(detail=True, methods=["get", "post"])
     def messages(self, request: Request, pk: str | None = None) -> Response:
         session = self.get_object()
+        if request.method == "GET":
+            page = self.paginate_queryset(session.messages.select_related("author").order_by("position"))
+            return self.get_paginated_response(s.MessageSerializer(page, many=True).data)
         serializer = s.MessageCreateSerializer(data=request_body(request.data))
         serializer.is_valid(raise_exception=True)
         if session.status == SessionStatus.ARCHIVED:
             raise Conflict("The session is archived; it takes no more messages.")
-        message = session.add_message(serializer.validated_data["content"], author=request.user)
+        data = serializer.validated_data
+        message = session.add_message(data["content"], author=request.user, steer=data["steer"])
         active = session.active_run
         # add_message starts a run only when none is active: an older running run means we wait.
         message.queued_behind_active_run = bool(
             active and active.status == Run.Status.RUNNING and active.created <= message.created
         )
         return Response(s.MessageCreatedSerializer(message).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        methods=["PATCH"],
+        summary="Edit a pending follow-up",
+        request=s.MessageUpdateSerializer,
+        responses={200: s.MessageSerializer, 409: OpenApiResponse(description="A run already picked it.")},
+    )
+    @extend_schema(
+        methods=["DELETE"],
+        summary="Cancel a pending follow-up",
+        request=None,
+        responses={200: s.MessageSerializer, 409: OpenApiResponse(description="A run already picked it.")},
+    )
+    @action(detail=True, methods=["patch", "delete"], url_path=r"messages/(?P<message_id>[0-9]{1,18})")
+    def message(self, request: Request, pk: str | None = None, message_id: str = "") -> Response:
+        session = self.get_object()
+        message = session.messages.filter(pk=int(message_id)).first()
+        if message is None:
+            raise NotFound("No such message in this session.")
+        if request.method == "PATCH":
+            serializer = s.MessageUpdateSerializer(data=request_body(request.data))
+            serializer.is_valid(raise_exception=True)
+            changed = message.edit(serializer.validated_data["content"])
+        elif message.position == 1:
+            raise Conflict("The first prompt cannot be withdrawn; cancel the session instead.")
+        else:
+            changed = message.withdraw()
+        if not changed:
+            raise Conflict(f"The message is {message.status}: only a pending follow-up can be changed.")
+        return Response(s.MessageSerializer(message).data)
 
     @extend_schema(
         summary="Cancel the session and its active run",

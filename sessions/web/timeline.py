@@ -52,6 +52,8 @@ def notice_text(type: str, p: dict) -> str:
         )
     if type == "mcp_unavailable":
         return f"MCP server {p.get('server', '')} unavailable, its tools are left out: {p.get('error', '')}"
+    if type == "child_spawned":
+        return f"Started child session #{p.get('session_id')}: {p.get('title', '')} ({p.get('model', '')})"
     if type == "callback_sent":
         what = {"slack": "Slack message", "github": "GitHub reply"}.get(p.get("kind", ""), "Callback")
         return f"{what} delivered to {p.get('target', '')} (HTTP {p.get('status_code')}, attempt {p.get('attempt')})"
@@ -88,6 +90,7 @@ class Item:
 def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> list[Item]:
     items: list[Item] = []
     tools: dict[tuple[int | None, str], Item] = {}
+    messages: dict[Any, Item] = {}  # message id -> its item, for edits, cancels and injections
     for event in events:
         p = event.payload if isinstance(event.payload, dict) else {}
         t = event.type
@@ -98,10 +101,26 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
                 event.seq,
                 event.created,
                 {
+                    "id": p.get("message_id"),
                     "content": p.get("content", ""),
                     "position": p.get("position"),
                     "pending": p.get("message_id") in pending_message_ids,
+                    "steer": bool(p.get("steer")),
                 },
+            )
+            messages[p.get("message_id")] = item
+        elif t == "message_edited" and (edited := messages.get(p.get("message_id"))) is not None:
+            edited.data.update(content=p.get("content", ""), edited=True)
+        elif t == "message_cancelled" and (withdrawn := messages.get(p.get("message_id"))) is not None:
+            withdrawn.data.update(cancelled=True, pending=False)
+        elif t == "message_injected":
+            if (steered := messages.get(p.get("message_id"))) is not None:
+                steered.data["pending"] = False
+            item = Item(
+                "progress",
+                event.seq,
+                event.created,
+                {"message": f"Steer message #{p.get('position')} delivered to the running agent"},
             )
         elif t == "assistant_text":
             item = Item("assistant", event.seq, event.created, {"text": p.get("text", "")})
@@ -159,6 +178,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
             "mcp_unavailable",
             "branch_pushed",
             "pull_request",
+            "child_spawned",
         ):
             item = Item("progress", event.seq, event.created, {"message": notice_text(t, p)})
         elif t == "status":
@@ -166,7 +186,7 @@ def build_timeline(events: Iterable[Event], pending_message_ids: set[int]) -> li
         elif t == "run_started":
             item = Item("run", event.seq, event.created, {"attempt": p.get("attempt")})
             for previous in items:  # a run claims every pending message
-                if previous.kind == "message":
+                if previous.kind == "message" and not previous.data.get("cancelled"):
                     previous.data["pending"] = False
         elif t == "sandbox_ready":
             item = Item(

@@ -2,13 +2,18 @@ from __future__ import annotations
 
 from django.urls import path
 
-from sessions.web import environments, skills, views
+from sessions.web import automations, environments, skills, views
 
 urlpatterns = [
     path("", views.session_list, name="session-list"),
     path("sessions/new", views.session_new, name="session-new"),
     path("sessions/<int:pk>", views.session_detail, name="session-detail"),
     path("sessions/<int:pk>/messages", views.session_message, name="session-message"),
+    path(
+        "sessions/<int:pk>/messages/<int:message_id>",
+        views.session_message_change,
+        name="session-message-change",
+    ),
     path("sessions/<int:pk>/cancel", views.session_cancel, name="session-cancel"),
     path("sessions/<int:pk>/archive", views.session_archive, name="session-archive"),
     path("sessions/<int:pk>/diff", views.session_diff, name="session-diff"),
@@ -18,6 +23,9 @@ urlpatterns = [
     path("skills", skills.skill_list, name="skill-list"),
     path("skills/<int:pk>", skills.skill_detail, name="skill-detail"),
     path("skills/<int:pk>/delete", skills.skill_delete, name="skill-delete"),
+    path("automations", automations.automation_list, name="automation-list"),
+    path("automations/<int:pk>/toggle", automations.automation_toggle, name="automation-toggle"),
+    path("sessions/<int:pk>/scheduled", automations.session_schedule_followup, name="session-schedule"),
     path("usage", views.usage, name="usage"),
     path("setup", views.setup_status, name="setup"),
 ]

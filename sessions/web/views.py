@@ -25,7 +25,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 
 from sessions.api.permissions import can_write, find_team, readable_teams, writable_teams
-from sessions.api.serializers import MessageCreateSerializer
+from sessions.api.serializers import MessageCreateSerializer, MessageUpdateSerializer
 from sessions.api.views import SessionViewSet, session_queryset
 from sessions.budgets import month_start
 from sessions.models import (
@@ -221,9 +221,31 @@ def render_detail(request: HttpRequest, session: Session, followup: dict | None 
             "elapsed": human_duration(duration_of(session)),
             "followup": followup or {},
             "config": config,
+            "family": session_family(session),
+            "scheduled": list(session.scheduled_messages.filter(status="pending").order_by("due_at", "pk")),
         },
         status=status,
     )
+
+
+def session_family(session: Session) -> dict | None:
+    """The session's place in its tree of child sessions: its ancestors (root first) and its
+    children with theirs; None for a session that has neither."""
+    from sessions.children import ancestors
+
+    chain = list(reversed(ancestors(session))) if session.parent_id else []
+    fields = ("pk", "parent_id", "title", "status", "cost_usd", "children_cost_usd")
+    children = list(Session.objects.filter(parent=session).only(*fields).order_by("pk"))
+    grandchildren: dict[int, list[Session]] = {}
+    for grandchild in Session.objects.filter(parent__in=children).only(*fields).order_by("pk"):
+        grandchildren.setdefault(grandchild.parent_id, []).append(grandchild)
+    if not chain and not children:
+        return None
+    titles = dict(Session.objects.filter(pk__in=[a.pk for a in chain]).values_list("pk", "title"))
+    return {
+        "ancestors": [{"pk": a.pk, "title": titles.get(a.pk) or f"Session {a.pk}"} for a in chain],
+        "children": [{"session": c, "children": grandchildren.get(c.pk, [])} for c in children],
+    }
 
 
 def shown_artifact_kinds() -> list[str]:
@@ -243,7 +265,8 @@ def writable_session(request: HttpRequest, pk: int) -> Session:
 @login_required
 def session_message(request: HttpRequest, pk: int) -> HttpResponse:
     session = writable_session(request, pk)
-    serializer = MessageCreateSerializer(data={"content": request.POST.get("content", "")})
+    steer = request.POST.get("steer") in ("1", "on", "true")
+    serializer = MessageCreateSerializer(data={"content": request.POST.get("content", ""), "steer": steer})
     errors: list[str] = []
     if session.status == SessionStatus.ARCHIVED:
         errors = ["The session is archived; it takes no more messages."]
@@ -254,10 +277,40 @@ def session_message(request: HttpRequest, pk: int) -> HttpResponse:
             return JsonResponse({"errors": {"content": errors}}, status=400)
         followup = {"content": request.POST.get("content", ""), "errors": errors}
         return render_detail(request, get_session(request, pk), followup=followup, status=400)
-    message = session.add_message(serializer.validated_data["content"], author=request.user)
+    message = session.add_message(serializer.validated_data["content"], author=request.user, steer=steer)
     if wants_json(request):
-        return JsonResponse({"message": {"id": message.pk, "position": message.position}}, status=201)
-    messages.success(request, "Message sent. It is queued until the next run picks it up.")
+        return JsonResponse(
+            {"message": {"id": message.pk, "position": message.position, "steer": steer}}, status=201
+        )
+    if steer:
+        messages.success(request, "Message sent. The running agent gets it before its next step.")
+    else:
+        messages.success(request, "Message sent. It is queued until the next run picks it up.")
+    return redirect("session-detail", pk=pk)
+
+
+@require_POST
+@login_required
+def session_message_change(request: HttpRequest, pk: int, message_id: int) -> HttpResponse:
+    """Edit (``content`` given) or cancel (``cancel``) a follow-up no run has picked yet."""
+    session = writable_session(request, pk)
+    message = get_object_or_404(session.messages, pk=message_id)
+    if "cancel" in request.POST:
+        if message.position == 1:
+            messages.warning(request, "The first prompt cannot be withdrawn; cancel the session instead.")
+        elif message.withdraw():
+            messages.success(request, "Follow-up cancelled.")
+        else:
+            messages.warning(request, f"Too late: the follow-up is already {message.status}.")
+        return redirect("session-detail", pk=pk)
+    serializer = MessageUpdateSerializer(data={"content": request.POST.get("content", "")})
+    if not serializer.is_valid():
+        for problem in serializer.errors.get("content", ["Invalid message."]):
+            messages.error(request, str(problem))
+    elif message.edit(serializer.validated_data["content"]):
+        messages.success(request, "Follow-up changed.")
+    else:
+        messages.warning(request, f"Too late: the follow-up is already {message.status}.")
     return redirect("session-detail", pk=pk)
 
 

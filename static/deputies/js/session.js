@@ -34,6 +34,8 @@ function setActive(active) {
   if (cancel) cancel.hidden = !active;
   const hint = $("followup-hint");
   if (hint) hint.textContent = active ? hint.dataset.active : hint.dataset.idle;
+  const steer = $("followup-steer-label");
+  if (steer) steer.hidden = !active;
 }
 
 function setStatus(value, at) {
@@ -155,6 +157,11 @@ function handle(event) {
       // A run claims every pending message.
       for (const badge of timeline.querySelectorAll(".ev-message .badge.pending")) badge.remove();
       setActive(true);
+      break;
+    case "message_injected":
+    case "message_cancelled":
+      // Picked by the running agent (a steer message) or withdrawn: no longer pending.
+      for (const badge of timeline.querySelectorAll(`.ev-message[data-message="${Number(p.message_id)}"] .badge.pending`)) badge.remove();
       break;
     case "todo":
       showTodos(p.todos);

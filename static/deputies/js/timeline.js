@@ -65,9 +65,19 @@ function body(event, downloadUrl) {
   const p = event.payload || {};
   switch (event.type) {
     case "message": {
-      const label = h("div", { class: "ev-label" }, p.position === 1 ? "Prompt" : "Follow-up", " ", h("span", { class: "badge pending", title: "Waiting for the next run to pick it up" }, "pending"));
+      const kind = p.position === 1 ? "Prompt" : p.steer ? "Steer" : "Follow-up";
+      const title = p.steer ? "Delivered to the running agent before its next step" : "Waiting for the next run to pick it up";
+      const label = h("div", { class: "ev-label" }, kind, " ", h("span", { class: "badge pending", title }, "pending"));
       return ["message", [label, textBlock(p.content)]];
     }
+    case "child_spawned":
+      return ["progress", [h("div", { class: "ev-label" }, "Progress"), textBlock(`Started child session #${p.session_id}: ${p.title || ""} (${p.model || ""})`)]];
+    case "message_injected":
+      return ["progress", [h("div", { class: "ev-label" }, "Progress"), textBlock(`Steer message #${p.position} delivered to the running agent`)]];
+    case "message_edited":
+      return ["progress", [muted(`A pending follow-up was edited: ${p.content || ""}`)]];
+    case "message_cancelled":
+      return ["progress", [muted(`Follow-up #${p.position} was cancelled before a run picked it`)]];
     case "assistant_text":
       return ["assistant", [h("div", { class: "ev-label" }, "Agent"), textBlock(p.text)]];
     case "tool_started":
@@ -144,5 +154,6 @@ export function renderEvent(event, downloadUrl) {
   const [kind, children] = made;
   const attrs = { class: `ev ev-${kind} new`, "data-seq": event.seq };
   if (kind === "tool") attrs["data-call"] = `${event.run ?? ""}:${(event.payload || {}).call_id ?? ""}`;
+  if (event.type === "message") attrs["data-message"] = (event.payload || {}).message_id ?? "";
   return h("li", attrs, h("time", { class: "ev-time", datetime: event.created }, localTime(event.created)), h("div", { class: "ev-body" }, ...children));
 }
