@@ -296,11 +296,6 @@ def test_it_cancels_running_children_when_a_waiting_parent_is_cancelled_on_a_rea
             wait_for(
                 lambda: not Run.objects.filter(waiting=True).exists(), timeout=30, what="the wait to end"
             )
-            wait_for(
-                lambda: len(child_llm.requests) >= 2,
-                timeout=30,
-                what="the children's model calls to return",
-            )
     chats = [r for r in parent_llm.requests if r["path"].endswith("/chat/completions")]
     assert len(chats) == 2  # spawn, wait; nothing after the cancel
     assert Session.objects.get(pk=parent.pk).status == "cancelled"
