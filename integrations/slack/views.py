@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
@@ -50,6 +51,20 @@ def _bad(field: str, why: str) -> JsonResponse:
     return JsonResponse({"detail": f"Invalid input: {field}.", "errors": {field: [why]}}, status=400)
 
 
+DEADLOCK = "40P01"  # Postgres: deadlock_detected
+
+
+def _retrying(handle):
+    """Postgres may pick a request's transaction as the victim of a deadlock with a worker updating
+    the same session; the handler's transaction rolled back whole, so it is safe to run it again."""
+    for attempt in range(3):
+        try:
+            return handle()
+        except OperationalError as exc:
+            if attempt == 2 or getattr(exc.__cause__, "sqlstate", None) != DEADLOCK:
+                raise
+
+
 @csrf_exempt
 @require_POST
 def events(request: HttpRequest) -> JsonResponse:
@@ -62,7 +77,7 @@ def events(request: HttpRequest) -> JsonResponse:
         return _bad("body", "Not valid JSON.")
     if not isinstance(data, dict):
         return _bad("body", "Expected a JSON object.")
-    answer = handler.handle_event(data, retry_num=request.headers.get("X-Slack-Retry-Num"))
+    answer = _retrying(lambda: handler.handle_event(data, retry_num=request.headers.get("X-Slack-Retry-Num")))
     return JsonResponse(answer.body, status=answer.status)
 
 
@@ -72,7 +87,7 @@ def commands(request: HttpRequest) -> JsonResponse:
     body = _verified(request)
     if isinstance(body, JsonResponse):
         return body
-    answer = handler.handle_command(_form(body))
+    answer = _retrying(lambda: handler.handle_command(_form(body)))
     return JsonResponse(answer.body, status=answer.status)
 
 
@@ -88,5 +103,5 @@ def interactive(request: HttpRequest) -> JsonResponse:
         return _bad("payload", "Not valid JSON.")
     if not isinstance(payload, dict):
         return _bad("payload", "Expected a JSON object.")
-    answer = handler.handle_interaction(payload)
+    answer = _retrying(lambda: handler.handle_interaction(payload))
     return JsonResponse(answer.body, status=answer.status)
