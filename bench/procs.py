@@ -189,6 +189,9 @@ def bench_env(data_dir: Path, fake_url: str, **extra: str) -> dict[str, str]:
         DEPUTIES_LOG_LEVEL="WARNING",
         DEPUTIES_ALLOW_LOCAL_REPOSITORIES="true",  # the bench repository is in the data directory
         DEPUTIES_LOCAL_REPOSITORY_ROOTS=str(data_dir.resolve()),
+        # Benches measure the server, not its rate limits (one client sends thousands a minute).
+        DEPUTIES_API_RATE="0",
+        DEPUTIES_API_RATE_SESSIONS="0",
     )
     if getattr(settings, "SECRETS_KEYS", None):
         env["DEPUTIES_SECRETS_KEY"] = ",".join(settings.SECRETS_KEYS)
