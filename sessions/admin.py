@@ -580,6 +580,7 @@ class AutomationAdminForm(forms.ModelForm):
             "prompt",
             "repository",
             "environment",
+            "profile",
             "model",
             "created_by",
         ]
@@ -599,7 +600,7 @@ class AutomationAdminForm(forms.ModelForm):
     def clean(self):
         data = super().clean()
         team = data.get("team")
-        for name in ("repository", "environment"):
+        for name in ("repository", "environment", "profile"):
             value = data.get(name)
             if team is not None and value is not None and value.team_id != team.pk:
                 self.add_error(name, f"It belongs to another team than {team}.")

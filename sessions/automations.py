@@ -88,8 +88,18 @@ class Automation(models.Model):
     environment = models.ForeignKey(
         Environment, models.SET_NULL, null=True, blank=True, related_name="automations"
     )
+    profile = models.ForeignKey(
+        "AgentProfile",
+        models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="automations",
+        help_text="The agent profile of its sessions. Empty: the environment's default, then the team's.",
+    )
     model = models.CharField(
-        max_length=200, blank=True, help_text="Empty: the environment's default, then DEPUTIES_DEFAULT_MODEL."
+        max_length=200,
+        blank=True,
+        help_text="Empty: the profile's, the environment's default, then DEPUTIES_DEFAULT_MODEL.",
     )
     paused = models.BooleanField(default=False)
     next_fire_at = models.DateTimeField(null=True, blank=True, db_index=True, editable=False)
@@ -133,8 +143,13 @@ class Automation(models.Model):
         return bool(changed)
 
     def resolved_model(self) -> str:
-        env = self.environment
-        return self.model or (env.default_model if env else "") or settings.DEFAULT_MODEL
+        env, profile = self.environment, self.profile
+        return (
+            self.model
+            or (profile.model if profile else "")
+            or (env.default_model if env else "")
+            or settings.DEFAULT_MODEL
+        )
 
     def fire(self, now: datetime) -> AutomationFiring | None:
         """Fire the due occurrence: a new session, or a skip with its reason. None: another worker
@@ -173,6 +188,7 @@ class Automation(models.Model):
                 model=model,
                 created_by=self.created_by,
                 environment=self.environment,
+                profile=self.profile,
                 title=f"{self.name} ({due.astimezone(ZoneInfo(self.timezone)):%Y-%m-%d %H:%M})"[:200],
                 source=Source.SCHEDULE,
                 external_ref={"automation": self.pk, "due_at": due.isoformat()},
@@ -261,7 +277,7 @@ def run_due(now: datetime | None = None) -> dict[str, int]:
     now = now or current_time()
     counts = {"started": 0, "skipped": 0, "followups": 0}
     due = Automation.objects.filter(paused=False, next_fire_at__lte=now).select_related(
-        "team", "repository", "environment", "created_by"
+        "team", "repository", "environment", "profile", "created_by"
     )
     for automation in due.order_by("next_fire_at", "pk")[:MAX_PER_TICK]:
         try:

@@ -313,3 +313,30 @@ def test_it_shows_and_pauses_automations_in_the_admin(every_minute, owner, djang
         "team": every_minute.team_id, "name": "nightly", "cron": "61 * * * *", "timezone": "UTC",
         "prompt": "p", "repository": every_minute.repository_id, "model": ""})  # fmt: skip
     assert bad.status_code == 200 and "not a valid cron expression" in bad.content.decode()
+
+
+@pytest.mark.django_db
+def test_a_firing_starts_its_session_with_the_automations_profile(every_minute):
+    from sessions.models import AgentProfile
+
+    profile = AgentProfile.objects.create(team=every_minute.team, name="reviewer")
+    every_minute.profile = profile
+    every_minute.save()
+    assert run_due(now=T0 + timedelta(minutes=1))["started"] == 1
+    assert scheduled_sessions()[0].profile == profile
+
+
+@pytest.mark.django_db
+def test_the_api_refuses_a_profile_of_another_team(owner, repository, other_team):
+    from sessions.models import AgentProfile
+    from tests.conftest import client_for
+
+    api = client_for(owner)
+    theirs = AgentProfile.objects.create(team=other_team, name="theirs")
+    body = {"name": "weekday check", "cron": "0 9 * * 1-5", "prompt": "Check the build",
+            "repository": repository.pk, "model": "scripted/demo", "profile": theirs.pk}  # fmt: skip
+    bad = api.post("/api/v1/automations", body, format="json")
+    assert bad.status_code == 400 and "profile" in bad.json()["errors"], bad.content
+    ours = AgentProfile.objects.create(team=repository.team, name="ours")
+    created = api.post("/api/v1/automations", {**body, "profile": ours.pk}, format="json")
+    assert created.status_code == 201 and created.json()["profile"] == ours.pk, created.content

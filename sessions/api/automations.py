@@ -19,7 +19,7 @@ from sessions.api.permissions import request_body
 from sessions.api.serializers import TeamOwnedSerializer, model_problem, text_problem
 from sessions.api.views import TeamOwnedViewSet, TeamScopedMixin
 from sessions.automations import Automation, AutomationFiring, ScheduledMessage, cron_problem, zone_problem
-from sessions.models import Environment, Repository, Session, SessionStatus
+from sessions.models import AgentProfile, Environment, Repository, Session, SessionStatus
 
 MAX_DELAY = timedelta(days=366)
 
@@ -30,6 +30,9 @@ class AutomationSerializer(TeamOwnedSerializer):
     )
     environment = serializers.PrimaryKeyRelatedField(
         queryset=Environment.objects.all(), required=False, allow_null=True, help_text="Environment id."
+    )
+    profile = serializers.PrimaryKeyRelatedField(
+        queryset=AgentProfile.objects.all(), required=False, allow_null=True, help_text="Agent profile id."
     )
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
 
@@ -44,6 +47,7 @@ class AutomationSerializer(TeamOwnedSerializer):
             "prompt",
             "repository",
             "environment",
+            "profile",
             "model",
             "paused",
             "next_fire_at",
@@ -82,7 +86,7 @@ class AutomationSerializer(TeamOwnedSerializer):
         attrs = super().validate(attrs)
         team = self.instance.team if self.instance else attrs["team"]
         # Someone else's repository or environment reads as unknown, like any id of another team.
-        for name in ("repository", "environment"):
+        for name in ("repository", "environment", "profile"):
             value = attrs.get(name)
             if value is not None and value.team_id != team.pk:
                 raise serializers.ValidationError(
