@@ -19,9 +19,9 @@ from django.views.decorators.http import require_http_methods, require_POST
 from sessions.api.automations import AutomationSerializer, ScheduledMessageSerializer
 from sessions.api.permissions import can_write, readable_teams, writable_teams
 from sessions.automations import Automation
-from sessions.models import Environment, Repository, SessionStatus
+from sessions.models import AgentProfile, Environment, Repository, SessionStatus
 
-FIELDS = ("name", "cron", "timezone", "prompt", "repository", "environment", "model")
+FIELDS = ("name", "cron", "timezone", "prompt", "repository", "environment", "profile", "model")
 
 
 def visible_automations(user) -> QuerySet[Automation]:
@@ -69,6 +69,7 @@ def automation_list(request: HttpRequest) -> HttpResponse:
             "teams": teams,
             "repositories": Repository.objects.filter(team_id__in=team_ids).select_related("team"),
             "environments": Environment.objects.filter(team_id__in=team_ids).select_related("team"),
+            "profiles": AgentProfile.objects.filter(team_id__in=team_ids).select_related("team"),
             "values": SimpleNamespace(**{name: values.get(name, "") for name in ("team", *FIELDS)}),
             "errors": errors,
         },
