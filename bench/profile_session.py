@@ -1,0 +1,151 @@
+"""Where the CPU of one trivial session goes: the worker's steps, its SQL statements, the API POST.
+
+Runs --sessions trivial sessions (the scripted model's first answer calls ``finish``) in this
+process: each is created with ``start_session`` and executed with ``sessions.runner.execute`` under
+cProfile (CPU clock); the runner's steps are read from the profile's cumulative times and the
+statements are counted with ``connection.execute_wrapper``. The POST side is timed (CPU) through
+django's test Client. Prints JSON. Usage: .venv/bin/python bench/profile_session.py [--sessions 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("DEPUTIES_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/deputies_bench_perf")
+import procs  # noqa: E402
+from common import setup  # noqa: E402
+
+SCRIPT = {"responses": [{"tool_calls": [{"name": "finish", "arguments": {"summary": "done"}}]}]}
+# (label, file suffix, function name): cumulative CPU of these is the step's.
+STEPS = [
+    ("provision_sandbox", "sessions/runner.py", "provision_sandbox"),
+    ("prepare_repository", "sessions/runner.py", "prepare_repository"),
+    ("setup_script", "sessions/runner.py", "run_setup_script"),
+    ("agent_loop", "sessions/runner.py", "agent_loop"),
+    ("collect_diff", "sessions/runner.py", "collect_diff"),
+    ("finish", "sessions/models.py", "finish"),
+    ("name_session", "sessions/runner.py", "name_session"),
+    ("claim", "sessions/runner.py", "claim"),
+    ("events_emit", "sessions/events.py", "emit"),
+    ("events_emit_many", "sessions/events.py", "emit_many"),
+    ("sql_execute", "django/db/backends/utils.py", "_execute"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sessions", type=int, default=50)
+    args = parser.parse_args()
+    procs.exit_on_sigterm()
+    procs.fresh_database()
+    data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-profile-"))
+    fake = None
+    try:
+        # The scripted model must be up before settings read its URL.
+        fake, fake_url = procs.start_fake_llm(SCRIPT, data_dir)
+        os.environ["DEPUTIES_LLM_PROVIDERS"] = "scripted"
+        os.environ["DEPUTIES_LLM_SCRIPTED_BASE_URL"] = fake_url
+        setup(data_dir)
+        from django.db import connection
+        from django.test import Client
+
+        from sessions.models import APIToken, Run, start_session
+        from sessions.runner import execute
+
+        team, user, repo = procs.bench_repository(data_dir)
+        _, secret = APIToken.issue(user, "bench")
+        statements = [0]
+
+        def count(execute_, sql, params, many, context):
+            statements[0] += 1
+            return execute_(sql, params, many, context)
+
+        def one(n: int) -> str:
+            session = start_session(
+                team=team, repository=repo, prompt=f"p {n}", model="scripted/x", created_by=user
+            )
+            return execute(Run.objects.filter(session=session).values_list("pk", flat=True).get())
+
+        for n in range(3):  # warm-up: imports, caches, the repository template
+            one(n)
+        load_before = procs.loadavg()
+        profile = cProfile.Profile(time.process_time)
+        outcomes: dict[str, int] = {}
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        with connection.execute_wrapper(count):
+            for n in range(args.sessions):
+                profile.enable()
+                out = one(n)
+                profile.disable()
+                outcomes[out] = outcomes.get(out, 0) + 1
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        worker_statements = statements[0]
+
+        client = Client(HTTP_AUTHORIZATION=f"Bearer {secret}", HTTP_HOST="127.0.0.1")
+        body = {"repository": repo.pk, "prompt": "post", "model": "scripted/x"}
+        client.post("/api/v1/sessions", body, content_type="application/json")  # warm-up
+        statements[0] = 0
+        post_cpu0 = time.process_time()
+        codes: dict[int, int] = {}
+        with connection.execute_wrapper(count):
+            for _ in range(args.sessions):
+                code = client.post("/api/v1/sessions", body, content_type="application/json").status_code
+                codes[code] = codes.get(code, 0) + 1
+        post_cpu = time.process_time() - post_cpu0
+
+        stats = pstats.Stats(profile)
+        total = stats.total_tt
+        per = 1000 / args.sessions
+        steps = {}
+        for label, suffix, name in STEPS:
+            ct = sum(v[3] for k, v in stats.stats.items() if k[0].endswith(suffix) and k[2] == name)
+            steps[label] = {"ms_cpu_per_session": round(ct * per, 2), "pct": round(100 * ct / total, 1)}
+        top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]
+        print(
+            json.dumps(
+                {
+                    "bench": "profile_session",
+                    "sessions": args.sessions,
+                    "outcomes": outcomes,
+                    "worker_cpu_ms_per_session": round(cpu * per, 2),
+                    "worker_wall_ms_per_session": round(wall * per, 2),
+                    "profiled_cpu_ms_per_session": round(total * per, 2),
+                    "worker_statements_per_session": round(worker_statements / args.sessions, 1),
+                    "steps": steps,
+                    "api_post": {
+                        "cpu_ms_per_post": round(post_cpu * per, 2),
+                        "statements_per_post": round(statements[0] / args.sessions, 1),
+                        "status_codes": codes,
+                    },
+                    "top_tottime": [
+                        {
+                            "function": f"{Path(k[0]).name}:{k[1]}:{k[2]}",
+                            "tottime_ms_per_session": round(v[2] * per, 2),
+                            "calls_per_session": round(v[1] / args.sessions, 1),
+                        }
+                        for k, v in top
+                    ],
+                    "loadavg_before": load_before,
+                    "loadavg_after": procs.loadavg(),
+                },
+                indent=2,
+            )
+        )
+    finally:
+        if fake is not None:
+            procs.stop(fake)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
