@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Artifact, Session
-from tests.live import ROOT, child_env, wait_for
+from tests.live import ROOT, child_env, free_port, wait_for, web_process, worker_process
 
 DEPUTIES = str(Path(sys.executable).parent / "deputies")
 SCRIPT = json.loads((ROOT / "deputies" / "demo" / "script.json").read_text())
@@ -129,12 +128,6 @@ def test_it_creates_a_token_that_the_api_accepts(tmp_path, owner, client):
     assert client.get("/api/v1/sessions", HTTP_AUTHORIZATION=f"Bearer {secret}").status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_it_starts_simple_mode_and_stops_cleanly_on_ctrl_c(tmp_path):
     """`deputies up` on a fresh data directory: SQLite, admin account, demo model, web and worker."""
     port = free_port()
@@ -183,8 +176,6 @@ def test_it_starts_simple_mode_and_stops_cleanly_on_ctrl_c(tmp_path):
 @pytest.mark.django_db(transaction=True)
 def test_it_runs_a_prompt_through_a_server_and_follows_it_over_the_websocket(tmp_path, owner, sample_repo):
     from sessions.models import APIToken
-    from tests.live import worker_process
-    from tests.test_streaming_e2e import web_process
 
     _, secret = APIToken.issue(owner, "cli")
     with start_in_thread(SCRIPT) as fake:
@@ -194,7 +185,7 @@ def test_it_runs_a_prompt_through_a_server_and_follows_it_over_the_websocket(tmp
             DEPUTIES_LLM_SCRIPTED_BASE_URL=fake.base_url,
             DEPUTIES_DEFAULT_MODEL="scripted/demo",
         )
-        with web_process(env, free_port()) as base, worker_process(env):
+        with web_process(env) as base, worker_process(env):
             # The client needs no database: only the server's URL and a token.
             client_env = {k: v for k, v in env.items() if k != "DATABASE_URL"}
             result = deputies(

@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,48 +20,13 @@ from websockets.sync.client import connect as ws_connect
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import APIToken, Event, Repository, Session
-from tests.live import ROOT, child_env, stop_process, wait_for, worker_process
+from tests.live import ROOT, child_env, wait_for, web_process, worker_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 SCRIPT = json.loads((ROOT / "deputies" / "demo" / "script.json").read_text())
 REDIS_URL = os.environ.get("DEPUTIES_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TERMINAL = {"completed", "failed", "cancelled"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def web_process(env: dict[str, str], port: int) -> Iterator[str]:
-    """``deputies web`` (daphne) on ``port``; yields its base URL once it answers."""
-    log = open(Path(env["DEPUTIES_DATA_DIR"]) / "web.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "deputies"), "web", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        assert proc.poll() is None, (Path(env["DEPUTIES_DATA_DIR"]) / "web.log").read_text()[-3000:]
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(answers, timeout=30, what="daphne to answer")
-        yield base
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def open_stream(base: str, session_id: int, cookie: str, after: int = 0) -> ClientConnection:
@@ -125,7 +86,7 @@ def test_it_shows_the_database_timeline_across_a_websocket_killed_mid_run(
             DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
             **extra,
         )
-        with worker_process(env), web_process(env, free_port()) as base:
+        with worker_process(env), web_process(env) as base:
             created = httpx.post(
                 f"{base}/api/v1/sessions",
                 json={
