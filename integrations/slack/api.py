@@ -39,14 +39,7 @@ class SlackChannelSerializer(TeamOwnedSerializer):
                   "enabled", "created"]  # fmt: skip
         read_only_fields = ["created"]
         validators: list = []
-
-    def get_fields(self) -> dict[str, serializers.Field]:
-        fields = super().get_fields()
-        team = self.instance.team if isinstance(self.instance, SlackChannel) else self.context.get("team")
-        if team is not None:
-            fields["repository"].queryset = Repository.objects.filter(team=team)
-            fields["environment"].queryset = Environment.objects.filter(team=team)
-        return fields
+        team_related = ["repository", "environment"]
 
     def validate_model(self, value: str) -> str:
         value = value.strip()

@@ -74,16 +74,7 @@ class WebhookSourceSerializer(TeamOwnedSerializer):
         sometimes_absent = ["token", "signing_secret", "callback_secret"]
         validators: list = []
         extra_kwargs = {"slug": {"required": False}}
-
-    def get_fields(self) -> dict[str, serializers.Field]:
-        # Related objects only from the source's team: another team's id reads as unknown, like a missing one.
-        fields = super().get_fields()
-        team = self.instance.team if isinstance(self.instance, WebhookSource) else self.context.get("team")
-        if team is not None:
-            fields["repository"].queryset = Repository.objects.filter(team=team)
-            fields["environment"].queryset = Environment.objects.filter(team=team)
-            fields["allowed_repositories"].child_relation.queryset = Repository.objects.filter(team=team)
-        return fields
+        team_related = ["repository", "environment", "allowed_repositories"]
 
     def to_representation(self, instance: WebhookSource) -> dict[str, Any]:
         data = super().to_representation(instance)

@@ -214,12 +214,7 @@ class ScheduledMessageViewSet(
     team_lookup = "session__team"
 
     def session(self) -> Session:
-        sessions = Session.objects.all()
-        if not self.request.user.is_staff:
-            from sessions.api.permissions import readable_teams
-
-            sessions = sessions.filter(team__in=readable_teams(self.request.user))
-        session = sessions.filter(pk=self.kwargs["session_pk"]).first()
+        session = self.scope(Session.objects.all(), "team").filter(pk=self.kwargs["session_pk"]).first()
         if session is None:
             raise NotFound("No such session.")
         return session

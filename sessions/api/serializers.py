@@ -145,10 +145,22 @@ class TeamOwnedSerializer(serializers.ModelSerializer):
     """Repositories and environments: a unique name per team, and they never move between teams.
 
     The view decides the team of a new object (``context["team"]``), so permission errors come first.
+    Related fields named in ``Meta.team_related`` offer only the object's team's rows: another team's id
+    reads as unknown, like a missing one.
     """
 
     team = TeamField(required=False)
     serializer_field_mapping = {**serializers.ModelSerializer.serializer_field_mapping, **STRICT_TEXT_FIELDS}
+
+    def get_fields(self) -> dict[str, serializers.Field]:
+        fields = super().get_fields()
+        names = getattr(self.Meta, "team_related", ())
+        team = self.instance.team if isinstance(self.instance, self.Meta.model) else self.context.get("team")
+        if names and team is not None:
+            for name in names:
+                field = getattr(fields[name], "child_relation", fields[name])  # many=True: the child
+                field.queryset = field.queryset.model.objects.filter(team=team)
+        return fields
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         team = self.instance.team if self.instance else self.context["team"]

@@ -165,11 +165,11 @@ class TeamScopedMixin:
     team_lookup = "team"
     request_team = None  # the team a create goes into, decided before validation
 
-    def scope(self, queryset: QuerySet) -> QuerySet:
+    def scope(self, queryset: QuerySet, team_lookup: str | None = None) -> QuerySet:
         user = self.request.user
         if user.is_staff:
             return queryset
-        return queryset.filter(**{f"{self.team_lookup}__in": readable_teams(user)})
+        return queryset.filter(**{f"{team_lookup or self.team_lookup}__in": readable_teams(user)})
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()
