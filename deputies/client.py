@@ -22,7 +22,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect
 
 TERMINAL = {"completed", "failed", "cancelled", "archived"}
-RECONNECTS = 5
+RECONNECTS = 5  # reopen attempts in a row that bring no new event, before giving up
+# Backoff between reopens (seconds): FIRST * 2**failures, at most MAX. A backoff, not a wait for the
+# server: the next attempt itself finds out whether it is back.
+RECONNECT_FIRST, RECONNECT_MAX = 0.2, 5.0
 CLOSE_REASONS = {4401: "the token was refused", 4404: "the session is not visible to this token"}
 
 
@@ -120,7 +123,9 @@ class RemoteRun:
                 failures = 0 if self.after > seen else failures + 1
                 if failures > RECONNECTS:
                     raise ClientError(f"lost the stream of session {session_id}: {problem}")
-                time.sleep(min(0.2 * 2**failures, 5))  # then reopen after the last event seen
+                time.sleep(
+                    min(RECONNECT_FIRST * 2**failures, RECONNECT_MAX)
+                )  # then reopen after the last seen
         except KeyboardInterrupt:
             try:
                 self.call("POST", f"/api/v1/sessions/{session_id}/cancel")
