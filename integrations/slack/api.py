@@ -9,7 +9,7 @@ from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import serializers
 
 from integrations.slack.models import SlackChannel, SlackWorkspace
-from sessions.api.serializers import TeamOwnedSerializer, model_problem
+from sessions.api.serializers import TeamOwnedSerializer, clean_model
 from sessions.api.views import TeamOwnedViewSet
 from sessions.models import Environment, Repository
 
@@ -42,10 +42,7 @@ class SlackChannelSerializer(TeamOwnedSerializer):
         team_related = ["repository", "environment"]
 
     def validate_model(self, value: str) -> str:
-        value = value.strip()
-        if value and (problem := model_problem(value)):
-            raise serializers.ValidationError(problem)
-        return value
+        return clean_model(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)

@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from integrations.webhooks.models import WebhookSource
-from sessions.api.serializers import TeamOwnedSerializer, model_problem
+from sessions.api.serializers import TeamOwnedSerializer, clean_model
 from sessions.api.views import TeamOwnedViewSet
 from sessions.models import Environment, Repository
 
@@ -87,10 +87,7 @@ class WebhookSourceSerializer(TeamOwnedSerializer):
         return data
 
     def validate_model(self, value: str) -> str:
-        value = value.strip()
-        if value and (problem := model_problem(value)):
-            raise serializers.ValidationError(problem)
-        return value
+        return clean_model(value)
 
     def validate_slug(self, value: str) -> str:
         clash = WebhookSource.objects.filter(slug=value)

@@ -8,7 +8,7 @@ from typing import Any
 from rest_framework import serializers
 
 from sessions.agent_models import AgentProfile, Skill, clean_tool_names
-from sessions.api.serializers import TeamField, TeamOwnedSerializer, model_problem
+from sessions.api.serializers import TeamField, TeamOwnedSerializer, clean_model
 
 
 class AgentProfileSerializer(TeamOwnedSerializer):
@@ -42,17 +42,11 @@ class AgentProfileSerializer(TeamOwnedSerializer):
         validators: list = []
         extra_kwargs = {"max_steps": {"min_value": 1}, "budget_usd": {"min_value": Decimal("0.01")}}
 
-    def _model(self, value: str) -> str:
-        value = value.strip()
-        if value and (problem := model_problem(value)):
-            raise serializers.ValidationError(problem)
-        return value
-
     def validate_model(self, value: str) -> str:
-        return self._model(value)
+        return clean_model(value)
 
     def validate_summary_model(self, value: str) -> str:
-        return self._model(value)
+        return clean_model(value)
 
     def validate_allowed_tools(self, value: Any) -> list[str]:
         try:

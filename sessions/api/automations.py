@@ -16,7 +16,7 @@ from rest_framework.response import Response
 
 from sessions.api.errors import Conflict
 from sessions.api.permissions import request_body
-from sessions.api.serializers import TeamOwnedSerializer, model_problem, text_problem
+from sessions.api.serializers import TeamOwnedSerializer, clean_model, text_problem
 from sessions.api.views import TeamOwnedViewSet, TeamScopedMixin
 from sessions.automations import Automation, AutomationFiring, ScheduledMessage, cron_problem, zone_problem
 from sessions.models import AgentProfile, Environment, Repository, Session, SessionStatus
@@ -77,10 +77,7 @@ class AutomationSerializer(TeamOwnedSerializer):
         return value.strip()
 
     def validate_model(self, value: str) -> str:
-        value = value.strip()
-        if value and (problem := model_problem(value)):
-            raise serializers.ValidationError(problem)
-        return value
+        return clean_model(value)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         attrs = super().validate(attrs)

@@ -93,6 +93,14 @@ def clean_clone_url(value: str) -> str:
         raise serializers.ValidationError(str(exc)) from None
 
 
+def clean_model(value: str) -> str:
+    """A model setting as stored: stripped; empty (the default applies) or a usable ``provider/model``."""
+    value = value.strip()
+    if value and (problem := model_problem(value)):
+        raise serializers.ValidationError(problem)
+    return value
+
+
 def clean_branch(value: str) -> str:
     value = value.strip()
     if value and (
@@ -392,10 +400,7 @@ class EnvironmentSerializer(TeamOwnedSerializer):
         return value
 
     def validate_default_model(self, value: str) -> str:
-        value = value.strip()
-        if value and (problem := model_problem(value)):
-            raise serializers.ValidationError(problem)
-        return value
+        return clean_model(value)
 
     def validate_default_profile(self, value):
         team = self.instance.team if self.instance else self.context["team"]
