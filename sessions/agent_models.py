@@ -14,8 +14,10 @@ from typing import Any
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
+
+from sessions.revisions import Revisioned
 
 NAME_RE = r"[a-z0-9][a-z0-9_-]{0,63}"
 name_validator = RegexValidator(
@@ -90,7 +92,7 @@ class AgentProfile(models.Model):
         return not self.skills or name in self.skills
 
 
-class Skill(models.Model):
+class Skill(Revisioned, models.Model):
     """Markdown instructions the agent loads when it needs them (the ``load_skill`` tool).
 
     Team-wide (no owner) or personal (only the owner's sessions see it, and it wins over a team
@@ -131,13 +133,6 @@ class Skill(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (r{self.revision})"
-
-    def save(self, *args, **kwargs) -> None:
-        if self.pk and not kwargs.get("force_insert"):
-            self.revision = F("revision") + 1
-        super().save(*args, **kwargs)
-        if self.pk:
-            self.refresh_from_db(fields=["revision"])
 
     @property
     def scope(self) -> str:

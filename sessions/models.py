@@ -20,6 +20,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from sessions.revisions import Revisioned
 from sessions.secrets import Secret, decrypt, encrypt
 
 
@@ -143,7 +144,7 @@ class Repository(models.Model):
         return Repository.Provider.GITHUB if host == "github.com" else Repository.Provider.GIT
 
 
-class Environment(models.Model):
+class Environment(Revisioned, models.Model):
     class Network(models.TextChoices):
         NONE = "none"
         BRIDGE = "bridge"
@@ -188,14 +189,6 @@ class Environment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} (r{self.revision})"
-
-    def save(self, *args, **kwargs) -> None:
-        # Any edit of a saved environment is a new revision; sessions record the one they ran with.
-        if self.pk and not kwargs.get("force_insert"):
-            self.revision = F("revision") + 1
-        super().save(*args, **kwargs)
-        if self.pk:
-            self.refresh_from_db(fields=["revision"])
 
     def clean(self) -> None:
         _check_profile_team(self.default_profile, self.team_id)
