@@ -31,7 +31,7 @@ def transactions_per_s(seconds: float) -> float:
         t0 = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - t0
-        time.sleep(1.5)  # backends report their counts about once a second
+        time.sleep(procs.STATS_FLUSH_S)
         after = procs.pg_transactions(conn, name)
     return round((after - before) / elapsed, 2)
 
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
-        "--settle", type=float, default=15, help="seconds between the worker's start and counting"
+        "--settle", type=float, default=15, help="seconds between the worker's first heartbeat and counting"
     )
     parser.add_argument("--isolation", default="auto", choices=["auto", "none", "bwrap"])
     parser.add_argument("--poll", default="0.5", help="DEPUTIES_CANCEL_POLL for the worker")
@@ -52,6 +52,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-cancel-"))
     setup(data_dir)
     from django.db import connection
+    from django.utils import timezone
 
     from sessions.models import Environment, Run, Session, start_session
     from tests.sandbox_contract import live_processes_with
@@ -72,9 +73,11 @@ def main() -> None:
     env = procs.bench_env(
         data_dir, fake_url, DEPUTIES_SANDBOX_ISOLATION=args.isolation, DEPUTIES_CANCEL_POLL=args.poll
     )
+    launched = timezone.now()
     worker = procs.start([procs.DEPUTIES, "worker"], env, data_dir / "worker.log")
     try:
-        time.sleep(args.settle)  # the worker starts and settles
+        procs.wait_for_workers(launched)
+        time.sleep(args.settle)  # its start-up work (first schedules, recovery checks) dies down
         idle = transactions_per_s(args.seconds)
         sessions = []
         for marker in markers:

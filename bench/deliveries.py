@@ -29,6 +29,8 @@ os.environ.setdefault(
 import procs  # noqa: E402  (picks this bench's own database)
 from common import percentiles, setup  # noqa: E402
 
+POLL_S = 0.2  # how often the receiver's log and the rows are read while waiting for the last answers
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -125,14 +127,21 @@ def main() -> None:
             return {r["delivery"] for r in received() if r["answer"] == "200"}
 
         deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline and not set(created) <= accepted():
-            time.sleep(0.2)
+        procs.wait_until(
+            lambda: set(created) <= accepted(),
+            args.timeout,
+            "every delivery accepted",
+            POLL_S,
+            required=False,
+        )
         ids = [int(k) for k in created]
-        while (
-            time.monotonic() < deadline
-            and Delivery.objects.filter(pk__in=ids, status__in=("pending", "sending")).exists()
-        ):
-            time.sleep(0.2)  # the worker records the last answers
+        procs.wait_until(  # the worker records the last answers
+            lambda: not Delivery.objects.filter(pk__in=ids, status__in=("pending", "sending")).exists(),
+            deadline - time.monotonic(),
+            "the last answers recorded",
+            POLL_S,
+            required=False,
+        )
         requests = [r for r in received() if r["delivery"] in created]
         first: dict[str, float] = {}
         after_commit: dict[str, float] = {}

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,25 +23,20 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, percentiles, setup  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    bench_repository,
+    free_port,
+    percentiles,
+    setup,
+    wait_for_workers,
+    wait_until,
+)
 
+# The waits for a session's first model request and its end poll this often: the latencies are
+# measured at the moment a wait returns, so the interval is the figures' resolution.
+POLL_S = 0.005
 SCRIPT = {"responses": [{"tool_calls": [{"name": "finish", "arguments": {"summary": "done"}}]}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def main() -> None:
@@ -54,10 +48,10 @@ def main() -> None:
     setup(data_dir)
     import httpx
     from django.conf import settings
+    from django.utils import timezone
 
     from sessions.agent.fake_llm import start_in_thread
-    from sessions.models import APIToken, Event, Membership, Repository, Run, Session, Team
-    from tests.conftest import make_git_repo
+    from sessions.models import APIToken, Event, Run, Session
 
     first_request: dict[str, float] = {}
     fake = start_in_thread(SCRIPT)
@@ -67,15 +61,7 @@ def main() -> None:
         first_request.setdefault(prompt, time.time())
 
     fake.on_request = on_request
-    from django.contrib.auth import get_user_model
-
-    user, _ = get_user_model().objects.get_or_create(username="bench")
-    team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
-    Membership.objects.get_or_create(team=team, user=user, defaults={"role": "owner"})
-    repo_path = make_git_repo(data_dir / "repo")
-    repo, _ = Repository.objects.update_or_create(
-        team=team, name="bench-dispatch", defaults={"url": str(repo_path), "provider": "local"}
-    )
+    _, user, repo = bench_repository(data_dir, "bench-dispatch")
     _, secret = APIToken.issue(user, "bench")
     port = free_port()
     env = dict(os.environ)
@@ -88,6 +74,7 @@ def main() -> None:
         DEPUTIES_LOG_LEVEL="WARNING",
     )
     deputies = str(Path(sys.executable).parent / "deputies")
+    launched = timezone.now()
     procs = [
         subprocess.Popen(
             [deputies, "web", "--host", "127.0.0.1", "--port", str(port)],
@@ -104,8 +91,8 @@ def main() -> None:
         client = httpx.Client(
             base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}
         )
-        wait_until(lambda: _ok(client), 30, "the web server")
-        time.sleep(2)  # let the qcluster finish starting before measuring
+        wait_until(lambda: _ok(client), 30, "the web server", POLL_S)
+        wait_for_workers(launched)  # the worker's start-up is not measured
         load_before = round(os.getloadavg()[0], 2)
         dispatch, first_llm, done, post, to_row, row_to_started, healthz = [], [], [], [], [], [], []
         parts: dict[str, list[float]] = defaultdict(list)
@@ -118,7 +105,7 @@ def main() -> None:
             t_post = time.time()
             r.raise_for_status()
             sid = r.json()["id"]
-            wait_until(lambda prompt=prompt: prompt in first_request, 30, "the first model request")
+            wait_until(lambda prompt=prompt: prompt in first_request, 30, "the first model request", POLL_S)
             status = wait_until(
                 lambda sid=sid: (
                     (s := client.get(f"/api/v1/sessions/{sid}").json()["status"]) in ("completed", "failed")
@@ -126,6 +113,7 @@ def main() -> None:
                 ),
                 30,
                 "the session to finish",
+                POLL_S,
             )
             t_done = time.time()
             started = Event.objects.get(session_id=sid, type="run_started").created.timestamp()

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procs  # noqa: E402  (picks this bench's own database)
 from common import setup  # noqa: E402
 
+SAMPLE_S = 1.0  # memory is sampled this often during a measured window
 SCRIPT = {"responses": [{"tool_calls": [{"name": "finish", "arguments": {"summary": "done"}}]}]}
 
 
@@ -35,9 +36,9 @@ def measure(roots: list[int], seconds: float) -> dict:
         while time.monotonic() - t0 < seconds:
             pids = [p for root in roots for p in procs.tree(root)]
             samples.append((procs.rss_kb(pids), procs.pss_kb(pids)))
-            time.sleep(1)
+            time.sleep(SAMPLE_S)
         elapsed = time.monotonic() - t0
-        time.sleep(1.5)  # let the backends report their last counts (Postgres flushes them every ~1 s)
+        time.sleep(procs.STATS_FLUSH_S)
         after = procs.pg_transactions(conn, name)
     rss = [s[0] for s in samples]
     return {

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, setup  # noqa: E402
-from dispatch import _ok, free_port, wait_until  # noqa: E402
+from common import ROOT, bench_repository, free_port, setup, wait_until  # noqa: E402
+from dispatch import _ok  # noqa: E402
 
 
 def main() -> None:
@@ -35,19 +35,10 @@ def main() -> None:
     setup(data_dir)
     import httpx
     from django.conf import settings
-    from django.contrib.auth import get_user_model
 
-    from sessions.models import APIToken, Membership, Repository, Team
-    from tests.conftest import make_git_repo
+    from sessions.models import APIToken
 
-    user, _ = get_user_model().objects.get_or_create(username="bench")
-    team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
-    Membership.objects.get_or_create(team=team, user=user, defaults={"role": "owner"})
-    repo, _ = Repository.objects.update_or_create(
-        team=team,
-        name="bench-middleware",
-        defaults={"url": str(make_git_repo(data_dir / "repo")), "provider": "local"},
-    )
+    _, user, repo = bench_repository(data_dir, "bench-middleware")
     _, secret = APIToken.issue(user, "bench")
     deputies = str(Path(sys.executable).parent / "deputies")
     servers, procs = {}, []

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +17,12 @@ DEPUTIES = str(Path(sys.executable).parent / "deputies")
 os.environ.setdefault(
     "DEPUTIES_BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/deputies_bench_workers"
 )
+# After the line above: common reads the bench database's URL when it is imported.
+from common import bench_repository, free_port, wait_for_workers, wait_until  # noqa: E402, F401  (for the benches)
+
+# Postgres backends report their transaction counts about once a second: wait this long after a
+# measured window before reading pg_stat_database, so the window's last transactions are counted.
+STATS_FLUSH_S = 1.5
 
 
 def fresh_database() -> None:
@@ -33,22 +37,6 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -61,13 +49,10 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """SIGTERM, then SIGKILL to the group of a process ``start`` made: as the end-to-end tests stop theirs."""
+    from tests.live import stop_process
+
+    stop_process(proc, timeout)
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -221,20 +206,3 @@ def start_fake_llm(script: dict, data_dir: Path) -> tuple[subprocess.Popen, str]
 
     wait_until(up, 20, "the scripted model")
     return proc, url
-
-
-def bench_repository(data_dir: Path):
-    """The bench team, its owner and a small real git repository."""
-    from django.contrib.auth import get_user_model
-
-    from sessions.models import Membership, Repository, Team
-    from tests.conftest import make_git_repo
-
-    user, _ = get_user_model().objects.get_or_create(username="bench")
-    team, _ = Team.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
-    Membership.objects.get_or_create(team=team, user=user, defaults={"role": "owner"})
-    repo_path = make_git_repo(data_dir / "repo")
-    repo, _ = Repository.objects.update_or_create(
-        team=team, name="bench-workers", defaults={"url": str(repo_path), "provider": "local"}
-    )
-    return team, user, repo

@@ -41,23 +41,6 @@ import procs  # noqa: E402
 from common import percentiles, setup  # noqa: E402
 
 
-def script(steps: int, model_delay: float, command_delay: float) -> dict:
-    command = "sleep {delay}; echo step-{n} >> plan.log"
-    responses = [
-        {
-            "tool_calls": [
-                {"name": "bash", "arguments": {"command": command.format(delay=command_delay, n=n)}}
-            ],
-            "delay": model_delay,
-        }
-        for n in range(steps)
-    ]
-    responses.append(
-        {"tool_calls": [{"name": "finish", "arguments": {"summary": "done"}}], "delay": model_delay}
-    )
-    return {"responses": responses}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
@@ -75,14 +58,16 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-recovery-"))
     setup(data_dir)
     from django.db.models import Min
+    from django.utils import timezone
 
     from sandboxes.models import Sandbox
     from sessions.agent.fake_llm import conversation_key
     from sessions.models import Event, Run, Session, start_session
+    from tests.test_resume import plan  # the plan the resume tests run
 
     rng = random.Random(args.seed)
     team, user, repo = procs.bench_repository(data_dir)
-    fake, fake_url = procs.start_fake_llm(script(args.steps, args.model_delay, args.command_delay), data_dir)
+    fake, fake_url = procs.start_fake_llm(plan(args.steps, args.model_delay, args.command_delay), data_dir)
     sandbox_root = data_dir / "sandboxes"
     env = procs.bench_env(
         data_dir,
@@ -99,10 +84,11 @@ def main() -> None:
         starts[name] += 1
         return procs.start([procs.DEPUTIES, "worker"], env, data_dir / f"{name}-{starts[name]}.log")
 
+    launched = timezone.now()
     workers = {"a": start_worker("a"), "b": start_worker("b")}
     kills: list[tuple[float, set[int]]] = []  # (wall time of the kill, the runs it took down)
     try:
-        time.sleep(3)  # the workers finish importing Django before the clock starts
+        procs.wait_for_workers(launched, count=len(workers))  # Django imported before the clock starts
         ids = [
             start_session(
                 team=team,
