@@ -283,9 +283,7 @@ class SessionViewSet(
         return repository.team if repository else None
 
     def scope_repositories(self) -> QuerySet[Repository]:
-        if self.request.user.is_staff:
-            return Repository.objects.all()
-        return Repository.objects.filter(team__in=readable_teams(self.request.user))
+        return self.scope(Repository.objects.all(), "team")
 
     @extend_schema(
         methods=["POST"],
