@@ -18,8 +18,7 @@ from integrations.github.models import Installation
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Artifact, Event, Message, Session
 from tests.github_fake import APP_ID, INSTALLATION_ID, FakeGitHub, issue_comment, new_app_key, signed
-from tests.live import ROOT, child_env, wait_for, worker_process
-from tests.test_streaming_e2e import free_port, web_process
+from tests.live import ROOT, child_env, free_port, wait_for, web_process, worker_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

@@ -10,8 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.live import ROOT, wait_for
-from tests.test_cli import free_port
+from tests.live import ROOT, free_port, wait_for
 
 README = (ROOT / "README.md").read_text()
 

@@ -18,7 +18,7 @@ from integrations.slack import messages
 from integrations.slack.models import SlackChannel, SlackThread, SlackUser, SlackWorkspace
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Message, Repository, Session
-from tests.live import ROOT, child_env, wait_for, worker_process
+from tests.live import ROOT, child_env, free_port, wait_for, web_process, worker_process
 from tests.slack_fake import (
     APP_TOKEN,
     BOT_TOKEN,
@@ -33,7 +33,6 @@ from tests.slack_fake import (
     event_body,
     signed,
 )
-from tests.test_streaming_e2e import free_port, web_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

@@ -8,8 +8,8 @@ from rest_framework.test import APIClient
 
 from sessions.api import throttles
 from sessions.models import APIToken, RateCounter, Repository
-from tests.live import child_env
-from tests.test_streaming_e2e import free_port, redis_or_skip, web_process
+from tests.live import child_env, free_port, web_process
+from tests.test_streaming_e2e import redis_or_skip
 
 SESSIONS = "/api/v1/sessions"
 

@@ -19,8 +19,7 @@ from django_q.models import OrmQ
 from integrations.webhooks.models import WebhookSource, sign
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Message, Repository, Run, Session, SessionBinding
-from tests.live import ROOT, child_env, wait_for, worker_process
-from tests.test_streaming_e2e import free_port, web_process
+from tests.live import ROOT, child_env, free_port, wait_for, web_process, worker_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
