@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import wraps
 from urllib.parse import parse_qs
 
 from django.conf import settings
@@ -54,54 +55,57 @@ def _bad(field: str, why: str) -> JsonResponse:
 DEADLOCK = "40P01"  # Postgres: deadlock_detected
 
 
-def _retrying(handle):
-    """Postgres may pick a request's transaction as the victim of a deadlock with a worker updating
-    the same session; the handler's transaction rolled back whole, so it is safe to run it again."""
+def _answer(handle) -> JsonResponse:
+    """The handler's answer. Postgres may pick a request's transaction as the victim of a deadlock
+    with a worker updating the same session; the handler's transaction rolled back whole, so it is
+    safe to run it again."""
     for attempt in range(3):
         try:
-            return handle()
+            answer = handle()
         except OperationalError as exc:
             if attempt == 2 or getattr(exc.__cause__, "sqlstate", None) != DEADLOCK:
                 raise
+        else:
+            return JsonResponse(answer.body, status=answer.status)
 
 
-@csrf_exempt
-@require_POST
-def events(request: HttpRequest) -> JsonResponse:
-    body = _verified(request)
-    if isinstance(body, JsonResponse):
-        return body
+def slack_request(view):
+    """A POST from Slack: verified before anything is parsed; the view gets the raw body."""
+
+    @csrf_exempt
+    @require_POST
+    @wraps(view)
+    def verified_view(request: HttpRequest) -> JsonResponse:
+        body = _verified(request)
+        if isinstance(body, JsonResponse):
+            return body
+        return view(request, body)
+
+    return verified_view
+
+
+@slack_request
+def events(request: HttpRequest, body: bytes) -> JsonResponse:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return _bad("body", "Not valid JSON.")
     if not isinstance(data, dict):
         return _bad("body", "Expected a JSON object.")
-    answer = _retrying(lambda: handler.handle_event(data, retry_num=request.headers.get("X-Slack-Retry-Num")))
-    return JsonResponse(answer.body, status=answer.status)
+    return _answer(lambda: handler.handle_event(data, retry_num=request.headers.get("X-Slack-Retry-Num")))
 
 
-@csrf_exempt
-@require_POST
-def commands(request: HttpRequest) -> JsonResponse:
-    body = _verified(request)
-    if isinstance(body, JsonResponse):
-        return body
-    answer = _retrying(lambda: handler.handle_command(_form(body)))
-    return JsonResponse(answer.body, status=answer.status)
+@slack_request
+def commands(request: HttpRequest, body: bytes) -> JsonResponse:
+    return _answer(lambda: handler.handle_command(_form(body)))
 
 
-@csrf_exempt
-@require_POST
-def interactive(request: HttpRequest) -> JsonResponse:
-    body = _verified(request)
-    if isinstance(body, JsonResponse):
-        return body
+@slack_request
+def interactive(request: HttpRequest, body: bytes) -> JsonResponse:
     try:
         payload = json.loads(_form(body).get("payload") or "")
     except ValueError:
         return _bad("payload", "Not valid JSON.")
     if not isinstance(payload, dict):
         return _bad("payload", "Expected a JSON object.")
-    answer = _retrying(lambda: handler.handle_interaction(payload))
-    return JsonResponse(answer.body, status=answer.status)
+    return _answer(lambda: handler.handle_interaction(payload))
