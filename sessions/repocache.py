@@ -8,7 +8,8 @@ of a trivial session. Now:
   latest push);
 * a **template** per (repository, commit) is cloned once on this host, under
   ``DATA_DIR/repo-cache/``, and its tar (tree and ``.git``, HEAD detached) is kept in memory;
-* the sandbox gets that tar plus three small members that put it on the session's branch;
+* the sandbox gets that tree plus three small files that put it on the session's branch: a local
+  sandbox by a plain copy of the template's files (``upload``), any other provider as that tar;
 * the session's trusted checkout is a ``.git`` of a few small files whose objects are the template's
   (``objects/info/alternates``): no copy, no git process. It is what ``collect_diff`` diffs against.
   The repository's ``.deputies/setup``, if any, is copied next to it, because the setup step looks
@@ -172,9 +173,22 @@ def template_tar(path: Path) -> bytes:
     return data
 
 
+def _skipped(name: str) -> bool:
+    # HEAD comes per session (session_refs); the clone's reflogs mean nothing in the sandbox.
+    return name == ".git/HEAD" or name.startswith(".git/logs")
+
+
 def _upload_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    # HEAD comes per session (sandbox_tar); the clone's reflogs mean nothing in the sandbox.
-    return None if info.name == ".git/HEAD" or info.name.startswith(".git/logs") else info
+    return None if _skipped(info.name) else info
+
+
+def session_refs(branch: str, commit: str, base_ref: str) -> list[tuple[str, str]]:
+    """The files that put a template's ``.git`` on the session's branch (and ``base_ref``)."""
+    return [
+        (".git/HEAD", f"ref: refs/heads/{branch}\n"),
+        (f".git/refs/heads/{branch}", f"{commit}\n"),
+        (f".git/{base_ref}", f"{commit}\n"),
+    ]
 
 
 def member(name: str, text: str) -> bytes:
@@ -186,15 +200,21 @@ def member(name: str, text: str) -> bytes:
 
 def sandbox_tar(path: Path, branch: str, commit: str, base_ref: str) -> bytes:
     """The template's tar on ``branch`` (and ``base_ref``) at ``commit``, ready for put_archive."""
-    return b"".join(
-        [
-            template_tar(path),
-            member(".git/HEAD", f"ref: refs/heads/{branch}\n"),
-            member(f".git/refs/heads/{branch}", f"{commit}\n"),
-            member(f".git/{base_ref}", f"{commit}\n"),
-            b"\0" * (2 * tarfile.BLOCKSIZE),
-        ]
-    )
+    refs = [member(name, text) for name, text in session_refs(branch, commit, base_ref)]
+    return b"".join([template_tar(path), *refs, b"\0" * (2 * tarfile.BLOCKSIZE)])
+
+
+def upload(handle, path: Path, branch: str, commit: str, base_ref: str) -> None:
+    """The template on ``branch`` at ``commit`` into a new sandbox's workspace.
+
+    A provider whose workspace is on this host's filesystem copies the template's files straight
+    in (``copy_tree``: local sandboxes), which costs a few system calls per file instead of a tar
+    built, parsed and checked per session; any other gets the cached tar (``put_archive``).
+    """
+    copy_tree = getattr(handle, "copy_tree", None)
+    refs = {name: text.encode() for name, text in session_refs(branch, commit, base_ref)}
+    if copy_tree is None or not copy_tree(path, skip=_skipped, files=refs):
+        handle.put_archive(".", sandbox_tar(path, branch, commit, base_ref))
 
 
 def write_checkout(checkout: Path, path: Path, branch: str, commit: str, base_ref: str) -> None:
