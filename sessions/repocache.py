@@ -218,16 +218,17 @@ def upload(handle, path: Path, branch: str, commit: str, base_ref: str) -> None:
 
 
 def write_checkout(checkout: Path, path: Path, branch: str, commit: str, base_ref: str) -> None:
-    """A trusted ``.git`` borrowing the template's objects; ``checkout`` must not exist."""
+    """A trusted ``.git`` borrowing the template's objects; ``checkout`` must not exist, its parent
+    must. Both refs go in ``packed-refs``: git reads them as it reads loose ones (and writes loose
+    ones over them), for two directories fewer per session."""
     git_dir = checkout / ".git"
-    (git_dir / "objects" / "info").mkdir(parents=True)
-    (git_dir / "refs" / "heads").mkdir(parents=True)
+    for directory in (checkout, git_dir, git_dir / "objects", git_dir / "objects" / "info", git_dir / "refs"):
+        os.mkdir(directory)
     (git_dir / "objects" / "info" / "alternates").write_text(f"{path / '.git' / 'objects'}\n")
     (git_dir / "config").write_text("[core]\n\trepositoryformatversion = 0\n\tbare = false\n")
     (git_dir / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
-    for ref in (f"refs/heads/{branch}", base_ref):
-        (git_dir / ref).parent.mkdir(parents=True, exist_ok=True)
-        (git_dir / ref).write_text(f"{commit}\n")
+    refs = sorted({f"refs/heads/{branch}", base_ref})  # sorted by bytes, as git keeps them
+    (git_dir / "packed-refs").write_text("".join(f"{commit} {ref}\n" for ref in refs))
     script = path / SETUP_SCRIPT
     if script.is_symlink() or script.is_file():
         (checkout / SETUP_SCRIPT).parent.mkdir(parents=True, exist_ok=True)
