@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -35,6 +36,9 @@ from django.conf import settings
 
 SETUP_SCRIPT = ".deputies/setup"
 TAR_CACHE_BYTES = 64 * 1024 * 1024  # per process
+# Branch names read from ref files (_local_tip); anything else is left to git.
+PLAIN_BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 _build_locks: dict[Path, threading.Lock] = {}
 _tars: OrderedDict[Path, bytes] = OrderedDict()
@@ -108,12 +112,59 @@ def _ls_remote(url: str, branch: str, env: dict[str, str] | None = None) -> str 
     from sessions.runner import git, repository_source
 
     source = repository_source(url)
+    if source.local and (commit := _local_tip(Path(source.url), branch)) is not None:
+        return commit
     out = git("ls-remote", "--", source.url, f"refs/heads/{branch}", source=source, env=env)
     for line in out.splitlines():
         sha, _, ref = line.partition("\t")
         if ref == f"refs/heads/{branch}":
             return sha.strip()
     return None
+
+
+def _local_tip(path: Path, branch: str) -> str | None:
+    """The tip of ``branch`` in a local repository read from its ref files as git reads them (the
+    loose ref, else ``packed-refs``), or None when the files do not say for certain (a symbolic
+    ref, a linked work tree, reftable, an unusual name, no such branch): then ``ls-remote`` answers.
+
+    ``ls-remote`` on a path is three processes (git, a shell, ``git-upload-pack``) for what two
+    small files say; the URL has been checked just before, as for any git command, and nothing of
+    the repository is run or followed outside its git directory.
+    """
+    if not PLAIN_BRANCH.match(branch) or ".." in branch or branch.endswith((".lock", ".")):
+        return None
+    dot = path / ".git"
+    git_dir = dot if dot.is_dir() else path  # a work tree's, or a bare repository
+    if os.path.lexists(dot) and git_dir is path:  # .git is a file: a linked work tree, a submodule
+        return None
+    if (git_dir / "commondir").exists() or (git_dir / "reftable").exists():
+        return None
+    real_git_dir = os.path.realpath(git_dir)
+    ref = f"refs/heads/{branch}"
+    loose = git_dir / ref
+    try:
+        if not os.path.realpath(loose).startswith(real_git_dir + "/"):
+            return None
+        text = loose.read_text(errors="replace")
+    except FileNotFoundError:
+        text = None
+    except OSError:  # refs/heads is not a directory (reftable's stub), the ref is one...
+        return None
+    if text is None:
+        try:
+            if not os.path.realpath(git_dir / "packed-refs").startswith(real_git_dir + "/"):
+                return None
+            packed = (git_dir / "packed-refs").read_text(errors="replace")
+        except OSError:
+            return None
+        text = ""
+        for line in packed.splitlines():
+            sha, _, name = line.partition(" ")
+            if name == ref:
+                text = sha
+                break
+    commit = text.strip()
+    return commit if COMMIT.match(commit) else None
 
 
 def template(url: str, branch: str, commit: str, env: dict[str, str] | None = None) -> Path:

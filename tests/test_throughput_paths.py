@@ -157,6 +157,37 @@ def test_resolve_shares_lookups_but_never_answers_from_before_the_call(tmp_path)
     assert repocache.resolve(str(repo), "main") == head()  # a push is seen by the next call
 
 
+def test_resolve_reads_a_local_branch_from_its_ref_files_as_ls_remote_would(tmp_path, monkeypatch):
+    repo = make_git_repo(tmp_path / "repo")
+
+    def git(*args: str, cwd=repo) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True).stdout
+
+    bare = tmp_path / "bare.git"
+    git("clone", "-q", "--bare", str(repo), str(bare), cwd=tmp_path)
+    packed = tmp_path / "packed"
+    git("clone", "-q", str(repo), str(packed), cwd=tmp_path)
+    git("pack-refs", "--all", cwd=packed)
+    assert not (packed / ".git" / "refs" / "heads" / "main").exists()
+    git("symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    git("worktree", "add", "-q", "-b", "side", str(tmp_path / "linked"))
+    cases = [(repo, "main"), (bare, "main"), (packed, "main"), (repo, "alias"), (tmp_path / "linked", "side")]
+    expected = {
+        (path, branch): git("ls-remote", str(path), f"refs/heads/{branch}").split()[0]
+        for path, branch in cases
+    }
+
+    with monkeypatch.context() as without_git:
+        without_git.setenv("PATH", str(tmp_path / "nothing"))  # no git: only the ref files can answer
+        for path, branch in cases[:3]:
+            assert repocache.resolve(str(path), branch) == expected[path, branch]
+        with pytest.raises(FileNotFoundError):  # a symbolic ref is left to git
+            repocache.resolve(str(repo), "alias")
+    for path, branch in cases[3:]:  # a symbolic ref, a linked work tree: git answers
+        assert repocache.resolve(str(path), branch) == expected[path, branch]
+    assert repocache.resolve(str(repo), "../repo/main") is None
+
+
 @pytest.fixture
 def handle(settings, tmp_path):
     settings.SANDBOX_ISOLATION = "none"
