@@ -370,7 +370,9 @@ class Runner:
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
         caps = provider.capabilities()
         sandbox_env, withheld = sandbox_environment(env, secrets, caps)
-        live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
+        live = None
+        if self.run.attempt > 1:  # a session's first run (see saved_work) has none to reuse
+            live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
             try:
                 self.handle = self.scrubbed(provider.connect(live.external_id, env=sandbox_env))
