@@ -7,11 +7,13 @@ django-q schedule (see the sandboxes migration that creates it) and:
 * destroys READY sandboxes whose session has no active run and that are idle (unused for longer
   than their environment's ``idle_ttl_seconds``, else ``DEPUTIES_SANDBOX_IDLE_TTL``) or expired
   (older than ``DEPUTIES_SANDBOX_MAX_AGE`` however busy they were, or their session is archived);
-* marks rows left ``creating`` for longer than ``ORPHAN_GRACE`` by a worker that died as failed;
+* marks rows left ``creating`` for longer than ``ORPHAN_GRACE`` as failed (the runner now writes a
+  row once the create returned; older versions wrote one before it, and a worker could die between);
 * destroys orphans: docker containers with this deployment's labels, and directories under
   ``DEPUTIES_SANDBOX_ROOT``, that no live row names (a worker died between ``create`` and saving the
   row, or an earlier ``destroy`` failed); anything younger than ``ORPHAN_GRACE`` is left alone,
-  because a sandbox being created right now has no external id on its row yet;
+  because a sandbox being created right now has no row yet (the runner writes it once the create
+  returns);
 * removes the worker's trusted checkouts (``var/checkouts/session-N``) of sessions with no live
   sandbox and no active run; a later follow-up clones again (``Runner.restore_checkout``).
 
@@ -45,7 +47,7 @@ from sessions.models import Run, SessionStatus
 
 log = logging.getLogger(__name__)
 
-# A sandbox younger than this is never an orphan: its row may not have its external id yet.
+# A sandbox younger than this is never an orphan: its row may not be written yet.
 ORPHAN_GRACE = timedelta(minutes=15)
 LOCAL_SANDBOX_DIR = re.compile(r"^s[0-9]+-[0-9a-f]{8}$")  # LocalProvider.create's naming
 CHECKOUT_DIR = re.compile(r"^session-([0-9]+)$")

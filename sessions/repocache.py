@@ -8,7 +8,8 @@ of a trivial session. Now:
   latest push);
 * a **template** per (repository, commit) is cloned once on this host, under
   ``DATA_DIR/repo-cache/``, and its tar (tree and ``.git``, HEAD detached) is kept in memory;
-* the sandbox gets that tar plus three small members that put it on the session's branch;
+* the sandbox gets that tree plus three small files that put it on the session's branch: a local
+  sandbox by a plain copy of the template's files (``upload``), any other provider as that tar;
 * the session's trusted checkout is a ``.git`` of a few small files whose objects are the template's
   (``objects/info/alternates``): no copy, no git process. It is what ``collect_diff`` diffs against.
   The repository's ``.deputies/setup``, if any, is copied next to it, because the setup step looks
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -34,6 +36,9 @@ from django.conf import settings
 
 SETUP_SCRIPT = ".deputies/setup"
 TAR_CACHE_BYTES = 64 * 1024 * 1024  # per process
+# Branch names read from ref files (_local_tip); anything else is left to git.
+PLAIN_BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 _build_locks: dict[Path, threading.Lock] = {}
 _tars: OrderedDict[Path, bytes] = OrderedDict()
@@ -107,12 +112,59 @@ def _ls_remote(url: str, branch: str, env: dict[str, str] | None = None) -> str 
     from sessions.runner import git, repository_source
 
     source = repository_source(url)
+    if source.local and (commit := _local_tip(Path(source.url), branch)) is not None:
+        return commit
     out = git("ls-remote", "--", source.url, f"refs/heads/{branch}", source=source, env=env)
     for line in out.splitlines():
         sha, _, ref = line.partition("\t")
         if ref == f"refs/heads/{branch}":
             return sha.strip()
     return None
+
+
+def _local_tip(path: Path, branch: str) -> str | None:
+    """The tip of ``branch`` in a local repository read from its ref files as git reads them (the
+    loose ref, else ``packed-refs``), or None when the files do not say for certain (a symbolic
+    ref, a linked work tree, reftable, an unusual name, no such branch): then ``ls-remote`` answers.
+
+    ``ls-remote`` on a path is three processes (git, a shell, ``git-upload-pack``) for what two
+    small files say; the URL has been checked just before, as for any git command, and nothing of
+    the repository is run or followed outside its git directory.
+    """
+    if not PLAIN_BRANCH.match(branch) or ".." in branch or branch.endswith((".lock", ".")):
+        return None
+    dot = path / ".git"
+    git_dir = dot if dot.is_dir() else path  # a work tree's, or a bare repository
+    if os.path.lexists(dot) and git_dir is path:  # .git is a file: a linked work tree, a submodule
+        return None
+    if (git_dir / "commondir").exists() or (git_dir / "reftable").exists():
+        return None
+    real_git_dir = os.path.realpath(git_dir)
+    ref = f"refs/heads/{branch}"
+    loose = git_dir / ref
+    try:
+        if not os.path.realpath(loose).startswith(real_git_dir + "/"):
+            return None
+        text = loose.read_text(errors="replace")
+    except FileNotFoundError:
+        text = None
+    except OSError:  # refs/heads is not a directory (reftable's stub), the ref is one...
+        return None
+    if text is None:
+        try:
+            if not os.path.realpath(git_dir / "packed-refs").startswith(real_git_dir + "/"):
+                return None
+            packed = (git_dir / "packed-refs").read_text(errors="replace")
+        except OSError:
+            return None
+        text = ""
+        for line in packed.splitlines():
+            sha, _, name = line.partition(" ")
+            if name == ref:
+                text = sha
+                break
+    commit = text.strip()
+    return commit if COMMIT.match(commit) else None
 
 
 def template(url: str, branch: str, commit: str, env: dict[str, str] | None = None) -> Path:
@@ -172,9 +224,22 @@ def template_tar(path: Path) -> bytes:
     return data
 
 
+def _skipped(name: str) -> bool:
+    # HEAD comes per session (session_refs); the clone's reflogs mean nothing in the sandbox.
+    return name == ".git/HEAD" or name.startswith(".git/logs")
+
+
 def _upload_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    # HEAD comes per session (sandbox_tar); the clone's reflogs mean nothing in the sandbox.
-    return None if info.name == ".git/HEAD" or info.name.startswith(".git/logs") else info
+    return None if _skipped(info.name) else info
+
+
+def session_refs(branch: str, commit: str, base_ref: str) -> list[tuple[str, str]]:
+    """The files that put a template's ``.git`` on the session's branch (and ``base_ref``)."""
+    return [
+        (".git/HEAD", f"ref: refs/heads/{branch}\n"),
+        (f".git/refs/heads/{branch}", f"{commit}\n"),
+        (f".git/{base_ref}", f"{commit}\n"),
+    ]
 
 
 def member(name: str, text: str) -> bytes:
@@ -186,28 +251,35 @@ def member(name: str, text: str) -> bytes:
 
 def sandbox_tar(path: Path, branch: str, commit: str, base_ref: str) -> bytes:
     """The template's tar on ``branch`` (and ``base_ref``) at ``commit``, ready for put_archive."""
-    return b"".join(
-        [
-            template_tar(path),
-            member(".git/HEAD", f"ref: refs/heads/{branch}\n"),
-            member(f".git/refs/heads/{branch}", f"{commit}\n"),
-            member(f".git/{base_ref}", f"{commit}\n"),
-            b"\0" * (2 * tarfile.BLOCKSIZE),
-        ]
-    )
+    refs = [member(name, text) for name, text in session_refs(branch, commit, base_ref)]
+    return b"".join([template_tar(path), *refs, b"\0" * (2 * tarfile.BLOCKSIZE)])
+
+
+def upload(handle, path: Path, branch: str, commit: str, base_ref: str) -> None:
+    """The template on ``branch`` at ``commit`` into a new sandbox's workspace.
+
+    A provider whose workspace is on this host's filesystem copies the template's files straight
+    in (``copy_tree``: local sandboxes), which costs a few system calls per file instead of a tar
+    built, parsed and checked per session; any other gets the cached tar (``put_archive``).
+    """
+    copy_tree = getattr(handle, "copy_tree", None)
+    refs = {name: text.encode() for name, text in session_refs(branch, commit, base_ref)}
+    if copy_tree is None or not copy_tree(path, skip=_skipped, files=refs):
+        handle.put_archive(".", sandbox_tar(path, branch, commit, base_ref))
 
 
 def write_checkout(checkout: Path, path: Path, branch: str, commit: str, base_ref: str) -> None:
-    """A trusted ``.git`` borrowing the template's objects; ``checkout`` must not exist."""
+    """A trusted ``.git`` borrowing the template's objects; ``checkout`` must not exist, its parent
+    must. Both refs go in ``packed-refs``: git reads them as it reads loose ones (and writes loose
+    ones over them), for two directories fewer per session."""
     git_dir = checkout / ".git"
-    (git_dir / "objects" / "info").mkdir(parents=True)
-    (git_dir / "refs" / "heads").mkdir(parents=True)
+    for directory in (checkout, git_dir, git_dir / "objects", git_dir / "objects" / "info", git_dir / "refs"):
+        os.mkdir(directory)
     (git_dir / "objects" / "info" / "alternates").write_text(f"{path / '.git' / 'objects'}\n")
     (git_dir / "config").write_text("[core]\n\trepositoryformatversion = 0\n\tbare = false\n")
     (git_dir / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
-    for ref in (f"refs/heads/{branch}", base_ref):
-        (git_dir / ref).parent.mkdir(parents=True, exist_ok=True)
-        (git_dir / ref).write_text(f"{commit}\n")
+    refs = sorted({f"refs/heads/{branch}", base_ref})  # sorted by bytes, as git keeps them
+    (git_dir / "packed-refs").write_text("".join(f"{commit} {ref}\n" for ref in refs))
     script = path / SETUP_SCRIPT
     if script.is_symlink() or script.is_file():
         (checkout / SETUP_SCRIPT).parent.mkdir(parents=True, exist_ok=True)

@@ -370,7 +370,9 @@ class Runner:
         provider = get_provider(env.sandbox_provider if env and env.sandbox_provider else None)
         caps = provider.capabilities()
         sandbox_env, withheld = sandbox_environment(env, secrets, caps)
-        live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
+        live = None
+        if self.run.attempt > 1:  # a session's first run (see saved_work) has none to reuse
+            live = self.session.sandboxes.filter(status=Sandbox.Status.READY, provider=provider.name).first()
         if live is not None:
             try:
                 self.handle = self.scrubbed(provider.connect(live.external_id, env=sandbox_env))
@@ -381,12 +383,6 @@ class Runner:
                 Sandbox.objects.filter(pk=live.pk).update(
                     status=Sandbox.Status.DESTROYED, destroyed=timezone.now()
                 )
-        self.sandbox = Sandbox.objects.create(
-            session=self.session,
-            provider=provider.name,
-            isolated=caps.isolated,
-            isolation_note=caps.reason[:300],
-        )
         spec = SandboxSpec(
             session_id=self.session.pk,
             image=env.image if env else "",
@@ -396,16 +392,21 @@ class Runner:
             memory_mb=env.memory_mb if env else None,
             labels={"deputies.session": str(self.session.pk)},
         )
+        # The row is written once, with how the create went: a sandbox whose worker dies before
+        # that has no row, and the reaper's orphan sweep removes it (sandboxes/reaper.py).
+        row = {
+            "session": self.session,
+            "provider": provider.name,
+            "isolated": caps.isolated,
+            "isolation_note": caps.reason[:300],
+        }
         try:
-            self.handle = self.scrubbed(provider.create(spec))
+            handle = provider.create(spec)
         except Exception as exc:
-            Sandbox.objects.filter(pk=self.sandbox.pk).update(
-                status=Sandbox.Status.FAILED, error=str(exc)[:2000]
-            )
+            Sandbox.objects.create(**row, status=Sandbox.Status.FAILED, error=str(exc)[:2000])
             raise StepFailed(f"could not create the sandbox: {exc}") from exc
-        Sandbox.objects.filter(pk=self.sandbox.pk).update(
-            status=Sandbox.Status.READY, external_id=self.handle.id, last_used=timezone.now()
-        )
+        self.sandbox = Sandbox.objects.create(**row, status=Sandbox.Status.READY, external_id=handle.id)
+        self.handle = self.scrubbed(handle)
         payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
         if not caps.isolated:
             payload["reason"] = caps.reason
@@ -466,9 +467,7 @@ class Runner:
         else:
             template = repocache.template(repo.url, self.session.base_branch, commit, env=self.git_env())
             repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
-            self.handle.put_archive(
-                ".", repocache.sandbox_tar(template, self.session.branch, commit, BASE_REF)
-            )
+            repocache.upload(self.handle, template, self.session.branch, commit, BASE_REF)
         self.emit(
             "repository_ready",
             {

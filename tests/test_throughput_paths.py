@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import tarfile
 import threading
@@ -9,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 
-from sandboxes.base import PathEscape, SandboxError
+from sandboxes.base import PathEscape, SandboxError, SandboxSpec
 from sandboxes.providers.local import LocalProvider
 from sessions import repocache
 from sessions.budgets import RunBudget
@@ -155,6 +157,37 @@ def test_resolve_shares_lookups_but_never_answers_from_before_the_call(tmp_path)
     assert repocache.resolve(str(repo), "main") == head()  # a push is seen by the next call
 
 
+def test_resolve_reads_a_local_branch_from_its_ref_files_as_ls_remote_would(tmp_path, monkeypatch):
+    repo = make_git_repo(tmp_path / "repo")
+
+    def git(*args: str, cwd=repo) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True).stdout
+
+    bare = tmp_path / "bare.git"
+    git("clone", "-q", "--bare", str(repo), str(bare), cwd=tmp_path)
+    packed = tmp_path / "packed"
+    git("clone", "-q", str(repo), str(packed), cwd=tmp_path)
+    git("pack-refs", "--all", cwd=packed)
+    assert not (packed / ".git" / "refs" / "heads" / "main").exists()
+    git("symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    git("worktree", "add", "-q", "-b", "side", str(tmp_path / "linked"))
+    cases = [(repo, "main"), (bare, "main"), (packed, "main"), (repo, "alias"), (tmp_path / "linked", "side")]
+    expected = {
+        (path, branch): git("ls-remote", str(path), f"refs/heads/{branch}").split()[0]
+        for path, branch in cases
+    }
+
+    with monkeypatch.context() as without_git:
+        without_git.setenv("PATH", str(tmp_path / "nothing"))  # no git: only the ref files can answer
+        for path, branch in cases[:3]:
+            assert repocache.resolve(str(path), branch) == expected[path, branch]
+        with pytest.raises(FileNotFoundError):  # a symbolic ref is left to git
+            repocache.resolve(str(repo), "alias")
+    for path, branch in cases[3:]:  # a symbolic ref, a linked work tree: git answers
+        assert repocache.resolve(str(path), branch) == expected[path, branch]
+    assert repocache.resolve(str(repo), "../repo/main") is None
+
+
 @pytest.fixture
 def handle(settings, tmp_path):
     settings.SANDBOX_ISOLATION = "none"
@@ -187,3 +220,99 @@ def test_put_archive_refuses_writing_through_a_link_already_in_the_workspace(han
     with pytest.raises(PathEscape):
         handle.put_archive(".", make_tar([("out/owned", b"owned", None, tarfile.REGTYPE)]))
     assert not (outside / "owned").exists()
+
+
+def tree_of(root) -> dict[str, tuple]:
+    """Every entry under ``root``: (kind, mode, contents or link target, mtime for files)."""
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        name = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            entries[name] = ("link", os.readlink(path))
+        elif path.is_dir():
+            entries[name] = ("dir",)
+        else:
+            entries[name] = ("file", stat.S_IMODE(info.st_mode), path.read_bytes(), int(info.st_mtime))
+    return entries
+
+
+@pytest.fixture
+def template(run_settings, tmp_path):
+    """A repository template (sessions/repocache.py) with an executable, a link and a nested file."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (source / "run.sh").chmod(0o755)
+    (source / "docs").mkdir()
+    (source / "docs" / "a.md").write_text("a\n")
+    repo = make_git_repo(tmp_path / "repo", source=source)
+    (repo / "readme").symlink_to("docs/a.md")
+    subprocess.run(["git", "add", "-A"], cwd=repo, env=GIT_ENV, check=True)
+    subprocess.run(["git", "commit", "-qm", "link"], cwd=repo, env=GIT_ENV, check=True)
+    commit = repocache.resolve(str(repo), "main")
+    return repocache.template(str(repo), "main", commit), commit
+
+
+def test_a_local_sandbox_gets_the_same_workspace_as_the_tar_gives_without_sharing_a_file(
+    handle, template, tmp_path
+):
+    path, commit = template
+    other = LocalProvider(root=tmp_path / "sandboxes").create(SandboxSpec(session_id=2))
+    repocache.upload(handle, path, "deputies/x", commit, "refs/deputies/base")
+    other.put_archive(".", repocache.sandbox_tar(path, "deputies/x", commit, "refs/deputies/base"))
+
+    copied, unpacked = tree_of(handle.host_workspace), tree_of(other.host_workspace)
+    refs = (".git/HEAD", ".git/refs/heads/deputies/x", ".git/refs/deputies/base")
+    assert {k: v[:3] for k, v in copied.items()} == {k: v[:3] for k, v in unpacked.items()}
+    assert {k: v for k, v in copied.items() if k not in refs} == {
+        k: v for k, v in unpacked.items() if k not in refs
+    }
+    assert copied["run.sh"][1] == 0o755 and copied["readme"] == ("link", "docs/a.md")
+    assert copied[".git/HEAD"][2] == b"ref: refs/heads/deputies/x\n"
+    assert not any(name.startswith(".git/logs") for name in copied)
+    git_status = subprocess.run(
+        ["git", "status", "--porcelain", "--branch"],
+        cwd=handle.host_workspace,
+        capture_output=True,
+        text=True,
+    )
+    assert git_status.stdout == "## deputies/x\n"
+    # A copy, not a link: what a session writes never reaches the template the next one gets.
+    for name in ("run.sh", ".git/index", ".git/config"):
+        assert (handle.host_workspace / name).stat().st_ino != (path / name).stat().st_ino
+    (handle.host_workspace / "docs" / "a.md").write_text("changed by the session\n")
+    assert (path / "docs" / "a.md").read_text() == "a\n"
+
+
+def test_a_sandbox_that_is_not_empty_gets_the_checked_tar_instead(handle, template, tmp_path):
+    path, commit = template
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (handle.host_workspace / "docs").symlink_to(outside)  # left by a sandbox whose first run died
+
+    assert handle.copy_tree(path) is False
+    assert handle.list_files(".") == ["docs"]
+    with pytest.raises(PathEscape):
+        repocache.upload(handle, path, "deputies/x", commit, "refs/deputies/base")
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "links",
+    [{"up": "../outside"}, {"abs": "/etc"}, {"here": ".", "there": "here/.."}],
+    ids=["dotdot", "absolute", "chain"],
+)
+def test_a_template_link_that_leads_out_is_refused_as_the_tar_refuses_it(handle, tmp_path, links):
+    source = tmp_path / "template"
+    source.mkdir()
+    (source / "file").write_text("x")
+    for name, target in links.items():
+        (source / name).symlink_to(target)
+
+    with pytest.raises(PathEscape):
+        handle.copy_tree(source)
+    with pytest.raises(PathEscape):
+        LocalProvider(root=tmp_path / "sandboxes").create(SandboxSpec(session_id=3)).put_archive(
+            ".", repocache.template_tar(source) + b"\0" * 1024
+        )

@@ -44,6 +44,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from io import BytesIO
 from pathlib import Path, PurePosixPath
@@ -350,6 +351,59 @@ def _check_member(member: tarfile.TarInfo) -> None:
             raise PathEscape(f"archive link {name!r} -> {link!r} points outside the workspace")
 
 
+def _tree_entries(
+    root: str, skip: Callable[[str], bool] | None
+) -> tuple[list[str], list[tuple[str, os.stat_result]], list[tuple[str, str]]]:
+    """(directories parents first, regular files with their lstat, symlinks with their targets)
+    under ``root``, as relative names; links are listed, never followed. Anything else (a fifo, a
+    device) is refused as ``put_archive`` refuses it."""
+    dirs: list[str] = []
+    files: list[tuple[str, os.stat_result]] = []
+    links: list[tuple[str, str]] = []
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(f"{root}/{prefix}" if prefix else root) as it:
+            for entry in it:
+                name = f"{prefix}{entry.name}"
+                if skip is not None and skip(name):
+                    continue
+                if entry.is_symlink():
+                    links.append((name, os.readlink(entry.path)))
+                elif entry.is_dir(follow_symlinks=False):
+                    dirs.append(name)
+                    pending.append(f"{name}/")
+                elif entry.is_file(follow_symlinks=False):
+                    files.append((name, entry.stat(follow_symlinks=False)))
+                else:
+                    raise SandboxError(f"archive member refused: {name!r} is a special file")
+    return dirs, files, links
+
+
+def _copy_file(source: str, dest: str, info: os.stat_result) -> None:
+    """One regular file, with the mode tarfile's ``data`` filter gives it and its mtime."""
+    mode = info.st_mode & 0o755
+    if not mode & 0o100:
+        mode &= ~0o111
+    mode |= 0o600
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            left = info.st_size
+            while left > 0:
+                copied = os.copy_file_range(src, dst, left)
+                if copied == 0:  # the file shrank since it was listed (it should never change)
+                    break
+                left -= copied
+            os.fchmod(dst, mode)  # whatever the umask
+            os.utime(dst, ns=(info.st_mtime_ns, info.st_mtime_ns))
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
 class LocalHandle:
     def __init__(self, sandbox_id: str, directory: Path, *, isolated: bool, network: str, env: dict):
         self.id = sandbox_id
@@ -500,6 +554,69 @@ class LocalHandle:
             raise SandboxError(f"not a valid tar archive: {exc}") from None
         except OSError as exc:
             raise SandboxError(f"cannot extract the archive: {exc.strerror or exc}") from None
+
+    def copy_tree(
+        self,
+        source: Path,
+        skip: Callable[[str], bool] | None = None,
+        files: dict[str, bytes] | None = None,
+    ) -> bool:
+        """Copy ``source``, a directory the worker made (a repository template), into the workspace
+        while it is still empty, then write ``files`` (relative name: contents) over it: what
+        ``put_archive`` of their tar does (same modes, file mtimes, links kept as links and checked
+        the same way), without building or parsing a tar.
+
+        Files are copied by the kernel (``copy_file_range``), never hard-linked: the template is
+        shared by every sandbox of that commit and no sandbox may change it. Entries whose
+        relative name ``skip`` is true for are left out (with what is under them).
+
+        Returns False, having written nothing, when the workspace is not empty: what is there may be
+        links the sandbox made, and ``put_archive`` checks every member against those. In an empty
+        workspace nothing is written through a link: directories and files come first (the
+        workspace then holds nothing else), links last. A link is checked lexically before anything
+        is written, and where it really leads once all are made (PathEscape, as ``put_archive``).
+        """
+        if not self.host_workspace.is_dir():
+            raise SandboxError(f"sandbox {self.id} has no workspace any more")
+        with os.scandir(self.host_workspace) as it:
+            if next(it, None) is not None:
+                return False
+        files = files or {}
+        dirs, copies, links = _tree_entries(
+            str(source), lambda name: name in files or bool(skip and skip(name))
+        )
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            _check_member(info)
+        for name in files:
+            _check_member(tarfile.TarInfo(name))
+        root, workspace = str(source), str(self.host_workspace)
+        try:
+            for name in dirs:
+                os.mkdir(f"{workspace}/{name}")
+            for name, info in copies:
+                _copy_file(f"{root}/{name}", f"{workspace}/{name}", info)
+            for name, data in files.items():
+                path = f"{workspace}/{name}"
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd = os.open(
+                    path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+                )
+                with open(fd, "wb") as fh:
+                    os.fchmod(fd, 0o644)
+                    fh.write(data)
+            for name, target in links:
+                os.symlink(target, f"{workspace}/{name}")
+        except OSError as exc:
+            raise SandboxError(
+                f"cannot copy the repository into the workspace: {exc.strerror or exc}"
+            ) from None
+        for name, target in links:
+            real = os.path.realpath(f"{workspace}/{name}")
+            if real != workspace and not real.startswith(workspace + "/"):
+                raise PathEscape(f"archive link {name!r} -> {target!r} points outside the workspace")
+        return True
 
     def get_archive(self, path: str = ".") -> bytes:
         real = self.resolve(path)
