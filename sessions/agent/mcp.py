@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 
@@ -75,6 +76,82 @@ def fill_headers(server: ServerConfig, secrets: dict[str, str]) -> dict[str, str
         return secrets[name]
 
     return {str(k): SECRET_REF.sub(value, str(v)) for k, v in server.headers.items()}
+
+
+# --- what a server row may say (the API, the dashboard and the admin check the same) -------------
+
+# Set by the transport, or by the SDK for the protocol: a row may not override them.
+RESERVED_HEADERS = {
+    "accept",
+    "connection",
+    "content-length",
+    "content-type",
+    "host",
+    "last-event-id",
+    "mcp-protocol-version",
+    "mcp-session-id",
+    "transfer-encoding",
+}
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")  # an HTTP token
+# Headers that carry a credential by their name: their value must come from a secret, so that what
+# a row stores (and the API and pages show) is never the credential itself.
+CREDENTIAL_HEADER = re.compile(r"auth|cookie|token|secret|key|passw|credential", re.IGNORECASE)
+MAX_HEADERS = 20
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a server's endpoint, or None (also checked again at connect time)."""
+    if not url.strip():
+        return "The server's streamable HTTP endpoint, e.g. https://mcp.example.com/mcp."
+    try:
+        if "@" in urlsplit(url).netloc:
+            return "No credentials in the URL: send them in a header that names a secret, e.g. ${MCP_TOKEN}."
+        check_url(url, allowed=settings.MCP_ALLOWED_NETWORKS, setting=ALLOWED_SETTING)
+    except UnsafeAddress as exc:
+        return f"{exc}."
+    except ValueError as exc:  # what urlsplit or the resolver make of a malformed URL
+        return f"Not a valid URL: {exc}."
+    return None
+
+
+def header_problems(headers: Any, team_id: int | None) -> dict[str, str]:
+    """What is wrong with a server's headers, by header name ("" for the whole object)."""
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        return {"": 'An object of header names to strings, e.g. {"Authorization": "Bearer ${MCP_TOKEN}"}.'}
+    if len(headers) > MAX_HEADERS:
+        return {"": f"At most {MAX_HEADERS} headers."}
+    problems: dict[str, str] = {}
+    named: dict[str, set[str]] = {}
+    for header, value in headers.items():
+        if not HEADER_NAME.match(header):
+            problems[header] = "Not an HTTP header name (letters, digits and - only)."
+        elif header.lower() in RESERVED_HEADERS:
+            problems[header] = "Set by the MCP client itself; it cannot be overridden."
+        elif any(c in value for c in "\r\n\x00"):
+            problems[header] = "A header value may not contain line breaks or null characters."
+        elif not (secrets := SECRET_REF.findall(value)) and CREDENTIAL_HEADER.search(header):
+            problems[header] = (
+                "A credential: take it from a secret of the team's environments, e.g. "
+                '"Bearer ${MCP_TOKEN}", rather than storing it here.'
+            )
+        else:
+            named[header] = set(secrets)
+    wanted = set().union(*named.values()) if named else set()
+    if wanted and team_id is not None:
+        from sessions.models import EnvironmentSecret
+
+        known = set(
+            EnvironmentSecret.objects.filter(environment__team_id=team_id, name__in=wanted).values_list(
+                "name", flat=True
+            )
+        )
+        for header, secrets in named.items():
+            if missing := sorted(secrets - known):
+                problems[header] = (
+                    f"No environment of the team has a secret named {', '.join(missing)}; add it to "
+                    "the environment sessions run with."
+                )
+    return problems
 
 
 # --- the private event loop ----------------------------------------------------------------------

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from sessions.web import automations, environments, skills, views
+from sessions.web import automations, environments, mcp_servers, skills, views
 
 urlpatterns = [
     path("", views.session_list, name="session-list"),
@@ -23,6 +23,9 @@ urlpatterns = [
     path("skills", skills.skill_list, name="skill-list"),
     path("skills/<int:pk>", skills.skill_detail, name="skill-detail"),
     path("skills/<int:pk>/delete", skills.skill_delete, name="skill-delete"),
+    path("mcp-servers", mcp_servers.mcp_server_list, name="mcp-server-list"),
+    path("mcp-servers/<int:pk>", mcp_servers.mcp_server_detail, name="mcp-server-detail"),
+    path("mcp-servers/<int:pk>/delete", mcp_servers.mcp_server_delete, name="mcp-server-delete"),
     path("automations", automations.automation_list, name="automation-list"),
     path("automations/<int:pk>/toggle", automations.automation_toggle, name="automation-toggle"),
     path("sessions/<int:pk>/scheduled", automations.session_schedule_followup, name="session-schedule"),
