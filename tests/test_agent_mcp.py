@@ -164,15 +164,19 @@ def test_it_gives_up_on_a_call_past_the_mcp_timeout_and_reconnects(settings, mcp
 
     settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
     settings.MCP_TIMEOUT = 0.5
-    connection = Connection(ServerConfig("docs", mcp_server.url, {}), {})
+    with pytest.raises(ToolError) as failure:
+        _handler(Connection(ServerConfig("docs", mcp_server.url, {}), {}), "hang", "docs__hang")({})
+    assert "docs__hang: MCP server 'docs' failed: no answer within 0.5 s (DEPUTIES_MCP_TIMEOUT)" in str(
+        failure.value
+    )
+    # A server's own timeout wins; after giving up on a call, the next one opens a new session.
+    connection = Connection(ServerConfig("docs", mcp_server.url, {}, timeout=2.0), {})
     try:
         with pytest.raises(ToolError) as failure:
             _handler(connection, "hang", "docs__hang")({})
-        assert "docs__hang: MCP server 'docs' failed: no answer within 0.5 s (DEPUTIES_MCP_TIMEOUT)" in str(
-            failure.value
-        )
+        assert "no answer within 2 s (the server's timeout)" in str(failure.value)
         assert _handler(connection, "add", "docs__add")({"a": 1, "b": 2}).output == "3"
-        assert connection.opened == 2  # the session the timeout gave up, then a new one
+        assert connection.opened == 2
     finally:
         connection.close()
 

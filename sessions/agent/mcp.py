@@ -237,10 +237,10 @@ class Connection:
     session ~2 ms and ~3 ms (bench/mcp_calls.py).
 
     The SDK's client is an anyio context, which must be entered and left by one task: a task of its
-    own enters it, hands the client over and waits to be told to close. Calls are other
-    tasks on the same loop. A call that fails for any reason (the server went away, dropped the
-    session, took too long) ends the session, so the next call opens a new one; the failure is
-    that call's tool error, never the run's.
+    own enters it, hands the client over and waits to be told to close. Calls are other tasks on
+    the same loop. A call that fails for any reason (the server went away, dropped the session,
+    took too long, answered with an error) ends the session, so the next call opens a new one; the
+    failure is that call's tool error, never the run's.
     """
 
     def __init__(self, server: ServerConfig, headers: dict[str, str]) -> None:
@@ -309,17 +309,17 @@ class Connection:
             if self._holder is holder:
                 self._forget()
             raise
-        if call.done() and not call.exception():
+        if call.done() and not call.cancelled() and call.exception() is None:
             return call.result()
-        call.cancel()
+        failure = call.exception() if call.done() and not call.cancelled() else None
+        call.cancel()  # still waiting: the session ended under it (the transport failed)
         if self._holder is holder:
             self._forget()
         await asyncio.wait({holder}, timeout=1)  # told to close: it ends now, unless it already has
-        if holder.done() and (ended := holder.result()) is not None:  # the transport failed: say why
-            raise McpError(describe_error(ended)) from call.exception() if call.done() else None
-        if not call.done():
-            raise McpError("the session ended")
-        raise call.exception()
+        ended = holder.result() if holder.done() and not holder.cancelled() else None
+        if ended is not None:  # the transport failed: that says more than the call's own error
+            raise McpError(describe_error(ended)) from failure
+        raise failure or McpError("the session ended")
 
     def run(self, work: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
         """``work(client)`` on this server's session, from the run's thread, within the timeout."""
