@@ -126,7 +126,7 @@ class McpServerSerializer(TeamOwnedSerializer):
     values: the worker fills them in for each call, so no answer or page shows a credential."""
 
     headers = serializers.DictField(
-        child=StrictCharField(max_length=4096),
+        child=StrictCharField(max_length=4096, allow_blank=True),
         required=False,
         help_text='Sent with every request, e.g. {"Authorization": "Bearer ${MCP_TOKEN}"}: ${NAME} is '
         "the secret NAME of the session's environment (it must exist in one of the team's "
