@@ -10,9 +10,11 @@ import time
 import pytest
 
 from deputies.netguard import parse_networks
+from sessions.agent import mcp
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Environment, Event, McpServer, start_session
 from sessions.runner import execute
+from tests.live import wait_for
 from tests.mcp_server import LiveMcpServer
 
 TOKEN = "mcp-secret-abcdef123"
@@ -205,6 +207,8 @@ def test_it_keeps_one_session_per_server_for_a_run(run_settings, team, session, 
     ]
     calls = [rpc for _, rpc in mcp_server.requests if rpc == "tools/call"]
     assert (mcp_server.handshakes, len(calls)) == (1, 3)
+    # Closed with the run's toolset: no session is left open in the worker.
+    wait_for(lambda: not mcp._holders, timeout=10, what="the run's MCP sessions to close")
 
 
 def test_it_opens_a_new_session_when_the_server_comes_back(settings):

@@ -188,6 +188,8 @@ def test_it_manages_servers_on_their_page(loopback_allowed, secret, owner, team)
     server = McpServer.objects.get()
     page = client.get("/mcp-servers").content.decode()
     assert f'data-mcp-server-id="{server.pk}"' in page and URL in page
+    detail = client.get(f"/mcp-servers/{server.pk}").content.decode()
+    assert "Bearer ${MCP_TOKEN}" in detail and TOKEN not in detail + page
     assert "docs__" in page  # how its tools are named
 
     edited = client.post(

@@ -233,8 +233,8 @@ _holders: set[asyncio.Task] = set()
 
 class Connection:
     """One MCP session with one server, kept open for a run's calls: opening one (an HTTP client and
-    the protocol handshake) costs ~30 ms of worker CPU and ~130 ms on loopback, a call on an open
-    session ~2 ms and ~3 ms (bench/mcp_calls.py).
+    the protocol handshake) costs ~30 ms of worker CPU and ~130 ms on loopback; a call on an open
+    session, ~1.5 ms and ~2.5 ms (bench/mcp_calls.py).
 
     The SDK's client is an anyio context, which must be entered and left by one task: a task of its
     own enters it, hands the client over and waits to be told to close. Calls are other tasks on
