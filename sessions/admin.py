@@ -496,11 +496,9 @@ class McpServerForm(forms.ModelForm):
 
         cleaned = super().clean()
         team = cleaned.get("team")
-        headers = cleaned.get("headers") or {}
         if team is not None and "headers" in cleaned:
-            for header, problem in header_problems(headers, team.pk).items():
+            for header, problem in header_problems(cleaned["headers"] or {}, team.pk).items():
                 self.add_error("headers", f"{header}: {problem}" if header else problem)
-            cleaned["headers"] = headers
         return cleaned
 
 
