@@ -477,25 +477,29 @@ class RateCounterAdmin(admin.ModelAdmin):
 
 
 class McpServerForm(forms.ModelForm):
+    """The API's checks (sessions/agent/mcp.py): the address rules, and headers that name secrets."""
+
     class Meta:
         model = McpServer
-        fields = ["team", "name", "url", "headers", "enabled"]
+        fields = ["team", "name", "url", "headers", "enabled", "timeout_seconds"]
 
     def clean_url(self) -> str:
+        from sessions.agent.mcp import url_problem
+
         url = self.cleaned_data["url"].strip()
-        if not url.startswith(("http://", "https://")):
-            raise forms.ValidationError(
-                "An http:// or https:// URL of the server's streamable HTTP endpoint."
-            )
+        if problem := url_problem(url):
+            raise forms.ValidationError(problem)
         return url
 
-    def clean_headers(self) -> dict:
-        headers = self.cleaned_data["headers"] or {}
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise forms.ValidationError(
-                'An object of header names to strings, e.g. {"Authorization": "Bearer ${TOKEN}"}.'
-            )
-        return headers
+    def clean(self) -> dict:
+        from sessions.agent.mcp import header_problems
+
+        cleaned = super().clean()
+        team = cleaned.get("team")
+        if team is not None and "headers" in cleaned:
+            for header, problem in header_problems(cleaned["headers"] or {}, team.pk).items():
+                self.add_error("headers", f"{header}: {problem}" if header else problem)
+        return cleaned
 
 
 class AgentProfileForm(forms.ModelForm):

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from django.conf import settings
-from django.core.validators import RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -157,8 +157,15 @@ class McpServer(models.Model):
         help_text='Sent with every request, e.g. {"Authorization": "Bearer ${MCP_TOKEN}"}; ${NAME} is '
         "the secret NAME of the session's environment.",
     )
-    enabled = models.BooleanField(default=True)
+    enabled = models.BooleanField(default=True, help_text="Off: its tools are not offered to new runs.")
+    timeout_seconds = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600)],
+        help_text="How long one call may take. Empty: DEPUTIES_MCP_TIMEOUT.",
+    )
     created = models.DateTimeField(default=timezone.now)
+    updated = models.DateTimeField(auto_now=True)
 
     class Meta:
         app_label = "agent_sessions"

@@ -556,11 +556,14 @@ class Runner:
             )
 
     def agent_loop(self):
+        with self.agent_toolset() as toolset:  # its MCP sessions last as long as the loop
+            return self.drive_agent(toolset)
+
+    def drive_agent(self, toolset):
         from sessions.agent.llm import LLMError, client_for
         from sessions.agent.loop import AgentResult, build_system_prompt, run_agent
 
         session = self.session
-        toolset = self.agent_toolset()
         checkpoint = self.run.checkpoint
         if checkpoint.get("transcript"):  # a recovered attempt: where the lost one got to
             transcript = list(checkpoint["transcript"])

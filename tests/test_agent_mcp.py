@@ -3,79 +3,21 @@ loopback, called by the worker during real runs driven by the scripted model ove
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import threading
+import time
 
 import pytest
-import uvicorn
-from mcp.server.mcpserver import Context, MCPServer
 
 from deputies.netguard import parse_networks
+from sessions.agent import mcp
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Environment, Event, McpServer, start_session
 from sessions.runner import execute
 from tests.live import wait_for
+from tests.mcp_server import LiveMcpServer
 
 TOKEN = "mcp-secret-abcdef123"
-
-
-class LiveMcpServer:
-    """An MCP server with two tools, served by uvicorn on a loopback port until stopped."""
-
-    def __init__(self) -> None:
-        app = MCPServer("docs")
-
-        @app.tool()
-        def add(a: int, b: int) -> int:
-            """Add two integers."""
-            return a + b
-
-        self.in_flight = 0
-
-        @app.tool()
-        async def rendezvous() -> str:
-            """Wait (up to 5 s) until another call is in flight too."""
-            self.in_flight += 1
-            for _ in range(100):
-                if self.in_flight >= 2:
-                    return "together"
-                await asyncio.sleep(0.05)
-            return "alone"
-
-        self.release = asyncio.Event()
-
-        @app.tool()
-        async def hang() -> str:
-            """Answer only when the test lets go."""
-            await self.release.wait()
-            return "released"
-
-        @app.tool()
-        async def whoami(ctx: Context) -> str:
-            """Echo the Authorization header this call carried."""
-            return f"you sent: {(ctx.headers or {}).get('authorization', '(none)')}"
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app.streamable_http_app(), log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.server.force_exit = True  # a hanging call does not hold the shutdown up
-            self.server.should_exit = True
-            self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -196,15 +138,19 @@ def test_it_shows_an_unavailable_server_in_the_timeline(run_settings, session, o
 
 def test_it_calls_mcp_servers_for_several_runs_at_once(settings, mcp_server):
     """Runs are threads sharing the worker's one MCP event loop: a slow call does not hold up another."""
-    from sessions.agent.mcp import ServerConfig, call_tool, result_text
+    from sessions.agent.mcp import Connection, ServerConfig, result_text
 
     settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
     settings.MCP_TIMEOUT = 10.0
     server = ServerConfig("docs", mcp_server.url, {})
     answers: list[str] = []
 
-    def one() -> None:
-        answers.append(result_text(call_tool(server, {}, "rendezvous", {})))
+    def one() -> None:  # one run's connection
+        connection = Connection(server, {})
+        try:
+            answers.append(result_text(connection.call_tool("rendezvous", {})))
+        finally:
+            connection.close()
 
     threads = [threading.Thread(target=one) for _ in range(2)]
     for thread in threads:
@@ -214,15 +160,80 @@ def test_it_calls_mcp_servers_for_several_runs_at_once(settings, mcp_server):
     assert answers == ["together", "together"]
 
 
-def test_it_gives_up_on_a_call_past_the_mcp_timeout(settings, mcp_server):
-    from sessions.agent.mcp import ServerConfig, _handler
+def test_it_gives_up_on_a_call_past_the_mcp_timeout_and_reconnects(settings, mcp_server):
+    from sessions.agent.mcp import Connection, ServerConfig, _handler
     from sessions.agent.tools import ToolError
 
     settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
     settings.MCP_TIMEOUT = 0.5
-    handler = _handler(ServerConfig("docs", mcp_server.url, {}), {}, "hang", "docs__hang")
     with pytest.raises(ToolError) as failure:
-        handler({})
+        _handler(Connection(ServerConfig("docs", mcp_server.url, {}), {}), "hang", "docs__hang")({})
     assert "docs__hang: MCP server 'docs' failed: no answer within 0.5 s (DEPUTIES_MCP_TIMEOUT)" in str(
         failure.value
     )
+    # A server's own timeout wins; after giving up on a call, the next one opens a new session.
+    connection = Connection(ServerConfig("docs", mcp_server.url, {}, timeout=2.0), {})
+    try:
+        with pytest.raises(ToolError) as failure:
+            _handler(connection, "hang", "docs__hang")({})
+        assert "no answer within 2 s (the server's timeout)" in str(failure.value)
+        assert _handler(connection, "add", "docs__add")({"a": 1, "b": 2}).output == "3"
+        assert connection.opened == 2
+    finally:
+        connection.close()
+
+
+def test_it_keeps_one_session_per_server_for_a_run(run_settings, team, session, mcp_server):
+    """Listing the tools and every call of the run share one MCP session, closed at the run's end."""
+    run_settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
+    run_settings.MCP_TIMEOUT = 10.0
+    McpServer.objects.create(team=team, name="docs", url=mcp_server.url)
+    script = {
+        "responses": [
+            {"tool_calls": [call("docs__add", a=1, b=2), call("docs__add", a=3, b=4)]},
+            {"tool_calls": [call("docs__whoami")]},
+            {"tool_calls": [call("finish", summary="done")]},
+        ]
+    }
+    with start_in_thread(script) as fake:
+        run_settings.LLM_PROVIDERS = {
+            "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
+        }
+        execute(session.runs.get().pk)
+    assert [(o["name"], o["ok"]) for o in outputs(session)][:3] == [
+        ("docs__add", True),
+        ("docs__add", True),
+        ("docs__whoami", True),
+    ]
+    calls = [rpc for _, rpc in mcp_server.requests if rpc == "tools/call"]
+    assert (mcp_server.handshakes, len(calls)) == (1, 3)
+    # Closed with the run's toolset: no session is left open in the worker.
+    wait_for(lambda: not mcp._holders, timeout=10, what="the run's MCP sessions to close")
+
+
+def test_it_opens_a_new_session_when_the_server_comes_back(settings):
+    """A server that went away fails the call at once; once it is back, the next call reconnects."""
+    from sessions.agent.mcp import Connection, ServerConfig, _handler
+    from sessions.agent.tools import ToolError
+
+    settings.MCP_ALLOWED_NETWORKS = parse_networks("127.0.0.1", "test")
+    settings.MCP_TIMEOUT = 10.0
+    first = LiveMcpServer()
+    connection = Connection(ServerConfig("docs", first.url, {}), {})
+    add = _handler(connection, "add", "docs__add")
+    again = None
+    try:
+        assert add({"a": 1, "b": 1}).output == "2"
+        first.stop()
+        started = time.monotonic()
+        with pytest.raises(ToolError) as failure:
+            add({"a": 2, "b": 2})
+        assert time.monotonic() - started < 5  # not the 10 s timeout
+        assert "docs__add: MCP server 'docs' failed: " in str(failure.value)
+        again = LiveMcpServer(port=first.port)
+        assert add({"a": 3, "b": 3}).output == "6"
+        assert connection.opened == 2
+    finally:
+        connection.close()
+        if again is not None:
+            again.stop()

@@ -24,7 +24,7 @@ from sandboxes.models import Sandbox
 from sessions.api.schema import Generator
 from sessions.artifacts import store_artifact
 from sessions.events import emit_many
-from sessions.models import APIToken, Environment, Session, start_session
+from sessions.models import APIToken, Environment, McpServer, Session, start_session
 from tests.conftest import client_for
 from tests.live import child_env, web_process
 
@@ -44,7 +44,8 @@ def schema_operations() -> set[str]:
 @pytest.fixture
 def one_of_everything(settings, tmp_path, team, teammate, repository):
     """A session with events, an artifact and a sandbox, a finished session with a pull request, an
-    environment with a secret and a webhook source: every kind of object the API shows, at id 1."""
+    environment with a secret, an MCP server and a webhook source: every kind of object the API
+    shows, at id 1."""
     settings.MEDIA_ROOT = tmp_path / "data" / "media"  # where the web process reads artifacts
     environment = Environment.objects.create(team=team, name="python", image="python:3.12-slim")
     environment.change_secrets(
@@ -61,6 +62,13 @@ def one_of_everything(settings, tmp_path, team, teammate, repository):
     emit_many(session.pk, [("progress", {"message": "working"}), ("assistant_text", {"text": "Done."})])
     store_artifact(session.pk, "diff", "changes.diff", "--- a\n+++ b\n", content_type="text/x-diff")
     Sandbox.objects.create(session=session, provider="local", status="ready", isolated=False)
+    McpServer.objects.create(
+        team=team,
+        name="docs",
+        url="https://mcp.example.com/mcp",
+        headers={"Authorization": "Bearer ${API_TOKEN}"},
+        timeout_seconds=30,
+    )
     source = WebhookSource(team=team, name="ci", slug="ci", auth="token", repository=repository)
     source.issue_credentials()
     source.save()

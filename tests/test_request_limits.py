@@ -14,7 +14,7 @@ from integrations.slack.models import SlackChannel, SlackWorkspace
 from integrations.webhooks.models import WebhookSource
 from sessions.api.schema import Generator
 from sessions.automations import Automation
-from sessions.models import AgentProfile, APIToken, Environment, Session, Skill, start_session
+from sessions.models import AgentProfile, APIToken, Environment, McpServer, Session, Skill, start_session
 from tests.conftest import client_for
 from tests.live import child_env, web_process
 
@@ -85,6 +85,9 @@ def test_it_answers_413_naming_the_limit_for_a_10_mb_body_on_every_api_write(
         "webhook-sources": source.pk,
         "agent-profiles": profile.pk,
         "skills": skill.pk,
+        "mcp-servers": McpServer.objects.create(
+            team=session.team, name="m", url="https://mcp.example.com"
+        ).pk,
         "slack-channels": channel.pk,
         "automations": Automation.objects.create(
             team=session.team, name="a", cron="0 * * * *", prompt="p", repository=repository

@@ -44,6 +44,7 @@ class RunContext:
     secrets: dict[str, str] = field(default_factory=dict)
     skills: dict[str, Any] = field(default_factory=dict)  # name -> sessions/agent/skills.py SkillDoc
     emit: Callable[[str, dict[str, Any]], None] | None = None
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # run when the run's loop ends
 
 
 class Toolset:
@@ -56,6 +57,7 @@ class Toolset:
         max_steps: int | None = None,
         prompt_sections: list[str] | None = None,
         loose: frozenset[str] = frozenset(),
+        cleanups: list[Callable[[], None]] | None = None,
     ) -> None:
         self.specs = specs
         self.by_name = {spec["name"]: spec for spec in specs}
@@ -64,6 +66,22 @@ class Toolset:
         self.max_steps = max_steps
         self.prompt_sections = prompt_sections or []
         self.loose = loose  # tools whose arguments the far side validates (MCP)
+        self.cleanups = cleanups or []
+
+    def __enter__(self) -> Toolset:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of what the tools hold for the run (its MCP sessions)."""
+        while self.cleanups:
+            cleanup = self.cleanups.pop()
+            try:
+                cleanup()
+            except Exception:  # noqa: BLE001 - one tool's clean-up does not stop the others'
+                log.exception("closing a worker tool failed")
 
     @classmethod
     def builtin(cls) -> Toolset:
@@ -151,6 +169,7 @@ def build_toolset(
         max_steps=profile.max_steps if profile is not None else None,
         prompt_sections=sections,
         loose=frozenset(loose),
+        cleanups=context.cleanups,
     )
 
 

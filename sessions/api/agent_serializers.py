@@ -1,4 +1,4 @@
-"""API shapes for what shapes an agent: agent profiles and skills (sessions/agent_models.py)."""
+"""API shapes for what shapes an agent: agent profiles, skills, MCP servers (sessions/agent_models.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 
 from rest_framework import serializers
 
-from sessions.agent_models import AgentProfile, Skill, clean_tool_names
-from sessions.api.serializers import TeamField, TeamOwnedSerializer, clean_model
+from sessions.agent import mcp
+from sessions.agent_models import AgentProfile, McpServer, Skill, clean_tool_names
+from sessions.api.serializers import StrictCharField, TeamField, TeamOwnedSerializer, clean_model
 
 
 class AgentProfileSerializer(TeamOwnedSerializer):
@@ -112,3 +113,43 @@ class SkillSerializer(serializers.ModelSerializer):
             whose = "You already have a personal" if owner else f"Team {team.slug!r} already has a"
             raise serializers.ValidationError({"name": [f"{whose} skill named {name!r}."]})
         return attrs
+
+
+class McpServerSerializer(TeamOwnedSerializer):
+    """A team's remote MCP server. Its headers name environment secrets as ${NAME}, never hold their
+    values: the worker fills them in for each call, so no answer or page shows a credential."""
+
+    headers = serializers.DictField(
+        child=StrictCharField(max_length=4096, allow_blank=True),
+        required=False,
+        help_text='Sent with every request, e.g. {"Authorization": "Bearer ${MCP_TOKEN}"}: ${NAME} is '
+        "the secret NAME of the session's environment (it must exist in one of the team's "
+        "environments). A credential header (Authorization, *-Key, *-Token, Cookie) must name a secret.",
+    )
+
+    class Meta:
+        model = McpServer
+        fields = ["id", "team", "name", "url", "headers", "enabled", "timeout_seconds", "created", "updated"]
+        read_only_fields = ["created", "updated"]
+        validators: list = []
+        extra_kwargs = {
+            "name": {"help_text": "Its tools reach the model as NAME__tool; unique in the team."},
+            "url": {
+                "help_text": "The streamable HTTP endpoint (http or https), e.g. https://mcp.example.com/mcp."
+            },
+        }
+
+    def validate_url(self, value: str) -> str:
+        value = value.strip()
+        if problem := mcp.url_problem(value):
+            raise serializers.ValidationError(problem)
+        return value
+
+    def validate_headers(self, value: dict[str, str]) -> dict[str, str]:
+        team = self.instance.team if self.instance else self.context["team"]
+        problems = mcp.header_problems(value, team.pk)
+        if "" in problems:
+            raise serializers.ValidationError(problems[""])
+        if problems:
+            raise serializers.ValidationError({header: [problem] for header, problem in problems.items()})
+        return value

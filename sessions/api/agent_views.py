@@ -1,13 +1,14 @@
-"""Agent profiles and skills over the API: team-owned CRUD like repositories and environments."""
+"""Agent profiles, skills and MCP servers over the API: team-owned CRUD like repositories and
+environments."""
 
 from __future__ import annotations
 
 from django.db.models import Q, QuerySet
 from drf_spectacular.utils import extend_schema, extend_schema_view
 
-from sessions.api.agent_serializers import AgentProfileSerializer, SkillSerializer
+from sessions.api.agent_serializers import AgentProfileSerializer, McpServerSerializer, SkillSerializer
 from sessions.api.views import TeamOwnedViewSet
-from sessions.models import AgentProfile, Skill
+from sessions.models import AgentProfile, McpServer, Skill
 
 
 @extend_schema_view(
@@ -40,3 +41,17 @@ class SkillViewSet(TeamOwnedViewSet):
     def get_queryset(self) -> QuerySet:
         queryset = super().get_queryset().select_related("owner")
         return queryset.filter(Q(owner__isnull=True) | Q(owner_id=self.request.user.pk))
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List MCP servers"),
+    create=extend_schema(summary="Add an MCP server"),
+)
+@extend_schema(tags=["MCP servers"])
+class McpServerViewSet(TeamOwnedViewSet):
+    """Remote MCP servers (streamable HTTP) whose tools the team's agents call through the worker.
+    Servers every team gets (DEPUTIES_MCP_SERVERS) are not listed here."""
+
+    model = McpServer
+    queryset = McpServer.objects.none()
+    serializer_class = McpServerSerializer

@@ -20,6 +20,7 @@ router.register("repositories", views.RepositoryViewSet, basename="api-repositor
 router.register("environments", views.EnvironmentViewSet, basename="api-environment")
 router.register("agent-profiles", agent_views.AgentProfileViewSet, basename="api-agent-profile")
 router.register("skills", agent_views.SkillViewSet, basename="api-skill")
+router.register("mcp-servers", agent_views.McpServerViewSet, basename="api-mcp-server")
 router.register("webhook-sources", WebhookSourceViewSet, basename="api-webhook-source")
 router.register("automations", automations.AutomationViewSet, basename="api-automation")
 router.register(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from sessions.web import automations, environments, skills, views
+from sessions.web import automations, environments, mcp_servers, skills, views
 
 urlpatterns = [
     path("", views.session_list, name="session-list"),
@@ -20,9 +20,12 @@ urlpatterns = [
     path("environments", environments.environment_list, name="environment-list"),
     path("environments/new", environments.environment_new, name="environment-new"),
     path("environments/<int:pk>", environments.environment_detail, name="environment-detail"),
-    path("skills", skills.skill_list, name="skill-list"),
-    path("skills/<int:pk>", skills.skill_detail, name="skill-detail"),
-    path("skills/<int:pk>/delete", skills.skill_delete, name="skill-delete"),
+    path("skills", skills.pages.list, name="skill-list"),
+    path("skills/<int:pk>", skills.pages.detail, name="skill-detail"),
+    path("skills/<int:pk>/delete", skills.pages.delete, name="skill-delete"),
+    path("mcp-servers", mcp_servers.pages.list, name="mcp-server-list"),
+    path("mcp-servers/<int:pk>", mcp_servers.pages.detail, name="mcp-server-detail"),
+    path("mcp-servers/<int:pk>/delete", mcp_servers.pages.delete, name="mcp-server-delete"),
     path("automations", automations.automation_list, name="automation-list"),
     path("automations/<int:pk>/toggle", automations.automation_toggle, name="automation-toggle"),
     path("sessions/<int:pk>/scheduled", automations.session_schedule_followup, name="session-schedule"),
