@@ -85,6 +85,10 @@ SPECS: list[dict[str, Any]] = [
     ),
 ]
 NAMES = frozenset(spec["name"] for spec in SPECS)
+# Safe to run again when a lost attempt left them unfinished (sessions/agent/loop.py): a spawn is
+# keyed by its call, a wait only reads, cancelling a cancelled session changes nothing. So a resumed
+# run gets their real result rather than "interrupted", and the model has no reason to spawn again.
+RERUNNABLE = NAMES
 _BY_NAME = {spec["name"]: spec for spec in SPECS}
 
 
@@ -97,12 +101,22 @@ def tool_specs(session: Session) -> list[dict[str, Any]]:
     return list(SPECS) if session.depth < settings.CHILD_MAX_DEPTH else []
 
 
-def execute(run: Run, name: str, arguments: dict[str, Any] | str | None) -> ToolResult:
-    """Run one session tool for ``run``'s agent; a ToolError goes back to the model."""
+def execute(run: Run, name: str, arguments: dict[str, Any] | str | None, call_id: str = "") -> ToolResult:
+    """Run one session tool for ``run``'s agent; a ToolError goes back to the model.
+
+    ``call_id``: the model's tool call id. A spawn is keyed by it (with the run), so a resumed run
+    that runs the call again gets the child the lost attempt started (``RERUNNABLE``).
+    """
     args = _parse(name, arguments)
     if name == "spawn_session":
         child = spawn(
-            run.session, args["prompt"], args.get("repository"), args.get("model"), args.get("title")
+            run.session,
+            args["prompt"],
+            args.get("repository"),
+            args.get("model"),
+            args.get("title"),
+            spawned_by=run if call_id else None,
+            call_id=call_id,
         )
         return ToolResult(
             ok=True,
@@ -145,10 +159,16 @@ def spawn(
     repository: str | None = None,
     model: str | None = None,
     title: str | None = None,
+    *,
+    spawned_by: Run | None = None,
+    call_id: str = "",
 ) -> Session:
     """A child session of ``parent``, queued; raises ChildLimit when a cap or the parent refuses.
 
     The parent's row lock orders concurrent spawns, and the children are counted under it.
+    ``spawned_by`` and ``call_id`` (the parent's run and the model's tool call): when that call
+    already started a child (the attempt that ran it was lost), that child, not a new one; a
+    unique constraint backs the check.
     """
     from sessions.api.serializers import model_problem, text_problem
 
@@ -167,6 +187,10 @@ def spawn(
             .select_related("team", "created_by")
             .get(pk=parent.pk)
         )
+        if spawned_by is not None and call_id:
+            started = Session.objects.filter(spawned_by=spawned_by, spawn_call_id=call_id)
+            if (earlier := started.select_related("repository").first()) is not None:
+                return earlier  # already counted, already announced
         if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
             raise ChildLimit(f"spawn_session: this session is {locked.status}")
         count = Session.objects.filter(parent_id=locked.pk).count()
@@ -197,6 +221,8 @@ def spawn(
             source=Source.AGENT,
             external_ref={"parent_session": locked.pk},
             parent=locked,
+            spawned_by=spawned_by,
+            spawn_call_id=call_id if spawned_by is not None else "",
         )
         emit(locked.pk, "child_spawned", {"session_id": child.pk, "title": child.title, "model": child.model})
     return child

@@ -336,6 +336,11 @@ class Session(models.Model):
     depth = models.PositiveSmallIntegerField(
         default=0, editable=False, help_text="0 for a top-level session."
     )
+    # The parent's run and tool call that spawned it: a resumed run asking again gets this session back.
+    spawned_by = models.ForeignKey(
+        "Run", models.SET_NULL, null=True, blank=True, related_name="spawned", editable=False
+    )
+    spawn_call_id = models.CharField(max_length=200, blank=True, editable=False)
     children_cost_usd = models.DecimalField(
         max_digits=12,
         decimal_places=6,
@@ -350,6 +355,13 @@ class Session(models.Model):
     class Meta:
         ordering = ["-created"]
         indexes = [models.Index(fields=["team", "status", "-created"], name="session_team_status")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["spawned_by", "spawn_call_id"],
+                condition=models.Q(spawned_by__isnull=False) & ~models.Q(spawn_call_id=""),
+                name="unique_child_spawn",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.title or f"Session {self.pk}"
@@ -1188,6 +1200,8 @@ def start_session(
     budget_usd: Decimal | None = None,
     profile: AgentProfile | None = None,
     parent: Session | None = None,
+    spawned_by: Run | None = None,
+    spawn_call_id: str = "",
 ) -> Session:
     """Create a session with its first prompt and queue its first run (at commit).
 
@@ -1215,6 +1229,8 @@ def start_session(
         external_ref=external_ref or {},
         parent=parent,
         depth=parent.depth + 1 if parent is not None else 0,
+        spawned_by=spawned_by,
+        spawn_call_id=spawn_call_id,
     )
     with transaction.atomic(savepoint=False):
         if transaction.get_connection().vendor == "postgresql":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from decimal import Decimal
 
@@ -14,7 +16,7 @@ from sessions.agent.fake_llm import start_in_thread
 from sessions.agent.tools import ToolError
 from sessions.budgets import budget_problem
 from sessions.children import ChildLimit, charge_ancestors, execute, spawn, tool_specs
-from sessions.models import LLMCall, Repository, Run, Session, SessionStatus, start_session
+from sessions.models import Event, LLMCall, Repository, Run, Session, SessionStatus, start_session
 from tests.conftest import client_for
 from tests.live import child_env, wait_for, worker_process
 
@@ -114,6 +116,155 @@ def test_it_creates_exactly_the_cap_when_ten_spawns_race(parent):
         t.join(timeout=60)
     assert sorted(outcomes) == ["refused"] * 5 + ["spawned"] * 5
     assert Session.objects.filter(parent=parent).count() == 5
+
+
+@pytest.mark.django_db
+def test_it_gives_a_spawn_call_run_again_its_first_child_and_another_call_a_new_one(parent, settings):
+    """What a resumed run does with a spawn its lost attempt had started: the same child back."""
+    run = claimed(parent)
+    settings.CHILD_MAX_PER_SESSION = 2
+    first = execute(run, "spawn_session", {"prompt": "Write the docs"}, "call_a")
+    again = execute(run, "spawn_session", {"prompt": "Write the docs"}, "call_a")
+    assert again.extra == first.extra and again.output == first.output
+    other = execute(run, "spawn_session", {"prompt": "Write the docs"}, "call_b")
+    assert other.extra["session_id"] != first.extra["session_id"]
+    # At the cap, the call that already has its child still gets it; a new call is refused.
+    assert execute(run, "spawn_session", {"prompt": "Write the docs"}, "call_b").extra == other.extra
+    with pytest.raises(ChildLimit, match="already has 2 child sessions"):
+        execute(run, "spawn_session", {"prompt": "Write the docs"}, "call_c")
+    children = Session.objects.filter(parent=parent)
+    assert children.count() == 2
+    assert sorted(children.values_list("spawn_call_id", flat=True)) == ["call_a", "call_b"]
+    assert parent.events.filter(type="child_spawned").count() == 2
+    # The key is the run's call: another session's run with the same call id gets its own child.
+    other_parent = start_session(team=parent.team, repository=parent.repository, prompt="Other",
+                                 model="scripted/demo")  # fmt: skip
+    theirs = execute(claimed(other_parent), "spawn_session", {"prompt": "Write the docs"}, "call_a")
+    assert theirs.extra["session_id"] not in children.values_list("pk", flat=True)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_creates_one_child_per_call_when_each_call_races_itself(parent):
+    """Ten spawns at once, two for each of five calls, against a cap of five: five children, and
+    both spawns of a call get that call's child."""
+    run = claimed(parent)
+    barrier = threading.Barrier(10)
+    got: dict[str, list[int]] = {}
+
+    def attempt(n: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            call_id = f"call_{n % 5}"
+            result = execute(Run.objects.get(pk=run.pk), "spawn_session", {"prompt": f"task {n}"}, call_id)
+            got.setdefault(call_id, []).append(result.extra["session_id"])
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(got) == [f"call_{n}" for n in range(5)]
+    assert all(len(ids) == 2 and ids[0] == ids[1] for ids in got.values()), got
+    assert Session.objects.filter(parent=parent).count() == 5
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_it_gives_a_run_resumed_after_its_worker_died_mid_spawn_the_child_it_had_started(
+    settings, tmp_path, team, owner, repository
+):
+    """The worker is SIGKILLed after the child's commit and before the spawn's result is stored:
+    the resumed run runs the call again and gets that child back, so it neither loses it
+    ("interrupted") nor makes a second one. The window is held open by a trigger that makes
+    Postgres sleep on that result's insert."""
+    if connection.vendor != "postgresql":
+        pytest.skip("holds the worker with a Postgres trigger")
+    parent_script = {
+        "responses": [
+            {"tool_calls": [{"name": "spawn_session", "arguments": {"prompt": "Part", "model": "kid/demo"}}]},
+            {"tool_calls": [{"name": "finish", "arguments": {"summary": "The part is started."}}]},
+        ]
+    }
+    # The parent does not wait for its child: the child's queued task may have gone with the
+    # killed worker, and that is the queue's retry to recover, not this test's subject.
+    child_script = {"responses": [{"content": "Part done."}]}
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    settings.MEDIA_ROOT = data_dir / "media"
+    table = connection.ops.quote_name(Event._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION test_hold_spawn_result() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.type = 'tool_finished' AND NEW.payload->>'name' = 'spawn_session' THEN "
+            "PERFORM pg_sleep(120); END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            f"CREATE TRIGGER test_hold_spawn_result BEFORE INSERT ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION test_hold_spawn_result()"
+        )
+    try:
+        with start_in_thread(parent_script) as parent_llm, start_in_thread(child_script) as child_llm:
+            env = child_env(
+                data_dir,
+                DEPUTIES_LLM_PROVIDERS="scripted,kid",
+                DEPUTIES_LLM_SCRIPTED_BASE_URL=parent_llm.base_url,
+                DEPUTIES_LLM_KID_BASE_URL=child_llm.base_url,
+                DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
+                DEPUTIES_SANDBOX_ISOLATION="none",
+                DEPUTIES_RUN_LEASE="4",
+            )
+            with worker_process(env, name="worker-0") as proc:
+                parent = start_session(team=team, repository=repository, prompt="Do the part",
+                                       model="scripted/demo", created_by=owner)  # fmt: skip
+                wait_for(_sleeping_backends, timeout=60, what="the spawn's result to be held")
+                assert Session.objects.filter(parent=parent).count() == 1  # committed before its result
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            _end_sleeps()  # the killed worker's statement ends, rolled back (and the table is free)
+            _drop_hold(table)
+            with worker_process(env, name="worker-1"):
+                wait_for(
+                    lambda: Session.objects.get(pk=parent.pk).status in ("completed", "failed"),
+                    timeout=90,
+                    what="the resumed parent to finish",
+                )
+            chats = [r["body"] for r in parent_llm.requests if r["path"].endswith("/chat/completions")]
+    finally:
+        _end_sleeps()
+        _drop_hold(table)
+    parent.refresh_from_db()
+    assert parent.status == "completed", (parent.error, (data_dir / "worker-1.log").read_text()[-3000:])
+    (child,) = Session.objects.filter(parent=parent)
+    assert parent.events.filter(type="run_resumed").exists()
+    assert parent.events.filter(type="child_spawned").count() == 1
+    (spawned,) = parent.events.filter(type="tool_finished", payload__name="spawn_session")
+    assert spawned.payload["ok"] is True and "interrupted" not in spawned.payload
+    assert spawned.payload["output"].startswith(f"Started child session {child.pk} ")
+    assert parent.events.filter(type="tool_started", payload__call_id=spawned.payload["call_id"]).count() == 1
+    # The model was not asked again for the spawn's step, and got the child's id back.
+    assert len(chats) == 2
+    assert chats[1]["messages"][-1]["content"] == spawned.payload["output"]
+
+
+def _sleeping_backends() -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'PgSleep'"
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _end_sleeps() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", [_sleeping_backends()])
+
+
+def _drop_hold(table: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TRIGGER IF EXISTS test_hold_spawn_result ON {table}")
+        cursor.execute("DROP FUNCTION IF EXISTS test_hold_spawn_result()")
 
 
 @pytest.mark.django_db
