@@ -20,9 +20,14 @@ claim's guard and sessions/limits.py skip it), otherwise a team at its limit who
 children would never start those children. It still occupies a thread of its worker's run pool
 (``DEPUTIES_RUNS_PER_WORKER``), which is sized for dozens of runs.
 
-Cancelling a session cancels its children, and theirs (``cancel_children``), after the parent's own
-transaction: locks are taken child first when a child's usage is charged to its ancestors, so the
-cancel never holds the parent's row while it takes a child's.
+Cancelling a session cancels its children, and theirs (``cancel_children``). Archiving does it
+inside its transaction, holding the parent's row.
+
+Lock order: sessions are locked top-down, ancestors before descendants. Cancelling or archiving
+locks the session's row, then its children's; charging a child's model call locks its ancestors'
+rows, oldest first (``charge_ancestors``), before its own (``Run.add_usage``, first in the loop's
+transaction). In the other order an archive holding the parent and waiting for the child deadlocks
+with a charge holding the child and waiting for the parent.
 """
 
 from __future__ import annotations
@@ -326,13 +331,26 @@ def cancel_children(session_id: int) -> list[int]:
 
 
 def charge_ancestors(parent_id: int, cost: Decimal) -> None:
-    """Add a child's model cost to ``children_cost_usd`` of its parent and each of theirs."""
+    """Add a child's model cost to ``children_cost_usd`` of its parent and each of theirs.
+
+    On Postgres the rows are locked oldest ancestor first (by depth), the order in which archiving
+    and cancelling take them (the module docstring); one UPDATE alone would lock them in whatever
+    order its plan reads them.
+    """
     table = connection.ops.quote_name(Session._meta.db_table)
-    sql = (
+    chain = (
         f"WITH RECURSIVE up(id) AS (SELECT CAST(%s AS bigint) UNION ALL "
-        f"SELECT s.parent_id FROM {table} s JOIN up ON s.id = up.id WHERE s.parent_id IS NOT NULL) "
-        f"UPDATE {table} SET children_cost_usd = children_cost_usd + %s WHERE id IN (SELECT id FROM up)"
+        f"SELECT s.parent_id FROM {table} s JOIN up ON s.id = up.id WHERE s.parent_id IS NOT NULL)"
     )
+    if connection.vendor == "postgresql":
+        chain += (
+            f", locked AS MATERIALIZED (SELECT id FROM {table} WHERE id IN (SELECT id FROM up) "
+            "ORDER BY depth FOR NO KEY UPDATE)"
+        )
+        rows = "locked"
+    else:
+        rows = "up"
+    sql = f"{chain} UPDATE {table} SET children_cost_usd = children_cost_usd + %s WHERE id IN (SELECT id FROM {rows})"
     with connection.cursor() as cursor:
         cursor.execute(sql, [parent_id, cost])
 

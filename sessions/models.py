@@ -943,6 +943,9 @@ class Run(models.Model):
 
         ``checkpoint`` (the conversation with the model's reply) is saved on the run in the same
         statement, so a worker lost while the reply's tools run does not ask the model again.
+        A child session's ancestors are charged first: sessions are locked top-down
+        (sessions/children.py), so in a transaction this must come before anything that locks
+        the session's own row.
         """
         from django.db import connection
 
@@ -950,6 +953,7 @@ class Run(models.Model):
         self.output_tokens += output_tokens
         self.cached_tokens += cached_tokens
         self.cost_usd += cost
+        self._charge_ancestors(cost)
         if connection.vendor != "postgresql":
             Run.objects.filter(pk=self.pk).update(
                 input_tokens=F("input_tokens") + input_tokens,
@@ -964,7 +968,6 @@ class Run(models.Model):
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
             )
-            self._charge_ancestors(cost)
             return
         add = (
             "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
@@ -985,7 +988,6 @@ class Run(models.Model):
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-        self._charge_ancestors(cost)
 
     def _charge_ancestors(self, cost: Decimal) -> None:
         """A child session's spend counts against its parent's budget (and theirs): only child

@@ -9,7 +9,7 @@ import threading
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Sum
 
 from sessions.agent.fake_llm import start_in_thread
@@ -303,6 +303,72 @@ def test_it_counts_a_childs_cost_against_its_ancestors_budgets(parent):
     assert budget_problem(grandchild.pk) is None
     charge_ancestors(child.pk, Decimal("0.01"))  # the statement walks up from any level
     assert Session.objects.get(pk=parent.pk).children_cost_usd == Decimal("0.31")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_archives_a_parent_while_its_childs_model_cost_is_charged_without_a_deadlock(parent, settings):
+    """Archiving a parent (its row, then its children's) meets a child's model call being charged
+    (the child's usage, then its ancestors'). A third connection holds the parent's run, so the
+    archive waits with the parent's row locked while the charge starts; then it lets go. With
+    both taking the rows top-down the charge waits for the archive; in the other order each
+    waits for the other and Postgres kills one of them."""
+    from sessions.agent.llm import AttemptRecord, Usage
+    from sessions.agent.loop import _Agent
+
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks")
+    settings.LLM_PRICES = {"kid/demo": {"input": 1.0, "output": 4.0}}
+    parent_run = claimed(parent)
+    child = spawn(parent, "child", model="kid/demo")
+    child_run = claimed(child)
+    errors: list[BaseException] = []
+    pids: dict[str, int] = {}
+
+    def in_thread(name: str, work) -> threading.Thread:
+        def target() -> None:
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    pids[name] = cursor.fetchone()[0]
+                work()
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    def waiting_for_a_lock(name: str) -> bool:
+        with connection.cursor() as cursor:  # asked inside a transaction: not its first snapshot
+            cursor.execute("SELECT pg_stat_clear_snapshot()")
+            cursor.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pids.get(name, 0)])
+            row = cursor.fetchone()
+        return bool(row) and row[0] == "Lock"
+
+    def charge() -> None:
+        run = Run.objects.select_related("session__team").get(pk=child_run.pk)
+        record = AttemptRecord("kid", "demo", 1, LLMCall.Outcome.OK, 200, 5, Usage(1_000_000, 0, 0))
+        _Agent(run, None, None, []).save_attempt(record)
+
+    with transaction.atomic():
+        Run.objects.select_for_update().get(pk=parent_run.pk)
+        archiving = in_thread("archive", lambda: Session.objects.get(pk=parent.pk).archive())
+        wait_for(lambda: waiting_for_a_lock("archive"), timeout=10, what="the archive to hold the parent")
+        charging = in_thread("charge", charge)
+        wait_for(
+            lambda: waiting_for_a_lock("charge") or errors, timeout=10, what="the charge to wait for a row"
+        )
+        assert not errors, errors
+    archiving.join(timeout=30)
+    charging.join(timeout=30)
+    assert not errors, errors
+    parent.refresh_from_db()
+    child.refresh_from_db()
+    assert (parent.status, child.status) == (SessionStatus.ARCHIVED, SessionStatus.CANCELLED)
+    assert child.cost_usd == parent.children_cost_usd == Decimal("1")
+    assert LLMCall.objects.get(run=child_run).cost_usd == Decimal("1")
 
 
 @pytest.mark.django_db(transaction=True)

@@ -279,6 +279,10 @@ class _Agent:
         ok = record.outcome == LLMCall.Outcome.OK and usage is not None
         cost = cost_usd(record.model_key, usage) if ok else Decimal("0")
         with transaction.atomic():
+            if ok:  # first: it locks the session's ancestors before its row (sessions/children.py)
+                self.run.add_usage(
+                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint
+                )
             LLMCall.objects.create(
                 session_id=self.run.session_id,
                 run=self.run,
@@ -294,9 +298,6 @@ class _Agent:
                 error=record.error[:ERROR_LIMIT],
             )
             if ok:
-                self.run.add_usage(
-                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint
-                )
                 self.emit(
                     "usage",
                     {
