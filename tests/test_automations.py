@@ -340,3 +340,28 @@ def test_the_api_refuses_a_profile_of_another_team(owner, repository, other_team
     ours = AgentProfile.objects.create(team=repository.team, name="ours")
     created = api.post("/api/v1/automations", {**body, "profile": ours.pk}, format="json")
     assert created.status_code == 201 and created.json()["profile"] == ours.pk, created.content
+
+
+@pytest.mark.django_db
+def test_the_dashboard_lists_each_automations_profile_or_the_default_it_gets(client, owner, every_minute):
+    from sessions.models import AgentProfile, Environment
+
+    def profile_cells() -> list[str]:
+        page = client.get("/automations").content.decode().split('id="automation-table"')[1]
+        return [cell.split("</td>")[0] for cell in page.split('<td data-label="Profile">')[1:]]
+
+    client.force_login(owner)
+    team = every_minute.team
+    assert '<th scope="col">Profile</th>' in client.get("/automations").content.decode()
+    assert profile_cells() == ['<span class="muted">environment default</span>']
+    team.default_profile = AgentProfile.objects.create(team=team, name="careful")
+    team.save()
+    assert profile_cells() == ['<span class="muted">environment default (careful)</span>']
+    every_minute.environment = Environment.objects.create(
+        team=team, name="ci", default_profile=AgentProfile.objects.create(team=team, name="fast")
+    )
+    every_minute.save()
+    assert profile_cells() == ['<span class="muted">environment default (fast)</span>']
+    every_minute.profile = AgentProfile.objects.create(team=team, name="reviewer")
+    every_minute.save()
+    assert profile_cells() == ["reviewer"]
