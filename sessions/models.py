@@ -1187,6 +1187,20 @@ def default_title(prompt: str) -> str:
     return lines[0][:120] if lines else ""
 
 
+def session_model(
+    model: str = "", profile: AgentProfile | None = None, environment: Environment | None = None
+) -> str:
+    """The model a new session runs: the one asked for, then its agent profile's, its environment's
+    default, then DEPUTIES_DEFAULT_MODEL; "" when none is set. ``profile``: the one the session
+    gets, so start_session's default profile counts too (``profiles.default_profile``)."""
+    return (
+        model
+        or (profile.model if profile is not None else "")
+        or (environment.default_model if environment is not None else "")
+        or settings.DEFAULT_MODEL
+    )
+
+
 def start_session(
     *,
     team: Team,
