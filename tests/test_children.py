@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -40,6 +41,24 @@ def repository(team, sample_repo):
 def parent(team, owner, repository) -> Session:
     return start_session(team=team, repository=repository, prompt="Split the work", model="scripted/demo",
                          created_by=owner)  # fmt: skip
+
+
+def race(count: int, attempt: Callable[[int], None]) -> None:
+    """``attempt(n)`` in ``count`` threads at once, each on its own database connection."""
+    barrier = threading.Barrier(count)
+
+    def target(n: int) -> None:
+        try:
+            barrier.wait(timeout=10)
+            attempt(n)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
 
 
 def claimed(session: Session) -> Run:
@@ -96,24 +115,16 @@ def test_it_reports_bad_spawn_arguments_to_the_model(parent):
 
 @pytest.mark.django_db(transaction=True)
 def test_it_creates_exactly_the_cap_when_ten_spawns_race(parent):
-    barrier = threading.Barrier(10)
     outcomes: list[str] = []
 
     def attempt(n: int) -> None:
         try:
-            barrier.wait(timeout=10)
             spawn(Session.objects.get(pk=parent.pk), f"task {n}")
             outcomes.append("spawned")
         except ChildLimit:
             outcomes.append("refused")
-        finally:
-            connection.close()
 
-    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    race(10, attempt)
     assert sorted(outcomes) == ["refused"] * 5 + ["spawned"] * 5
     assert Session.objects.filter(parent=parent).count() == 5
 
@@ -148,23 +159,14 @@ def test_it_creates_one_child_per_call_when_each_call_races_itself(parent):
     """Ten spawns at once, two for each of five calls, against a cap of five: five children, and
     both spawns of a call get that call's child."""
     run = claimed(parent)
-    barrier = threading.Barrier(10)
     got: dict[str, list[int]] = {}
 
     def attempt(n: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            call_id = f"call_{n % 5}"
-            result = execute(Run.objects.get(pk=run.pk), "spawn_session", {"prompt": f"task {n}"}, call_id)
-            got.setdefault(call_id, []).append(result.extra["session_id"])
-        finally:
-            connection.close()
+        call_id = f"call_{n % 5}"
+        result = execute(Run.objects.get(pk=run.pk), "spawn_session", {"prompt": f"task {n}"}, call_id)
+        got.setdefault(call_id, []).append(result.extra["session_id"])
 
-    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    race(10, attempt)
     assert sorted(got) == [f"call_{n}" for n in range(5)]
     assert all(len(ids) == 2 and ids[0] == ids[1] for ids in got.values()), got
     assert Session.objects.filter(parent=parent).count() == 5
