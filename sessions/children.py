@@ -27,7 +27,11 @@ Lock order: sessions are locked top-down, ancestors before descendants. Cancelli
 locks the session's row, then its children's; charging a child's model call locks its ancestors'
 rows, oldest first (``charge_ancestors``), before its own (``Run.add_usage``, first in the loop's
 transaction). In the other order an archive holding the parent and waiting for the child deadlocks
-with a charge holding the child and waiting for the parent.
+with a charge holding the child and waiting for the parent. Session rows are locked ``FOR NO KEY
+UPDATE`` (``select_for_update(no_key=True)``, and the events statement), which leaves foreign-key
+checks alone: a child's transaction that updates its row twice has its keys checked again at
+commit, a key-share lock on the parent's row that a plain ``FOR UPDATE`` held by an archive
+waiting for that child would block for good.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ def spawn(
         raise ToolError(f"spawn_session: {problem}")
     with transaction.atomic():
         locked = (
-            Session.objects.select_for_update(of=("self",))
+            Session.objects.select_for_update(of=("self",), no_key=True)
             .select_related("team", "created_by")
             .get(pk=parent.pk)
         )

@@ -410,7 +410,7 @@ class Session(models.Model):
         from sessions.events import emit
 
         with transaction.atomic():
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             position = locked.messages.count() + 1
             message = Message.objects.create(
                 session=locked, content=content, author=author, position=position, steer=steer
@@ -433,7 +433,7 @@ class Session(models.Model):
         from sessions.events import emit
 
         with transaction.atomic():
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
                 return False
             now = timezone.now()
@@ -468,7 +468,7 @@ class Session(models.Model):
 
         with transaction.atomic():
             # The row lock orders this against add_message, so no follow-up starts a run in between.
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             if locked.status == SessionStatus.ARCHIVED:
                 return False
             if locked.runs.filter(status__in=Run.ACTIVE).exists():
@@ -481,7 +481,7 @@ class Session(models.Model):
     def retry(self) -> Run | None:
         """Start a fresh run over the last prompt of a failed or cancelled session."""
         with transaction.atomic():
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             if locked.runs.filter(status__in=Run.ACTIVE).exists():
                 return None
             last = locked.messages.order_by("-position").first()
@@ -894,7 +894,7 @@ class Run(models.Model):
             if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return None
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
-            Session.objects.select_for_update().filter(pk=self.session_id).exists()
+            Session.objects.select_for_update(no_key=True).filter(pk=self.session_id).exists()
             Session.objects.filter(pk=self.session_id).update(**fields)
             team = Team.objects.get(sessions=self.session_id)
             return team.pk, team.concurrency_limit()

@@ -307,33 +307,22 @@ def test_it_counts_a_childs_cost_against_its_ancestors_budgets(parent):
     assert Session.objects.get(pk=parent.pk).children_cost_usd == Decimal("0.31")
 
 
-@pytest.mark.django_db(transaction=True)
-def test_it_archives_a_parent_while_its_childs_model_cost_is_charged_without_a_deadlock(parent, settings):
-    """Archiving a parent (its row, then its children's) meets a child's model call being charged
-    (the child's usage, then its ancestors'). A third connection holds the parent's run, so the
-    archive waits with the parent's row locked while the charge starts; then it lets go. With
-    both taking the rows top-down the charge waits for the archive; in the other order each
-    waits for the other and Postgres kills one of them."""
-    from sessions.agent.llm import AttemptRecord, Usage
-    from sessions.agent.loop import _Agent
-
-    if connection.vendor != "postgresql":
-        pytest.skip("row locks")
-    settings.LLM_PRICES = {"kid/demo": {"input": 1.0, "output": 4.0}}
-    parent_run = claimed(parent)
-    child = spawn(parent, "child", model="kid/demo")
-    child_run = claimed(child)
+def archive_while(parent: Session, parent_run: Run, work: Callable[[], None]) -> None:
+    """Archive ``parent`` (its row, then its children's) while ``work`` (a child's transaction)
+    runs: a third connection holds the parent's run, so the archive waits with the parent's row
+    locked; ``work`` starts and waits for a row too (or gets through); then the hold lets go. Raises what either
+    of them raised, e.g. Postgres's "deadlock detected" when each waits for the other."""
     errors: list[BaseException] = []
     pids: dict[str, int] = {}
 
-    def in_thread(name: str, work) -> threading.Thread:
+    def in_thread(name: str, job: Callable[[], object]) -> threading.Thread:
         def target() -> None:
             try:
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT pg_backend_pid()")
                     pids[name] = cursor.fetchone()[0]
-                work()
-            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                job()
+            except BaseException as exc:  # noqa: BLE001 - raised below
                 errors.append(exc)
             finally:
                 connection.close()
@@ -349,28 +338,68 @@ def test_it_archives_a_parent_while_its_childs_model_cost_is_charged_without_a_d
             row = cursor.fetchone()
         return bool(row) and row[0] == "Lock"
 
-    def charge() -> None:
-        run = Run.objects.select_related("session__team").get(pk=child_run.pk)
-        record = AttemptRecord("kid", "demo", 1, LLMCall.Outcome.OK, 200, 5, Usage(1_000_000, 0, 0))
-        _Agent(run, None, None, []).save_attempt(record)
-
     with transaction.atomic():
         Run.objects.select_for_update().get(pk=parent_run.pk)
         archiving = in_thread("archive", lambda: Session.objects.get(pk=parent.pk).archive())
         wait_for(lambda: waiting_for_a_lock("archive"), timeout=10, what="the archive to hold the parent")
-        charging = in_thread("charge", charge)
+        working = in_thread("work", work)
         wait_for(
-            lambda: waiting_for_a_lock("charge") or errors, timeout=10, what="the charge to wait for a row"
+            lambda: waiting_for_a_lock("work") or not working.is_alive(),
+            timeout=10,
+            what="the child's work to wait or end",
         )
-        assert not errors, errors
     archiving.join(timeout=30)
-    charging.join(timeout=30)
-    assert not errors, errors
+    working.join(timeout=30)
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_archives_a_parent_while_its_childs_model_cost_is_charged_without_a_deadlock(parent, settings):
+    """The charge takes the parent's row before its own (sessions lock top-down), so it waits for
+    the archive; charging the child's own rows first deadlocked."""
+    from sessions.agent.llm import AttemptRecord, Usage
+    from sessions.agent.loop import _Agent
+
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks")
+    settings.LLM_PRICES = {"kid/demo": {"input": 1.0, "output": 4.0}}
+    parent_run = claimed(parent)
+    child = spawn(parent, "child", model="kid/demo")
+    child_run = claimed(child)
+
+    def charge() -> None:  # the loop's own transaction for a model call's usage
+        run = Run.objects.select_related("session__team").get(pk=child_run.pk)
+        record = AttemptRecord("kid", "demo", 1, LLMCall.Outcome.OK, 200, 5, Usage(1_000_000, 0, 0))
+        _Agent(run, None, None, []).save_attempt(record)
+
+    archive_while(parent, parent_run, charge)
     parent.refresh_from_db()
     child.refresh_from_db()
     assert (parent.status, child.status) == (SessionStatus.ARCHIVED, SessionStatus.CANCELLED)
     assert child.cost_usd == parent.children_cost_usd == Decimal("1")
     assert LLMCall.objects.get(run=child_run).cost_usd == Decimal("1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_archives_a_parent_while_a_child_run_finishes_without_a_deadlock(parent):
+    """A child's run finishing updates the child's row twice (its status, its events' numbers),
+    so at commit Postgres checks the row's foreign keys again: a key-share lock on the parent's
+    row, which the archive's plain FOR UPDATE would block while waiting for the child."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks")
+    parent_run = claimed(parent)
+    child = spawn(parent, "child")
+    child_run = claimed(child)
+
+    def finish() -> None:
+        run = Run.objects.get(pk=child_run.pk)
+        assert run.finish(Run.Status.COMPLETED, events=[("status", {"status": "completed"})])
+
+    archive_while(parent, parent_run, finish)
+    parent.refresh_from_db()
+    child.refresh_from_db()
+    assert (parent.status, child.status) == (SessionStatus.ARCHIVED, SessionStatus.COMPLETED)
 
 
 @pytest.mark.django_db(transaction=True)
