@@ -43,6 +43,19 @@ def parent(team, owner, repository) -> Session:
                          created_by=owner)  # fmt: skip
 
 
+def worker_env(tmp_path, data_dir, parent_llm, child_llm, **extra: str) -> dict[str, str]:
+    """A worker's environment with two scripted models: ``scripted`` for parents, ``kid`` for children."""
+    return child_env(
+        data_dir,
+        DEPUTIES_LLM_PROVIDERS="scripted,kid",
+        DEPUTIES_LLM_SCRIPTED_BASE_URL=parent_llm.base_url,
+        DEPUTIES_LLM_KID_BASE_URL=child_llm.base_url,
+        DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
+        DEPUTIES_SANDBOX_ISOLATION="none",
+        **extra,
+    )
+
+
 def race(count: int, attempt: Callable[[int], None]) -> None:
     """``attempt(n)`` in ``count`` threads at once, each on its own database connection."""
     barrier = threading.Barrier(count)
@@ -208,15 +221,7 @@ def test_it_gives_a_run_resumed_after_its_worker_died_mid_spawn_the_child_it_had
         )
     try:
         with start_in_thread(parent_script) as parent_llm, start_in_thread(child_script) as child_llm:
-            env = child_env(
-                data_dir,
-                DEPUTIES_LLM_PROVIDERS="scripted,kid",
-                DEPUTIES_LLM_SCRIPTED_BASE_URL=parent_llm.base_url,
-                DEPUTIES_LLM_KID_BASE_URL=child_llm.base_url,
-                DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
-                DEPUTIES_SANDBOX_ISOLATION="none",
-                DEPUTIES_RUN_LEASE="4",
-            )
+            env = worker_env(tmp_path, data_dir, parent_llm, child_llm, DEPUTIES_RUN_LEASE="4")
             with worker_process(env, name="worker-0") as proc:
                 parent = start_session(team=team, repository=repository, prompt="Do the part",
                                        model="scripted/demo", created_by=owner)  # fmt: skip
@@ -442,15 +447,7 @@ def test_it_runs_a_parent_that_spawns_three_children_waits_and_finishes_with_the
     data_dir.mkdir()
     settings.MEDIA_ROOT = data_dir / "media"
     with start_in_thread(parent_script) as parent_llm, start_in_thread(child_script) as child_llm:
-        env = child_env(
-            data_dir,
-            DEPUTIES_LLM_PROVIDERS="scripted,kid",
-            DEPUTIES_LLM_SCRIPTED_BASE_URL=parent_llm.base_url,
-            DEPUTIES_LLM_KID_BASE_URL=child_llm.base_url,
-            DEPUTIES_LLM_PRICES=json.dumps(prices),
-            DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
-            DEPUTIES_SANDBOX_ISOLATION="none",
-        )
+        env = worker_env(tmp_path, data_dir, parent_llm, child_llm, DEPUTIES_LLM_PRICES=json.dumps(prices))
         with worker_process(env):
             parent = start_session(team=team, repository=repository, prompt="Do it in three parts",
                                    model="scripted/demo", created_by=owner)  # fmt: skip
@@ -514,14 +511,7 @@ def test_it_cancels_running_children_when_a_waiting_parent_is_cancelled_on_a_rea
     data_dir.mkdir()
     settings.MEDIA_ROOT = data_dir / "media"
     with start_in_thread(parent_script) as parent_llm, start_in_thread(child_script) as child_llm:
-        env = child_env(
-            data_dir,
-            DEPUTIES_LLM_PROVIDERS="scripted,kid",
-            DEPUTIES_LLM_SCRIPTED_BASE_URL=parent_llm.base_url,
-            DEPUTIES_LLM_KID_BASE_URL=child_llm.base_url,
-            DEPUTIES_SANDBOX_ROOT=str(tmp_path / "sandboxes"),
-            DEPUTIES_SANDBOX_ISOLATION="none",
-        )
+        env = worker_env(tmp_path, data_dir, parent_llm, child_llm)
         with worker_process(env):
             parent = start_session(team=team, repository=repository, prompt="Fan out", model="scripted/demo",
                                    created_by=owner)  # fmt: skip
