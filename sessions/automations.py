@@ -41,6 +41,7 @@ from sessions.models import (
     SessionStatus,
     Source,
     Team,
+    session_model,
     start_session,
 )
 
@@ -143,13 +144,11 @@ class Automation(models.Model):
         return bool(changed)
 
     def resolved_model(self) -> str:
-        env, profile = self.environment, self.profile
-        return (
-            self.model
-            or (profile.model if profile else "")
-            or (env.default_model if env else "")
-            or settings.DEFAULT_MODEL
-        )
+        """The model a firing's session runs, in the order every new session gets one."""
+        from sessions.agent.profiles import default_profile
+
+        profile = self.profile or default_profile(self.team, self.environment)
+        return session_model(self.model, profile, self.environment)
 
     def fire(self, now: datetime) -> AutomationFiring | None:
         """Fire the due occurrence: a new session, or a skip with its reason. None: another worker

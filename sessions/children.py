@@ -20,9 +20,18 @@ claim's guard and sessions/limits.py skip it), otherwise a team at its limit who
 children would never start those children. It still occupies a thread of its worker's run pool
 (``DEPUTIES_RUNS_PER_WORKER``), which is sized for dozens of runs.
 
-Cancelling a session cancels its children, and theirs (``cancel_children``), after the parent's own
-transaction: locks are taken child first when a child's usage is charged to its ancestors, so the
-cancel never holds the parent's row while it takes a child's.
+Cancelling a session cancels its children, and theirs (``cancel_children``). Archiving does it
+inside its transaction, holding the parent's row.
+
+Lock order: sessions are locked top-down, ancestors before descendants. Cancelling or archiving
+locks the session's row, then its children's; charging a child's model call locks its ancestors'
+rows, oldest first (``charge_ancestors``), before its own (``Run.add_usage``, first in the loop's
+transaction). In the other order an archive holding the parent and waiting for the child deadlocks
+with a charge holding the child and waiting for the parent. Session rows are locked ``FOR NO KEY
+UPDATE`` (``select_for_update(no_key=True)``, and the events statement), which leaves foreign-key
+checks alone: a child's transaction that updates its row twice has its keys checked again at
+commit, a key-share lock on the parent's row that a plain ``FOR UPDATE`` held by an archive
+waiting for that child would block for good.
 """
 
 from __future__ import annotations
@@ -85,6 +94,10 @@ SPECS: list[dict[str, Any]] = [
     ),
 ]
 NAMES = frozenset(spec["name"] for spec in SPECS)
+# Safe to run again when a lost attempt left them unfinished (sessions/agent/loop.py): a spawn is
+# keyed by its call, a wait only reads, cancelling a cancelled session changes nothing. So a resumed
+# run gets their real result rather than "interrupted", and the model has no reason to spawn again.
+RERUNNABLE = NAMES
 _BY_NAME = {spec["name"]: spec for spec in SPECS}
 
 
@@ -97,12 +110,22 @@ def tool_specs(session: Session) -> list[dict[str, Any]]:
     return list(SPECS) if session.depth < settings.CHILD_MAX_DEPTH else []
 
 
-def execute(run: Run, name: str, arguments: dict[str, Any] | str | None) -> ToolResult:
-    """Run one session tool for ``run``'s agent; a ToolError goes back to the model."""
+def execute(run: Run, name: str, arguments: dict[str, Any] | str | None, call_id: str = "") -> ToolResult:
+    """Run one session tool for ``run``'s agent; a ToolError goes back to the model.
+
+    ``call_id``: the model's tool call id. A spawn is keyed by it (with the run), so a resumed run
+    that runs the call again gets the child the lost attempt started (``RERUNNABLE``).
+    """
     args = _parse(name, arguments)
     if name == "spawn_session":
         child = spawn(
-            run.session, args["prompt"], args.get("repository"), args.get("model"), args.get("title")
+            run.session,
+            args["prompt"],
+            args.get("repository"),
+            args.get("model"),
+            args.get("title"),
+            spawned_by=run if call_id else None,
+            call_id=call_id,
         )
         return ToolResult(
             ok=True,
@@ -145,10 +168,16 @@ def spawn(
     repository: str | None = None,
     model: str | None = None,
     title: str | None = None,
+    *,
+    spawned_by: Run | None = None,
+    call_id: str = "",
 ) -> Session:
     """A child session of ``parent``, queued; raises ChildLimit when a cap or the parent refuses.
 
     The parent's row lock orders concurrent spawns, and the children are counted under it.
+    ``spawned_by`` and ``call_id`` (the parent's run and the model's tool call): when that call
+    already started a child (the attempt that ran it was lost), that child, not a new one; a
+    unique constraint backs the check.
     """
     from sessions.api.serializers import model_problem, text_problem
 
@@ -163,10 +192,14 @@ def spawn(
         raise ToolError(f"spawn_session: {problem}")
     with transaction.atomic():
         locked = (
-            Session.objects.select_for_update(of=("self",))
+            Session.objects.select_for_update(of=("self",), no_key=True)
             .select_related("team", "created_by")
             .get(pk=parent.pk)
         )
+        if spawned_by is not None and call_id:
+            started = Session.objects.filter(spawned_by=spawned_by, spawn_call_id=call_id)
+            if (earlier := started.select_related("repository").first()) is not None:
+                return earlier  # already counted, already announced
         if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
             raise ChildLimit(f"spawn_session: this session is {locked.status}")
         count = Session.objects.filter(parent_id=locked.pk).count()
@@ -197,6 +230,8 @@ def spawn(
             source=Source.AGENT,
             external_ref={"parent_session": locked.pk},
             parent=locked,
+            spawned_by=spawned_by,
+            spawn_call_id=call_id if spawned_by is not None else "",
         )
         emit(locked.pk, "child_spawned", {"session_id": child.pk, "title": child.title, "model": child.model})
     return child
@@ -300,13 +335,26 @@ def cancel_children(session_id: int) -> list[int]:
 
 
 def charge_ancestors(parent_id: int, cost: Decimal) -> None:
-    """Add a child's model cost to ``children_cost_usd`` of its parent and each of theirs."""
+    """Add a child's model cost to ``children_cost_usd`` of its parent and each of theirs.
+
+    On Postgres the rows are locked oldest ancestor first (by depth), the order in which archiving
+    and cancelling take them (the module docstring); one UPDATE alone would lock them in whatever
+    order its plan reads them.
+    """
     table = connection.ops.quote_name(Session._meta.db_table)
-    sql = (
+    chain = (
         f"WITH RECURSIVE up(id) AS (SELECT CAST(%s AS bigint) UNION ALL "
-        f"SELECT s.parent_id FROM {table} s JOIN up ON s.id = up.id WHERE s.parent_id IS NOT NULL) "
-        f"UPDATE {table} SET children_cost_usd = children_cost_usd + %s WHERE id IN (SELECT id FROM up)"
+        f"SELECT s.parent_id FROM {table} s JOIN up ON s.id = up.id WHERE s.parent_id IS NOT NULL)"
     )
+    if connection.vendor == "postgresql":
+        chain += (
+            f", locked AS MATERIALIZED (SELECT id FROM {table} WHERE id IN (SELECT id FROM up) "
+            "ORDER BY depth FOR NO KEY UPDATE)"
+        )
+        rows = "locked"
+    else:
+        rows = "up"
+    sql = f"{chain} UPDATE {table} SET children_cost_usd = children_cost_usd + %s WHERE id IN (SELECT id FROM {rows})"
     with connection.cursor() as cursor:
         cursor.execute(sql, [parent_id, cost])
 

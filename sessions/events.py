@@ -159,7 +159,7 @@ WITH i AS (
     FROM json_array_elements(%(events)s::json) WITH ORDINALITY AS x(e, ord)
 ),
 c AS (SELECT session_id, count(*) AS n FROM i GROUP BY session_id),
-l AS (SELECT id FROM {session} WHERE id IN (SELECT session_id FROM c) ORDER BY id FOR UPDATE),
+l AS (SELECT id FROM {session} WHERE id IN (SELECT session_id FROM c) ORDER BY id FOR NO KEY UPDATE),
 s AS (
     UPDATE {session} t SET last_seq = t.last_seq + c.n FROM c, l
     WHERE t.id = c.session_id AND l.id = t.id

@@ -329,6 +329,11 @@ class Session(models.Model):
     depth = models.PositiveSmallIntegerField(
         default=0, editable=False, help_text="0 for a top-level session."
     )
+    # The parent's run and tool call that spawned it: a resumed run asking again gets this session back.
+    spawned_by = models.ForeignKey(
+        "Run", models.SET_NULL, null=True, blank=True, related_name="spawned", editable=False
+    )
+    spawn_call_id = models.CharField(max_length=200, blank=True, editable=False)
     children_cost_usd = models.DecimalField(
         max_digits=12,
         decimal_places=6,
@@ -343,6 +348,13 @@ class Session(models.Model):
     class Meta:
         ordering = ["-created"]
         indexes = [models.Index(fields=["team", "status", "-created"], name="session_team_status")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["spawned_by", "spawn_call_id"],
+                condition=models.Q(spawned_by__isnull=False) & ~models.Q(spawn_call_id=""),
+                name="unique_child_spawn",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.title or f"Session {self.pk}"
@@ -391,7 +403,7 @@ class Session(models.Model):
         from sessions.events import emit
 
         with transaction.atomic():
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             position = locked.messages.count() + 1
             message = Message.objects.create(
                 session=locked, content=content, author=author, position=position, steer=steer
@@ -414,7 +426,7 @@ class Session(models.Model):
         from sessions.events import emit
 
         with transaction.atomic():
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             if locked.status in (SessionStatus.CANCELLED, SessionStatus.ARCHIVED):
                 return False
             now = timezone.now()
@@ -449,7 +461,7 @@ class Session(models.Model):
 
         with transaction.atomic():
             # The row lock orders this against add_message, so no follow-up starts a run in between.
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             if locked.status == SessionStatus.ARCHIVED:
                 return False
             if locked.runs.filter(status__in=Run.ACTIVE).exists():
@@ -462,7 +474,7 @@ class Session(models.Model):
     def retry(self) -> Run | None:
         """Start a fresh run over the last prompt of a failed or cancelled session."""
         with transaction.atomic():
-            locked = Session.objects.select_for_update().get(pk=self.pk)
+            locked = Session.objects.select_for_update(no_key=True).get(pk=self.pk)
             if locked.runs.filter(status__in=Run.ACTIVE).exists():
                 return None
             last = locked.messages.order_by("-position").first()
@@ -875,7 +887,7 @@ class Run(models.Model):
             if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return None
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
-            Session.objects.select_for_update().filter(pk=self.session_id).exists()
+            Session.objects.select_for_update(no_key=True).filter(pk=self.session_id).exists()
             Session.objects.filter(pk=self.session_id).update(**fields)
             team = Team.objects.get(sessions=self.session_id)
             return team.pk, team.concurrency_limit()
@@ -924,6 +936,9 @@ class Run(models.Model):
 
         ``checkpoint`` (the conversation with the model's reply) is saved on the run in the same
         statement, so a worker lost while the reply's tools run does not ask the model again.
+        A child session's ancestors are charged first: sessions are locked top-down
+        (sessions/children.py), so in a transaction this must come before anything that locks
+        the session's own row.
         """
         from django.db import connection
 
@@ -931,6 +946,7 @@ class Run(models.Model):
         self.output_tokens += output_tokens
         self.cached_tokens += cached_tokens
         self.cost_usd += cost
+        self._charge_ancestors(cost)
         if connection.vendor != "postgresql":
             Run.objects.filter(pk=self.pk).update(
                 input_tokens=F("input_tokens") + input_tokens,
@@ -945,7 +961,6 @@ class Run(models.Model):
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
             )
-            self._charge_ancestors(cost)
             return
         add = (
             "input_tokens = t.input_tokens + %(i)s, output_tokens = t.output_tokens + %(o)s, "
@@ -966,7 +981,6 @@ class Run(models.Model):
         )
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
-        self._charge_ancestors(cost)
 
     def _charge_ancestors(self, cost: Decimal) -> None:
         """A child session's spend counts against its parent's budget (and theirs): only child
@@ -1166,6 +1180,20 @@ def default_title(prompt: str) -> str:
     return lines[0][:120] if lines else ""
 
 
+def session_model(
+    model: str = "", profile: AgentProfile | None = None, environment: Environment | None = None
+) -> str:
+    """The model a new session runs: the one asked for, then its agent profile's, its environment's
+    default, then DEPUTIES_DEFAULT_MODEL; "" when none is set. ``profile``: the one the session
+    gets, so start_session's default profile counts too (``profiles.default_profile``)."""
+    return (
+        model
+        or (profile.model if profile is not None else "")
+        or (environment.default_model if environment is not None else "")
+        or settings.DEFAULT_MODEL
+    )
+
+
 def start_session(
     *,
     team: Team,
@@ -1181,6 +1209,8 @@ def start_session(
     budget_usd: Decimal | None = None,
     profile: AgentProfile | None = None,
     parent: Session | None = None,
+    spawned_by: Run | None = None,
+    spawn_call_id: str = "",
 ) -> Session:
     """Create a session with its first prompt and queue its first run (at commit).
 
@@ -1208,6 +1238,8 @@ def start_session(
         external_ref=external_ref or {},
         parent=parent,
         depth=parent.depth + 1 if parent is not None else 0,
+        spawned_by=spawned_by,
+        spawn_call_id=spawn_call_id,
     )
     with transaction.atomic(savepoint=False):
         if transaction.get_connection().vendor == "postgresql":

@@ -70,7 +70,7 @@ def cancel_pending(message: Message) -> bool:
     is cancelled too (it would otherwise start with nothing new to say) and the session goes back to
     how its last run left it."""
     with transaction.atomic():
-        session = Session.objects.select_for_update().get(pk=message.session_id)
+        session = Session.objects.select_for_update(no_key=True).get(pk=message.session_id)
         if not Message.objects.filter(pk=message.pk, status=Message.Status.PENDING).update(
             status=Message.Status.CANCELLED
         ):

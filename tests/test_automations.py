@@ -340,3 +340,74 @@ def test_the_api_refuses_a_profile_of_another_team(owner, repository, other_team
     ours = AgentProfile.objects.create(team=repository.team, name="ours")
     created = api.post("/api/v1/automations", {**body, "profile": ours.pk}, format="json")
     assert created.status_code == 201 and created.json()["profile"] == ours.pk, created.content
+
+
+@pytest.mark.django_db
+def test_the_dashboard_lists_each_automations_profile_or_the_default_it_gets(client, owner, every_minute):
+    from sessions.models import AgentProfile, Environment
+
+    def profile_cells() -> list[str]:
+        page = client.get("/automations").content.decode().split('id="automation-table"')[1]
+        return [cell.split("</td>")[0] for cell in page.split('<td data-label="Profile">')[1:]]
+
+    client.force_login(owner)
+    team = every_minute.team
+    assert '<th scope="col">Profile</th>' in client.get("/automations").content.decode()
+    assert profile_cells() == ['<span class="muted">environment default</span>']
+    team.default_profile = AgentProfile.objects.create(team=team, name="careful")
+    team.save()
+    assert profile_cells() == ['<span class="muted">environment default (careful)</span>']
+    every_minute.environment = Environment.objects.create(
+        team=team, name="ci", default_profile=AgentProfile.objects.create(team=team, name="fast")
+    )
+    every_minute.save()
+    assert profile_cells() == ['<span class="muted">environment default (fast)</span>']
+    every_minute.profile = AgentProfile.objects.create(team=team, name="reviewer")
+    every_minute.save()
+    assert profile_cells() == ["reviewer"]
+
+
+@pytest.mark.django_db
+def test_a_firing_picks_its_model_in_the_order_a_session_started_through_the_api_does(
+    every_minute, owner, settings
+):
+    """Own model, then the profile's (its own or the default one it gets), the environment's,
+    then DEPUTIES_DEFAULT_MODEL: both go through models.session_model."""
+    from sessions.models import AgentProfile, Environment
+    from tests.conftest import client_for
+
+    team = every_minute.team
+    settings.LLM_PROVIDERS = {
+        name: {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": ""}
+        for name in ("scripted", "deploy", "env", "team", "own")
+    }
+    settings.DEFAULT_MODEL = "deploy/m"
+    every_minute.model = ""
+    every_minute.environment = Environment.objects.create(team=team, name="ci", default_model="env/m")
+    every_minute.save()
+    api = client_for(owner)
+    body = {"prompt": "Check the build", "repository": every_minute.repository_id,
+            "environment": every_minute.environment_id}  # fmt: skip
+
+    def models() -> tuple[str, str]:
+        via_api = api.post("/api/v1/sessions", body, format="json")
+        assert via_api.status_code == 201, via_api.content
+        return every_minute.resolved_model(), via_api.json()["model"]
+
+    assert models() == ("env/m", "env/m")
+    team.default_profile = AgentProfile.objects.create(team=team, name="careful", model="team/m")
+    team.save()
+    assert models() == ("team/m", "team/m")  # the default profile it gets
+    every_minute.profile = AgentProfile.objects.create(team=team, name="own", model="own/m")
+    body["profile"] = every_minute.profile.pk
+    assert models() == ("own/m", "own/m")
+    every_minute.model = body["model"] = "scripted/demo"
+    assert models() == ("scripted/demo", "scripted/demo")
+    # Nothing but the deployment's default left.
+    every_minute.model, every_minute.profile = "", None
+    del body["model"], body["profile"]
+    every_minute.environment.default_model = ""
+    every_minute.environment.save()
+    team.default_profile.model = ""
+    team.default_profile.save()
+    assert models() == ("deploy/m", "deploy/m")

@@ -14,7 +14,8 @@ saved on the Run by statements a step makes anyway: with the model call's usage 
 the conversation, and with the next step's heartbeat once its tool results are. A run resumed from
 the first kind has the reply's tool calls still to answer: those that finished are answered from
 their ``tool_finished`` events, the one that was running is closed as interrupted (an event with
-``interrupted: true``, a tool result telling the model), the rest are run.
+``interrupted: true``, a tool result telling the model) unless it is safe to run again (the session
+tools, sessions/children.py ``RERUNNABLE``: a spawn is keyed by its call), the rest are run.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sessions.agent.toolset import Toolset
 from sessions.artifacts import store_artifact
 from sessions.budgets import RunBudget
 from sessions.children import NAMES as SESSION_TOOLS
+from sessions.children import RERUNNABLE
 from sessions.children import execute as execute_session_tool
 from sessions.children import tool_specs as session_tool_specs
 from sessions.events import emit, emit_many
@@ -277,6 +279,10 @@ class _Agent:
         ok = record.outcome == LLMCall.Outcome.OK and usage is not None
         cost = cost_usd(record.model_key, usage) if ok else Decimal("0")
         with transaction.atomic():
+            if ok:  # first: it locks the session's ancestors before its row (sessions/children.py)
+                self.run.add_usage(
+                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint
+                )
             LLMCall.objects.create(
                 session_id=self.run.session_id,
                 run=self.run,
@@ -292,9 +298,6 @@ class _Agent:
                 error=record.error[:ERROR_LIMIT],
             )
             if ok:
-                self.run.add_usage(
-                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint
-                )
                 self.emit(
                     "usage",
                     {
@@ -321,7 +324,7 @@ class _Agent:
         A SandboxError (the sandbox is broken, per the tools contract) propagates to the caller.
         """
         recorded = self.recorded.pop(call.id, None)
-        if recorded:
+        if recorded and ("tool_finished" in recorded or call.name not in RERUNNABLE):
             return self.replay(call, recorded)
         self.tools_called.append(call.name)
         started = (
@@ -329,7 +332,9 @@ class _Agent:
             {"call_id": call.id, "name": call.name, "arguments": _event_arguments(call.arguments)},
         )
         events: list[tuple[str, dict[str, Any]]] = []
-        if call.name in INSTANT_TOOLS:
+        if recorded:
+            pass  # run again (RERUNNABLE): its tool_started is the lost attempt's
+        elif call.name in INSTANT_TOOLS:
             events.append(started)  # written with tool_finished, in order
         else:
             self.emit(*started)  # shown while the tool runs
@@ -337,7 +342,7 @@ class _Agent:
         try:
             if call.name in SESSION_TOOLS and any(spec["name"] == call.name for spec in self.tool_specs):
                 # spawn/wait/cancel child sessions: they need the run
-                result = execute_session_tool(self.run, call.name, call.arguments)
+                result = execute_session_tool(self.run, call.name, call.arguments, call.id)
             else:
                 result = self.toolset.execute(self.handle, call.name, call.arguments)
             ok, output = result.ok, result.output or ""

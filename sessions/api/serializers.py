@@ -27,6 +27,7 @@ from sessions.models import (
     Session,
     Source,
     Team,
+    session_model,
     start_session,
 )
 from sessions.repository_urls import RepositoryRefused, check_repository_url
@@ -698,12 +699,7 @@ class SessionCreateSerializer(serializers.Serializer):
 
         profile = attrs.get("profile") or default_profile(self.target_team, environment)
         attrs["profile"] = profile
-        model = (
-            attrs.get("model")
-            or (profile.model if profile is not None else "")
-            or (environment.default_model if environment else "")
-            or settings.DEFAULT_MODEL
-        )
+        model = session_model(attrs.get("model", ""), profile, environment)
         if not model:
             providers = ", ".join(sorted(settings.LLM_PROVIDERS)) or "none"
             raise serializers.ValidationError(

@@ -16,6 +16,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
+from sessions.agent.profiles import default_profile
 from sessions.api.automations import AutomationSerializer, ScheduledMessageSerializer
 from sessions.api.permissions import can_write, readable_teams, writable_teams
 from sessions.automations import Automation
@@ -25,7 +26,9 @@ FIELDS = ("name", "cron", "timezone", "prompt", "repository", "environment", "pr
 
 
 def visible_automations(user) -> QuerySet[Automation]:
-    automations = Automation.objects.select_related("team", "repository", "environment", "last_session")
+    automations = Automation.objects.select_related(
+        "team__default_profile", "repository", "environment__default_profile", "profile", "last_session"
+    )
     return automations if user.is_staff else automations.filter(team__in=readable_teams(user))
 
 
@@ -60,6 +63,10 @@ def automation_list(request: HttpRequest) -> HttpResponse:
     for automation in automations:
         automation.recent = list(automation.firings.select_related("session").order_by("-due_at")[:5])
         automation.writable = can_write(request.user, automation.team_id)
+        # Without its own profile a firing gets the environment's default, then the team's.
+        automation.default_profile = (
+            None if automation.profile else default_profile(automation.team, automation.environment)
+        )
     team_ids = [t.pk for t in teams]
     return render(
         request,
