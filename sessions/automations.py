@@ -145,10 +145,7 @@ class Automation(models.Model):
 
     def resolved_model(self) -> str:
         """The model a firing's session runs, in the order every new session gets one."""
-        from sessions.agent.profiles import default_profile
-
-        profile = self.profile or default_profile(self.team, self.environment)
-        return session_model(self.model, profile, self.environment)
+        return session_model(self.model, self.profile, self.environment, team=self.team)
 
     def fire(self, now: datetime) -> AutomationFiring | None:
         """Fire the due occurrence: a new session, or a skip with its reason. None: another worker

@@ -1181,11 +1181,19 @@ def default_title(prompt: str) -> str:
 
 
 def session_model(
-    model: str = "", profile: AgentProfile | None = None, environment: Environment | None = None
+    model: str = "",
+    profile: AgentProfile | None = None,
+    environment: Environment | None = None,
+    team: Team | None = None,
 ) -> str:
     """The model a new session runs: the one asked for, then its agent profile's, its environment's
     default, then DEPUTIES_DEFAULT_MODEL; "" when none is set. ``profile``: the one the session
-    gets, so start_session's default profile counts too (``profiles.default_profile``)."""
+    gets; with ``team`` and no profile, the default one start_session will give it
+    (``profiles.default_profile``)."""
+    if profile is None and team is not None:
+        from sessions.agent.profiles import default_profile
+
+        profile = default_profile(team, environment)
     return (
         model
         or (profile.model if profile is not None else "")

@@ -241,6 +241,20 @@ def test_it_names_the_model_when_the_source_has_none(settings, token_source):
     assert "model" in response.json()["errors"]
 
 
+def test_a_source_without_a_model_takes_the_teams_default_profile_model(team, token_source):
+    """The model order every new session gets (models.session_model): the profile's model comes
+    before DEPUTIES_DEFAULT_MODEL, for the team's default profile too."""
+    from sessions.models import AgentProfile
+
+    team.default_profile = AgentProfile.objects.create(team=team, name="cheap", model="scripted/cheap")
+    team.save(update_fields=["default_profile"])
+    source, shown = token_source
+    response = post(source, {"prompt": "x"}, shown["token"])
+    assert response.status_code == 202, response.content
+    session = Session.objects.get(pk=response.json()["session"])
+    assert (session.model, session.profile.name) == ("scripted/cheap", "cheap")
+
+
 def test_it_needs_a_repository_when_the_source_has_no_default(team):
     source, shown = make_source(team, None)
     response = post(source, {"prompt": "x"}, shown["token"])

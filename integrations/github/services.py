@@ -29,7 +29,7 @@ from github import GithubException
 from integrations.github import client
 from integrations.github.models import Installation, SeenDelivery
 from sessions.bindings import BindingError, start_or_follow_up
-from sessions.models import Repository, SessionBinding, Source
+from sessions.models import Repository, SessionBinding, Source, session_model
 from sessions.repository_urls import RepositoryRefused, check_repository_url
 
 logger = logging.getLogger(__name__)
@@ -208,10 +208,8 @@ def _handle(trigger: Trigger, guid: str) -> Answer:
             if settings.GITHUB_REPLY_TO_NON_WRITERS:
                 _polite_reply(gh, trigger)
             return Answer(202, {"ignored": True, "reason": "the commenter has no write access"})
-        model = (
-            installation.model
-            or (installation.environment.default_model if installation.environment else "")
-            or settings.DEFAULT_MODEL
+        model = session_model(
+            installation.model, environment=installation.environment, team=installation.team
         )
         if not model:
             return Answer(202, {"ignored": True, "reason": "no model configured for this installation"})

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -31,7 +30,15 @@ from integrations.slack.access import Refused
 from integrations.slack.models import SeenRequest, SlackThread
 from sessions.api.serializers import model_problem, text_problem
 from sessions.bindings import BindingError, start_or_follow_up
-from sessions.models import Repository, Session, SessionBinding, SessionStatus, Source, start_session
+from sessions.models import (
+    Repository,
+    Session,
+    SessionBinding,
+    SessionStatus,
+    Source,
+    session_model,
+    start_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +180,7 @@ def _repository(team, word: str) -> Repository | None:
 def _model(place: access.Place):
     channel = place.channel
     environment = channel.environment if channel else None
-    model = (
-        (channel.model if channel else "")
-        or (environment.default_model if environment else "")
-        or settings.DEFAULT_MODEL
-    )
+    model = session_model(channel.model if channel else "", environment=environment, team=place.team)
     if not model:
         raise Refused(
             "No model is configured for this channel (set one on the channel in Deputies, or DEPUTIES_DEFAULT_MODEL)."

@@ -39,7 +39,7 @@ from sessions.api.serializers import (
     text_problem,
 )
 from sessions.bindings import BindingError, start_or_follow_up
-from sessions.models import Repository, Session, Source, start_session
+from sessions.models import Repository, Session, Source, session_model, start_session
 from sessions.secrets import SecretError
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class WebhookRequestSerializer(serializers.Serializer):
         source: WebhookSource = self.context["source"]
         attrs["repository"], attrs["repository_url"] = find_repository(source, attrs.get("repository", ""))
         environment = source.environment
-        model = source.model or (environment.default_model if environment else "") or settings.DEFAULT_MODEL
+        model = session_model(source.model, environment=environment, team=source.team)
         if not model:
             raise serializers.ValidationError(
                 {"model": [f"Webhook source {source.slug!r} has no model and no default is configured."]}
