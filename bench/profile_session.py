@@ -45,6 +45,14 @@ STEPS = [
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument(
+        "--sql",
+        action="store_true",
+        help="also list one session's statements, with the function issuing each",
+    )
+    parser.add_argument(
+        "--dump", help="write the worker's cProfile stats to this file (for pstats, snakeviz)"
+    )
     args = parser.parse_args()
     procs.exit_on_sigterm()
     procs.fresh_database()
@@ -78,6 +86,15 @@ def main() -> None:
 
         for n in range(3):  # warm-up: imports, caches, the repository template
             one(n)
+        listed: list[dict] = []
+        if args.sql:
+
+            def record(execute_, sql, params, many, context):
+                listed.append({"caller": _caller(), "sql": " ".join(sql.split())[:160]})
+                return execute_(sql, params, many, context)
+
+            with connection.execute_wrapper(record):
+                one(-1)
         load_before = procs.loadavg()
         profile = cProfile.Profile(time.process_time)
         outcomes: dict[str, int] = {}
@@ -104,6 +121,8 @@ def main() -> None:
         post_cpu = time.process_time() - post_cpu0
 
         stats = pstats.Stats(profile)
+        if args.dump:
+            stats.dump_stats(args.dump)
         total = stats.total_tt
         per = 1000 / args.sessions
         steps = {}
@@ -135,6 +154,7 @@ def main() -> None:
                         }
                         for k, v in top
                     ],
+                    **({"statements": listed} if args.sql else {}),
                     "loadavg_before": load_before,
                     "loadavg_after": procs.loadavg(),
                 },
@@ -145,6 +165,19 @@ def main() -> None:
         if fake is not None:
             procs.stop(fake)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _caller() -> str:
+    """The innermost frames of the project's own code that led to a statement."""
+    import traceback
+
+    root = str(procs.ROOT)
+    frames = [
+        f"{Path(f.filename).relative_to(root)}:{f.name}"
+        for f in traceback.extract_stack()
+        if f.filename.startswith(root) and "/bench/" not in f.filename and "/.venv/" not in f.filename
+    ]
+    return " < ".join(reversed(frames[-3:]))
 
 
 if __name__ == "__main__":

@@ -298,8 +298,13 @@ def on_events(events: list) -> None:
 
 
 @receiver(run_finished, dispatch_uid="slack-run-finished")
-def on_run_finished(sender, *, run_id: int, session_id: int, status: str, error: str = "", **kwargs) -> None:
-    """In the transaction that ends the run: the reactions, the last status edit, the end message."""
+def on_run_finished(
+    sender, *, run_id: int, session_id: int, status: str, error: str = "", source: str | None = None, **kwargs
+) -> None:
+    """In the transaction that ends the run: the reactions, the last status edit, the end message.
+    Only Slack sessions have a thread (integrations/slack/handler.py starts them)."""
+    if source is not None and source != Source.SLACK:
+        return
     thread = SlackThread.objects.filter(session_id=session_id).first()
     if thread is None:
         return

@@ -28,7 +28,7 @@ def _token_with_user(key_hash: str) -> APIToken | None:
     if _token_sql is None:
         from django.contrib.auth import get_user_model
 
-        from sessions.api.views import Columns
+        from sessions.columns import Columns
 
         token_cols, user_cols = Columns(APIToken, "k"), Columns(get_user_model(), "u")
         sql = (
