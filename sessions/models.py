@@ -603,8 +603,6 @@ class Run(models.Model):
         A run that had started before lost its worker (``recover_stale``): it keeps its first start
         (its time limits count from there) and is ``recovered``, so the runner resumes it.
         """
-        from sessions.events import emit_many
-
         now = timezone.now()
         self.waiting_for_team = False
         self.recovered = self.started is not None
@@ -617,17 +615,28 @@ class Run(models.Model):
                 self.waiting_for_team = claimed is Run.LIMITED
             if claimed is not True:
                 return False
-            emit_many(
-                self.session_id,
-                [
-                    ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
-                    ("status", {"status": "running"}),
-                ],
-                run_id=self.pk,
-            )
+            session = self._state.fields_cache.get("session")
+            self._started(session.source if session is not None else None)
         self.status, self.lease_owner, self.heartbeat = Run.Status.RUNNING, owner, now
         self.started = self.started or now
         return True
+
+    def _started(self, source: str | None) -> None:
+        """In the claim's transaction: its events, and the ``run_started`` signal."""
+        from sessions.events import emit_many
+        from sessions.signals import run_started
+
+        emit_many(
+            self.session_id,
+            [
+                ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
+                ("status", {"status": "running"}),
+            ],
+            run_id=self.pk,
+        )
+        run_started.send(
+            sender=Run, run_id=self.pk, session_id=self.session_id, attempt=self.attempt, source=source
+        )
 
     # The run, the session's status and the pending messages in one statement (a round trip each
     # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``),
@@ -784,16 +793,7 @@ class Run(models.Model):
                     prompts = json.loads(prompts)
                 run.claimed_prompts = list(prompts or [])
             run.only_run, run.team_skills, run.team_mcp_servers = only_run, skills, mcp
-            from sessions.events import emit_many
-
-            emit_many(
-                run.session_id,
-                [
-                    ("run_started", {"run_id": run.pk, "attempt": run.attempt}),
-                    ("status", {"status": "running"}),
-                ],
-                run_id=run.pk,
-            )
+            run._started(session.source)
         run.waiting_for_team = False
         return run, Run.Status.RUNNING
 

@@ -12,3 +12,7 @@ from __future__ import annotations
 from django.dispatch import Signal
 
 run_finished = Signal()
+# Sent inside the transaction that claims a run, with its ``run_started`` event. Keyword arguments:
+# ``run_id``, ``session_id``, ``attempt`` and ``source`` (the session's, or None when the claim did
+# not load the session). A receiver must not raise: the claim would be rolled back.
+run_started = Signal()
