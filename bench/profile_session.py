@@ -96,6 +96,8 @@ def main() -> None:
             with connection.execute_wrapper(record):
                 one(-1)
         load_before = procs.loadavg()
+        stats, name = procs.stats_connection(), procs.database_name()
+        pg0 = procs.pg_backend_cpu(stats, name)
         profile = cProfile.Profile(time.process_time)
         outcomes: dict[str, int] = {}
         cpu0, wall0 = time.process_time(), time.monotonic()
@@ -106,6 +108,7 @@ def main() -> None:
                 profile.disable()
                 outcomes[out] = outcomes.get(out, 0) + 1
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        pg_worker = _pg_delta(stats, name, pg0)
         worker_statements = statements[0]
 
         client = Client(HTTP_AUTHORIZATION=f"Bearer {secret}", HTTP_HOST="127.0.0.1")
@@ -118,13 +121,15 @@ def main() -> None:
                 client.post("/api/v1/sessions", body, content_type="application/json")
                 listed_post, listed[n:] = listed[n:], []
         statements[0] = 0
-        post_cpu0 = time.process_time()
+        post_cpu0, pg0 = time.process_time(), procs.pg_backend_cpu(stats, name)
         codes: dict[int, int] = {}
         with connection.execute_wrapper(count):
             for _ in range(args.sessions):
                 code = client.post("/api/v1/sessions", body, content_type="application/json").status_code
                 codes[code] = codes.get(code, 0) + 1
         post_cpu = time.process_time() - post_cpu0
+        pg_post = _pg_delta(stats, name, pg0)
+        stats.close()
 
         stats = pstats.Stats(profile)
         if args.dump:
@@ -146,9 +151,12 @@ def main() -> None:
                     "worker_wall_ms_per_session": round(wall * per, 2),
                     "profiled_cpu_ms_per_session": round(total * per, 2),
                     "worker_statements_per_session": round(worker_statements / args.sessions, 1),
+                    # This database's Postgres backends (only this process talks to it).
+                    "postgres_cpu_ms_per_session": round(pg_worker * per, 2),
                     "steps": steps,
                     "api_post": {
                         "cpu_ms_per_post": round(post_cpu * per, 2),
+                        "postgres_cpu_ms_per_post": round(pg_post * per, 2),
                         "statements_per_post": round(statements[0] / args.sessions, 1),
                         "status_codes": codes,
                     },
@@ -171,6 +179,10 @@ def main() -> None:
         if fake is not None:
             procs.stop(fake)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _pg_delta(stats, name: str, before: dict[int, float]) -> float:
+    return sum(v - before.get(pid, 0.0) for pid, v in procs.pg_backend_cpu(stats, name).items())
 
 
 def _caller() -> str:

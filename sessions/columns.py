@@ -1,5 +1,5 @@
-"""Hand-written SQL's rows as model instances, for the hot paths where compiling an ORM query costs
-more than Postgres spends running it."""
+"""Hand-written SQL for the hot paths, where compiling an ORM query costs more CPU than Postgres
+spends running it: rows as model instances, existence checks, statements prepared once."""
 
 from __future__ import annotations
 
@@ -33,3 +33,21 @@ class Columns:
                 for convert in convs:
                     values[i] = convert(values[i], self.fields[i].cached_col, connection)
         return self.model.from_db(DEFAULT_DB_ALIAS, self.names, values)
+
+
+def prepared_cursor():
+    """On Postgres, a cursor whose statements Postgres prepares once per connection (see
+    sessions/events.py): planning a statement of the hot paths costs it about what running it
+    does. Elsewhere Django's own cursor."""
+    if connection.vendor != "postgresql":
+        return connection.cursor()
+    from sessions.events import _prepared_cursor
+
+    return _prepared_cursor()
+
+
+def exists(model: type[models.Model], where: str, params: Sequence[Any]) -> bool:
+    """``SELECT 1 ... WHERE where LIMIT 1`` written out (``where`` names columns, with placeholders)."""
+    with prepared_cursor() as cursor:
+        cursor.execute(f'SELECT 1 FROM "{model._meta.db_table}" WHERE {where} LIMIT 1', params)
+        return cursor.fetchone() is not None

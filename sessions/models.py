@@ -21,7 +21,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sessions.columns import Columns
+from sessions.columns import Columns, exists, prepared_cursor
 from sessions.secrets import Secret, decrypt, encrypt
 
 
@@ -761,13 +761,12 @@ class Run(models.Model):
         does (``select_related`` of its session's repository, environment, team and profile), in one
         statement. (run, "running"); or (None, its status: None when it does not exist,
         ``LIMITED`` when its team has a limit and ``claim`` must take the team's lock)."""
-        from django.db import connection
 
         if cls._claim_loaded_sql is None:
             cls._claim_loaded_sql = cls._build_claim_loaded()
         sql, parts = cls._claim_loaded_sql
         with transaction.atomic():
-            with connection.cursor() as cursor:
+            with prepared_cursor() as cursor:
                 cursor.execute(sql, Run._claim_params(run_id, owner, timezone.now()))
                 row = cursor.fetchone()
             status, limit, first, session_claimed, prompts, only_run, skills, mcp = row[:8]
@@ -933,7 +932,7 @@ class Run(models.Model):
             # A separate statement, after the session's row lock is held: a follow-up that
             # add_message committed while we waited for the lock is seen here (its own check saw
             # this run still active, so it left the new run to us).
-            if _exists(Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]):
+            if exists(Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]):
                 Session.objects.get(pk=self.session_id).enqueue_run()
             if events:
                 from sessions.events import emit_many
@@ -979,8 +978,8 @@ class Run(models.Model):
         session's source."""
         from django.db import connection
 
-        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
         if connection.vendor != "postgresql":
+            changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
             if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return None
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
@@ -1017,7 +1016,7 @@ class Run(models.Model):
             session_id=self.session_id,
             default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
         )
-        with connection.cursor() as cursor:
+        with prepared_cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
         return (row[3], row[4], row[5]) if row and row[0] else None
@@ -1270,16 +1269,6 @@ class RateCounter(models.Model):
         return f"{self.key}: {self.hits}"
 
 
-def _exists(model: type[models.Model], where: str, params: list) -> bool:
-    """``SELECT 1 ... LIMIT 1`` written out: on the run path, where the ORM's building of an
-    ``exists()`` costs more CPU than the indexed lookup itself."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute(f'SELECT 1 FROM "{model._meta.db_table}" WHERE {where} LIMIT 1', params)
-        return cursor.fetchone() is not None
-
-
 def default_title(prompt: str) -> str:
     """A session's title when it is given none: its prompt's first line."""
     lines = prompt.strip().splitlines()
@@ -1397,7 +1386,7 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
         for f in fields
     ]
     params.append("deputies/session-")
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(sql, params)
         session.pk, message.pk, run.pk = cursor.fetchone()
     session.branch = f"deputies/session-{session.pk}"

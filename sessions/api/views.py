@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
 from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
@@ -34,7 +33,7 @@ from sessions.api.permissions import (
     team_for_write,
 )
 from sessions.api.schema import bounded_int
-from sessions.columns import Columns
+from sessions.columns import Columns, prepared_cursor
 from sessions.limits import queue_position_sql
 from sessions.models import (
     WRITE_ROLES,
@@ -97,7 +96,7 @@ class RepositoryCheck:
         )
 
     def fetch(self, repository_id: int, environment_id: int, user_id: int):
-        with connection.cursor() as cursor:
+        with prepared_cursor() as cursor:
             cursor.execute(self.sql, [environment_id, user_id, repository_id])
             row = cursor.fetchone()
         if row is None:
