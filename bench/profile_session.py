@@ -90,11 +90,23 @@ def main() -> None:
         if args.sql:
 
             def record(execute_, sql, params, many, context):
-                listed.append({"caller": _caller(), "sql": " ".join(sql.split())[:160]})
-                return execute_(sql, params, many, context)
+                backend = context["connection"].connection.info.backend_pid
+                before = _on_cpu_ns(backend)
+                try:
+                    return execute_(sql, params, many, context)
+                finally:
+                    pg_us = (_on_cpu_ns(backend) - before) / 1000
+                    listed.append({"caller": _caller(), "sql": " ".join(sql.split())[:160], "pg_us": pg_us})
 
+            runs = 10  # each statement's Postgres CPU is the mean over this many sessions
             with connection.execute_wrapper(record):
-                one(-1)
+                for n in range(runs):
+                    one(-1 - n)
+            per_run = len(listed) // runs
+            if per_run * runs == len(listed):
+                for i, item in enumerate(listed[:per_run]):
+                    item["pg_us"] = round(sum(listed[i + k * per_run]["pg_us"] for k in range(runs)) / runs)
+                del listed[per_run:]
         load_before = procs.loadavg()
         stats, name = procs.stats_connection(), procs.database_name()
         pg0 = procs.pg_backend_cpu(stats, name)
@@ -183,6 +195,15 @@ def main() -> None:
 
 def _pg_delta(stats, name: str, before: dict[int, float]) -> float:
     return sum(v - before.get(pid, 0.0) for pid, v in procs.pg_backend_cpu(stats, name).items())
+
+
+def _on_cpu_ns(pid: int) -> int:
+    """Nanoseconds the process has run on a CPU (/proc/<pid>/schedstat; Postgres runs on this host)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as fh:
+            return int(fh.read().split()[0])
+    except OSError:
+        return 0
 
 
 def _caller() -> str:
