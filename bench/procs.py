@@ -98,6 +98,26 @@ def pss_kb(pids: list[int]) -> int:
     return sum(_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes, with that of the children they waited for (git)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return total / tick
+
+
+def pg_backend_cpu(conn, name: str) -> dict[int, float]:
+    """CPU seconds so far of each Postgres backend connected to the database ``name``."""
+    pids = [r[0] for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", [name])]
+    return {pid: cpu_seconds([pid]) for pid in pids}
+
+
 # --- Postgres ----------------------------------------------------------------------------------
 
 

@@ -45,6 +45,14 @@ STEPS = [
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument(
+        "--sql",
+        action="store_true",
+        help="also list one session's statements, with the function issuing each",
+    )
+    parser.add_argument(
+        "--dump", help="write the worker's cProfile stats to this file (for pstats, snakeviz)"
+    )
     args = parser.parse_args()
     procs.exit_on_sigterm()
     procs.fresh_database()
@@ -78,7 +86,30 @@ def main() -> None:
 
         for n in range(3):  # warm-up: imports, caches, the repository template
             one(n)
+        listed: list[dict] = []
+        if args.sql:
+
+            def record(execute_, sql, params, many, context):
+                backend = context["connection"].connection.info.backend_pid
+                before = _on_cpu_ns(backend)
+                try:
+                    return execute_(sql, params, many, context)
+                finally:
+                    pg_us = (_on_cpu_ns(backend) - before) / 1000
+                    listed.append({"caller": _caller(), "sql": " ".join(sql.split())[:160], "pg_us": pg_us})
+
+            runs = 10  # each statement's Postgres CPU is the mean over this many sessions
+            with connection.execute_wrapper(record):
+                for n in range(runs):
+                    one(-1 - n)
+            per_run = len(listed) // runs
+            if per_run * runs == len(listed):
+                for i, item in enumerate(listed[:per_run]):
+                    item["pg_us"] = round(sum(listed[i + k * per_run]["pg_us"] for k in range(runs)) / runs)
+                del listed[per_run:]
         load_before = procs.loadavg()
+        stats, name = procs.stats_connection(), procs.database_name()
+        pg0 = procs.pg_backend_cpu(stats, name)
         profile = cProfile.Profile(time.process_time)
         outcomes: dict[str, int] = {}
         cpu0, wall0, children0 = time.process_time(), time.monotonic(), os.times()
@@ -92,21 +123,32 @@ def main() -> None:
         # git and sandbox commands: child processes, whose CPU cProfile does not see.
         child_cpu = children.children_user + children.children_system
         child_cpu -= children0.children_user + children0.children_system
+        pg_worker = _pg_delta(stats, name, pg0)
         worker_statements = statements[0]
 
         client = Client(HTTP_AUTHORIZATION=f"Bearer {secret}", HTTP_HOST="127.0.0.1")
         body = {"repository": repo.pk, "prompt": "post", "model": "scripted/x"}
         client.post("/api/v1/sessions", body, content_type="application/json")  # warm-up
+        listed_post: list[dict] = []
+        if args.sql:
+            with connection.execute_wrapper(record):
+                n = len(listed)
+                client.post("/api/v1/sessions", body, content_type="application/json")
+                listed_post, listed[n:] = listed[n:], []
         statements[0] = 0
-        post_cpu0 = time.process_time()
+        post_cpu0, pg0 = time.process_time(), procs.pg_backend_cpu(stats, name)
         codes: dict[int, int] = {}
         with connection.execute_wrapper(count):
             for _ in range(args.sessions):
                 code = client.post("/api/v1/sessions", body, content_type="application/json").status_code
                 codes[code] = codes.get(code, 0) + 1
         post_cpu = time.process_time() - post_cpu0
+        pg_post = _pg_delta(stats, name, pg0)
+        stats.close()
 
         stats = pstats.Stats(profile)
+        if args.dump:
+            stats.dump_stats(args.dump)
         total = stats.total_tt
         per = 1000 / args.sessions
         steps = {}
@@ -125,9 +167,12 @@ def main() -> None:
                     "child_process_cpu_ms_per_session": round(child_cpu * per, 2),
                     "profiled_cpu_ms_per_session": round(total * per, 2),
                     "worker_statements_per_session": round(worker_statements / args.sessions, 1),
+                    # This database's Postgres backends (only this process talks to it).
+                    "postgres_cpu_ms_per_session": round(pg_worker * per, 2),
                     "steps": steps,
                     "api_post": {
                         "cpu_ms_per_post": round(post_cpu * per, 2),
+                        "postgres_cpu_ms_per_post": round(pg_post * per, 2),
                         "statements_per_post": round(statements[0] / args.sessions, 1),
                         "status_codes": codes,
                     },
@@ -139,6 +184,7 @@ def main() -> None:
                         }
                         for k, v in top
                     ],
+                    **({"statements": listed, "post_statements": listed_post} if args.sql else {}),
                     "loadavg_before": load_before,
                     "loadavg_after": procs.loadavg(),
                 },
@@ -149,6 +195,32 @@ def main() -> None:
         if fake is not None:
             procs.stop(fake)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _pg_delta(stats, name: str, before: dict[int, float]) -> float:
+    return sum(v - before.get(pid, 0.0) for pid, v in procs.pg_backend_cpu(stats, name).items())
+
+
+def _on_cpu_ns(pid: int) -> int:
+    """Nanoseconds the process has run on a CPU (/proc/<pid>/schedstat; Postgres runs on this host)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as fh:
+            return int(fh.read().split()[0])
+    except OSError:
+        return 0
+
+
+def _caller() -> str:
+    """The innermost frames of the project's own code that led to a statement."""
+    import traceback
+
+    root = str(procs.ROOT)
+    frames = [
+        f"{Path(f.filename).relative_to(root)}:{f.name}"
+        for f in traceback.extract_stack()
+        if f.filename.startswith(root) and "/bench/" not in f.filename and "/.venv/" not in f.filename
+    ]
+    return " < ".join(reversed(frames[-3:]))
 
 
 if __name__ == "__main__":

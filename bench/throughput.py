@@ -66,6 +66,11 @@ def main() -> None:
         connection.close()
         ids: list[int] = []
         lock = threading.Lock()
+        stats = procs.stats_connection()
+        name = procs.database_name()
+        roots = {"web": web.pid, "worker": worker.pid, "model": fake.pid}
+        cpu0 = {k: procs.cpu_seconds(procs.tree(pid)) for k, pid in roots.items()}
+        pg0 = procs.pg_backend_cpu(stats, name)
         load_before = procs.loadavg()
         t0 = time.monotonic()
         if args.submit == "direct":
@@ -97,6 +102,13 @@ def main() -> None:
         )
         wall = time.monotonic() - t0
         load_after = procs.loadavg()
+        # CPU per session of each process tree, and of this database's Postgres backends (those
+        # connected at the end: the pools keep theirs).
+        per = 1000 / max(1, len(ids))
+        cpu = {k: round((procs.cpu_seconds(procs.tree(pid)) - cpu0[k]) * per, 2) for k, pid in roots.items()}
+        pg = procs.pg_backend_cpu(stats, name)
+        cpu["postgres"] = round(sum(v - pg0.get(pid, 0.0) for pid, v in pg.items()) * per, 2)
+        stats.close()
         completed = Session.objects.filter(pk__in=ids, status="completed").count()
         print(
             json.dumps(
@@ -112,6 +124,7 @@ def main() -> None:
                     "submitted_per_s": round(len(ids) / submitted, 1),
                     "wall_s": round(wall, 2),
                     "sessions_per_s": round(completed / wall, 1),
+                    "cpu_ms_per_session": cpu,  # the bench's own API clients are not counted
                     "loadavg_before": load_before,
                     "loadavg_after": load_after,
                 },

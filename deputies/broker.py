@@ -72,6 +72,16 @@ RETURNING id, payload
 """
 
 
+def _cursor():
+    """The queue's statements are prepared once per connection (on the default database, which
+    the ORM broker uses unless told otherwise)."""
+    if Conf.ORM != DEFAULT_DB_ALIAS:
+        return connections[Conf.ORM].cursor()
+    from sessions.columns import prepared_cursor
+
+    return prepared_cursor()
+
+
 class NotifyingORM(ORM):
     """On Postgres, enqueue and dequeue are one statement each (django-q2's ORM broker takes two,
     and 1 + N for a dequeue, each after a connection check)."""
@@ -82,7 +92,7 @@ class NotifyingORM(ORM):
         if not is_postgres(Conf.ORM):
             return super().enqueue(task)
         sql = _ENQUEUE.format(table=OrmQ._meta.db_table)
-        with connections[Conf.ORM].cursor() as cursor:
+        with _cursor() as cursor:
             cursor.execute(sql, [self.list_key or Conf.CLUSTER_NAME, task, timezone.now(), CHANNEL])
             return cursor.fetchone()[0]
 
@@ -98,19 +108,32 @@ class NotifyingORM(ORM):
         params = [now + timedelta(seconds=Conf.RETRY), self.list_key, now, Conf.BULK]
         conn = connections[Conf.ORM]
         try:
-            with conn.cursor() as cursor:
+            with _cursor() as cursor:
                 cursor.execute(sql, params)
                 rows = cursor.fetchall()
         except DatabaseError:
             # A dropped connection: one fresh try now, else the pusher's own error handling.
             conn.close()
-            with conn.cursor() as cursor:
+            with _cursor() as cursor:
                 cursor.execute(sql, params)
                 rows = cursor.fetchall()
         if rows:
             return sorted(rows)
         self._wait(Conf.POLL)
         return None
+
+    def delete(self, task_id):
+        """The acknowledgement (once per task, in the monitor): one plain statement."""
+        if not is_postgres(Conf.ORM):
+            return super().delete(task_id)
+        conn, sql = connections[Conf.ORM], f"DELETE FROM {OrmQ._meta.db_table} WHERE id = %s"
+        try:
+            with _cursor() as cursor:
+                cursor.execute(sql, [task_id])
+        except DatabaseError:  # a dropped connection: one fresh try
+            conn.close()
+            with _cursor() as cursor:
+                cursor.execute(sql, [task_id])
 
     def _lock(self, tasks):
         task_list = []

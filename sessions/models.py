@@ -7,6 +7,7 @@ the same conditional updates.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from datetime import timedelta
 from decimal import Decimal
@@ -20,6 +21,7 @@ from django.db.models import F, Q, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from sessions.columns import Columns, exists, prepared_cursor
 from sessions.revisions import Revisioned
 from sessions.secrets import Secret, decrypt, encrypt
 
@@ -447,7 +449,7 @@ class Session(models.Model):
             for run_id in ended:
                 run_finished.send(
                     sender=Run, run_id=run_id, session_id=locked.pk, status=Run.Status.CANCELLED,
-                    error="cancelled by user",
+                    error="cancelled by user", source=locked.source,
                 )  # fmt: skip
         self.refresh_from_db()
         from sessions.children import cancel_children
@@ -584,6 +586,11 @@ class Run(models.Model):
 
     # Set by claim(): this attempt goes on from where a lost worker left the run.
     recovered = False
+    # Set by claim_loaded(), which learns them in the claim's own statement (None: not known, ask).
+    claimed_prompts: list[str] | None = None  # the messages this claim took, in order (a first claim)
+    only_run = False  # the session has no other run: nothing else writes its transcript
+    team_skills: bool | None = None  # the team has skills this session's creator may load
+    team_mcp_servers: bool | None = None  # the team has enabled MCP servers
 
     def __str__(self) -> str:
         return f"Run {self.pk} ({self.status})"
@@ -601,8 +608,6 @@ class Run(models.Model):
         A run that had started before lost its worker (``recover_stale``): it keeps its first start
         (its time limits count from there) and is ``recovered``, so the runner resumes it.
         """
-        from sessions.events import emit_many
-
         now = timezone.now()
         self.waiting_for_team = False
         self.recovered = self.started is not None
@@ -615,17 +620,28 @@ class Run(models.Model):
                 self.waiting_for_team = claimed is Run.LIMITED
             if claimed is not True:
                 return False
-            emit_many(
-                self.session_id,
-                [
-                    ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
-                    ("status", {"status": "running"}),
-                ],
-                run_id=self.pk,
-            )
+            session = self._state.fields_cache.get("session")
+            self._started(session.source if session is not None else None)
         self.status, self.lease_owner, self.heartbeat = Run.Status.RUNNING, owner, now
         self.started = self.started or now
         return True
+
+    def _started(self, source: str | None) -> None:
+        """In the claim's transaction: its events, and the ``run_started`` signal."""
+        from sessions.events import emit_many
+        from sessions.signals import run_started
+
+        emit_many(
+            self.session_id,
+            [
+                ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
+                ("status", {"status": "running"}),
+            ],
+            run_id=self.pk,
+        )
+        run_started.send(
+            sender=Run, run_id=self.pk, session_id=self.session_id, attempt=self.attempt, source=source
+        )
 
     # The run, the session's status and the pending messages in one statement (a round trip each
     # otherwise, on the dispatch path). The messages are claimed only if the run was (``FROM r``),
@@ -633,7 +649,7 @@ class Run(models.Model):
     # follow-ups sent meanwhile wait for the next run (Run.finish starts it).
     # ``lim`` is the team's concurrency limit: this statement claims only for a team without one
     # (``{guard}``); for a limited team it says so and sessions/limits.py claims under the team's lock.
-    _CLAIM = """
+    _CLAIM_WITH = """
     WITH lim AS (
         SELECT x.status, s.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s) AS n
         FROM {run} x JOIN {session} s ON s.id = x.session_id JOIN {team} t ON t.id = s.team_id
@@ -643,7 +659,7 @@ class Run(models.Model):
         UPDATE {run} SET status = %(running)s, lease_owner = %(owner)s, started = COALESCE(started, %(now)s),
             heartbeat = %(now)s
         WHERE id = %(id)s AND status = %(queued)s AND {guard}
-        RETURNING id, session_id, started = %(now)s AS first
+        RETURNING *, started = %(now)s AS first
     ),
     s AS (
         UPDATE {session} t SET status = %(session_running)s FROM r
@@ -653,10 +669,10 @@ class Run(models.Model):
     m AS (
         UPDATE {message} t SET status = %(claimed)s, run_id = r.id FROM r
         WHERE t.session_id = r.session_id AND t.status = %(pending)s AND r.first
-        RETURNING t.id
+        RETURNING t.content, t.position
     )
-    SELECT (SELECT count(*) FROM r), (SELECT status FROM lim), (SELECT n FROM lim)
     """
+    _CLAIM = _CLAIM_WITH + "SELECT (SELECT count(*) FROM r), (SELECT status FROM lim), (SELECT n FROM lim)"
     # Team without a limit. With one (under the team's row lock): the runs running plus the team's
     # runs queued before this one leave a slot, so waiting runs start oldest first.
     UNLIMITED_GUARD = "(SELECT n FROM lim) = 0"
@@ -699,9 +715,18 @@ class Run(models.Model):
             return True
         tables = {"run": Run._meta.db_table, "session": Session._meta.db_table, "team": Team._meta.db_table}
         sql = self._CLAIM.format(message=Message._meta.db_table, guard=guard.format(**tables), **tables)
-        params = {
+        with connection.cursor() as cursor:
+            cursor.execute(sql, Run._claim_params(self.pk, owner, now))
+            claimed, status, limit = cursor.fetchone()
+        if claimed:
+            return True
+        return Run.LIMITED if status == Run.Status.QUEUED and limit else False
+
+    @staticmethod
+    def _claim_params(run_id: int, owner: str, now) -> dict[str, Any]:
+        return {
             "default_limit": settings.TEAM_MAX_CONCURRENT_RUNS,
-            "id": self.pk,
+            "id": run_id,
             "owner": owner,
             "now": now,
             "running": Run.Status.RUNNING,
@@ -711,12 +736,86 @@ class Run(models.Model):
             "claimed": Message.Status.CLAIMED,
             "pending": Message.Status.PENDING,
         }
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            claimed, status, limit = cursor.fetchone()
-        if claimed:
-            return True
-        return Run.LIMITED if status == Run.Status.QUEUED and limit else False
+
+    # The claim of a team without a limit (_CLAIM's guard) that also reads what the runner needs:
+    # the run with its session, repository, environment, team and profile (select_related's rows),
+    # the claimed messages and a few facts that spare the runner a query each. One round trip.
+    _CLAIM_LOADED = (
+        _CLAIM_WITH.replace("{guard}", UNLIMITED_GUARD)
+        + """
+    SELECT (SELECT status FROM lim), (SELECT n FROM lim), r.first, (SELECT count(*) FROM s),
+        (SELECT json_agg(m.content ORDER BY m.position) FROM m),
+        NOT EXISTS (SELECT 1 FROM {run} o WHERE o.session_id = r.session_id AND o.id <> r.id),
+        EXISTS (SELECT 1 FROM {skill} k WHERE k.team_id = se.team_id
+            AND (k.owner_id IS NULL OR k.owner_id = se.created_by_id)),
+        EXISTS (SELECT 1 FROM {mcp} v WHERE v.team_id = se.team_id AND v.enabled),
+        {columns}
+    FROM (SELECT 1) one LEFT JOIN r ON true
+        LEFT JOIN {session} se ON se.id = r.session_id
+        LEFT JOIN {repository} re ON re.id = se.repository_id
+        LEFT JOIN {environment} en ON en.id = se.environment_id
+        LEFT JOIN {team} te ON te.id = se.team_id
+        LEFT JOIN {profile} pr ON pr.id = se.profile_id
+    """
+    )
+    _claim_loaded_sql: tuple[str, list] | None = None
+
+    @classmethod
+    def claim_loaded(cls, run_id: int, owner: str) -> tuple[Run | None, str | None]:
+        """Postgres: claim a run of a team without a concurrency limit and load it as the runner
+        does (``select_related`` of its session's repository, environment, team and profile), in one
+        statement. (run, "running"); or (None, its status: None when it does not exist,
+        ``LIMITED`` when its team has a limit and ``claim`` must take the team's lock)."""
+
+        if cls._claim_loaded_sql is None:
+            cls._claim_loaded_sql = cls._build_claim_loaded()
+        sql, parts = cls._claim_loaded_sql
+        with transaction.atomic():
+            with prepared_cursor() as cursor:
+                cursor.execute(sql, Run._claim_params(run_id, owner, timezone.now()))
+                row = cursor.fetchone()
+            status, limit, first, session_claimed, prompts, only_run, skills, mcp = row[:8]
+            if first is None:  # not claimed
+                if status == Run.Status.QUEUED and limit:
+                    return None, Run.LIMITED
+                return None, status
+            objects, at = [], 8
+            for columns in parts:  # as select_related makes them; a missing row (no profile) is None
+                values = row[at : at + len(columns.names)]
+                at += len(columns.names)
+                objects.append(None if values[0] is None else columns.build(values))
+            run, session, repository, environment, team, profile = objects
+            run.recovered = not first
+            if session_claimed:
+                session.status = SessionStatus.RUNNING
+            session._state.fields_cache.update(
+                repository=repository, environment=environment, team=team, profile=profile
+            )
+            run._state.fields_cache["session"] = session
+            if first:
+                if isinstance(prompts, str):
+                    prompts = json.loads(prompts)
+                run.claimed_prompts = list(prompts or [])
+            run.only_run, run.team_skills, run.team_mcp_servers = only_run, skills, mcp
+            run._started(session.source)
+        run.waiting_for_team = False
+        return run, Run.Status.RUNNING
+
+    @staticmethod
+    def _build_claim_loaded() -> tuple[str, list[Columns]]:
+        # r is the claimed run's row as it was updated (RETURNING *).
+        joined = [("r", Run), ("se", Session), ("re", Repository), ("en", Environment), ("te", Team),
+                  ("pr", AgentProfile)]  # fmt: skip
+        parts = [Columns(model, alias) for alias, model in joined]
+        assert all(c.fields[0].primary_key for c in parts)  # the first value says whether there is a row
+        tables = {
+            "run": Run, "session": Session, "team": Team, "message": Message, "repository": Repository,
+            "environment": Environment, "profile": AgentProfile, "skill": Skill, "mcp": McpServer,
+        }  # fmt: skip
+        sql = Run._CLAIM_LOADED.format(
+            columns=", ".join(c.sql for c in parts), **{k: m._meta.db_table for k, m in tables.items()}
+        )
+        return sql, parts
 
     @classmethod
     def recover_stale(cls, cutoff) -> list[int]:
@@ -830,7 +929,7 @@ class Run(models.Model):
             if not closed:
                 self.refresh_from_db()
                 return False
-            team_id, limit = closed
+            team_id, limit, source = closed
             if limit:  # a slot of a limited team is free once this commits (sessions/limits.py)
                 from sessions.limits import wake_after_commit
 
@@ -838,7 +937,7 @@ class Run(models.Model):
             # A separate statement, after the session's row lock is held: a follow-up that
             # add_message committed while we waited for the lock is seen here (its own check saw
             # this run still active, so it left the new run to us).
-            if Message.objects.filter(session_id=self.session_id, status=Message.Status.PENDING).exists():
+            if exists(Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]):
                 Session.objects.get(pk=self.session_id).enqueue_run()
             if events:
                 from sessions.events import emit_many
@@ -847,8 +946,9 @@ class Run(models.Model):
             from sessions.signals import run_finished
 
             run_finished.send(
-                sender=Run, run_id=self.pk, session_id=self.session_id, status=status, error=error
-            )
+                sender=Run, run_id=self.pk, session_id=self.session_id, status=status, error=error,
+                source=source,
+            )  # fmt: skip
         self.status, self.finished, self.error = status, now, error
         return True
 
@@ -872,25 +972,27 @@ class Run(models.Model):
         UPDATE {session} t SET {assignments} FROM r WHERE t.id = r.session_id RETURNING t.id
     )
     SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM m), (SELECT count(*) FROM s),
-        x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s)
+        x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s), x.source
     FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
     """
 
     def _finish_rows(
         self, status: str, error: str, now, message_status: str, fields: dict
-    ) -> tuple[int, int] | None:
-        """None when the run was not running; else its team's id and concurrency limit."""
+    ) -> tuple[int, int, str] | None:
+        """None when the run was not running; else its team's id and concurrency limit, and the
+        session's source."""
         from django.db import connection
 
-        changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
         if connection.vendor != "postgresql":
+            changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
             if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return None
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
             Session.objects.select_for_update(no_key=True).filter(pk=self.session_id).exists()
             Session.objects.filter(pk=self.session_id).update(**fields)
             team = Team.objects.get(sessions=self.session_id)
-            return team.pk, team.concurrency_limit()
+            source = Session.objects.values_list("source", flat=True).get(pk=self.session_id)
+            return team.pk, team.concurrency_limit(), source
         # Session columns through the model's own fields, so JSON and the like are adapted as the
         # ORM would adapt them.
         params: dict = {}
@@ -919,10 +1021,10 @@ class Run(models.Model):
             session_id=self.session_id,
             default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
         )
-        with connection.cursor() as cursor:
+        with prepared_cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
-        return (row[3], row[4]) if row and row[0] else None
+        return (row[3], row[4], row[5]) if row and row[0] else None
 
     def add_usage(
         self,
@@ -1317,7 +1419,7 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
         for f in fields
     ]
     params.append("deputies/session-")
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(sql, params)
         session.pk, message.pk, run.pk = cursor.fetchone()
     session.branch = f"deputies/session-{session.pk}"

@@ -127,13 +127,24 @@ def claim(run_id: int) -> tuple[Run | None, str]:
     Claiming is a conditional update, so a duplicate delivery is a no-op. Workers claim before they
     acknowledge the queue task, so from then on the run's lease is what protects it.
     """
+    from django.db import connection
+
+    owner = worker_id()
+    if connection.vendor == "postgresql":  # one statement, unless the run's team has a limit
+        run, status = Run.claim_loaded(run_id, owner)
+        if run is not None:
+            return run, "claimed"
+        if status is None:
+            return None, "missing"
+        if status != Run.LIMITED:
+            return None, f"skipped: run is {status}"
     try:
-        run = Run.objects.select_related("session__repository", "session__environment", "session__team").get(
-            pk=run_id
-        )
+        run = Run.objects.select_related(
+            "session__repository", "session__environment", "session__team", "session__profile"
+        ).get(pk=run_id)
     except Run.DoesNotExist:
         return None, "missing"
-    if not run.claim(worker_id()):
+    if not run.claim(owner):
         if run.waiting_for_team:  # queued again when a slot frees (sessions/limits.py)
             return None, "waiting: its team is at its concurrency limit"
         return None, f"skipped: run is {run.status}"
@@ -569,13 +580,18 @@ class Runner:
             transcript = list(checkpoint["transcript"])
             self.run.steps = checkpoint.get("steps", 0)
         else:
-            # The claim loaded the session (repository, environment); only the transcript may be newer.
-            session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
+            # The claim loaded the session (repository, environment); only the transcript may be
+            # newer: an earlier run may still be saving it (a cancelled one, say).
+            if not self.run.only_run:
+                session.transcript = Session.objects.values_list("transcript", flat=True).get(pk=session.pk)
             transcript = list(session.transcript) or [
                 {"role": "system", "content": build_system_prompt(session, self.handle, toolset)}
             ]
-            for message in self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position"):
-                transcript.append({"role": "user", "content": message.content})
+            prompts = self.run.claimed_prompts  # what the claim took, when it says
+            if prompts is None:
+                claimed = self.run.messages.filter(status=Message.Status.CLAIMED).order_by("position")
+                prompts = [message.content for message in claimed]
+            transcript += [{"role": "user", "content": content} for content in prompts]
         try:
             llm = releasing_llm(client_for(session.model))
         except LLMError as exc:

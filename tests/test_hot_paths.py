@@ -291,6 +291,60 @@ def test_it_claims_a_run_with_its_messages_and_events_in_four_statements(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_worker_claims_and_loads_a_run_in_one_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    from sessions.agent_models import AgentProfile, McpServer, Skill
+    from sessions.runner import claim
+
+    environment = Environment.objects.create(team=team, name="py", env_vars={"A": "1"}, cpu_limit=1.5)
+    profile = AgentProfile.objects.create(team=team, name="p", allowed_tools=["read_file"], max_steps=7)
+    session = start_session(
+        team=team, repository=repository, prompt="Go", model="scripted/demo", created_by=owner,
+        environment=environment, profile=profile,
+    )  # fmt: skip
+    Session.objects.filter(pk=session.pk).update(transcript=[{"role": "user", "content": "earlier"}])
+    session.add_message("and this")
+    emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
+    run_id = session.runs.get().pk
+    with django_assert_num_queries(4):  # BEGIN, the claim with the rows, the events, COMMIT
+        run, why = claim(run_id)
+    assert why == "claimed"
+    expected = Run.objects.select_related(
+        "session__repository", "session__environment", "session__team", "session__profile"
+    ).get(pk=run_id)
+    with django_assert_num_queries(0):  # all of it loaded, as select_related would have
+        pairs = [
+            (run, expected),
+            (run.session, expected.session),
+            (run.session.repository, expected.session.repository),
+            (run.session.environment, expected.session.environment),
+            (run.session.team, expected.session.team),
+            (run.session.profile, expected.session.profile),
+        ]
+        for loaded, orm in pairs:  # last_seq: the claim's own events came after
+            fields = [f.attname for f in type(orm)._meta.concrete_fields if f.attname != "last_seq"]
+            assert [getattr(loaded, f) for f in fields] == [getattr(orm, f) for f in fields], type(orm)
+            assert not loaded._state.adding
+    assert run.session.transcript == [{"role": "user", "content": "earlier"}]
+    assert run.session.environment.env_vars == {"A": "1"} and run.session.profile.max_steps == 7
+    assert run.claimed_prompts == ["Go", "and this"] and not run.recovered
+    assert (run.only_run, run.team_skills, run.team_mcp_servers) == (True, False, False)
+    assert list(session.messages.values_list("status", flat=True)) == ["claimed", "claimed"]
+
+    # A follow-up run: the session had a run before; the team's skills and MCP servers are seen.
+    Skill.objects.create(team=team, owner=owner, name="mine", description="d", body="b")
+    McpServer.objects.create(team=team, name="docs", url="http://127.0.0.1:9/mcp")
+    assert run.finish(Run.Status.COMPLETED)
+    Session.objects.get(pk=session.pk).add_message("more")
+    follow_up, _ = claim(session.runs.get(status="queued").pk)
+    assert (follow_up.attempt, follow_up.claimed_prompts) == (2, ["more"])
+    assert (follow_up.only_run, follow_up.team_skills, follow_up.team_mcp_servers) == (False, True, True)
+    assert claim(follow_up.pk) == (None, "skipped: run is running")
+    assert claim(follow_up.pk + 1000) == (None, "missing")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_it_starts_a_session_with_a_bearer_token_in_one_more_query(
     owner, repository, django_assert_num_queries
 ):

@@ -467,6 +467,26 @@ def test_it_edits_the_status_message_with_the_plan(workspace, slack, settings):
     assert Event.objects.filter(session=session, type="callback_sent").count() >= 3
 
 
+def test_a_claimed_run_gets_the_hourglass_and_its_status_and_other_sessions_nothing(
+    workspace, slack, team, repository
+):
+    from sessions.models import start_session
+    from sessions.runner import claim
+
+    mention("fix the flaky test")
+    session = Session.objects.get()
+    drain()
+    run, why = claim(session.runs.get().pk)
+    assert why == "claimed"
+    drain()
+    assert slack.reactions() == ["+eyes", "+hourglass_flowing_sand"]
+    assert len(slack.of("chat.update")) == 1  # the status message says it is running
+    other = start_session(team=team, repository=repository, prompt="Go", model="scripted/demo")
+    before = Delivery.objects.filter(kind="slack").count()
+    assert claim(other.runs.get().pk)[1] == "claimed"
+    assert Delivery.objects.filter(kind="slack").count() == before
+
+
 # --- API, /setup, manifest --------------------------------------------------------------------------
 
 

@@ -316,3 +316,24 @@ def test_a_template_link_that_leads_out_is_refused_as_the_tar_refuses_it(handle,
         LocalProvider(root=tmp_path / "sandboxes").create(SandboxSpec(session_id=3)).put_archive(
             ".", repocache.template_tar(source) + b"\0" * 1024
         )
+
+
+def test_the_minute_job_keeps_the_newest_successful_tasks_only(db):
+    from datetime import timedelta
+
+    from django.utils import timezone
+    from django_q.models import Failure, Success, Task
+
+    from sessions.tasks import prune_task_results
+
+    now = timezone.now()
+    for n in range(5):
+        for success in (True, False):
+            Task.objects.create(
+                id=f"t{n}{success}", name=f"task-{n}-{success}", func="f", started=now,
+                stopped=now - timedelta(minutes=n), success=success,
+            )  # fmt: skip
+    assert prune_task_results(keep=3) == 2
+    assert sorted(Success.objects.values_list("name", flat=True)) == [f"task-{n}-True" for n in range(3)]
+    assert Failure.objects.count() == 5  # failures are the admin's to clear
+    assert prune_task_results(keep=3) == 0 and prune_task_results(keep=10) == 0

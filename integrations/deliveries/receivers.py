@@ -18,6 +18,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.dispatch import receiver
 
+from sessions.columns import exists
 from sessions.signals import run_finished
 
 
@@ -90,9 +91,9 @@ def callbacks_for_run(
     from integrations.deliveries.models import CallbackSubscription, Delivery
     from integrations.deliveries.services import enqueue
 
-    subscriptions = list(CallbackSubscription.objects.filter(session_id=session_id, active=True))
-    if not subscriptions:
+    if not exists(CallbackSubscription, "session_id = %s AND active", [session_id]):  # most sessions
         return
+    subscriptions = list(CallbackSubscription.objects.filter(session_id=session_id, active=True))
     payload = run_payload(run_id, session_id, status, error)
     for subscription in subscriptions:
         enqueue(

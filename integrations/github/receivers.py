@@ -34,9 +34,13 @@ def comment_body(session, run, status: str, error: str) -> str:
 
 
 @receiver(run_finished, dispatch_uid="github-comment-back")
-def comment_back(sender, *, run_id: int, session_id: int, status: str, error: str = "", **kwargs) -> None:
+def comment_back(
+    sender, *, run_id: int, session_id: int, status: str, error: str = "", source: str | None = None, **kwargs
+) -> None:
     from sessions.models import Run, Session, Source
 
+    if source is not None and source != Source.GITHUB:
+        return
     session = Session.objects.filter(pk=session_id, source=Source.GITHUB).first()
     if session is None or not (session.external_ref or {}).get("github"):
         return

@@ -38,7 +38,7 @@ from integrations.deliveries.services import enqueue, wake
 from integrations.slack import client, messages
 from integrations.slack.models import SlackThread
 from sessions.models import Session, SessionBinding, Source
-from sessions.signals import run_finished
+from sessions.signals import run_finished, run_started
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _wake(thread: SlackThread) -> None:
 # --- what makes them: the run's events (in the worker) and its end ---------------------------------
 
 _is_slack: dict[int, bool] = {}
-STATUS_EVENTS = {"run_started", "todo", "progress"}
+STATUS_EVENTS = {"todo", "progress"}  # a run's start comes by its own signal (on_run_started)
 
 
 def _thread_of(session_id: int) -> SlackThread | None:
@@ -273,8 +273,8 @@ def _throttle(thread: SlackThread) -> bool:
 
 
 def on_events(events: list) -> None:
-    """An ``events.add_listener`` listener (after commit, in the process that emitted them): a run
-    started, or its plan moved: update Slack. Never raises into the emitter."""
+    """An ``events.add_listener`` listener (after commit, in the process that emitted them): a run's
+    plan moved: update Slack. Never raises into the emitter."""
     try:
         wanted = [e for e in events if e.type in STATUS_EVENTS]
         if not wanted:
@@ -284,22 +284,42 @@ def on_events(events: list) -> None:
             return
         for event in wanted:
             run_id = event.run_id or event.payload.get("run_id")
-            if event.type == "run_started":
-                with transaction.atomic():
-                    react(thread, "hourglass_flowing_sand", f"react-{run_id}-hourglass", run=run_id)
-                    if event.payload.get("attempt", 1) > 1:
-                        for done in ("white_check_mark", "x"):
-                            react(thread, done, f"react-{run_id}-unset-{done}", remove=True, run=run_id)
-                    status_update(thread, f"status-start-{run_id}", run=run_id)
-            elif _throttle(thread):
+            if _throttle(thread):
                 status_update(thread, f"status-{run_id}-{time.time_ns() // 1_000_000}", run=run_id)
     except Exception:
         log.exception("slack: could not queue the status update of session %s", events[0].session_id)
 
 
+@receiver(run_started, dispatch_uid="slack-run-started")
+def on_run_started(
+    sender, *, run_id: int, session_id: int, attempt: int, source: str | None = None, **kwargs
+) -> None:
+    """In the claim's transaction: the hourglass and the status edit (only Slack sessions have a
+    thread). Never raises into the claim: what failed is rolled back to its savepoint."""
+    if source is not None and source != Source.SLACK:
+        return
+    try:
+        with transaction.atomic():
+            thread = _thread_of(session_id)
+            if thread is None:
+                return
+            react(thread, "hourglass_flowing_sand", f"react-{run_id}-hourglass", run=run_id)
+            if attempt > 1:
+                for done in ("white_check_mark", "x"):
+                    react(thread, done, f"react-{run_id}-unset-{done}", remove=True, run=run_id)
+            status_update(thread, f"status-start-{run_id}", run=run_id)
+    except Exception:
+        log.exception("slack: could not queue the status update of session %s", session_id)
+
+
 @receiver(run_finished, dispatch_uid="slack-run-finished")
-def on_run_finished(sender, *, run_id: int, session_id: int, status: str, error: str = "", **kwargs) -> None:
-    """In the transaction that ends the run: the reactions, the last status edit, the end message."""
+def on_run_finished(
+    sender, *, run_id: int, session_id: int, status: str, error: str = "", source: str | None = None, **kwargs
+) -> None:
+    """In the transaction that ends the run: the reactions, the last status edit, the end message.
+    Only Slack sessions have a thread (integrations/slack/handler.py starts them)."""
+    if source is not None and source != Source.SLACK:
+        return
     thread = SlackThread.objects.filter(session_id=session_id).first()
     if thread is None:
         return

@@ -128,6 +128,8 @@ def collect(context: Any) -> dict[str, SkillDoc]:
             skills[doc.name] = doc
     except OSError as exc:  # a broken checkout costs the repository's skills, not the run
         log.warning("session %s: repository skills unreadable: %s", session.pk, exc)
+    if getattr(context.run, "team_skills", None) is False:  # the claim saw none (Run.claim_loaded)
+        return dict(sorted(skills.items()))
     scope = Q(owner__isnull=True)
     if session.created_by_id:
         scope |= Q(owner_id=session.created_by_id)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
+
 from sessions.agent.tools import (
     TOOL_SPECS,
     WORKER_TOOLS,
@@ -152,7 +154,9 @@ def build_toolset(
             specs.append(tool.spec)
             handlers[name] = _bind(tool.run, context)
     loose = set()
-    for spec, handler in mcp.discover(context):
+    # The claim saw whether the team has MCP servers (Run.claim_loaded); the deployment's own count too.
+    servers = settings.MCP_SERVERS or getattr(run, "team_mcp_servers", None) is not False
+    for spec, handler in mcp.discover(context) if servers else ():
         if allowed(spec["name"]):
             specs.append(spec)
             handlers[spec["name"]] = handler

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed
 
+from sessions.columns import prepared_cursor
 from sessions.models import APIToken
 
 # last_used is for operators ("is this token still in use?"), not an audit log: writing it on every
@@ -28,7 +28,7 @@ def _token_with_user(key_hash: str) -> APIToken | None:
     if _token_sql is None:
         from django.contrib.auth import get_user_model
 
-        from sessions.api.views import Columns
+        from sessions.columns import Columns
 
         token_cols, user_cols = Columns(APIToken, "k"), Columns(get_user_model(), "u")
         sql = (
@@ -38,7 +38,7 @@ def _token_with_user(key_hash: str) -> APIToken | None:
         )
         _token_sql = (sql, token_cols, user_cols)
     sql, token_cols, user_cols = _token_sql
-    with connection.cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(sql, [key_hash])
         row = cursor.fetchone()
     if row is None:

@@ -7,10 +7,8 @@ Team scoping is done by querysets (someone else's object is a 404) and ``TeamWri
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connection, models
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet
 from django.http import FileResponse, HttpResponseRedirect
 from drf_spectacular.types import OpenApiTypes
@@ -35,6 +33,7 @@ from sessions.api.permissions import (
     team_for_write,
 )
 from sessions.api.schema import bounded_int
+from sessions.columns import Columns, prepared_cursor
 from sessions.limits import queue_position_sql
 from sessions.models import (
     WRITE_ROLES,
@@ -78,32 +77,6 @@ def session_queryset() -> QuerySet[Session]:
     )
 
 
-class Columns:
-    """A model's concrete columns for hand-written SQL, and the instance built from them as the
-    ORM would (``Model.from_db``, with the fields' database converters)."""
-
-    def __init__(self, model: type[models.Model], alias: str) -> None:
-        self.model = model
-        self.fields = model._meta.concrete_fields
-        self.names = [f.attname for f in self.fields]
-        self.sql = ", ".join(f'{alias}."{f.column}"' for f in self.fields)
-        self._converters: list | None = None
-
-    def build(self, values: Sequence[Any]) -> models.Model:
-        if self._converters is None:
-            self._converters = [
-                (i, convs)
-                for i, f in enumerate(self.fields)
-                if (convs := connection.ops.get_db_converters(f.cached_col) + f.get_db_converters(connection))
-            ]
-        if self._converters:
-            values = list(values)
-            for i, convs in self._converters:
-                for convert in convs:
-                    values[i] = convert(values[i], self.fields[i].cached_col, connection)
-        return self.model.from_db(DEFAULT_DB_ALIAS, self.names, values)
-
-
 class RepositoryCheck:
     """The repository, its team, the environment (when given and in that team) and the user's
     role there, in one precompiled statement (an ORM query would spend longer compiling it than
@@ -123,7 +96,7 @@ class RepositoryCheck:
         )
 
     def fetch(self, repository_id: int, environment_id: int, user_id: int):
-        with connection.cursor() as cursor:
+        with prepared_cursor() as cursor:
             cursor.execute(self.sql, [environment_id, user_id, repository_id])
             row = cursor.fetchone()
         if row is None:
