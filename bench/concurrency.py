@@ -9,8 +9,8 @@ prints JSON with a ``checks`` object:
 * ``all_completed``: every session completed;
 * ``no_event_lost``: every session's events are gap-free from 1, with one ``usage``, one
   ``tool_started`` and one ``tool_finished`` per model call and one ``run_completed`` (the scripted
-  run: --calls model calls, each with one tool call, the last one ``finish``), and one LLMCall row
-  per model call;
+  run: --calls model calls, each with one tool call, the last one ``finish``), and one successful
+  LLMCall row per model call (attempts that timed out or failed are counted as ``model_attempts_not_ok``);
 * ``rss_within_limit``: the worker tree's peak RSS (summed at one sample) <= --rss-limit-mb;
 * ``pg_connections_within_pool``: the workers' peak connections (counted by ``application_name``,
   so the bench's own are not) <= workers x (DEPUTIES_DB_POOL_SIZE + 1): each process's pool plus
@@ -85,7 +85,11 @@ def main() -> None:
     if args.curve:
         curve(args)
     else:
-        print(json.dumps(measure(args), indent=2))
+        data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-concurrency-"))
+        try:
+            print(json.dumps(measure(args, data_dir), indent=2), flush=True)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)  # a sandbox and a checkout per run: takes a while
 
 
 def curve(args: argparse.Namespace) -> None:
@@ -128,9 +132,8 @@ def curve(args: argparse.Namespace) -> None:
     print(json.dumps({"bench": "concurrency-curve", "table": table, "points": points}, indent=2))
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace, data_dir: Path) -> dict:
     procs.fresh_database()
-    data_dir = Path(tempfile.mkdtemp(prefix="deputies-bench-concurrency-"))
     setup(data_dir)
     from django.conf import settings
     from django.db import transaction
@@ -236,12 +239,11 @@ def measure(args: argparse.Namespace) -> dict:
     finally:
         procs.stop(worker)
         procs.stop(fake)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def check_events(ids: list[int], calls: int) -> dict:
     """Per session: events gap-free from 1, and one usage/tool_started/tool_finished per model call,
-    one run_completed, one LLMCall row per call. Counts what is missing and what is there twice."""
+    one run_completed, one successful LLMCall row per call. Counts what is missing and what is there twice."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -253,13 +255,18 @@ def check_events(ids: list[int], calls: int) -> dict:
                    count(*) FILTER (WHERE e.type = 'tool_started'),
                    count(*) FILTER (WHERE e.type = 'tool_finished'),
                    count(*) FILTER (WHERE e.type = 'run_completed'),
-                   (SELECT count(*) FROM agent_sessions_llmcall c WHERE c.session_id = s.id)
+                   (SELECT count(*) FROM agent_sessions_llmcall c WHERE c.session_id = s.id AND c.outcome = 'ok')
             FROM agent_sessions_session s LEFT JOIN agent_sessions_event e ON e.session_id = s.id
             WHERE s.id = ANY(%s) GROUP BY s.id
             """,
             [ids],
         )
         rows = cursor.fetchall()
+        cursor.execute(
+            "SELECT count(*) FROM agent_sessions_llmcall WHERE session_id = ANY(%s) AND outcome <> 'ok'",
+            [ids],
+        )
+        retries = cursor.fetchone()[0]
     lost = duplicated = bad_sessions = 0
     for _, count, high, low, *kinds in rows:
         expected = [calls, calls, calls, 1, calls]
@@ -276,6 +283,7 @@ def check_events(ids: list[int], calls: int) -> dict:
         "lost": lost + (len(ids) - len(rows)) * (3 * calls + 1),
         "duplicated": duplicated,
         "sessions_with_problems": bad_sessions,
+        "model_attempts_not_ok": retries,  # timeouts and errors the client retried
     }
 
 
