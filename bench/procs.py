@@ -145,8 +145,10 @@ def pg_transactions(conn, name: str) -> int:
 
 
 class Sampler(threading.Thread):
-    """Peaks, every ``interval``: summed RSS/PSS of some process trees, RSS of each root's child's
-    own tree (a supervisor's workers), the process count, and Postgres connections: all of the
+    """Peaks, every ``interval``: summed RSS/PSS of some process trees (with their short-lived
+    commands: a command forked and not yet exec'd counts its parent's pages again), RSS of each
+    root's child process itself (a supervisor's workers), the process count, and Postgres
+    connections: all of the
     bench database's and those whose ``application_name`` is ``app`` (the processes under test set
     it with ``PGAPPNAME``, so the bench's own connection is not counted)."""
 
@@ -173,7 +175,7 @@ class Sampler(threading.Thread):
         self.peak_pss = max(self.peak_pss, pss_kb(pids))
         self.peak_processes = max(self.peak_processes, len(pids))
         for child in children(self.roots):
-            self.peak_child_rss[child] = max(self.peak_child_rss.get(child, 0), rss_kb(tree(child)))
+            self.peak_child_rss[child] = max(self.peak_child_rss.get(child, 0), rss_kb([child]))
         self.peak_connections = max(self.peak_connections, pg_connections(self.conn, self.name_))
         if self.app is not None:
             self.peak_app_connections = max(
