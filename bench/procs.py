@@ -133,8 +133,12 @@ def stats_connection():
     return psycopg.connect(urlunsplit(url._replace(path="/postgres")), autocommit=True)
 
 
-def pg_connections(conn, name: str) -> int:
-    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [name]).fetchone()[0]
+def pg_connections(conn, name: str, app: str | None = None) -> int:
+    if app is None:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [name]).fetchone()[0]
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s", [name, app]
+    ).fetchone()[0]
 
 
 def pg_transactions(conn, name: str) -> int:
@@ -146,36 +150,91 @@ def pg_transactions(conn, name: str) -> int:
 
 
 class Sampler(threading.Thread):
-    """Peak summed RSS/PSS of some process trees and peak Postgres connections, every ``interval``."""
+    """Peaks, every ``interval``: summed RSS/PSS of some process trees (with their short-lived
+    commands: a command forked and not yet exec'd counts its parent's pages again), RSS of each
+    root's child process itself (a supervisor's workers), the process count, and Postgres
+    connections: all of the
+    bench database's and those whose ``application_name`` is ``app`` (the processes under test set
+    it with ``PGAPPNAME``, so the bench's own connection is not counted)."""
 
-    def __init__(self, roots: list[int], interval: float = 0.25) -> None:
+    def __init__(self, roots: list[int], interval: float = 0.25, app: str | None = None) -> None:
         super().__init__(daemon=True)
         self.roots = roots
         self.interval = interval
+        self.app = app
         self.peak_rss = self.peak_pss = self.peak_connections = self.peak_processes = 0
+        self.peak_app_connections = 0
+        self.peak_child_rss: dict[int, int] = {}
         self.halt = threading.Event()
         self.conn = stats_connection()
         self.name_ = database_name()
 
     def run(self) -> None:
         while not self.halt.is_set():
-            pids = [p for root in self.roots for p in tree(root)]
-            self.peak_rss = max(self.peak_rss, rss_kb(pids))
-            self.peak_pss = max(self.peak_pss, pss_kb(pids))
-            self.peak_processes = max(self.peak_processes, len(pids))
-            self.peak_connections = max(self.peak_connections, pg_connections(self.conn, self.name_))
+            self.sample()
             self.halt.wait(self.interval)
+
+    def sample(self) -> None:
+        pids = [p for root in self.roots for p in tree(root)]
+        self.peak_rss = max(self.peak_rss, rss_kb(pids))
+        self.peak_pss = max(self.peak_pss, pss_kb(pids))
+        self.peak_processes = max(self.peak_processes, len(pids))
+        for child in children(self.roots):
+            self.peak_child_rss[child] = max(self.peak_child_rss.get(child, 0), rss_kb([child]))
+        self.peak_connections = max(self.peak_connections, pg_connections(self.conn, self.name_))
+        if self.app is not None:
+            self.peak_app_connections = max(
+                self.peak_app_connections, pg_connections(self.conn, self.name_, self.app)
+            )
 
     def stop(self) -> dict:
         self.halt.set()
         self.join()
         self.conn.close()
-        return {
+        peaks = {
             "peak_worker_rss_mb": round(self.peak_rss / 1024, 1),
             "peak_worker_pss_mb": round(self.peak_pss / 1024, 1),
+            "peak_rss_mb_per_worker": [round(kb / 1024, 1) for kb in self.peak_child_rss.values()],
             "peak_worker_processes": self.peak_processes,
             "peak_pg_connections": self.peak_connections,
         }
+        if self.app is not None:
+            peaks["peak_pg_connections_of_workers"] = self.peak_app_connections
+        return peaks
+
+
+def children(roots: list[int]) -> list[int]:
+    """The direct children of ``roots`` (the processes a supervisor started)."""
+    found = []
+    for root in roots:
+        try:
+            with open(f"/proc/{root}/task/{root}/children") as fh:
+                found.extend(int(pid) for pid in fh.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes, their reaped children's included (a worker's git and
+    sandbox commands), from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / ticks
+
+
+def pg_backend_pids(conn, name: str, app: str) -> list[int]:
+    rows = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s", [name, app]
+    ).fetchall()
+    return [row[0] for row in rows]
 
 
 # --- the deployment under test -----------------------------------------------------------------

@@ -169,7 +169,7 @@ def main() -> None:
         keys.setdefault(user_text, conversation_key(r["body"]["messages"]))
     planned = args.steps + 1
     redone_calls = redone_commands = interrupted = lost = duplicated = 0
-    resumes = 0
+    resumes = counted_calls = 0
     for sid in ids:
         session = Session.objects.get(pk=sid)
         events = list(Event.objects.filter(session_id=sid).order_by("seq"))
@@ -184,7 +184,10 @@ def main() -> None:
         duplicated += max(0, [e.type for e in events].count("run_completed") - 1)
         interrupted += sum(1 for e in events if e.type == "tool_finished" and e.payload.get("interrupted"))
         resumes += sum(1 for e in events if e.type == "run_resumed")
-        redone_calls += max(0, asked[keys[session.messages.get(position=1).content]] - planned)
+        key = keys.get(session.messages.get(position=1).content)
+        if key is not None:  # else its requests are older than the scripted model's recording keeps
+            counted_calls += 1
+            redone_calls += max(0, asked[key] - planned)
         sandbox = Sandbox.objects.filter(session_id=sid, status="ready").first()
         log = sandbox_root / sandbox.external_id / "workspace" / "plan.log" if sandbox else None
         lines = Counter(log.read_text().split()) if log and log.exists() else Counter()
@@ -209,6 +212,7 @@ def main() -> None:
                 "commands_interrupted": interrupted,
                 "model_calls_planned": planned * len(ids),
                 "model_calls_redone": redone_calls,
+                "model_calls_counted_for_runs": counted_calls,  # the model records its last 500 requests
                 "events_lost": lost,
                 "events_duplicated": duplicated,
                 "wall_s": round(wall, 2),

@@ -280,5 +280,31 @@ class Worker:
         return 0
 
 
+def raise_open_files_limit() -> int:
+    """Lift this process's soft limit on open files to its hard limit; returns the new soft limit.
+
+    Every running run holds a socket to its model and, while a command runs, its pipes, so a
+    process with hundreds of runs needs more than the soft limit of 1,024 that many hosts start
+    with (a run past it fails with "Too many open files"). The hard limit stays the operator's."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:  # e.g. a hard limit the kernel caps lower (nr_open)
+            log.warning("could not raise the open files limit from %s to %s: %s", soft, hard, exc)
+    return soft
+
+
 def main() -> int:
-    return Worker().serve()
+    files = raise_open_files_limit()
+    worker = Worker()
+    if files != -1 and files < 4 * worker.pool.size + 64:  # -1: RLIM_INFINITY
+        log.warning(
+            "the open files limit (%s) is low for %d runs per process; raise it (ulimit -n)",
+            files,
+            worker.pool.size,
+        )
+    return worker.serve()

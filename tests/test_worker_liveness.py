@@ -3,7 +3,9 @@ removes it when it stops; the page reads those rows, not a per-process cache."""
 
 from __future__ import annotations
 
+import resource
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -44,3 +46,22 @@ def test_it_shows_a_real_worker_while_it_runs_and_not_after_it_stops(tmp_path):
         wait_for(
             lambda: not WorkerProcess.objects.filter(pid=proc.pid).exists(), timeout=30, what="its row gone"
         )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_lifts_its_soft_open_files_limit_for_hundreds_of_runs(tmp_path):
+    """Each running run holds a socket to its model (and pipes while a command runs): a worker with
+    hundreds of runs must not stop at a soft limit of 1,024 when the hard limit allows more."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open files limit ({hard}) leaves nothing to lift")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the worker inherits it
+    try:
+        with worker_process(child_env(tmp_path)) as proc:
+            wait_for(lambda: WorkerProcess.alive().filter(pid=proc.pid).exists(), timeout=30, what="the beat")
+            limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    row = next(line for line in limits if line.startswith("Max open files")).split()
+    expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    assert row[3:5] == [expected, expected]

@@ -14,9 +14,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC
+from typing import TYPE_CHECKING
 
 from django.conf import settings
-from github import Auth, Github, GithubIntegration
+
+if TYPE_CHECKING:
+    from github import Github, GithubIntegration
 
 REFRESH_MARGIN = 300.0  # seconds before expiry a cached installation token is replaced
 TIMEOUT = 15
@@ -46,6 +49,8 @@ _lock = threading.Lock()
 
 
 def integration() -> GithubIntegration:
+    from github import Auth, GithubIntegration
+
     auth = Auth.AppAuth(settings.GITHUB_APP_ID, settings.GITHUB_PRIVATE_KEY)
     return GithubIntegration(auth=auth, base_url=settings.GITHUB_API_URL, timeout=TIMEOUT, retry=None)
 
@@ -81,7 +86,12 @@ def forget_token(installation_id: int) -> None:
 
 
 def github_for(installation_id: int) -> Github:
-    """A PyGithub client acting as the installation; lazy objects, no retries of its own."""
+    """A PyGithub client acting as the installation; lazy objects, no retries of its own.
+
+    PyGithub is imported here, not at the top: every web and worker process loads this module
+    (the app registers its sender), and PyGithub costs each ~13 MB."""
+    from github import Auth, Github
+
     return Github(
         auth=Auth.Token(installation_token(installation_id)),
         base_url=settings.GITHUB_API_URL,

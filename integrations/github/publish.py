@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from github import GithubException
 
 from integrations.github import client
 from integrations.github.services import binding_key
@@ -96,6 +95,8 @@ def remote_git(command: str, options: list[str], url: str, refs: list[str], *, c
 
 def publish(runner, result) -> None:
     """Commit, push and open or update the pull request; a no-op without new changes."""
+    from github import GithubException  # only where it is used (client.github_for says why)
+
     from sessions.runner import StepFailed, git
 
     session: Session = Session.objects.select_related("repository").get(pk=runner.session.pk)

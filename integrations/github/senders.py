@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-
-import requests
-from github import GithubException
+from typing import TYPE_CHECKING
 
 from integrations.deliveries.senders import Outcome, Sender, parse_retry_after, register
 from integrations.github import client
 from integrations.github.services import MARKER
+
+if TYPE_CHECKING:
+    from github import GithubException
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ class GithubSender(Sender):
     kind = KIND
 
     def send(self, delivery, attempt: int) -> Outcome:
+        import requests  # with PyGithub, only where it is used (client.github_for says why)
+        from github import GithubException
+
         data = delivery.payload
         installation = int(data.get("installation") or 0)
         try:

@@ -24,7 +24,6 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from github import GithubException
 
 from integrations.github import client
 from integrations.github.models import Installation, SeenDelivery
@@ -174,6 +173,8 @@ def receive(headers, body: bytes) -> Answer:
         return Answer(202, {"ignored": True, "event": event})
     if not guid or len(guid) > 100:
         raise GithubWebhookError(400, "X-GitHub-Delivery is missing or too long.")
+    from github import GithubException  # only where it is used (client.github_for says why)
+
     try:
         return _handle(trigger, guid)
     except GithubException as exc:
@@ -330,6 +331,8 @@ def follow_up_prompt(trigger: Trigger) -> str:
 
 def _polite_reply(gh, trigger: Trigger) -> None:
     """Best effort, in the request: there is no session to hang a delivery on."""
+    from github import GithubException
+
     try:
         gh.get_repo(trigger.repo).get_issue(trigger.number).create_comment(
             f"@{trigger.login} only people with write access to this repository can ask Deputies for work.\n{MARKER}"

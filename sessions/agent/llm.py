@@ -156,14 +156,20 @@ _shared_http_lock = threading.Lock()
 
 def shared_http(base_url: str, timeout: float) -> httpx.Client:
     """One pooled httpx client per provider and process: keeps connections warm between runs and
-    skips building an SSL context (tens of ms) for every run. httpx.Client is thread-safe."""
+    skips building an SSL context (tens of ms) for every run. httpx.Client is thread-safe.
+
+    No cap on idle connections: httpcore 1.0's pool closes "surplus" idle connections whenever it
+    holds more than the cap in all, including one just handed to a waiting thread, which then waits
+    its whole read timeout on a socket that is gone (encode/httpcore#1110). With hundreds of runs
+    per process that hung about one model call in a thousand for 120 s. Idle connections still
+    close after httpx's keep-alive expiry (5 s)."""
     key = (base_url, timeout)
     with _shared_http_lock:
         client = _shared_http.get(key)
         if client is None or client.is_closed:
             client = _shared_http[key] = httpx.Client(
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             )
         return client
 
