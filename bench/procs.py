@@ -215,21 +215,6 @@ def children(roots: list[int]) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes, their reaped children's included (a worker's git and
-    sandbox commands), from /proc/<pid>/stat."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    return total / ticks
-
-
 def pg_backend_pids(conn, name: str, app: str) -> list[int]:
     rows = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s", [name, app]
