@@ -129,21 +129,46 @@ def emit_many(
 
 @dataclass(slots=True)
 class _Request:
-    """One emit_many() call: its events, and (once written) the stored Events or the error."""
+    """One emit_many() call: its events, and (once written) their ids and first seq, or the error.
+
+    The caller's own thread encodes its events before queueing and builds its Event objects after
+    waking, so the thread that writes a batch spends only the statement's time on it."""
 
     session_id: int
     run_id: int | None
     items: list[tuple[str, dict[str, Any]]]
     created: datetime = field(default_factory=timezone.now)
-    events: list[Event] | None = None
+    texts: list[str] = field(default_factory=list)  # one JSON list per event, without its "]"
+    size: int = 0  # bytes the events add to a notification
+    first: int = 0
+    ids: list[int] | None = None
     error: BaseException | None = None
     woken: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        from sessions.streaming.store import dumps, iso
+
+        created = iso(self.created)
+        for t, p in self.items:
+            text = dumps([self.session_id, self.run_id, t, p, created])
+            self.texts.append(text[:-1])
+            self.size += len(text.encode()) + _NOTE_PER_EVENT
+
+    @property
+    def done(self) -> bool:
+        return self.ids is not None or self.error is not None
 
     def result(self) -> list[Event]:
         if self.error is not None:
             raise self.error
-        assert self.events is not None
-        return self.events
+        assert self.ids is not None
+        first, run_id, session_id, created = self.first, self.run_id, self.session_id, self.created
+        return [
+            Event(
+                id=pk, session_id=session_id, run_id=run_id, seq=first + i, type=t, payload=p, created=created
+            )
+            for i, (pk, (t, p)) in enumerate(zip(self.ids, self.items, strict=True))
+        ]
 
 
 # One JSON document carries the events: [[session_id, run_id, type, payload, created, noted], ...].
@@ -175,15 +200,18 @@ ins AS (
     RETURNING id, session_id, seq
 ),
 nt AS (
-    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', (
-        SELECT json_agg(json_build_object(
-            'seq', k.seq, 'type', k.type, 'payload', k.payload, 'created', k.created, 'run', k.run_id
-        ) ORDER BY k.seq) FROM k WHERE k.session_id = s.id AND k.noted
-    ))::text)
-    FROM s WHERE %(notify)s
+    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', g.e)::text)
+    FROM s LEFT JOIN (
+        SELECT session_id, json_agg(json_build_object(
+            'seq', seq, 'type', type, 'payload', payload, 'created', created, 'run', run_id
+        ) ORDER BY seq) AS e
+        FROM k WHERE noted GROUP BY session_id
+    ) g ON g.session_id = s.id
+    WHERE %(notify)s
 )
 SELECT id, session_id, seq FROM ins WHERE (SELECT count(*) FROM nt) >= 0
 """
+_PG_SQL = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db_table)
 # Room for the envelope and the seqs and keys a notification adds to the events' own JSON.
 _NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48
 
@@ -193,50 +221,33 @@ def _insert_postgres(requests: list[_Request]) -> None:
 
     In autocommit the statement is its own transaction; inside an outer atomic block it commits
     (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
-    Fills in each request's events, or its error (a session that does not exist).
+    Fills in each request's ids and first seq, or its error (a session that does not exist).
     """
     from sessions.streaming.notify import LIMITS, PG_CHANNEL
-    from sessions.streaming.store import dumps, iso
 
-    notify = settings.STREAM_BACKEND == "postgres"
     sizes: dict[int, int] = defaultdict(lambda: _NOTE_OVERHEAD)
-    rows: list[tuple[int, list[str]]] = []
     for r in requests:
-        created = iso(r.created)
-        texts = [dumps([r.session_id, r.run_id, t, p, created]) for t, p in r.items]
-        sizes[r.session_id] += sum(len(text.encode()) + _NOTE_PER_EVENT for text in texts)
-        rows.append((r.session_id, texts))
+        sizes[r.session_id] += r.size
     limit = LIMITS["postgres"]
-    # Each item's JSON list ends with "]": append the "noted" flag before it.
+    # Each event's JSON list lacks its closing "]": the "noted" flag goes before it.
     flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
-    document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
-    sql = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db_table)
-    params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
+    document = "[" + ",".join(text + flags[r.session_id] for r in requests for text in r.texts) + "]"
+    params = {"events": document, "channel": PG_CHANNEL, "notify": settings.STREAM_BACKEND == "postgres"}
     with _prepared_cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_PG_SQL, params)
         returned = cursor.fetchall()
     ids: dict[int, dict[int, int]] = defaultdict(dict)
     for pk, session_id, seq in returned:
         ids[session_id][seq] = pk
-    taken: dict[int, int] = {sid: min(seqs) for sid, seqs in ids.items()}
+    taken = {sid: min(seqs) for sid, seqs in ids.items()}
     for r in requests:
         if r.session_id not in taken:
             r.error = Session.DoesNotExist(f"session {r.session_id} does not exist")
             continue
-        first = taken[r.session_id]
+        first = r.first = taken[r.session_id]
         taken[r.session_id] = first + len(r.items)
-        r.events = [
-            Event(
-                id=ids[r.session_id][first + i],
-                session_id=r.session_id,
-                run_id=r.run_id,
-                seq=first + i,
-                type=t,
-                payload=p,
-                created=r.created,
-            )
-            for i, (t, p) in enumerate(r.items)
-        ]
+        by_seq = ids[r.session_id]
+        r.ids = [by_seq[first + i] for i in range(len(r.items))]
 
 
 def _prepared_cursor():
@@ -306,7 +317,7 @@ class _GroupCommit:
             if connection.connection is not None and connection.settings_dict.get("OPTIONS", {}).get("pool"):
                 connection.close()
             request.woken.wait()
-            if request.events is not None or request.error is not None:
+            if request.done:
                 return request.result()
             # Woken without a result: it is our turn to write.
         with self.lock:
@@ -344,7 +355,7 @@ class _GroupCommit:
             return
         log.info("a batch of %s emits failed (%s); writing them one by one", len(batch), failure)
         for request in batch:  # find the one that spoiled the batch; the others still get written
-            request.events = request.error = None
+            request.ids = request.error = None
             try:
                 _insert_postgres([request])
             except BaseException as exc:  # noqa: BLE001
