@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="tool steps per session")
     parser.add_argument("--tool", choices=sorted(TOOLS), default="bash")
-    parser.add_argument("--profile", action="store_true", help="add the top functions (cProfile, wall)")
+    parser.add_argument("--profile", action="store_true", help="add the top functions (cProfile, CPU clock)")
     args = parser.parse_args()
     procs.exit_on_sigterm()
     procs.fresh_database()
@@ -71,12 +71,14 @@ def main() -> None:
 
         team, user, repo = procs.bench_repository(data_dir)
         arrivals: list[float] = []
+        cpu_at: list[float] = []  # this process's CPU clock at each arrival
         tool_times: list[float] = []
         lock = threading.Lock()
 
         def on_request(body: dict) -> None:
             with lock:
                 arrivals.append(time.perf_counter())
+                cpu_at.append(time.process_time())
 
         real_execute = Toolset.execute
 
@@ -93,6 +95,7 @@ def main() -> None:
 
         def one(n: int) -> tuple[str, list[float], list[float]]:
             arrivals.clear()
+            cpu_at.clear()
             tool_times.clear()
             session = start_session(
                 team=team, repository=repo, prompt=f"step bench {n}", model="scripted/x", created_by=user
@@ -115,14 +118,16 @@ def main() -> None:
         transactions_before = procs.pg_transactions(stats, procs.database_name())
         load_before = procs.loadavg()
         overheads: list[float] = []
+        cpu: list[float] = []
         tools: list[float] = []
         outcomes: dict[str, int] = {}
-        profile = cProfile.Profile() if args.profile else None
+        profile = cProfile.Profile(time.process_time) if args.profile else None
         for n in range(args.sessions):
             if profile is not None:
                 profile.enable()
             with connection.execute_wrapper(count):
                 outcome, times, ran = one(n)
+            cpu_at_run = list(cpu_at)
             if profile is not None:
                 profile.disable()
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
@@ -130,6 +135,7 @@ def main() -> None:
                 raise SystemExit(f"session {n}: {len(times)} model requests and {len(ran)} tool runs")
             for k in range(args.steps):
                 overheads.append((times[k + 1] - times[k] - ran[k]) * 1000)
+                cpu.append((cpu_at_run[k + 1] - cpu_at_run[k]) * 1000)
             tools += [t * 1000 for t in ran]
         transactions = procs.pg_transactions(stats, procs.database_name()) - transactions_before
         stats.close()
@@ -151,6 +157,10 @@ def main() -> None:
                     "outcomes": outcomes,
                     "overhead_ms": {**percentiles(overheads), "max": round(max(overheads), 3)},
                     "tool_run_ms": percentiles(tools),
+                    # Less moved by other work on the machine than the wall figure: the CPU this
+                    # process spent per step (the tool's own in-process part and the in-process
+                    # scripted server's reply included; bash runs in a child process).
+                    "process_cpu_ms_per_step": percentiles(cpu),
                     "statements_per_step": round(statements[0] / steps, 2),
                     "transactions_per_step": round(transactions / steps, 2),
                     "cpus": os.cpu_count(),
