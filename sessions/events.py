@@ -129,46 +129,21 @@ def emit_many(
 
 @dataclass(slots=True)
 class _Request:
-    """One emit_many() call: its events, and (once written) their ids and first seq, or the error.
-
-    The caller's own thread encodes its events before queueing and builds its Event objects after
-    waking, so the thread that writes a batch spends only the statement's time on it."""
+    """One emit_many() call: its events, and (once written) the stored Events or the error."""
 
     session_id: int
     run_id: int | None
     items: list[tuple[str, dict[str, Any]]]
     created: datetime = field(default_factory=timezone.now)
-    texts: list[str] = field(default_factory=list)  # one JSON list per event, without its "]"
-    size: int = 0  # bytes the events add to a notification
-    first: int = 0
-    ids: list[int] | None = None
+    events: list[Event] | None = None
     error: BaseException | None = None
     woken: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        from sessions.streaming.store import dumps, iso
-
-        created = iso(self.created)
-        for t, p in self.items:
-            text = dumps([self.session_id, self.run_id, t, p, created])
-            self.texts.append(text[:-1])
-            self.size += len(text.encode()) + _NOTE_PER_EVENT
-
-    @property
-    def done(self) -> bool:
-        return self.ids is not None or self.error is not None
 
     def result(self) -> list[Event]:
         if self.error is not None:
             raise self.error
-        assert self.ids is not None
-        first, run_id, session_id, created = self.first, self.run_id, self.session_id, self.created
-        return [
-            Event(
-                id=pk, session_id=session_id, run_id=run_id, seq=first + i, type=t, payload=p, created=created
-            )
-            for i, (pk, (t, p)) in enumerate(zip(self.ids, self.items, strict=True))
-        ]
+        assert self.events is not None
+        return self.events
 
 
 # One JSON document carries the events: [[session_id, run_id, type, payload, created, noted], ...].
@@ -221,33 +196,49 @@ def _insert_postgres(requests: list[_Request]) -> None:
 
     In autocommit the statement is its own transaction; inside an outer atomic block it commits
     (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
-    Fills in each request's ids and first seq, or its error (a session that does not exist).
+    Fills in each request's events, or its error (a session that does not exist).
     """
     from sessions.streaming.notify import LIMITS, PG_CHANNEL
+    from sessions.streaming.store import dumps, iso
 
+    notify = settings.STREAM_BACKEND == "postgres"
     sizes: dict[int, int] = defaultdict(lambda: _NOTE_OVERHEAD)
+    rows: list[tuple[int, list[str]]] = []
     for r in requests:
-        sizes[r.session_id] += r.size
+        created = iso(r.created)
+        texts = [dumps([r.session_id, r.run_id, t, p, created]) for t, p in r.items]
+        sizes[r.session_id] += sum(len(text.encode()) + _NOTE_PER_EVENT for text in texts)
+        rows.append((r.session_id, texts))
     limit = LIMITS["postgres"]
-    # Each event's JSON list lacks its closing "]": the "noted" flag goes before it.
+    # Each item's JSON list ends with "]": append the "noted" flag before it.
     flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
-    document = "[" + ",".join(text + flags[r.session_id] for r in requests for text in r.texts) + "]"
-    params = {"events": document, "channel": PG_CHANNEL, "notify": settings.STREAM_BACKEND == "postgres"}
+    document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
+    params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
     with _prepared_cursor() as cursor:
         cursor.execute(_PG_SQL, params)
         returned = cursor.fetchall()
     ids: dict[int, dict[int, int]] = defaultdict(dict)
     for pk, session_id, seq in returned:
         ids[session_id][seq] = pk
-    taken = {sid: min(seqs) for sid, seqs in ids.items()}
+    taken: dict[int, int] = {sid: min(seqs) for sid, seqs in ids.items()}
     for r in requests:
         if r.session_id not in taken:
             r.error = Session.DoesNotExist(f"session {r.session_id} does not exist")
             continue
-        first = r.first = taken[r.session_id]
+        first = taken[r.session_id]
         taken[r.session_id] = first + len(r.items)
-        by_seq = ids[r.session_id]
-        r.ids = [by_seq[first + i] for i in range(len(r.items))]
+        r.events = [
+            Event(
+                id=ids[r.session_id][first + i],
+                session_id=r.session_id,
+                run_id=r.run_id,
+                seq=first + i,
+                type=t,
+                payload=p,
+                created=r.created,
+            )
+            for i, (t, p) in enumerate(r.items)
+        ]
 
 
 def _prepared_cursor():
@@ -317,7 +308,7 @@ class _GroupCommit:
             if connection.connection is not None and connection.settings_dict.get("OPTIONS", {}).get("pool"):
                 connection.close()
             request.woken.wait()
-            if request.done:
+            if request.events is not None or request.error is not None:
                 return request.result()
             # Woken without a result: it is our turn to write.
         with self.lock:
@@ -355,7 +346,7 @@ class _GroupCommit:
             return
         log.info("a batch of %s emits failed (%s); writing them one by one", len(batch), failure)
         for request in batch:  # find the one that spoiled the batch; the others still get written
-            request.ids = request.error = None
+            request.events = request.error = None
             try:
                 _insert_postgres([request])
             except BaseException as exc:  # noqa: BLE001
