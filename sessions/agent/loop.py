@@ -14,7 +14,7 @@ saved on the Run by statements a step makes anyway: with the model call's usage 
 the conversation, and with the next step's heartbeat once its tool results are. Each of those shares
 one commit with the events around it: the reply's usage, text and first ``tool_started`` go together
 (before the tool runs), the last ``tool_finished`` goes with the heartbeat (or before the runner
-saves the workspace), so a step costs two commits, not five. A run resumed from
+saves the workspace), so a step costs two commits instead of four (five with text). A run resumed from
 the first kind has the reply's tool calls still to answer: those that finished are answered from
 their ``tool_finished`` events, the one that was running is closed as interrupted (an event with
 ``interrupted: true``, a tool result telling the model), the rest are run.
@@ -94,8 +94,9 @@ def run_agent(
     count is not written here as well. ``messages`` may be a checkpoint's conversation (with
     ``run.steps`` and ``todos`` from it too): a reply whose tool calls are unanswered is finished first.
     ``after_step(tools, flush)`` is called after each step the run goes on from, with the tools it
-    ran (the runner saves the workspace there, after calling ``flush`` to write the step's events). ``toolset``: the run's tools and limits
-    (sessions/agent/toolset.py ``build_toolset``); without it, the built-in workspace tools.
+    ran (the runner saves the workspace there, after calling ``flush`` to write the step's events).
+    ``toolset``: the run's tools and limits (sessions/agent/toolset.py ``build_toolset``); without
+    it, the built-in workspace tools.
     """
     transcript = list(messages)
     try:
