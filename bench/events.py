@@ -5,8 +5,10 @@ emit() for its own session as fast as it can, one event per call, every call ret
 its row is committed (synchronous_commit on), measured over all N from start to the last return.
 Reported for N = 1, 20 and 100, each with group commit on (the default: concurrent emits of a
 process share one statement and commit) and off (one statement and commit per emit), plus one
-emitter calling emit_many() with batches of 100 (how bulky output should be written). Prints JSON
-with the machine's load average, since other work on a 2-core machine moves these numbers.
+emitter calling emit_many() with batches of 100 (how bulky output should be written). Each figure
+comes with the CPU it cost per event, in this process and in its Postgres backends (from /proc),
+which other work on the machine moves much less than events/s. Prints JSON with the machine's load
+average, since other work on a 2-core machine moves these numbers.
 
     .venv/bin/python bench/events.py [--events 6000]
 """
@@ -51,14 +53,48 @@ def emit_loop(session_id: int, count: int, batch: int = 1) -> None:
     connection.close()
 
 
-def measure(sessions: list[int], per_run: int, batch: int = 1) -> float:
+def backends_cpu_s() -> float:
+    """CPU seconds used so far by the bench database's Postgres backends (same host: /proc)."""
+    import psycopg
+    from django.db import connection
+
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"], port=settings["PORT"] or 5432, user=settings["USER"], dbname="postgres",
+        password=settings["PASSWORD"] or None, autocommit=True,
+    ) as conn:  # fmt: skip
+        pids = [
+            r[0]
+            for r in conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", [settings["NAME"]])
+        ]
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone, or not on this host
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def measure(sessions: list[int], per_run: int, batch: int = 1) -> dict:
     threads = [threading.Thread(target=emit_loop, args=(s, per_run, batch)) for s in sessions]
+    total = len(sessions) * per_run
+    pg_before, cpu_before = backends_cpu_s(), time.process_time()
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return round(len(sessions) * per_run / (time.perf_counter() - start), 1)
+    elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu_before
+    # Backends that ended during the run (a pooled connection closed) are not counted: a floor.
+    pg = backends_cpu_s() - pg_before
+    return {
+        "events_per_s": round(total / elapsed, 1),
+        "process_cpu_us_per_event": round(cpu / total * 1e6, 1),
+        "postgres_cpu_us_per_event": round(pg / total * 1e6, 1),
+    }
 
 
 def main() -> None:
@@ -79,14 +115,13 @@ def main() -> None:
         for emitters in (1, 20, 100):
             batches = events._group_commit().batches
             per = max(1, args.events // emitters) if emitters > 1 else min(args.events, 3000)
-            rate = measure(make_sessions(emitters), per)
-            entry = {"events_per_s": rate}
+            entry = measure(make_sessions(emitters), per)
             if group_commit:
                 statements = events._group_commit().batches - batches
                 entry["events_per_statement"] = round(emitters * per / max(statements, 1), 1)
             result.setdefault(key, {})[f"{emitters}_emitters"] = entry
     settings.EVENTS_GROUP_COMMIT = True
-    result["one_emitter_emit_many_100_events_per_s"] = measure(make_sessions(1), args.events, batch=100)
+    result["one_emitter_emit_many_100"] = measure(make_sessions(1), args.events, batch=100)
     result["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result, indent=2))
 

@@ -175,15 +175,18 @@ ins AS (
     RETURNING id, session_id, seq
 ),
 nt AS (
-    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', (
-        SELECT json_agg(json_build_object(
-            'seq', k.seq, 'type', k.type, 'payload', k.payload, 'created', k.created, 'run', k.run_id
-        ) ORDER BY k.seq) FROM k WHERE k.session_id = s.id AND k.noted
-    ))::text)
-    FROM s WHERE %(notify)s
+    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', g.e)::text)
+    FROM s LEFT JOIN (
+        SELECT session_id, json_agg(json_build_object(
+            'seq', seq, 'type', type, 'payload', payload, 'created', created, 'run', run_id
+        ) ORDER BY seq) AS e
+        FROM k WHERE noted GROUP BY session_id
+    ) g ON g.session_id = s.id
+    WHERE %(notify)s
 )
 SELECT id, session_id, seq FROM ins WHERE (SELECT count(*) FROM nt) >= 0
 """
+_PG_SQL = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db_table)
 # Room for the envelope and the seqs and keys a notification adds to the events' own JSON.
 _NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48
 
@@ -210,10 +213,9 @@ def _insert_postgres(requests: list[_Request]) -> None:
     # Each item's JSON list ends with "]": append the "noted" flag before it.
     flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
     document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
-    sql = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db_table)
     params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
     with _prepared_cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_PG_SQL, params)
         returned = cursor.fetchall()
     ids: dict[int, dict[int, int]] = defaultdict(dict)
     for pk, session_id, seq in returned:

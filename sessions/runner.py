@@ -23,6 +23,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
@@ -658,17 +659,20 @@ class Runner:
 
     # --- resuming -------------------------------------------------------------------------------
 
-    def after_step(self, tools: list[str]) -> None:
+    def after_step(self, tools: list[str], before_saving: Callable[[], None] | None = None) -> None:
         """Save the workspace every DEPUTIES_CHECKPOINT_EVERY steps that may have changed it.
 
         An empty diff is saved too: it says the work so far was undone, so an older one must not
-        be restored.
+        be restored. ``before_saving`` writes what the loop held back of the step (its last
+        tool_finished, otherwise written with the next heartbeat), so it is shown first.
         """
         if any(name not in READ_ONLY_TOOLS for name in tools):
             self.unsaved_steps += 1
         if self.unsaved_steps < settings.CHECKPOINT_EVERY:
             return
         self.unsaved_steps = 0
+        if before_saving is not None:
+            before_saving()
         store_artifact(
             self.session.pk,
             Artifact.Kind.CHECKPOINT,

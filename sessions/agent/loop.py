@@ -11,7 +11,10 @@ conversation for the follow-up run.
 
 Checkpoints, for resuming after a lost worker: the state (conversation, todo list, step count) is
 saved on the Run by statements a step makes anyway: with the model call's usage once the reply is in
-the conversation, and with the next step's heartbeat once its tool results are. A run resumed from
+the conversation, and with the next step's heartbeat once its tool results are. Each of those shares
+one commit with the events around it: the reply's usage, text and first ``tool_started`` go together
+(before the tool runs), the last ``tool_finished`` goes with the heartbeat (or before the runner
+saves the workspace), so a step costs two commits instead of four (five with text). A run resumed from
 the first kind has the reply's tool calls still to answer: those that finished are answered from
 their ``tool_finished`` events, the one that was running is closed as interrupted (an event with
 ``interrupted: true``, a tool result telling the model) unless it is safe to run again (the session
@@ -82,7 +85,7 @@ def run_agent(
     client: LLMClient | None = None,
     save_steps: bool = True,
     todos: list[dict[str, str]] | None = None,
-    after_step: Callable[[list[str]], None] | None = None,
+    after_step: Callable[[list[str], Callable[[], None]], None] | None = None,
     toolset: Toolset | None = None,
 ) -> AgentResult:
     """Drive the conversation ``messages`` (canonical format, system prompt first) to an end.
@@ -92,9 +95,10 @@ def run_agent(
     ``save_steps=False``: the caller ends the run (``Run.finish`` saves the step count), so the
     count is not written here as well. ``messages`` may be a checkpoint's conversation (with
     ``run.steps`` and ``todos`` from it too): a reply whose tool calls are unanswered is finished first.
-    ``after_step(tools)`` is called after each step the run goes on from, with the tools it ran
-    (the runner saves the workspace there). ``toolset``: the run's tools and limits
-    (sessions/agent/toolset.py ``build_toolset``); without it, the built-in workspace tools.
+    ``after_step(tools, flush)`` is called after each step the run goes on from, with the tools it
+    ran (the runner saves the workspace there, after calling ``flush`` to write the step's events).
+    ``toolset``: the run's tools and limits (sessions/agent/toolset.py ``build_toolset``); without
+    it, the built-in workspace tools.
     """
     transcript = list(messages)
     try:
@@ -118,7 +122,7 @@ class _Agent:
         llm: LLMClient,
         transcript: list[dict[str, Any]],
         todos: list[dict[str, str]] | None = None,
-        after_step: Callable[[list[str]], None] | None = None,
+        after_step: Callable[[list[str], Callable[[], None]], None] | None = None,
         toolset: Toolset | None = None,
     ):
         self.run = run
@@ -141,6 +145,10 @@ class _Agent:
         self.todos = todos
         self.after_step = after_step
         self.answer: AttemptRecord | None = None  # the successful attempt, recorded with its reply
+        # Written with the next event (one commit per step boundary instead of one per write): the
+        # reply's attempt (LLMCall, usage, checkpoint) and the events that follow it.
+        self.unsaved: tuple[AttemptRecord, dict[str, Any]] | None = None
+        self.unsent: list[tuple[str, dict[str, Any]]] = []
         self.recorded: dict[str, dict[str, Any]] = {}  # call id -> its events from a lost attempt
 
     def checkpoint(self) -> dict[str, Any]:
@@ -148,16 +156,43 @@ class _Agent:
         return {"steps": self.run.steps, "transcript": self.transcript, "todos": self.todos}
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
-        emit(self.run.session_id, type, payload, run_id=self.run.pk)
+        self.emit_all([(type, payload)])
 
     def emit_all(self, events: list[tuple[str, dict[str, Any]]]) -> None:
-        if events:
+        """Write ``events`` now, after whatever was held back, in one transaction with the reply's
+        attempt when that is still unsaved."""
+        events = self.unsent + events
+        self.unsent = []
+        if self.unsaved is not None:
+            (answer, checkpoint), self.unsaved = self.unsaved, None
+            self.save_attempt(answer, checkpoint, events)
+        elif len(events) == 1:
+            emit(self.run.session_id, *events[0], run_id=self.run.pk)
+        elif events:
             emit_many(self.run.session_id, events, run_id=self.run.pk)
+
+    def flush(self) -> None:
+        if self.unsent or self.unsaved is not None:
+            self.emit_all([])
+
+    def beat(self) -> bool:
+        """Heartbeat with the checkpoint; the last step's held-back events share its commit."""
+        if not self.unsent and self.unsaved is None:
+            return self.run.beat(self.checkpoint())
+        with transaction.atomic():
+            self.flush()
+            return self.run.beat(self.checkpoint())
 
     def result(self, status: str, summary: str = "", error: str = "") -> AgentResult:
         return AgentResult(status, summary, self.transcript, error, list(self.tools_called))
 
     def loop(self) -> AgentResult:
+        try:
+            return self.drive()
+        finally:
+            self.flush()  # however the loop ends, what it held back is written
+
+    def drive(self) -> AgentResult:
         max_steps = self.toolset.max_steps or settings.AGENT_MAX_STEPS
         unanswered = self.unanswered()
         if unanswered is not None:  # resumed mid-step: finish the step the lost attempt was in
@@ -166,7 +201,7 @@ class _Agent:
                 return end
         while self.run.steps < max_steps:
             # Also persists the step count and the checkpoint; False once cancelled.
-            if not self.run.beat(self.checkpoint()):
+            if not self.beat():
                 return self.result(CANCELLED, error="cancelled")
             self.take_steers()
             if problem := self.budget.problem() or self.time_problem():
@@ -178,12 +213,12 @@ class _Agent:
             except LLMError as exc:
                 return self.result(FAILED, error=str(exc))
             self.transcript.append(response.to_message())
-            if self.answer is not None:  # its usage, and the checkpoint with the reply: one statement
-                answer, self.answer = self.answer, None
-                self.save_attempt(answer, self.checkpoint())
+            if self.answer is not None:  # its usage and the checkpoint with the reply, written with
+                answer, self.answer = self.answer, None  # the first event of the step (tool_started)
+                self.unsaved = (answer, {**self.checkpoint(), "transcript": list(self.transcript)})
             text = response.text.strip()
             if text:
-                self.emit("assistant_text", {"text": _clip(text, EVENT_TEXT_LIMIT)})
+                self.unsent.append(("assistant_text", {"text": _clip(text, EVENT_TEXT_LIMIT)}))
             if not response.tool_calls:
                 return self.result(COMPLETED, summary=text)
             if (end := self.act(response.tool_calls, text)) is not None:
@@ -239,7 +274,8 @@ class _Agent:
         if summary is not None:
             return self.result(COMPLETED, summary=summary)
         if self.after_step is not None:
-            self.after_step([c.name for c in calls])
+            # Whatever it saves comes after this step's events, so it writes them first.
+            self.after_step([c.name for c in calls], self.flush)
         return None
 
     def time_problem(self) -> str | None:
@@ -274,7 +310,13 @@ class _Agent:
             return
         self.save_attempt(record)
 
-    def save_attempt(self, record: AttemptRecord, checkpoint: dict[str, Any] | None = None) -> None:
+    def save_attempt(
+        self,
+        record: AttemptRecord,
+        checkpoint: dict[str, Any] | None = None,
+        then: list[tuple[str, dict[str, Any]]] | None = None,
+    ) -> None:
+        """``then``: events that follow the attempt's own, written in its transaction."""
         usage = record.usage
         ok = record.outcome == LLMCall.Outcome.OK and usage is not None
         cost = cost_usd(record.model_key, usage) if ok else Decimal("0")
@@ -298,7 +340,7 @@ class _Agent:
                 error=record.error[:ERROR_LIMIT],
             )
             if ok:
-                self.emit(
+                event = (
                     "usage",
                     {
                         "input_tokens": usage.input_tokens,
@@ -309,7 +351,7 @@ class _Agent:
                     },
                 )
             else:
-                self.emit(
+                event = (
                     "llm_error",
                     {
                         "error": _clip(record.error, 500),
@@ -317,6 +359,7 @@ class _Agent:
                         "will_retry": record.outcome == LLMCall.Outcome.RETRY,
                     },
                 )
+            emit_many(self.run.session_id, [event, *(then or [])], run_id=self.run.pk)
 
     def run_tool(self, call: ToolCall) -> ToolResult | None:
         """Run one tool call; a ToolError goes back to the model as the result text.
@@ -385,7 +428,7 @@ class _Agent:
             events.append(("todo", {"todos": result.todos}))
         if result is not None and result.progress:
             events.append(("progress", {"message": result.progress}))
-        self.emit_all(events)
+        self.unsent += events  # written by whatever comes next: a tool_started, the heartbeat
         self.transcript.append({"role": "tool", "tool_call_id": call.id, "content": text})
         return result
 
