@@ -82,6 +82,21 @@ def _cursor():
     return prepared_cursor()
 
 
+def _execute(sql: str, params: list, fetch: bool = False) -> list | None:
+    """One queue statement; a dropped connection gets one fresh try now, else the caller's (the
+    pusher's, the monitor's) own error handling."""
+    for last in (False, True):
+        try:
+            with _cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.fetchall() if fetch else None
+        except DatabaseError:
+            if last:
+                raise
+            connections[Conf.ORM].close()
+    return None
+
+
 class NotifyingORM(ORM):
     """On Postgres, enqueue and dequeue are one statement each (django-q2's ORM broker takes two,
     and 1 + N for a dequeue, each after a connection check)."""
@@ -106,17 +121,7 @@ class NotifyingORM(ORM):
         now = timezone.now()
         sql = _DEQUEUE.format(table=OrmQ._meta.db_table)
         params = [now + timedelta(seconds=Conf.RETRY), self.list_key, now, Conf.BULK]
-        conn = connections[Conf.ORM]
-        try:
-            with _cursor() as cursor:
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
-        except DatabaseError:
-            # A dropped connection: one fresh try now, else the pusher's own error handling.
-            conn.close()
-            with _cursor() as cursor:
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
+        rows = _execute(sql, params, fetch=True)
         if rows:
             return sorted(rows)
         self._wait(Conf.POLL)
@@ -126,14 +131,7 @@ class NotifyingORM(ORM):
         """The acknowledgement (once per task, in the monitor): one plain statement."""
         if not is_postgres(Conf.ORM):
             return super().delete(task_id)
-        conn, sql = connections[Conf.ORM], f"DELETE FROM {OrmQ._meta.db_table} WHERE id = %s"
-        try:
-            with _cursor() as cursor:
-                cursor.execute(sql, [task_id])
-        except DatabaseError:  # a dropped connection: one fresh try
-            conn.close()
-            with _cursor() as cursor:
-                cursor.execute(sql, [task_id])
+        _execute(f"DELETE FROM {OrmQ._meta.db_table} WHERE id = %s", [task_id])
 
     def _lock(self, tasks):
         task_list = []

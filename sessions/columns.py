@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connection, models
 
 
@@ -36,14 +37,45 @@ class Columns:
 
 
 def prepared_cursor():
-    """On Postgres, a cursor whose statements Postgres prepares once per connection (see
-    sessions/events.py): planning a statement of the hot paths costs it about what running it
-    does. Elsewhere Django's own cursor."""
-    if connection.vendor != "postgresql":
-        return connection.cursor()
-    from sessions.events import _prepared_cursor
+    """A Django cursor (query logging and execute wrappers included) whose statements Postgres
+    prepares once per connection: planning a statement of the hot paths (the events insert, the
+    claim) costs it about what running it does. Elsewhere, or with DEPUTIES_DB_PREPARED_STATEMENTS
+    off, Django's own cursor.
 
-    return _prepared_cursor()
+    Django's own cursors bind client-side and never prepare; Django turns psycopg's automatic
+    preparing off (``prepare_threshold=None``), which also refuses explicit ``prepare=True``, so
+    the threshold is set out of reach instead: only this cursor's statements get prepared."""
+    global _PreparedCursor
+    if connection.vendor != "postgresql" or not settings.DB_PREPARED_STATEMENTS:
+        return connection.cursor()
+    if _PreparedCursor is None:
+        import psycopg
+
+        class PreparedCursor(psycopg.Cursor):
+            def execute(self, query, params=None, **kwargs):
+                return super().execute(query, params, prepare=True)
+
+            def _send_query_prepared(self, name, pgq, **kwargs):
+                self._query = pgq  # what Django's query log reads (psycopg sets it only unprepared)
+                return super()._send_query_prepared(name, pgq, **kwargs)
+
+        _PreparedCursor = PreparedCursor
+    connection.ensure_connection()
+    raw = connection.connection
+    if raw.prepare_threshold is None:
+        raw.prepare_threshold = 1 << 30
+    if not getattr(raw, "_deputies_generic_plans", False) and not connection.in_atomic_block:
+        # Postgres would plan a custom plan per execution (no cheaper than not preparing); the
+        # generic plan is right for any batch. Only prepared statements are affected, and only
+        # ours are prepared. Outside a transaction, so no rollback can undo it.
+        with connection.cursor() as cursor:
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+        raw._deputies_generic_plans = True
+    with connection.wrap_database_errors:
+        return connection._prepare_cursor(_PreparedCursor(raw))
+
+
+_PreparedCursor = None
 
 
 def exists(model: type[models.Model], where: str, params: Sequence[Any]) -> bool:

@@ -53,6 +53,7 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, connection, transaction
 from django.utils import timezone
 
+from sessions.columns import prepared_cursor
 from sessions.models import Event, Session
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def _insert_postgres(requests: list[_Request]) -> None:
     flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
     document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
     params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
-    with _prepared_cursor() as cursor:
+    with prepared_cursor() as cursor:
         cursor.execute(_PG_SQL, params)
         returned = cursor.fetchall()
     ids: dict[int, dict[int, int]] = defaultdict(dict)
@@ -239,45 +240,6 @@ def _insert_postgres(requests: list[_Request]) -> None:
             )
             for i, (t, p) in enumerate(r.items)
         ]
-
-
-def _prepared_cursor():
-    """A Django cursor (query logging and execute wrappers included) whose statement Postgres
-    prepares once per connection: planning _PG_INSERT from scratch costs about as much as running
-    it. Django's own cursors bind client-side and never prepare; Django turns psycopg's automatic
-    preparing off (``prepare_threshold=None``), which also refuses explicit ``prepare=True``, so
-    the threshold is set out of reach instead: only this cursor's statements get prepared."""
-    global _PreparedCursor
-    if _PreparedCursor is None:
-        import psycopg
-
-        class PreparedCursor(psycopg.Cursor):
-            def execute(self, query, params=None, **kwargs):
-                return super().execute(query, params, prepare=True)
-
-            def _send_query_prepared(self, name, pgq, **kwargs):
-                self._query = pgq  # what Django's query log reads (psycopg sets it only unprepared)
-                return super()._send_query_prepared(name, pgq, **kwargs)
-
-        _PreparedCursor = PreparedCursor
-    if not settings.DB_PREPARED_STATEMENTS:
-        return connection.cursor()
-    connection.ensure_connection()
-    raw = connection.connection
-    if raw.prepare_threshold is None:
-        raw.prepare_threshold = 1 << 30
-    if not getattr(raw, "_deputies_generic_plans", False) and not connection.in_atomic_block:
-        # Postgres would plan a custom plan per execution (no cheaper than not preparing); the
-        # generic plan is right for any batch. Only prepared statements are affected, and only
-        # ours are prepared. Outside a transaction, so no rollback can undo it.
-        with connection.cursor() as cursor:
-            cursor.execute("SET plan_cache_mode = force_generic_plan")
-        raw._deputies_generic_plans = True
-    with connection.wrap_database_errors:
-        return connection._prepare_cursor(_PreparedCursor(raw))
-
-
-_PreparedCursor = None
 
 
 class _GroupCommit:

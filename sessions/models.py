@@ -990,9 +990,8 @@ class Run(models.Model):
             Message.objects.filter(run=self, status=Message.Status.CLAIMED).update(status=message_status)
             Session.objects.select_for_update(no_key=True).filter(pk=self.session_id).exists()
             Session.objects.filter(pk=self.session_id).update(**fields)
-            team = Team.objects.get(sessions=self.session_id)
-            source = Session.objects.values_list("source", flat=True).get(pk=self.session_id)
-            return team.pk, team.concurrency_limit(), source
+            session = Session.objects.select_related("team").get(pk=self.session_id)
+            return session.team_id, session.team.concurrency_limit(), session.source
         # Session columns through the model's own fields, so JSON and the like are adapted as the
         # ORM would adapt them.
         params: dict = {}

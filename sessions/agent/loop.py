@@ -375,12 +375,11 @@ class _Agent:
             {"call_id": call.id, "name": call.name, "arguments": _event_arguments(call.arguments)},
         )
         events: list[tuple[str, dict[str, Any]]] = []
-        if recorded:
-            pass  # run again (RERUNNABLE): its tool_started is the lost attempt's
-        elif call.name in INSTANT_TOOLS:
-            events.append(started)  # written with tool_finished, in order
-        else:
-            self.emit(*started)  # shown while the tool runs
+        if not recorded:  # run again (RERUNNABLE): its tool_started is the lost attempt's
+            if call.name in INSTANT_TOOLS:
+                events.append(started)  # written with tool_finished, in order
+            else:
+                self.emit(*started)  # shown while the tool runs
         result: ToolResult | None = None
         try:
             if call.name in SESSION_TOOLS and any(spec["name"] == call.name for spec in self.tool_specs):
