@@ -158,6 +158,26 @@ class NotifyingORM(ORM):
             sleep(timeout)
 
 
+def acknowledge(task_id) -> None:
+    """Delete a taken task: it is done, or something else (a run's lease) looks after it now."""
+    from django_q.brokers import get_broker
+
+    get_broker().acknowledge(task_id)
+
+
+def hold(task_ids: list) -> None:
+    """Push back the redelivery of tasks this process is still working on by another ``retry``
+    (deputies/worker.py, every third of it): ``retry`` only has to outlast a lost worker, not the
+    longest task."""
+    if not task_ids:
+        return
+    lock = timezone.now() + timedelta(seconds=Conf.RETRY)
+    if not is_postgres(Conf.ORM):
+        OrmQ.objects.using(Conf.ORM).filter(pk__in=task_ids).update(lock=lock)
+        return
+    _execute(f"UPDATE {OrmQ._meta.db_table} SET lock = %s WHERE id = ANY(%s)", [lock, list(task_ids)])
+
+
 class _Deferred:
     """Puts a task in the queue table with its lock at ``eta``: ``dequeue`` only takes rows whose lock
     has passed, so the table itself is the due-time queue (no worker thread sleeps on it, and the

@@ -333,6 +333,10 @@ EVENTS_GROUP_COMMIT = envbool("DEPUTIES_EVENTS_GROUP_COMMIT", True)
 DB_PREPARED_STATEMENTS = envbool("DEPUTIES_DB_PREPARED_STATEMENTS", True)
 
 # --- Queue (django-q2, ORM broker) ----------------------------------------------------------
+# A running run whose heartbeat is older than this lost its worker; it is queued again and resumes
+# from its last step. Each worker process beats for all its runs every third of it (sessions/
+# workpool.py, Heartbeat), however long a step takes, and checks for lost runs every few seconds.
+RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", 30, minimum=2)
 RUN_TIMEOUT = envint("DEPUTIES_RUN_TIMEOUT", 3600, minimum=10)
 # Each worker process runs up to this many runs at once, on threads (sessions/workpool.py). SQLite
 # serialises writes, so it gets fewer.
@@ -342,20 +346,24 @@ RUNS_PER_WORKER = envint(
 # Seconds a stopping worker process waits for its runs before leaving them to lease recovery.
 WORKER_GRACE = envint("DEPUTIES_WORKER_GRACE", 10, minimum=0)
 _workers = envint("DEPUTIES_WORKERS", 1, minimum=1)
+QUEUE_RETRY = 2 * RUN_LEASE_SECONDS
 Q_CLUSTER = {
     "name": "deputies",
     "orm": "default",
     "workers": _workers,
-    # A run task returns once its run has started on the pool; it only blocks while the pool is
-    # full, and gives up (requeues the run) before this timeout, which would kill the whole process.
-    "timeout": RUN_TIMEOUT,
+    # qcluster only: a run task returns once its run has started on the pool; it only blocks while
+    # the pool is full, and gives up (requeues the run) before this timeout, which would kill the
+    # whole process. ``deputies worker`` never kills a task.
+    "timeout": QUEUE_RETRY,
     # Recycling (or an RSS limit) ends a worker process, and with it the runs on its threads.
     "recycle": None,
     "max_rss": None,
     # Prefetch little: a task waiting behind a full pool is better taken by another process.
     "queue_limit": _workers,
-    # retry must exceed timeout, or a slow run is delivered twice while still running.
-    "retry": RUN_TIMEOUT + 120,
+    # How long a task taken by a lost worker waits to be delivered again. A run task is
+    # acknowledged once its run is claimed (the run's lease covers it from there), and `deputies
+    # worker` keeps pushing this back for the tasks it is still working on (deputies/worker.py).
+    "retry": QUEUE_RETRY,
     "max_attempts": envint("DEPUTIES_TASK_MAX_ATTEMPTS", 2, minimum=1),
     # Workers are woken by LISTEN/NOTIFY on Postgres; the poll is the fallback (and SQLite's pace).
     "broker_class": "deputies.broker.NotifyingORM",
@@ -369,7 +377,7 @@ Q_CLUSTER = {
     "label": "Queue",
     "sync": envbool("DEPUTIES_QUEUE_SYNC", False),
 }
-RUN_SLOT_WAIT = max(1, RUN_TIMEOUT - 60)
+RUN_SLOT_WAIT = max(1, QUEUE_RETRY - 2)
 
 # --- Sandboxes --------------------------------------------------------------------------------
 SANDBOX_PROVIDER = envchoice("DEPUTIES_SANDBOX_PROVIDER", "local", ("local", "docker"))
@@ -391,10 +399,6 @@ TEAM_MONTHLY_BUDGET_USD = envfloat("DEPUTIES_TEAM_MONTHLY_BUDGET_USD", 0.0, mini
 TEAM_MAX_CONCURRENT_RUNS = envint("DEPUTIES_TEAM_MAX_CONCURRENT_RUNS", 0, minimum=0)
 # No sandbox lives longer than this, used or not: its next run starts from a fresh one.
 SANDBOX_MAX_AGE = envint("DEPUTIES_SANDBOX_MAX_AGE", 86400, minimum=60)
-# A running run whose heartbeat is older than this lost its worker; it is queued again and resumes
-# from its last step. Each worker process beats for all its runs every third of it (sessions/
-# workpool.py, Heartbeat), however long a step takes, and checks for lost runs every few seconds.
-RUN_LEASE_SECONDS = envint("DEPUTIES_RUN_LEASE", 30, minimum=2)
 # A run whose worker was lost this many times fails instead of being queued again.
 RUN_MAX_RECOVERIES = envint("DEPUTIES_RUN_MAX_RECOVERIES", 3, minimum=0)
 # Save the workspace (its diff against the base commit, an artifact) after every Nth agent step that

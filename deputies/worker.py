@@ -15,12 +15,14 @@ and N workers, each a forked Django of 60-80 MB), because runs now live on threa
 
 The loop: reserve a run slot (while the pool is full it takes nothing, so other workers get the
 work), dequeue one task, and either start it on the pool, where the run's own thread claims it and
-acknowledges the task once the run is claimed (from then on its lease protects it), or hand any other task (schedules: stale
-run recovery, the sandbox reaper) to a small side executor that saves its result as qcluster does.
-Every 30 s it runs the django-q2 scheduler, like qcluster's sentinel, and every few seconds
-(``recovery_interval``) it looks for runs whose worker was lost (``Run.recover_stale``: one indexed
-query when there are none), so a killed worker's runs resume within about one ``DEPUTIES_RUN_LEASE``
-instead of waiting for the every-minute schedule.
+acknowledges the task in the claim's statement (from then on the run's lease protects it), or hand
+any other task (schedules: stale run recovery, the sandbox reaper) to a small side executor that
+saves its result as qcluster does. Every 30 s it runs the django-q2 scheduler, like qcluster's
+sentinel, and every few seconds (``recovery_interval``) it looks for runs whose worker was lost
+(``Run.recover_stale``: one indexed query when there are none), so a killed worker's runs resume
+within about one ``DEPUTIES_RUN_LEASE`` instead of waiting for the every-minute schedule. A task
+taken and not acknowledged yet is held (``hold``); one whose worker was lost comes back after the
+queue's ``retry``, two leases.
 
 ``manage.py qcluster`` still works (``sessions.tasks.execute_run`` uses the same pool inside each
 qcluster worker), but ``deputies worker`` is the supported way to run workers.
@@ -62,6 +64,8 @@ class Worker:
         self.broker = get_broker()
         self.pool = get_pool()
         self.stopping = threading.Event()
+        self.taken: set = set()  # tasks being worked on, not acknowledged yet (see hold)
+        self.taken_lock = threading.Lock()
         self.side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="task")
         from django.conf import settings
 
@@ -74,6 +78,7 @@ class Worker:
 
     def serve(self) -> int:
         from django.conf import settings
+        from django_q.conf import Conf
         from django_q.scheduler import scheduler
 
         signal.signal(signal.SIGTERM, self.stop)
@@ -91,7 +96,7 @@ class Worker:
         from integrations.slack.socket_mode import start_in_worker
 
         slack = start_in_worker()  # Socket Mode beside the runs, when DEPUTIES_SLACK_APP_TOKEN is set
-        next_schedule = next_recovery = next_beat = 0.0
+        next_schedule = next_recovery = next_beat = next_hold = 0.0
         while not self.stopping.is_set():
             if time.monotonic() >= next_beat:
                 from sessions.models import WorkerProcess
@@ -104,6 +109,9 @@ class Worker:
             if time.monotonic() >= next_recovery:
                 next_recovery = time.monotonic() + recovery_interval()
                 self.recover()
+            if time.monotonic() >= next_hold:
+                next_hold = time.monotonic() + Conf.RETRY / 3
+                self.hold()
             if not self.pool.reserve(wait=1.0):
                 continue  # full: leave the queue to other workers
             try:
@@ -162,6 +170,30 @@ class Worker:
         finally:
             release_connection()
 
+    def take(self, ack_id) -> None:
+        with self.taken_lock:
+            self.taken.add(ack_id)
+
+    def release(self, ack_id) -> None:
+        with self.taken_lock:
+            self.taken.discard(ack_id)
+
+    def hold(self) -> None:
+        """Keep the tasks this process is still working on (a long schedule, a slow delivery, a run
+        not claimed yet) from being delivered again: the queue's ``retry`` is a couple of leases,
+        how long a lost worker's tasks wait, not how long a task may take."""
+        from deputies.broker import hold
+        from sessions.workpool import release_connection
+
+        with self.taken_lock:
+            ids = sorted(self.taken)
+        try:
+            hold(ids)
+        except Exception as exc:  # the database is away: the next pass retries
+            log.warning("could not hold tasks %s (%s: %s)", ids, type(exc).__name__, exc)
+        finally:
+            release_connection()
+
     def handle(self, ack_id, payload, reserved: bool) -> None:
         from django_q.conf import Conf
         from django_q.signing import BadSignature, SignedPackage
@@ -182,6 +214,7 @@ class Worker:
             return
         if reserved:
             self.pool.unreserve()
+        self.take(ack_id)
         if task["func"] == DELIVERY_TASK:
             self.deliveries.submit(self.deliver, task)
             return
@@ -203,6 +236,7 @@ class Worker:
                 self.broker.acknowledge(task["ack_id"])
             except Exception:
                 log.exception("could not acknowledge delivery task %s", task.get("name"))
+            self.release(task["ack_id"])
             connection.close()
 
     def start_run(self, task: dict) -> None:
@@ -216,6 +250,7 @@ class Worker:
         from django.db import connection
 
         run_id = int(task["args"][0])
+        self.take(task["ack_id"])
         try:
             self.pool.start(run_id, lambda: self.claim_and_run(run_id, task["ack_id"]))
         finally:
@@ -225,11 +260,12 @@ class Worker:
         from sessions.runner import Runner, claim
 
         try:
-            run, why = claim(run_id)
+            run, why = claim(run_id, ack_id)  # acknowledges the task (with the claim, on Postgres)
         except Exception:
             log.exception("could not claim run %s; the queue will deliver it again", run_id)
             return "not claimed"
-        self.broker.acknowledge(ack_id)
+        finally:
+            self.release(ack_id)
         if run is None:
             return why
         return Runner(run).execute()
@@ -255,6 +291,7 @@ class Worker:
             if task["success"] or task.get("ack_failure"):
                 self.broker.acknowledge(task["ack_id"])
         finally:
+            self.release(task["ack_id"])
             connection.close()
 
     def shutdown(self) -> int:

@@ -740,9 +740,16 @@ class Run(models.Model):
     # The claim of a team without a limit (_CLAIM's guard) that also reads what the runner needs:
     # the run with its session, repository, environment, team and profile (select_related's rows),
     # the claimed messages and a few facts that spare the runner a query each. One round trip.
+    # ``q`` acknowledges the run's queue task in the claim's transaction (``ack``: its id, or NULL),
+    # unless the run is left queued for ``claim`` to take under its team's lock: from the claim on,
+    # the run's lease protects it, and until then the queue does (deputies/worker.py).
     _CLAIM_LOADED = (
         _CLAIM_WITH.replace("{guard}", UNLIMITED_GUARD)
-        + """
+        + """,
+    q AS (
+        DELETE FROM {queue} WHERE id = %(ack)s AND (EXISTS (SELECT 1 FROM r)
+            OR COALESCE((SELECT status FROM lim) <> %(queued)s OR (SELECT n FROM lim) = 0, true))
+    )
     SELECT (SELECT status FROM lim), (SELECT n FROM lim), r.first, (SELECT count(*) FROM s),
         (SELECT json_agg(m.content ORDER BY m.position) FROM m),
         NOT EXISTS (SELECT 1 FROM {run} o WHERE o.session_id = r.session_id AND o.id <> r.id),
@@ -761,18 +768,19 @@ class Run(models.Model):
     _claim_loaded_sql: tuple[str, list] | None = None
 
     @classmethod
-    def claim_loaded(cls, run_id: int, owner: str) -> tuple[Run | None, str | None]:
+    def claim_loaded(cls, run_id: int, owner: str, ack: int | None = None) -> tuple[Run | None, str | None]:
         """Postgres: claim a run of a team without a concurrency limit and load it as the runner
         does (``select_related`` of its session's repository, environment, team and profile), in one
         statement. (run, "running"); or (None, its status: None when it does not exist,
-        ``LIMITED`` when its team has a limit and ``claim`` must take the team's lock)."""
+        ``LIMITED`` when its team has a limit and ``claim`` must take the team's lock). ``ack`` is
+        the queue task (on this database) acknowledged in the same statement, except when LIMITED."""
 
         if cls._claim_loaded_sql is None:
             cls._claim_loaded_sql = cls._build_claim_loaded()
         sql, parts = cls._claim_loaded_sql
         with transaction.atomic():
             with prepared_cursor() as cursor:
-                cursor.execute(sql, Run._claim_params(run_id, owner, timezone.now()))
+                cursor.execute(sql, {**Run._claim_params(run_id, owner, timezone.now()), "ack": ack})
                 row = cursor.fetchone()
             status, limit, first, session_claimed, prompts, only_run, skills, mcp = row[:8]
             if first is None:  # not claimed
@@ -812,8 +820,12 @@ class Run(models.Model):
             "run": Run, "session": Session, "team": Team, "message": Message, "repository": Repository,
             "environment": Environment, "profile": AgentProfile, "skill": Skill, "mcp": McpServer,
         }  # fmt: skip
+        from django_q.models import OrmQ
+
         sql = Run._CLAIM_LOADED.format(
-            columns=", ".join(c.sql for c in parts), **{k: m._meta.db_table for k, m in tables.items()}
+            columns=", ".join(c.sql for c in parts),
+            queue=OrmQ._meta.db_table,
+            **{k: m._meta.db_table for k, m in tables.items()},
         )
         return sql, parts
 

@@ -122,23 +122,34 @@ def repository_source(url: str) -> CheckedRepository:
         raise StepFailed(f"the repository {url!r} is refused: {exc}") from None
 
 
-def claim(run_id: int) -> tuple[Run | None, str]:
+def claim(run_id: int, ack_id: int | None = None) -> tuple[Run | None, str]:
     """Load and claim a run: (the run, "claimed"), or (None, why not).
 
-    Claiming is a conditional update, so a duplicate delivery is a no-op. Workers claim before they
-    acknowledge the queue task, so from then on the run's lease is what protects it.
+    Claiming is a conditional update, so a duplicate delivery is a no-op. ``ack_id``, the run's
+    queue task, is acknowledged once the claim is decided (in the claim's own statement when the
+    queue shares its database): from then on the run's lease is what protects it, and a worker lost
+    before that leaves the task to the queue's retry (``DEPUTIES_RUN_LEASE``, deputies/broker.py).
     """
     from django.db import connection
 
+    from deputies.broker import acknowledge, queue_joins_transaction
+
     owner = worker_id()
+    why = None
     if connection.vendor == "postgresql":  # one statement, unless the run's team has a limit
-        run, status = Run.claim_loaded(run_id, owner)
-        if run is not None:
-            return run, "claimed"
-        if status is None:
-            return None, "missing"
+        joined = ack_id is not None and queue_joins_transaction()
+        run, status = Run.claim_loaded(run_id, owner, ack=ack_id if joined else None)
         if status != Run.LIMITED:
-            return None, f"skipped: run is {status}"
+            ack_id = None if joined else ack_id  # acknowledged with the claim
+            why = "claimed" if run is not None else "missing" if status is None else f"skipped: run is {status}"
+    if why is None:
+        run, why = _claim_orm(run_id, owner)
+    if ack_id is not None:
+        acknowledge(ack_id)
+    return run, why
+
+
+def _claim_orm(run_id: int, owner: str) -> tuple[Run | None, str]:
     try:
         run = Run.objects.select_related(
             "session__repository", "session__environment", "session__team", "session__profile"

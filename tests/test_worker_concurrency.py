@@ -180,3 +180,45 @@ def test_it_lets_runs_in_flight_finish_when_the_worker_is_stopped(tmp_path, team
             assert proc.returncode == 0, worker_log(env)
     assert_clean_history(session_ids)
     assert not Event.objects.filter(session_id__in=session_ids, type="run_requeued").exists()
+
+
+def test_it_delivers_again_the_run_of_a_worker_killed_before_it_claimed_it(tmp_path, team, owner, sample_repo):
+    """Killed after taking the run's queue task, before its claim committed: the run is still
+    queued and nobody's lease covers it, so the queue's own retry (two leases) brings it back."""
+    import psycopg
+    from django.db import connection
+    from django.utils import timezone
+    from django_q.models import OrmQ
+
+    from deputies.broker import listen_kwargs
+
+    if connection.vendor != "postgresql":
+        pytest.skip("holds the claim back with a Postgres row lock")
+    with start_in_thread(slow_script(1)) as fake:
+        env = worker_env(tmp_path, fake, DEPUTIES_RUN_LEASE="3")
+        [sid] = start_sessions(team, owner, sample_repo, 1)
+        run, task = Run.objects.get(session_id=sid), OrmQ.objects.get()
+        with psycopg.connect(**listen_kwargs()) as blocker, psycopg.connect(**listen_kwargs()) as watcher:
+            with blocker.transaction():  # the worker's claim waits on this lock of the run's row
+                blocker.execute(f"SELECT 1 FROM {Run._meta.db_table} WHERE id = %s FOR UPDATE", [run.pk])
+                with worker_process(env) as proc:
+
+                    def claim_waiting() -> bool:
+                        row = watcher.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND pid <> pg_backend_pid() AND wait_event_type = 'Lock' "
+                            "AND query LIKE '%%lease_owner%%'"
+                        ).fetchone()
+                        return row[0] == 1
+
+                    wait_for(claim_waiting, timeout=30, what="the worker to take the task and claim")
+                    os.kill(proc.pid, signal.SIGKILL)
+                    assert proc.wait(timeout=5) == -signal.SIGKILL
+        # The claim died with its connection: the run is queued and its task taken, not acknowledged.
+        run.refresh_from_db()
+        assert run.status == "queued" and OrmQ.objects.get(pk=task.pk).lock > timezone.now()
+        with worker_process(env, name="worker-2"):
+            wait_for(lambda: finished([sid]), timeout=30, what="the run to be delivered again")
+            log = worker_log(env, "worker-2")
+    assert_clean_history([sid])
+    assert not OrmQ.objects.filter(pk=task.pk).exists(), log
