@@ -71,6 +71,7 @@ def main() -> None:
         roots = {"web": web.pid, "worker": worker.pid, "model": fake.pid}
         cpu0 = {k: procs.cpu_seconds(procs.tree(pid)) for k, pid in roots.items()}
         pg0 = procs.pg_backend_cpu(stats, name)
+        xact0 = _transactions(stats, name)
         load_before = procs.loadavg()
         t0 = time.monotonic()
         if args.submit == "direct":
@@ -108,6 +109,7 @@ def main() -> None:
         cpu = {k: round((procs.cpu_seconds(procs.tree(pid)) - cpu0[k]) * per, 2) for k, pid in roots.items()}
         pg = procs.pg_backend_cpu(stats, name)
         cpu["postgres"] = round(sum(v - pg0.get(pid, 0.0) for pid, v in pg.items()) * per, 2)
+        transactions = round((_transactions(stats, name, settled=True) - xact0) / max(1, len(ids)), 1)
         stats.close()
         completed = Session.objects.filter(pk__in=ids, status="completed").count()
         print(
@@ -125,6 +127,8 @@ def main() -> None:
                     "wall_s": round(wall, 2),
                     "sessions_per_s": round(completed / wall, 1),
                     "cpu_ms_per_session": cpu,  # the bench's own API clients are not counted
+                    # Commits and rollbacks in the bench database (its own polling included).
+                    "transactions_per_session": transactions,
                     "loadavg_before": load_before,
                     "loadavg_after": load_after,
                 },
@@ -136,6 +140,20 @@ def main() -> None:
         procs.stop(web)
         procs.stop(fake)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _transactions(stats, name: str, settled: bool = False) -> int:
+    """The database's commits and rollbacks so far. Backends report theirs about once a second, so
+    ``settled`` reads until two reads a report interval apart agree."""
+    sql = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s"
+    last = None
+    while True:
+        stats.execute("SELECT pg_stat_clear_snapshot()")
+        now = stats.execute(sql, [name]).fetchone()[0]
+        if not settled or now == last:
+            return now
+        last = now
+        time.sleep(1.1)
 
 
 def _post(http, repository: int, prompt: str) -> int:

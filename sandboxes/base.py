@@ -158,6 +158,9 @@ class Capabilities:
     # isolated ones, or unisolated when the operator explicitly accepted it
     # (DEPUTIES_SANDBOX_ISOLATION=none). The runner withholds them otherwise.
     secrets_allowed: bool = False
+    # Whether create may take long (an image pull): the runner then shows a ``creating`` row while
+    # it runs. Other sandboxes get their row once, when they are ready.
+    slow_create: bool = False
 
 
 def secrets_withheld_reason(caps: Capabilities) -> str:

@@ -920,11 +920,13 @@ class Run(models.Model):
         *,
         session_fields: dict | None = None,
         events: list[tuple[str, dict]] | None = None,
+        sandbox_id: int | None = None,
     ) -> bool:
         """Close the run unless someone (cancel) already did; then start a run for queued follow-ups.
 
         ``session_fields`` are written to the session with its new status, and ``events`` emitted,
-        in the same transaction, only when this call closed the run.
+        in the same transaction, only when this call closed the run. The sandbox ``sandbox_id``
+        (the runner's) is marked used now in any case: its idle time starts here.
         """
         now = timezone.now()
         error = error[:10000]
@@ -937,7 +939,7 @@ class Run(models.Model):
         }
         message_status = Message.Status.DONE if status == Run.Status.COMPLETED else Message.Status.CANCELLED
         with transaction.atomic():
-            closed = self._finish_rows(status, error, now, message_status, fields)
+            closed = self._finish_rows(status, error, now, message_status, fields, sandbox_id)
             if not closed:
                 self.refresh_from_db()
                 return False
@@ -982,20 +984,25 @@ class Run(models.Model):
     ),
     s AS (
         UPDATE {session} t SET {assignments} FROM r WHERE t.id = r.session_id RETURNING t.id
-    )
+    ),
+    sb AS (UPDATE {sandbox} SET last_used = %(now)s WHERE id = %(sandbox_id)s)
     SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM m), (SELECT count(*) FROM s),
         x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s), x.source
     FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
     """
 
     def _finish_rows(
-        self, status: str, error: str, now, message_status: str, fields: dict
+        self, status: str, error: str, now, message_status: str, fields: dict, sandbox_id: int | None
     ) -> tuple[int, int, str] | None:
         """None when the run was not running; else its team's id and concurrency limit, and the
         session's source."""
         from django.db import connection
 
+        from sandboxes.models import Sandbox
+
         if connection.vendor != "postgresql":
+            if sandbox_id is not None:
+                Sandbox.objects.filter(pk=sandbox_id).update(last_used=now)
             changed = Run.objects.filter(pk=self.pk, status=Run.Status.RUNNING, attempt=self.attempt)
             if not changed.update(status=status, finished=now, error=error, steps=self.steps, checkpoint={}):
                 return None
@@ -1017,6 +1024,7 @@ class Run(models.Model):
             message=Message._meta.db_table,
             session=Session._meta.db_table,
             team=Team._meta.db_table,
+            sandbox=Sandbox._meta.db_table,
             assignments=", ".join(assignments),
         )
         params.update(
@@ -1031,6 +1039,7 @@ class Run(models.Model):
             claimed=Message.Status.CLAIMED,
             session_id=self.session_id,
             default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
+            sandbox_id=sandbox_id,
         )
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)

@@ -141,7 +141,9 @@ def claim(run_id: int, ack_id: int | None = None) -> tuple[Run | None, str]:
         run, status = Run.claim_loaded(run_id, owner, ack=ack_id if joined else None)
         if status != Run.LIMITED:
             ack_id = None if joined else ack_id  # acknowledged with the claim
-            why = "claimed" if run is not None else "missing" if status is None else f"skipped: run is {status}"
+            why = (
+                "claimed" if run is not None else "missing" if status is None else f"skipped: run is {status}"
+            )
     if why is None:
         run, why = _claim_orm(run_id, owner)
     if ack_id is not None:
@@ -301,9 +303,11 @@ class Runner:
                 self.prepare_repository(commit=self.base_commit() if saved is not None else None)
                 self.run_setup_script()
                 if saved is not None:
+                    self.save_sandbox()
                     self.restore_workspace(saved)
                 pristine = saved is None and not (self.checkout_dir() / SETUP_SCRIPT).exists()
-                Sandbox.objects.filter(pk=self.sandbox.pk).update(prepared=timezone.now())
+                self.sandbox.prepared = timezone.now()
+                self.save_sandbox("prepared")
             else:
                 self.reconnected = True
             if self.run.recovered:
@@ -328,10 +332,8 @@ class Runner:
             self.flush_held()
             if result is not None:
                 self.save_transcript(result)
+            self.save_sandbox()
             return self.fail(exc)
-        finally:
-            if self.sandbox is not None:
-                Sandbox.objects.filter(pk=self.sandbox.pk).update(last_used=timezone.now())
         if result.status == "completed":
             # The transcript, the summary, the run's end and its events: one transaction.
             if self.run.finish(
@@ -341,6 +343,7 @@ class Runner:
                     ("run_completed", {"run_id": self.run.pk, "summary": result.summary}),
                     ("status", {"status": "completed"}),
                 ],
+                sandbox_id=self.sandbox.pk,
             ):
                 self.name_session(result.summary)
                 return "completed"
@@ -348,6 +351,7 @@ class Runner:
             return "cancelled"  # closed under us: only a cancel does that
         self.save_transcript(result)
         if result.status == "cancelled":
+            Sandbox.objects.filter(pk=self.sandbox.pk).update(last_used=timezone.now())
             return "cancelled"
         return self.fail(StepFailed(result.error or "the agent stopped without finishing"))
 
@@ -375,9 +379,21 @@ class Runner:
             str(exc) if isinstance(exc, StepFailed | ArtifactStorageError) else f"{type(exc).__name__}: {exc}"
         )
         events = [("run_failed", {"run_id": self.run.pk, "error": error}), ("status", {"status": "failed"})]
-        if self.run.finish(Run.Status.FAILED, error, events=events):
+        sandbox_id = self.sandbox.pk if self.sandbox is not None else None
+        if self.run.finish(Run.Status.FAILED, error, events=events, sandbox_id=sandbox_id):
             return "failed"
         return "cancelled"
+
+    def save_sandbox(self, *fields: str) -> None:
+        """Write the sandbox's row: all of it the first time (a local sandbox's row is written
+        once, prepared), else ``fields``. A step that may take long saves it first, so the row is
+        there while the sandbox is in use (the reaper leaves alone the sandboxes rows name)."""
+        if self.sandbox is None:
+            return
+        if self.sandbox.pk is None:
+            self.sandbox.save(force_insert=True)
+        elif fields:
+            Sandbox.objects.filter(pk=self.sandbox.pk).update(**{f: getattr(self.sandbox, f) for f in fields})
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -415,20 +431,31 @@ class Runner:
             memory_mb=env.memory_mb if env else None,
             labels={"deputies.session": str(self.session.pk)},
         )
-        # The row is written once, with how the create went: a sandbox whose worker dies before
-        # that has no row, and the reaper's orphan sweep removes it (sandboxes/reaper.py).
-        row = {
-            "session": self.session,
-            "provider": provider.name,
-            "isolated": caps.isolated,
-            "isolation_note": caps.reason[:300],
-        }
+        # In a run (run_steps, which prepares the repository right after), a sandbox that is quick
+        # to create gets its row once it is ready and prepared (save_sandbox): one whose worker
+        # dies before that has no row, and the reaper's orphan sweep removes it
+        # (sandboxes/reaper.py). A slow create (an image pull) shows as creating meanwhile.
+        row = Sandbox(
+            session=self.session,
+            provider=provider.name,
+            isolated=caps.isolated,
+            isolation_note=caps.reason[:300],
+            status=Sandbox.Status.CREATING,
+        )
+        if caps.slow_create:
+            row.save(force_insert=True)
         try:
             handle = provider.create(spec)
         except Exception as exc:
-            Sandbox.objects.create(**row, status=Sandbox.Status.FAILED, error=str(exc)[:2000])
+            row.status, row.error = Sandbox.Status.FAILED, str(exc)[:2000]
+            row.save()
             raise StepFailed(f"could not create the sandbox: {exc}") from exc
-        self.sandbox = Sandbox.objects.create(**row, status=Sandbox.Status.READY, external_id=handle.id)
+        row.status, row.external_id, row.last_used = Sandbox.Status.READY, handle.id, timezone.now()
+        if row.pk is not None:
+            row.save(update_fields=["status", "external_id", "last_used"])
+        elif not self.hold_sandbox_ready:  # a step on its own: nothing else would write it
+            row.save(force_insert=True)
+        self.sandbox = row
         self.handle = self.scrubbed(handle)
         payload = {"sandbox_id": self.handle.id, "provider": provider.name, "isolated": caps.isolated}
         if not caps.isolated:
@@ -544,6 +571,7 @@ class Runner:
             scripts.append((f"repository setup script {SETUP_SCRIPT}", argv))
         if not scripts:
             return
+        self.save_sandbox()  # a setup script may take long
         timeout = settings.SETUP_TIMEOUT
         output = SetupOutput(self.emit, self.run)
         try:

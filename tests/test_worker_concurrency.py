@@ -182,7 +182,9 @@ def test_it_lets_runs_in_flight_finish_when_the_worker_is_stopped(tmp_path, team
     assert not Event.objects.filter(session_id__in=session_ids, type="run_requeued").exists()
 
 
-def test_it_delivers_again_the_run_of_a_worker_killed_before_it_claimed_it(tmp_path, team, owner, sample_repo):
+def test_it_delivers_again_the_run_of_a_worker_killed_before_it_claimed_it(
+    tmp_path, team, owner, sample_repo
+):
     """Killed after taking the run's queue task, before its claim committed: the run is still
     queued and nobody's lease covers it, so the queue's own retry (two leases) brings it back."""
     import psycopg

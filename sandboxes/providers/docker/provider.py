@@ -38,7 +38,9 @@ class DockerProvider:
     name = "docker"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(isolated=True, network_policy=True, resource_limits=True, secrets_allowed=True)
+        return Capabilities(
+            isolated=True, network_policy=True, resource_limits=True, secrets_allowed=True, slow_create=True
+        )
 
     @property
     def api(self) -> docker.APIClient:
