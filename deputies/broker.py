@@ -111,16 +111,18 @@ class NotifyingORM(ORM):
             cursor.execute(sql, [self.list_key or Conf.CLUSTER_NAME, task, timezone.now(), CHANNEL])
             return cursor.fetchone()[0]
 
-    def dequeue(self):
+    def dequeue(self, limit: int | None = None):
+        """Up to ``limit`` (else ``bulk``) due tasks, locked until ``retry`` from now."""
+        limit = limit or Conf.BULK
         if not is_postgres(Conf.ORM):
-            tasks = self.get_connection().filter(key=self.list_key, lock__lt=timezone.now())[0 : Conf.BULK]
+            tasks = self.get_connection().filter(key=self.list_key, lock__lt=timezone.now())[0:limit]
             if tasks:
                 return self._lock(tasks)
             self._wait(Conf.POLL)
             return None
         now = timezone.now()
         sql = _DEQUEUE.format(table=OrmQ._meta.db_table)
-        params = [now + timedelta(seconds=Conf.RETRY), self.list_key, now, Conf.BULK]
+        params = [now + timedelta(seconds=Conf.RETRY), self.list_key, now, limit]
         rows = _execute(sql, params, fetch=True)
         if rows:
             return sorted(rows)

@@ -14,7 +14,7 @@ and N workers, each a forked Django of 60-80 MB), because runs now live on threa
 * semantics: qcluster's per-task timeout and recycling kill the process, i.e. every run on it.
 
 The loop: reserve a run slot (while the pool is full it takes nothing, so other workers get the
-work), dequeue one task, and either start it on the pool, where the run's own thread claims it and
+work), dequeue a task per free slot (a few at most), and either start each on the pool, where the run's own thread claims it and
 acknowledges the task in the claim's statement (from then on the run's lease protects it), or hand
 any other task (schedules: stale run recovery, the sandbox reaper) to a small side executor that
 saves its result as qcluster does. Every 30 s it runs the django-q2 scheduler, like qcluster's
@@ -45,6 +45,7 @@ RUN_TASK = "sessions.tasks.execute_run"
 # Outbound deliveries get their own threads: a slow receiver must not hold up the schedules.
 DELIVERY_TASK = "integrations.deliveries.tasks.send_delivery"
 SCHEDULER_INTERVAL = 30.0  # seconds, as qcluster's sentinel
+TAKE_AT_ONCE = 8  # tasks one dequeue may take, each on a free run slot
 
 
 def recovery_interval() -> float:
@@ -114,16 +115,19 @@ class Worker:
                 self.hold()
             if not self.pool.reserve(wait=1.0):
                 continue  # full: leave the queue to other workers
+            slots = 1  # and the free slots, up to TAKE_AT_ONCE: a backlog costs fewer statements
+            while slots < TAKE_AT_ONCE and self.pool.reserve(wait=0):
+                slots += 1
             try:
-                tasks = self.broker.dequeue() or []  # waits up to the poll interval when empty
+                tasks = self.broker.dequeue(slots) or []  # waits up to the poll interval when empty
             except Exception:
                 log.exception("could not read the queue; retrying")
                 tasks = []
                 self.stopping.wait(5)
-            if not tasks:
+            for _ in range(slots - len(tasks)):
                 self.pool.unreserve()
-            for n, (ack_id, payload) in enumerate(tasks):
-                self.handle(ack_id, payload, reserved=n == 0)
+            for ack_id, payload in tasks:
+                self.handle(ack_id, payload)
         if slack is not None:
             slack.close()
         return self.shutdown()
@@ -194,7 +198,8 @@ class Worker:
         finally:
             release_connection()
 
-    def handle(self, ack_id, payload, reserved: bool) -> None:
+    def handle(self, ack_id, payload) -> None:
+        """One task taken from the queue, on a run slot reserved for it."""
         from django_q.conf import Conf
         from django_q.signing import BadSignature, SignedPackage
 
@@ -203,17 +208,13 @@ class Worker:
         except (TypeError, BadSignature):
             log.exception("dropping a task that does not verify")
             self.broker.fail(ack_id)
-            if reserved:
-                self.pool.unreserve()
+            self.pool.unreserve()
             return
         task["cluster"], task["ack_id"] = Conf.CLUSTER_NAME, ack_id
         if task["func"] == RUN_TASK and task["args"]:
-            if not reserved and not self.pool.reserve(wait=None):
-                return
             self.start_run(task)
             return
-        if reserved:
-            self.pool.unreserve()
+        self.pool.unreserve()
         self.take(ack_id)
         if task["func"] == DELIVERY_TASK:
             self.deliveries.submit(self.deliver, task)

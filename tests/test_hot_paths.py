@@ -272,6 +272,37 @@ def test_it_queues_the_run_in_the_same_transaction_and_wakes_workers_at_commit(t
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_worker_takes_a_backlog_a_few_tasks_per_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    for n in range(3):
+        session = start_session(team=team, repository=repository, prompt=f"t{n}", model="scripted/demo")
+    emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
+    broker = NotifyingORM(list_key="deputies")
+    with django_assert_num_queries(1):
+        taken = broker.dequeue(2)
+    assert len(taken) == 2 and len(broker.dequeue(8)) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_acknowledges_the_run_task_in_its_own_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    from sessions.runner import claim
+
+    session = start_session(team=team, repository=repository, prompt="Go", model="scripted/demo")
+    run_id = session.runs.get().pk
+    emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
+    [(task_id, _)] = NotifyingORM(list_key="deputies").dequeue()
+    with django_assert_num_queries(4):  # BEGIN, the claim with the rows and the ack, the events, COMMIT
+        run, why = claim(run_id, task_id)
+    assert why == "claimed" and not OrmQ.objects.filter(pk=task_id).exists()
+    duplicate = OrmQ.objects.create(key="deputies", payload="x", lock=timezone.now())
+    assert claim(run_id, duplicate.pk) == (None, "skipped: run is running")
+    assert not OrmQ.objects.filter(pk=duplicate.pk).exists()  # a duplicate delivery is done with
+
+
+@pytest.mark.django_db(transaction=True)
 def test_it_claims_a_run_with_its_messages_and_events_in_four_statements(
     team, owner, repository, django_assert_num_queries
 ):
