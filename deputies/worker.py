@@ -243,10 +243,11 @@ class Worker:
     def start_run(self, task: dict) -> None:
         """Hand the task to a run thread on the slot reserved for it, and go back to the queue.
 
-        The thread claims, then acknowledges: a run that was claimed is its lease's, not the
-        queue's, to retry, and one that could not be claimed (the database is away) is left
-        unacknowledged, so the queue delivers it again. Claiming on the run's own thread keeps this
-        loop (one per process) from waiting on the database for every run it dispatches.
+        The thread claims and acknowledges in one statement: a run that was claimed is its
+        lease's, not the queue's, to retry, and one that could not be claimed (the database is
+        away) is left unacknowledged, so the queue delivers it again. Claiming on the run's own
+        thread keeps this loop (one per process) from waiting on the database for every run it
+        dispatches.
         """
         from django.db import connection
 
@@ -254,6 +255,9 @@ class Worker:
         self.take(task["ack_id"])
         try:
             self.pool.start(run_id, lambda: self.claim_and_run(run_id, task["ack_id"]))
+        except BaseException:
+            self.release(task["ack_id"])
+            raise
         finally:
             connection.close()  # the loop holds no connection while it waits for work
 

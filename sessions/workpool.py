@@ -12,8 +12,8 @@ What does not change:
 * Crash safety is the lease: one thread per process (``Heartbeat``) beats for all the process's runs
   in one statement every third of ``DEPUTIES_RUN_LEASE``, however long their steps take; a run whose
   process dies stops heartbeating, and ``Run.recover_stale`` (every few seconds on each worker's loop)
-  queues it again, to resume from its checkpoint. The queue task is acknowledged once the run has
-  *started*, not when it ends.
+  queues it again, to resume from its checkpoint. The queue task is acknowledged in the run's
+  claim (sessions/runner.py, ``claim``), not when it ends.
 * Threads hold a database connection only while they talk to the database. On Postgres the
   connections come from Django's psycopg pool (``DEPUTIES_DB_POOL_SIZE`` per process) and a run gives
   its connection back before every model call and every sandbox command (``releasing_llm``,
