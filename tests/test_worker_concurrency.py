@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from django_q.models import OrmQ
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Event, Repository, Run, Session, start_session
@@ -190,7 +191,6 @@ def test_it_delivers_again_the_run_of_a_worker_killed_before_it_claimed_it(
     import psycopg
     from django.db import connection
     from django.utils import timezone
-    from django_q.models import OrmQ
 
     from deputies.broker import listen_kwargs
 
@@ -224,3 +224,21 @@ def test_it_delivers_again_the_run_of_a_worker_killed_before_it_claimed_it(
             log = worker_log(env, "worker-2")
     assert_clean_history([sid])
     assert not OrmQ.objects.filter(pk=task.pk).exists(), log
+
+
+def test_it_never_hands_out_again_a_task_it_is_still_working_on(tmp_path):
+    """The queue's retry is two leases (4 s here), shorter than this task: the worker keeps holding
+    it, so it runs once."""
+    from django_q.tasks import async_task
+
+    trace = tmp_path / "ran"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    env = child_env(data_dir, DEPUTIES_RUN_LEASE="2")
+    async_task("subprocess.run", ["sh", "-c", f"echo ran >> {trace}; sleep 7"], check=True, task_name="slow")
+    task = OrmQ.objects.get()
+    with worker_process(env):
+        wait_for(lambda: trace.exists(), timeout=30, what="the task to start")
+        wait_for(lambda: not OrmQ.objects.filter(pk=task.pk).exists(), timeout=30, what="the task to end")
+        log = worker_log(env)
+    assert trace.read_text() == "ran\n", log
