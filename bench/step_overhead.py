@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--tool", choices=sorted(TOOLS), default="bash")
     parser.add_argument("--profile", action="store_true", help="add the top functions (cProfile, CPU clock)")
     parser.add_argument(
+        "--dump", help="with --profile: write the cProfile stats to this file (pstats, snakeviz)"
+    )
+    parser.add_argument(
         "--sql", action="store_true", help="add the statements of one step mid-session, with their callers"
     )
     args = parser.parse_args()
@@ -153,6 +156,8 @@ def main() -> None:
                 text for when, text in listed if times[middle] <= when < times[middle + 1]
             ]
         if profile is not None:
+            if args.dump:
+                profile.dump_stats(args.dump)
             stats = pstats.Stats(profile).stats
             top = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)[:40]
             report["top_cumulative_ms_per_step"] = {
