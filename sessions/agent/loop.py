@@ -36,7 +36,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from sandboxes.base import SandboxError
-from sessions.agent.context import compact
+from sessions.agent.context import compact, transcript_size
 from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, client_for, cost_usd
 from sessions.agent.prompts import build_system_prompt
 from sessions.agent.tools import ToolError, ToolResult
@@ -153,6 +153,7 @@ class _Agent:
         self.saved_messages: int | None = None
         self.unsent: list[tuple[str, dict[str, Any]]] = []
         self.recorded: dict[str, dict[str, Any]] = {}  # call id -> its events from a lost attempt
+        self.chars = self.measured = 0  # the transcript's size in characters, of its first messages
 
     def checkpoint(self) -> Checkpoint:
         """What a recovered attempt needs to go on from here (Run.checkpoint). Counted as saved at
@@ -299,8 +300,15 @@ class _Agent:
         return f"time limit: the run has taken {elapsed:.0f} s, over its environment's {limit} s limit"
 
     def compact(self) -> None:
+        """Within the context budget. The size is counted as the conversation grows (only at its
+        end, between compactions), not over all of it at every step."""
+        self.chars += transcript_size(self.transcript[self.measured :])
+        self.measured = len(self.transcript)
+        if self.chars <= settings.CONTEXT_CHARS:
+            return
         compacted, done = compact(self.transcript, settings.CONTEXT_CHARS)
         if done is not None:
+            self.chars = done.chars_after
             self.transcript[:] = compacted
             self.saved_messages = None  # earlier messages changed: the next checkpoint is whole
             self.emit(
