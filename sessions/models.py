@@ -893,23 +893,35 @@ class Run(models.Model):
     def is_cancelled(self) -> bool:
         return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
 
-    def beat(self, checkpoint: Checkpoint | None = None) -> bool:
+    def beat(
+        self, checkpoint: Checkpoint | None = None, events: list[tuple[str, dict]] | None = None
+    ) -> bool:
         """Heartbeat; returns False when the run was cancelled under us or ran out of time.
 
-        ``checkpoint`` (the agent's state after its last step) is saved in the same statement.
+        ``checkpoint`` (the agent's state after its last step) is saved in the same statement, and
+        ``events`` (what the last step held back) are written by it too on Postgres
+        (sessions/events.py ``emit_many_with``), elsewhere in its transaction; either way, before it.
 
         Runs share their worker process (sessions/workpool.py), so DEPUTIES_RUN_TIMEOUT is enforced
         here, at the next step, rather than by killing the process.
         """
+        from django.db import connection
+
         now = timezone.now()
         if self.started and (now - self.started).total_seconds() > settings.RUN_TIMEOUT:
             error = f"the run took longer than {settings.RUN_TIMEOUT} s (DEPUTIES_RUN_TIMEOUT)"
-            events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
-            self.finish(Run.Status.FAILED, error, events=events)
+            ending = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
+            self.finish(Run.Status.FAILED, error, events=[*(events or []), *ending])
             return False
-        return self._beat_rows(now, checkpoint)
+        if events and connection.vendor != "postgresql":
+            from sessions.events import emit_many
 
-    def _beat_rows(self, now, checkpoint) -> bool:
+            with transaction.atomic():
+                emit_many(self.session_id, events, run_id=self.pk)
+                return self._beat_rows(now, checkpoint)
+        return self._beat_rows(now, checkpoint, events)
+
+    def _beat_rows(self, now, checkpoint, events=None) -> bool:
         """The heartbeat statement, only while the lease is ours: a worker cut off (or starved) for
         longer than the lease, whose run was recovered and claimed again (the next attempt, maybe by
         this same process), stops at its next step instead of running it twice.
@@ -932,7 +944,8 @@ class Run(models.Model):
         table = connection.ops.quote_name(Run._meta.db_table)
         sql = (
             f"UPDATE {table} SET {', '.join(assignments)} WHERE id = %(id)s AND status = %(status)s "
-            "AND lease_owner = %(owner)s AND attempt = %(attempt)s RETURNING steers"
+            f"AND lease_owner = %(owner)s AND attempt = %(attempt)s{' AND {locked}' if events else ''} "
+            "RETURNING steers"
         )
         params |= {
             "id": self.pk,
@@ -940,9 +953,15 @@ class Run(models.Model):
             "owner": self.lease_owner,
             "attempt": self.attempt,
         }
-        with prepared_cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
+        if events:  # one statement with them, after them (sessions/events.py)
+            from sessions.events import emit_many_with
+
+            _, returned = emit_many_with(self.session_id, events, self.pk, sql, params)
+            row = (returned["steers"],) if returned is not None else None
+        else:
+            with prepared_cursor() as cursor:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
         if row is None:
             return False
         self.steers = row[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -152,6 +153,24 @@ def test_a_checkpoint_sends_only_the_messages_the_saved_one_lacks(team, owner, r
     if connection.vendor == "postgresql":  # a saved one of another length is left alone, not spliced wrong
         assert run.beat(Checkpoint(4, None, transcript + transcript, 8, kept=6))
         assert Run.objects.get(pk=run.pk).checkpoint["steps"] == 3
+
+
+def test_a_heartbeat_writes_the_steps_held_back_events_in_its_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    run = claimed(team, owner, repository)
+    transcript = [{"role": "system", "content": "s"}]
+    held = [("tool_finished", {"call_id": "c", "name": "bash", "ok": True, "output": "", "truncated": False})]
+    postgres = connection.vendor == "postgresql"  # one statement there, a transaction elsewhere
+    with django_assert_num_queries(1) if postgres else contextlib.nullcontext():
+        assert run.beat(Checkpoint(1, None, transcript, 1), held)
+
+    event = Event.objects.filter(session_id=run.session_id).order_by("-seq").first()
+    assert (event.type, event.run_id, event.payload) == ("tool_finished", run.pk, held[0][1])
+    assert Run.objects.get(pk=run.pk).checkpoint == {"steps": 1, "transcript": transcript, "todos": None}
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.CANCELLED)
+    assert not run.beat(None, [("progress", {"message": "still written"})])  # cancelled: no beat
+    assert Event.objects.filter(session_id=run.session_id, type="progress").exists()
 
 
 def test_the_run_budget_counts_the_runs_own_spend_without_asking_again(

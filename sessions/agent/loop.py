@@ -185,9 +185,11 @@ class _Agent:
             self.emit_all([])
 
     def beat(self) -> bool:
-        """Heartbeat with the checkpoint; the last step's held-back events share its commit."""
-        if not self.unsent and self.unsaved is None:
-            return self.run.beat(self.checkpoint())
+        """Heartbeat with the checkpoint; the last step's held-back events share its statement (or,
+        with the reply's attempt still unsaved, its commit)."""
+        if self.unsaved is None:
+            events, self.unsent = self.unsent, []
+            return self.run.beat(self.checkpoint(), events)
         with transaction.atomic():
             self.flush()
             return self.run.beat(self.checkpoint())
