@@ -9,7 +9,9 @@ attempt number and goes on from its checkpoint (``Run.checkpoint``, see sessions
 after a ``run_resumed`` event. Its sandbox is reconnected when it is alive; otherwise a new one gets
 the base commit the session started from plus the session's latest saved work: the newest ``diff`` or
 ``checkpoint`` artifact (the workspace's diff against that commit, redacted like every diff). The
-same restore gives a follow-up whose sandbox was reaped the work of the runs before it.
+same restore gives a follow-up whose sandbox was reaped the work of the runs before it. A step that
+changed no file saves no checkpoint (``after_step``), so a resumed attempt with none is given the
+commit its lost attempt prepared, not the base branch's newer tip.
 """
 
 from __future__ import annotations

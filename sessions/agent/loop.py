@@ -10,11 +10,12 @@ The conversation is kept in the canonical (OpenAI chat) format. Every assistant 
 conversation for the follow-up run.
 
 Checkpoints, for resuming after a lost worker: the state (conversation, todo list, step count) is
-saved on the Run by statements a step makes anyway: with the model call's usage once the reply is in
-the conversation, and with the next step's heartbeat once its tool results are. Each of those shares
+saved on the Run by statements a step makes anyway: with the model call's usage (and its LLMCall
+row) once the reply is in the conversation, and with the next step's heartbeat once its tool results
+are; each sends only the messages the saved conversation lacks (``Checkpoint``). Each of those shares
 one commit with the events around it: the reply's usage, text and first ``tool_started`` go together
-(before the tool runs), the last ``tool_finished`` goes with the heartbeat (or before the runner
-saves the workspace), so a step costs two commits instead of four (five with text). A run resumed from
+(before the tool runs), the last ``tool_finished`` goes in the heartbeat's statement (or before the
+runner saves the workspace), so a step costs two commits instead of four (five with text). A run resumed from
 the first kind has the reply's tool calls still to answer: those that finished are answered from
 their ``tool_finished`` events, the one that was running is closed as interrupted (an event with
 ``interrupted: true``, a tool result telling the model) unless it is safe to run again (the session
