@@ -37,6 +37,19 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def caller(depth: int = 3) -> str:
+    """The innermost ``depth`` frames of the project's own code that led here (a statement, say)."""
+    import traceback
+
+    root = str(ROOT)
+    frames = [
+        f"{Path(f.filename).relative_to(root)}:{f.name}"
+        for f in traceback.extract_stack()
+        if f.filename.startswith(root) and "/bench/" not in f.filename and "/.venv/" not in f.filename
+    ]
+    return " < ".join(reversed(frames[-depth:]))
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

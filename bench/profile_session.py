@@ -96,7 +96,9 @@ def main() -> None:
                     return execute_(sql, params, many, context)
                 finally:
                     pg_us = (_on_cpu_ns(backend) - before) / 1000
-                    listed.append({"caller": _caller(), "sql": " ".join(sql.split())[:160], "pg_us": pg_us})
+                    listed.append(
+                        {"caller": procs.caller(), "sql": " ".join(sql.split())[:160], "pg_us": pg_us}
+                    )
 
             runs = 10  # each statement's Postgres CPU is the mean over this many sessions
             with connection.execute_wrapper(record):
@@ -208,19 +210,6 @@ def _on_cpu_ns(pid: int) -> int:
             return int(fh.read().split()[0])
     except OSError:
         return 0
-
-
-def _caller() -> str:
-    """The innermost frames of the project's own code that led to a statement."""
-    import traceback
-
-    root = str(procs.ROOT)
-    frames = [
-        f"{Path(f.filename).relative_to(root)}:{f.name}"
-        for f in traceback.extract_stack()
-        if f.filename.startswith(root) and "/bench/" not in f.filename and "/.venv/" not in f.filename
-    ]
-    return " < ".join(reversed(frames[-3:]))
 
 
 if __name__ == "__main__":

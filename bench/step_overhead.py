@@ -54,6 +54,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="tool steps per session")
     parser.add_argument("--tool", choices=sorted(TOOLS), default="bash")
     parser.add_argument("--profile", action="store_true", help="add the top functions (cProfile, CPU clock)")
+    parser.add_argument(
+        "--dump", help="with --profile: write the cProfile stats to this file (pstats, snakeviz)"
+    )
+    parser.add_argument(
+        "--sql", action="store_true", help="add the statements of one step mid-session, with their callers"
+    )
     args = parser.parse_args()
     procs.exit_on_sigterm()
     procs.fresh_database()
@@ -109,9 +115,12 @@ def main() -> None:
         from django.db import connection
 
         statements = [0]
+        listed: list[tuple[float, str]] = []  # (when, caller and statement) with --sql
 
         def count(execute_, sql, params, many, context):
             statements[0] += 1
+            if args.sql:
+                listed.append((time.perf_counter(), f"{procs.caller(6)}: {' '.join(sql.split())[:120]}"))
             return execute_(sql, params, many, context)
 
         stats = procs.stats_connection()
@@ -141,7 +150,14 @@ def main() -> None:
         stats.close()
         steps = args.sessions * args.steps
         report = {}
+        if args.sql:  # the last session's middle step: from its model request to the next one
+            middle = args.steps // 2
+            report["one_step_sql"] = [
+                text for when, text in listed if times[middle] <= when < times[middle + 1]
+            ]
         if profile is not None:
+            if args.dump:
+                profile.dump_stats(args.dump)
             stats = pstats.Stats(profile).stats
             top = sorted(stats.items(), key=lambda kv: kv[1][3], reverse=True)[:40]
             report["top_cumulative_ms_per_step"] = {

@@ -40,6 +40,7 @@ Event types and their payloads (all JSON objects):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -125,6 +126,24 @@ def emit_many(
     return events
 
 
+def emit_many_with(
+    session_id: int, items: list[tuple[str, dict[str, Any]]], run_id: int | None, sql: str, params: dict
+) -> tuple[list[Event], dict | None]:
+    """Postgres: emit_many's statement with ``sql``, the caller's own ``UPDATE ... RETURNING`` of
+    rows other than the session's (a run's heartbeat, say), in it: one round trip and, outside a
+    transaction, one commit for both. ``sql`` holds ``{locked}`` where its WHERE clause takes a
+    condition that makes it wait for the session's row lock, so it locks in the order of emitting
+    first and updating then; ``params`` are its (named) parameters. Returns the events and the
+    first row ``sql`` returned, as a dict (None for no row)."""
+    assert items, "the statement's result comes with the events' rows"
+    request = _Request(session_id, run_id, list(items))
+    row = _insert_postgres([request], (sql.replace("{locked}", "EXISTS (SELECT FROM s)"), params))
+    events = request.result()
+    if _listeners:
+        transaction.on_commit(lambda: _notify(events))  # runs at once outside an atomic block
+    return events, row
+
+
 # --- Postgres: one statement for any number of emits ------------------------------------------------
 
 
@@ -188,16 +207,23 @@ nt AS (
 SELECT id, session_id, seq FROM ins WHERE (SELECT count(*) FROM nt) >= 0
 """
 _PG_SQL = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db_table)
+# With another statement (emit_many_with): its first row comes back with each event's.
+_PG_WITH = _PG_SQL.replace(
+    "\nSELECT id, session_id, seq FROM ins",
+    ",\nx AS ({also})\nSELECT id, session_id, seq, (SELECT to_jsonb(x) FROM x LIMIT 1) FROM ins",
+)
+assert _PG_WITH != _PG_SQL
 # Room for the envelope and the seqs and keys a notification adds to the events' own JSON.
 _NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48
 
 
-def _insert_postgres(requests: list[_Request]) -> None:
+def _insert_postgres(requests: list[_Request], also: tuple[str, dict] | None = None) -> dict | None:
     """Reserve the numbers, insert the rows and notify, in one statement: one round trip.
 
     In autocommit the statement is its own transaction; inside an outer atomic block it commits
     (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
-    Fills in each request's events, or its error (a session that does not exist).
+    Fills in each request's events, or its error (a session that does not exist). ``also``: another
+    statement and its parameters, run by this one (emit_many_with); its first row is returned.
     """
     from sessions.streaming.notify import LIMITS, PG_CHANNEL
     from sessions.streaming.store import dumps, iso
@@ -215,11 +241,15 @@ def _insert_postgres(requests: list[_Request]) -> None:
     flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
     document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
     params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
+    sql = _PG_SQL
+    if also is not None:
+        sql = _PG_WITH.replace("{also}", also[0])
+        params |= also[1]
     with prepared_cursor() as cursor:
-        cursor.execute(_PG_SQL, params)
+        cursor.execute(sql, params)
         returned = cursor.fetchall()
     ids: dict[int, dict[int, int]] = defaultdict(dict)
-    for pk, session_id, seq in returned:
+    for pk, session_id, seq, *_ in returned:
         ids[session_id][seq] = pk
     taken: dict[int, int] = {sid: min(seqs) for sid, seqs in ids.items()}
     for r in requests:
@@ -240,6 +270,10 @@ def _insert_postgres(requests: list[_Request]) -> None:
             )
             for i, (t, p) in enumerate(r.items)
         ]
+    if also is None or not returned or returned[0][3] is None:
+        return None
+    row = returned[0][3]
+    return json.loads(row) if isinstance(row, str) else row
 
 
 class _GroupCommit:

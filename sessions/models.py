@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -536,6 +537,44 @@ class Message(models.Model):
         return cancel_pending(self)
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a recovered attempt goes on from (``Run.checkpoint``): the step count, the todo list and
+    the first ``upto`` messages of ``transcript``.
+
+    Between compactions the conversation only grows at its end, so on Postgres a write sends only
+    the messages after the first ``kept``, which the run's saved conversation already holds, and
+    appends them there: a step costs its own messages, not the whole conversation twice over
+    (``kept=0`` writes it whole). Should the saved one not hold exactly ``kept`` messages, it is
+    left as it is rather than spliced wrong."""
+
+    steps: int
+    todos: list | None
+    transcript: list[dict[str, Any]]
+    upto: int
+    kept: int = 0
+
+    def value(self) -> dict[str, Any]:
+        return {"steps": self.steps, "transcript": self.transcript[: self.upto], "todos": self.todos}
+
+    def sql(self, params: dict[str, Any]) -> str:
+        """The new value of the run row's ``checkpoint`` column (Postgres), its parameters added
+        to ``params``."""
+        params["cp_steps"] = self.steps
+        params["cp_todos"] = json.dumps(self.todos)
+        params["cp_messages"] = json.dumps(self.transcript[self.kept : self.upto])
+        params["cp_kept"] = self.kept
+        whole = (
+            "jsonb_build_object('steps', %(cp_steps)s::int, 'transcript', {}, 'todos', %(cp_todos)s::jsonb)"
+        )
+        saved = "checkpoint->'transcript'"
+        return (
+            f"CASE WHEN %(cp_kept)s::int = 0 THEN {whole.format('%(cp_messages)s::jsonb')} "
+            f"WHEN jsonb_array_length({saved}) = %(cp_kept)s::int "
+            f"THEN {whole.format(f'({saved}) || %(cp_messages)s::jsonb')} ELSE checkpoint END"
+        )
+
+
 class Run(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -866,23 +905,35 @@ class Run(models.Model):
     def is_cancelled(self) -> bool:
         return Run.objects.filter(pk=self.pk, status=Run.Status.CANCELLED).exists()
 
-    def beat(self, checkpoint: dict | None = None) -> bool:
+    def beat(
+        self, checkpoint: Checkpoint | None = None, events: list[tuple[str, dict]] | None = None
+    ) -> bool:
         """Heartbeat; returns False when the run was cancelled under us or ran out of time.
 
-        ``checkpoint`` (the agent's state after its last step) is saved in the same statement.
+        ``checkpoint`` (the agent's state after its last step) is saved in the same statement, and
+        ``events`` (what the last step held back) are written by it too on Postgres
+        (sessions/events.py ``emit_many_with``), elsewhere in its transaction; either way, before it.
 
         Runs share their worker process (sessions/workpool.py), so DEPUTIES_RUN_TIMEOUT is enforced
         here, at the next step, rather than by killing the process.
         """
+        from django.db import connection
+
         now = timezone.now()
         if self.started and (now - self.started).total_seconds() > settings.RUN_TIMEOUT:
             error = f"the run took longer than {settings.RUN_TIMEOUT} s (DEPUTIES_RUN_TIMEOUT)"
-            events = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
-            self.finish(Run.Status.FAILED, error, events=events)
+            ending = [("run_failed", {"run_id": self.pk, "error": error}), ("status", {"status": "failed"})]
+            self.finish(Run.Status.FAILED, error, events=[*(events or []), *ending])
             return False
-        return self._beat_rows(now, checkpoint)
+        if events and connection.vendor != "postgresql":
+            from sessions.events import emit_many
 
-    def _beat_rows(self, now, checkpoint) -> bool:
+            with transaction.atomic():
+                emit_many(self.session_id, events, run_id=self.pk)
+                return self._beat_rows(now, checkpoint)
+        return self._beat_rows(now, checkpoint, events)
+
+    def _beat_rows(self, now, checkpoint, events=None) -> bool:
         """The heartbeat statement, only while the lease is ours: a worker cut off (or starved) for
         longer than the lease, whose run was recovered and claimed again (the next attempt, maybe by
         this same process), stops at its next step instead of running it twice.
@@ -892,22 +943,37 @@ class Run(models.Model):
         from django.db import connection
 
         fields: dict[str, Any] = {"heartbeat": now, "steps": self.steps}
-        if checkpoint is not None:
-            fields["checkpoint"] = checkpoint
-        assignments, params = [], []
+        postgres = connection.vendor == "postgresql"
+        if checkpoint is not None and not postgres:
+            fields["checkpoint"] = checkpoint.value()
+        assignments, params = [], {}
         for name, value in fields.items():
             field = Run._meta.get_field(name)
-            assignments.append(f"{connection.ops.quote_name(field.column)} = %s")
-            params.append(field.get_db_prep_save(value, connection))
+            assignments.append(f"{connection.ops.quote_name(field.column)} = %({name})s")
+            params[name] = field.get_db_prep_save(value, connection)
+        if checkpoint is not None and postgres:
+            assignments.append(f"checkpoint = {checkpoint.sql(params)}")
         table = connection.ops.quote_name(Run._meta.db_table)
         sql = (
-            f"UPDATE {table} SET {', '.join(assignments)} "
-            "WHERE id = %s AND status = %s AND lease_owner = %s AND attempt = %s RETURNING steers"
+            f"UPDATE {table} SET {', '.join(assignments)} WHERE id = %(id)s AND status = %(status)s "
+            f"AND lease_owner = %(owner)s AND attempt = %(attempt)s{' AND {locked}' if events else ''} "
+            "RETURNING steers"
         )
-        params += [self.pk, Run.Status.RUNNING, self.lease_owner, self.attempt]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
+        params |= {
+            "id": self.pk,
+            "status": Run.Status.RUNNING,
+            "owner": self.lease_owner,
+            "attempt": self.attempt,
+        }
+        if events:  # one statement with them, after them (sessions/events.py)
+            from sessions.events import emit_many_with
+
+            _, returned = emit_many_with(self.session_id, events, self.pk, sql, params)
+            row = (returned["steers"],) if returned is not None else None
+        else:
+            with prepared_cursor() as cursor:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
         if row is None:
             return False
         self.steers = row[0]
@@ -1052,12 +1118,15 @@ class Run(models.Model):
         output_tokens: int,
         cached_tokens: int,
         cost: Decimal,
-        checkpoint: dict | None = None,
+        checkpoint: Checkpoint | None = None,
+        call: dict[str, Any] | None = None,
     ) -> None:
         """Count one model call's usage on the run and its session (one statement on Postgres).
 
         ``checkpoint`` (the conversation with the model's reply) is saved on the run in the same
         statement, so a worker lost while the reply's tools run does not ask the model again.
+        ``call``: the call's LLMCall row (its fields other than the run, session and usage), inserted
+        by the same statement.
         A child session's ancestors are charged first: sessions are locked top-down
         (sessions/children.py), so in a transaction this must come before anything that locks
         the session's own row.
@@ -1069,14 +1138,18 @@ class Run(models.Model):
         self.cached_tokens += cached_tokens
         self.cost_usd += cost
         self._charge_ancestors(cost)
+        counted = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cached_tokens": cached_tokens,
+                   "cost_usd": cost}  # fmt: skip
         if connection.vendor != "postgresql":
             Run.objects.filter(pk=self.pk).update(
                 input_tokens=F("input_tokens") + input_tokens,
                 output_tokens=F("output_tokens") + output_tokens,
                 cached_tokens=F("cached_tokens") + cached_tokens,
                 cost_usd=F("cost_usd") + cost,
-                **({"checkpoint": checkpoint} if checkpoint is not None else {}),
+                **({"checkpoint": checkpoint.value()} if checkpoint is not None else {}),
             )
+            if call is not None:
+                LLMCall.objects.create(session_id=self.session_id, run=self, **counted, **call)
             Session.objects.filter(pk=self.session_id).update(
                 input_tokens=F("input_tokens") + input_tokens,
                 output_tokens=F("output_tokens") + output_tokens,
@@ -1092,16 +1165,26 @@ class Run(models.Model):
                   "session": self.session_id}  # fmt: skip
         saved = ""
         if checkpoint is not None:  # not over the checkpoints of a later attempt (see beat)
-            saved = (
-                ", checkpoint = CASE WHEN t.attempt = %(attempt)s THEN %(checkpoint)s ELSE t.checkpoint END"
-            )
+            saved = f", checkpoint = CASE WHEN t.attempt = %(attempt)s THEN {checkpoint.sql(params)} ELSE t.checkpoint END"
             params["attempt"] = self.attempt
-            params["checkpoint"] = Run._meta.get_field("checkpoint").get_db_prep_save(checkpoint, connection)
+        inserted = ""
+        if call is not None:
+            row = {
+                "session_id": self.session_id,
+                "run_id": self.pk,
+                **counted,
+                "created": timezone.now(),
+                **call,
+            }
+            columns = ", ".join(LLMCall._meta.get_field(name).column for name in row)
+            values = ", ".join(f"%(call_{name})s" for name in row)
+            params |= {f"call_{name}": value for name, value in row.items()}
+            inserted = f"c AS (INSERT INTO {LLMCall._meta.db_table} ({columns}) VALUES ({values})), "
         sql = (
-            f"WITH r AS (UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s RETURNING t.id) "
-            f"UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
+            f"WITH {inserted}r AS (UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s "
+            f"RETURNING t.id) UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
         )
-        with connection.cursor() as cursor:
+        with prepared_cursor() as cursor:
             cursor.execute(sql, params)
 
     def _charge_ancestors(self, cost: Decimal) -> None:

@@ -9,7 +9,9 @@ attempt number and goes on from its checkpoint (``Run.checkpoint``, see sessions
 after a ``run_resumed`` event. Its sandbox is reconnected when it is alive; otherwise a new one gets
 the base commit the session started from plus the session's latest saved work: the newest ``diff`` or
 ``checkpoint`` artifact (the workspace's diff against that commit, redacted like every diff). The
-same restore gives a follow-up whose sandbox was reaped the work of the runs before it.
+same restore gives a follow-up whose sandbox was reaped the work of the runs before it. A step that
+changed no file saves no checkpoint (``after_step``), so a resumed attempt with none is given the
+commit its lost attempt prepared, not the base branch's newer tip.
 """
 
 from __future__ import annotations
@@ -198,6 +200,13 @@ def extract_workspace(data: bytes, tree: Path) -> None:
         os.symlink(target, path)
 
 
+def workspace_stamp(handle) -> tuple | None:
+    """The sandbox's cheap fingerprint of its workspace files (``LocalHandle.tree_stamp``), or None
+    when its provider has none or cannot tell: then the workspace is diffed as before."""
+    stamp = getattr(handle, "tree_stamp", None)
+    return stamp() if stamp is not None else None
+
+
 def checkouts_root() -> Path:
     return Path(settings.DATA_DIR) / "checkouts"
 
@@ -274,6 +283,9 @@ class Runner:
         self.reconnected = False  # the sandbox was alive and reused
         self.restored: Artifact | None = None  # the saved work a new sandbox was given
         self.unsaved_steps = 0  # steps that may have changed the workspace since its last checkpoint
+        # The workspace's files (the handle's tree_stamp) when they were last saved, or known to be
+        # what a recovery rebuilds without a checkpoint: a step that left them so saves nothing.
+        self.saved_stamp: tuple | None = None
 
     def emit(self, type: str, payload: dict) -> None:
         if self.held:
@@ -300,7 +312,12 @@ class Runner:
             fresh = self.provision_sandbox()
             if fresh or self.sandbox.prepared is None:
                 saved = self.saved_work()
-                self.prepare_repository(commit=self.base_commit() if saved is not None else None)
+                commit = None
+                if saved is not None:
+                    commit = self.base_commit()
+                elif self.run.recovered:  # the tree the lost attempt's steps saw (see after_step)
+                    commit = self.base_commit(run_id=self.run.pk)
+                self.prepare_repository(commit=commit)
                 self.run_setup_script()
                 if saved is not None:
                     self.save_sandbox()
@@ -308,6 +325,9 @@ class Runner:
                 pristine = saved is None and not (self.checkout_dir() / SETUP_SCRIPT).exists()
                 self.sandbox.prepared = timezone.now()
                 self.save_sandbox("prepared")
+                environment = self.session.environment
+                if pristine and not (environment and environment.setup_script.strip()):
+                    self.saved_stamp = workspace_stamp(self.handle)  # what a new sandbox would get
             else:
                 self.reconnected = True
             if self.run.recovered:
@@ -699,7 +719,9 @@ class Runner:
     # --- resuming -------------------------------------------------------------------------------
 
     def after_step(self, tools: list[str], before_saving: Callable[[], None] | None = None) -> None:
-        """Save the workspace every DEPUTIES_CHECKPOINT_EVERY steps that may have changed it.
+        """Save the workspace every DEPUTIES_CHECKPOINT_EVERY steps that may have changed it,
+        unless its files are as they were saved last (or, from a pristine start, as a recovery's
+        new sandbox would have them): a step that changed nothing costs a stat walk, not a diff.
 
         An empty diff is saved too: it says the work so far was undone, so an older one must not
         be restored. ``before_saving`` writes what the loop held back of the step (its last
@@ -710,6 +732,9 @@ class Runner:
         if self.unsaved_steps < settings.CHECKPOINT_EVERY:
             return
         self.unsaved_steps = 0
+        stamp = workspace_stamp(self.handle)  # before the diff: a change meanwhile shows next time
+        if stamp is not None and stamp == self.saved_stamp:
+            return  # the files are as saved: a checkpoint would say what the last one says
         if before_saving is not None:
             before_saving()
         store_artifact(
@@ -720,6 +745,7 @@ class Runner:
             run_id=self.run.pk,
             content_type="text/x-diff; charset=utf-8",
         )
+        self.saved_stamp = stamp
 
     def saved_work(self) -> Artifact | None:
         """The session's latest saved workspace, for a new sandbox of a session that had one before.
@@ -736,9 +762,13 @@ class Runner:
             .first()
         )
 
-    def base_commit(self) -> str | None:
-        """The commit the session's saved work was diffed against (its last prepared repository)."""
-        ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
+    def base_commit(self, run_id: int | None = None) -> str | None:
+        """The commit the session's saved work was diffed against (its last prepared repository),
+        or the one ``run_id`` last prepared."""
+        ready = self.session.events.filter(type="repository_ready")
+        if run_id is not None:
+            ready = ready.filter(run_id=run_id)
+        ready = ready.order_by("-seq").first()
         return ready.payload["commit"] if ready is not None else None
 
     def restore_workspace(self, artifact: Artifact) -> None:

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -99,6 +100,36 @@ def plan_log(sandbox_root: Path, session_id: int, status: str | None = None) -> 
     sandboxes = Sandbox.objects.filter(session_id=session_id)
     sandbox = (sandboxes.filter(status=status) if status else sandboxes).get()
     return (sandbox_root / sandbox.external_id / "workspace" / "plan.log").read_text().split()
+
+
+def kill_in_second_command(env: dict[str, str], sid: int) -> float:
+    """Start a worker, SIGKILL it once the session's second command has started; when it was killed."""
+    with worker_process(env, name="worker-0") as proc:
+        wait_for(
+            lambda: Event.objects.filter(
+                session_id=sid, type="tool_started", payload__call_id="call_1_0"
+            ).exists(),
+            timeout=30,
+            what="the second command to start",
+        )
+        killed = time.monotonic()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    return killed
+
+
+def in_process_session(run_settings, team, owner, repo: Path, fake) -> Session:
+    """A session on ``repo`` whose runs, executed in this process, ask the scripted model ``fake``."""
+    run_settings.LLM_PROVIDERS = {"scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}}
+    repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
+    return start_session(team=team, repository=repository, prompt="Go", model="scripted/x", created_by=owner)
+
+
+def lose_sandbox(tmp_path: Path, sid: int) -> Sandbox:
+    """The session's sandbox is gone with its host."""
+    lost = Sandbox.objects.get(session_id=sid)
+    shutil.rmtree(tmp_path / "sandboxes" / lost.external_id)
+    return lost
 
 
 def test_it_resumes_every_run_after_the_worker_is_killed_at_random_points(
@@ -233,17 +264,7 @@ def test_it_tells_the_model_a_command_was_interrupted_and_does_not_run_it_again(
     with start_in_thread(plan(steps=3, model_delay=0.05, command_delay=3)) as fake:
         env = worker_env(tmp_path, fake)
         (sid,) = start_sessions(team, owner, sample_repo, 1)
-        with worker_process(env, name="worker-0") as proc:
-            wait_for(
-                lambda: Event.objects.filter(
-                    session_id=sid, type="tool_started", payload__call_id="call_1_0"
-                ).exists(),
-                timeout=30,
-                what="the second command to start",
-            )
-            killed = time.monotonic()
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        killed = kill_in_second_command(env, sid)
         with worker_process(env, name="worker-1"):
             wait_for(
                 lambda: Event.objects.filter(session_id=sid, type="run_resumed").exists(),
@@ -280,18 +301,8 @@ def test_it_resumes_in_a_new_sandbox_with_the_saved_workspace_when_the_old_one_i
     with start_in_thread(plan(steps=3, model_delay=0.05, command_delay=2)) as fake:
         env = worker_env(tmp_path, fake)
         (sid,) = start_sessions(team, owner, sample_repo, 1)
-        with worker_process(env, name="worker-0") as proc:
-            wait_for(
-                lambda: Event.objects.filter(
-                    session_id=sid, type="tool_started", payload__call_id="call_1_0"
-                ).exists(),
-                timeout=30,
-                what="the second command to start",
-            )
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        lost = Sandbox.objects.get(session_id=sid)
-        shutil.rmtree(tmp_path / "sandboxes" / lost.external_id)  # gone with its host
+        kill_in_second_command(env, sid)
+        lost = lose_sandbox(tmp_path, sid)
         with worker_process(env, name="worker-1"):
             wait_for(lambda: finished([sid]), timeout=30, what="the run to finish")
 
@@ -337,14 +348,8 @@ def test_it_gives_a_follow_up_the_previous_work_after_the_sandbox_was_reaped(
             {"tool_calls": [{"name": "finish", "arguments": {"summary": "second"}}]},
         ]
     }
-    repository = Repository.objects.create(team=team, name="r", url=str(sample_repo), provider="local")
-    session = start_session(
-        team=team, repository=repository, prompt="Go", model="scripted/x", created_by=owner
-    )
     with start_in_thread(script) as fake:
-        run_settings.LLM_PROVIDERS = {
-            "scripted": {"kind": "openai", "base_url": fake.base_url, "api_key": "k"}
-        }
+        session = in_process_session(run_settings, team, owner, sample_repo, fake)
         assert execute(session.runs.get().pk) == "completed"
         first = Sandbox.objects.get(session=session)
         assert destroy_sandbox(first, "idle for the test")  # what the reaper does to an idle sandbox
@@ -403,3 +408,68 @@ def test_it_finishes_a_run_after_its_database_connections_are_terminated(tmp_pat
     ), session.error
     seqs = list(Event.objects.filter(session_id=sid).order_by("seq").values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_it_saves_a_checkpoint_only_after_steps_that_changed_the_workspace(
+    run_settings, team, owner, sample_repo
+):
+    commands = [
+        "true",  # the workspace is still the base commit's: nothing to save
+        "echo one >> notes.txt",
+        "echo ONE > notes.txt",  # the same size, straight after the stamp of the step before
+        "cat notes.txt",
+        "rm notes.txt",  # undone: an empty diff says so
+        "ls",
+    ]
+    script = {
+        "responses": [{"tool_calls": [{"name": "bash", "arguments": {"command": c}}]} for c in commands]
+        + [{"tool_calls": [{"name": "finish", "arguments": {"summary": "done"}}]}]
+    }
+    with start_in_thread(script) as fake:
+        session = in_process_session(run_settings, team, owner, sample_repo, fake)
+        assert execute(session.runs.get().pk) == "completed"
+
+    saved = {}
+    for artifact in Artifact.objects.filter(session=session, kind="checkpoint"):
+        with artifact.file.open("rb") as fh:
+            saved[artifact.name.rsplit("-", 1)[1]] = fh.read().decode()
+    # Step 4 saves again only when step 3's write and its stamp fell in one tick of the filesystem's
+    # clock (tree_stamp cannot tell then), and then the same diff.
+    assert {"2.diff", "3.diff", "5.diff"} <= set(saved) <= {"2.diff", "3.diff", "4.diff", "5.diff"}, saved
+    assert "+one" in saved["2.diff"] and "+ONE" in saved["3.diff"] and saved["5.diff"] == ""
+    assert saved.get("4.diff", saved["3.diff"]) == saved["3.diff"]
+
+
+def test_it_resumes_on_the_lost_attempts_commit_when_no_step_changed_the_workspace(
+    settings, tmp_path, team, owner, sample_repo
+):
+    """Steps that change no file save no checkpoint; a resumed attempt in a new sandbox still gets
+    the tree those steps saw, not the base branch's newer tip."""
+    settings.MEDIA_ROOT = tmp_path / "data" / "media"
+    script = plan(steps=3, model_delay=0.05, command_delay=2)
+    for response in script["responses"][:-1]:
+        response["tool_calls"][0]["arguments"]["command"] = "sleep 2; cat README.md"
+    with start_in_thread(script) as fake:
+        env = worker_env(tmp_path, fake)
+        (sid,) = start_sessions(team, owner, sample_repo, 1)
+        kill_in_second_command(env, sid)
+        lose_sandbox(tmp_path, sid)
+        (sample_repo / "later.txt").write_text("pushed while the run was lost\n")
+        git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@e", "PATH": "/usr/bin:/bin"}  # fmt: skip
+        subprocess.run(["git", "add", "-A"], cwd=sample_repo, check=True, env=git)
+        subprocess.run(["git", "commit", "-q", "-m", "later"], cwd=sample_repo, check=True, env=git)
+        with worker_process(env, name="worker-1"):
+            wait_for(lambda: finished([sid]), timeout=30, what="the run to finish")
+
+    assert Session.objects.get(pk=sid).status == "completed"
+    assert not Artifact.objects.filter(session_id=sid, kind="checkpoint").exists()
+    resumed = Event.objects.get(session_id=sid, type="run_resumed").payload
+    assert (resumed["sandbox"], resumed["from_step"], resumed["restored_artifact_id"]) == (
+        "recreated",
+        2,
+        None,
+    )
+    commits = [e.payload["commit"] for e in Event.objects.filter(session_id=sid, type="repository_ready")]
+    assert len(commits) == 2 and commits[0] == commits[1]
+    assert not Artifact.objects.filter(session_id=sid, kind="diff").exists()  # nothing changed

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from sandboxes.base import PathEscape, SandboxError, SandboxSpec, get_provider
 from sandboxes.providers.local import LocalProvider
+from tests.live import wait_for
 from tests.sandbox_contract import SandboxContract, make_tar
 
 
@@ -209,3 +211,48 @@ def test_it_ends_the_call_when_the_callback_fails(no_isolation):
 
     with pytest.raises(RuntimeError, match="callback failed"):
         handle.exec(["sh", "-c", "echo hi; sleep 100"], timeout=30, on_output=explode)
+
+
+def settled_stamp(handle):
+    """The workspace's stamp once the filesystem's clock has moved past its last change."""
+    return wait_for(handle.tree_stamp, timeout=10, interval=0.01, what="a stamp past the last change")
+
+
+def test_it_stamps_the_workspace_the_same_until_a_file_changes(no_isolation):
+    handle = no_isolation.create(SandboxSpec(session_id=1))
+    handle.write_file("a.txt", b"one\n")
+    handle.write_file("sub/b.txt", b"two\n")
+    first = settled_stamp(handle)
+    assert handle.tree_stamp() == first
+    handle.write_file(".git/HEAD", b"ref: refs/heads/x\n")  # the diff leaves .git out, so does the stamp
+    handle.write_file(".git/objects/ab/cd", b"x")
+    assert settled_stamp(handle) == first
+    changes = [
+        lambda: handle.write_file("a.txt", b"ONE\n"),  # same size
+        lambda: os.chmod(handle.host_workspace / "a.txt", 0o755),
+        lambda: os.utime(handle.host_workspace / "a.txt", ns=(0, 0)),
+        lambda: os.rename(handle.host_workspace / "sub", handle.host_workspace / "dir"),
+        lambda: os.symlink("a.txt", handle.host_workspace / "link"),
+        lambda: handle.write_file("new.txt", b""),
+        lambda: os.unlink(handle.host_workspace / "new.txt"),
+    ]
+    seen = [first]
+    for change in changes:
+        change()
+        seen.append(settled_stamp(handle))
+        assert seen[-1] != seen[-2]
+    assert seen[-1] == seen[-3]  # new.txt made and removed: the files are as they were
+
+
+def test_it_cannot_stamp_a_workspace_whose_file_changed_within_the_stamps_tick(no_isolation):
+    """A file changed no earlier than the stamp could change again without its times moving (the
+    filesystem's clock ticks coarsely): no stamp then, so the runner diffs."""
+    handle = no_isolation.create(SandboxSpec(session_id=1))
+    handle.write_file("a.txt", b"one\n")
+    settled_stamp(handle)
+    future = time.time_ns() + 3_600 * 10**9
+    os.utime(handle.host_workspace / "a.txt", ns=(future, future))
+    assert handle.tree_stamp() is None
+    os.mkfifo(handle.host_workspace / "pipe")  # nothing the diff would see, but not a file
+    os.utime(handle.host_workspace / "a.txt", ns=(0, 0))
+    assert handle.tree_stamp() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -10,12 +11,13 @@ import threading
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 
 from sandboxes.base import PathEscape, SandboxError, SandboxSpec
 from sandboxes.providers.local import LocalProvider
 from sessions import repocache
 from sessions.budgets import RunBudget
-from sessions.models import Event, Message, Run, Session, start_session
+from sessions.models import Checkpoint, Event, LLMCall, Message, Run, Session, start_session
 from sessions.runner import claim
 from tests.conftest import make_git_repo
 from tests.sandbox_contract import make_tar
@@ -107,6 +109,68 @@ def test_usage_counts_on_the_run_and_the_session_in_one_go(team, owner, reposito
     for row in (stored, session, run):
         assert (row.input_tokens, row.output_tokens, row.cached_tokens) == (11, 6, 2)
         assert row.cost_usd == Decimal("0.75")
+
+
+def test_usage_writes_its_model_call_and_the_checkpoint_in_the_same_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    run = claimed(team, owner, repository)
+    transcript = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    call = {"provider": "p", "model": "m", "latency_ms": 7, "status_code": 200, "outcome": "ok", "error": ""}
+    with django_assert_num_queries(1 if connection.vendor == "postgresql" else 3):
+        run.add_usage(10, 5, 2, Decimal("0.25"), Checkpoint(1, None, transcript, 2), call)
+
+    row = LLMCall.objects.get(run=run)
+    assert (row.session_id, row.provider, row.model, row.latency_ms, row.status_code) == (
+        run.session_id,
+        "p",
+        "m",
+        7,
+        200,
+    )
+    assert (row.input_tokens, row.output_tokens, row.cached_tokens, row.cost_usd) == (
+        10,
+        5,
+        2,
+        Decimal("0.25"),
+    )
+    assert Run.objects.get(pk=run.pk).checkpoint == {"steps": 1, "transcript": transcript, "todos": None}
+
+
+def test_a_checkpoint_sends_only_the_messages_the_saved_one_lacks(team, owner, repository):
+    run = claimed(team, owner, repository)
+    transcript = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert run.beat(Checkpoint(1, None, transcript, 2))
+    transcript += [
+        {"role": "assistant", "content": "a"},
+        {"role": "tool", "tool_call_id": "c", "content": "t"},
+    ]
+    todos = [{"content": "x", "status": "pending"}]
+    assert run.beat(Checkpoint(2, todos, transcript, 3, kept=2))  # the last message not yet
+    assert Run.objects.get(pk=run.pk).checkpoint == {"steps": 2, "transcript": transcript[:3], "todos": todos}
+    assert run.beat(Checkpoint(3, todos, transcript, 4, kept=3))
+    assert Run.objects.get(pk=run.pk).checkpoint == {"steps": 3, "transcript": transcript, "todos": todos}
+    if connection.vendor == "postgresql":  # a saved one of another length is left alone, not spliced wrong
+        assert run.beat(Checkpoint(4, None, transcript + transcript, 8, kept=6))
+        assert Run.objects.get(pk=run.pk).checkpoint["steps"] == 3
+
+
+def test_a_heartbeat_writes_the_steps_held_back_events_in_its_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    run = claimed(team, owner, repository)
+    transcript = [{"role": "system", "content": "s"}]
+    held = [("tool_finished", {"call_id": "c", "name": "bash", "ok": True, "output": "", "truncated": False})]
+    postgres = connection.vendor == "postgresql"  # one statement there, a transaction elsewhere
+    with django_assert_num_queries(1) if postgres else contextlib.nullcontext():
+        assert run.beat(Checkpoint(1, None, transcript, 1), held)
+
+    event = Event.objects.filter(session_id=run.session_id).order_by("-seq").first()
+    assert (event.type, event.run_id, event.payload) == ("tool_finished", run.pk, held[0][1])
+    assert Run.objects.get(pk=run.pk).checkpoint == {"steps": 1, "transcript": transcript, "todos": None}
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.CANCELLED)
+    assert not run.beat(None, [("progress", {"message": "still written"})])  # cancelled: no beat
+    assert Event.objects.filter(session_id=run.session_id, type="progress").exists()
 
 
 def test_the_run_budget_counts_the_runs_own_spend_without_asking_again(

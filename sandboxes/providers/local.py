@@ -70,6 +70,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_CAPTURE_CHARS = 16 * 1024 * 1024  # per stream; protects the worker's memory, not a tool limit
 DRAIN_GRACE = 1.0  # seconds to keep reading after the process group is dead
 METADATA_FILE = "sandbox.json"
+STAMP_FILE = "stamp"  # beside the workspace: its ctime is the filesystem's "now" (LocalHandle.tree_stamp)
 SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
 DISK_USAGE_LIMIT = 100_000  # entries the logs page walks to size a workspace before it stops counting
@@ -617,6 +618,34 @@ class LocalHandle:
             if real != workspace and not real.startswith(workspace + "/"):
                 raise PathEscape(f"archive link {name!r} -> {target!r} points outside the workspace")
         return True
+
+    def tree_stamp(self) -> tuple | None:
+        """What the workspace's files are, cheaply (names, modes, sizes, times, inodes, link
+        targets; ``.git`` left out as the diff leaves it out): equal stamps mean the files did not
+        change in between, so the runner need not pull the workspace out to diff it again.
+
+        None when that cannot be told: a special file, or a file changed in the same tick of the
+        filesystem's clock as the stamp (a marker beside the workspace, touched first, tells which;
+        git calls such entries "racily clean"), whose next change might leave its times as they are.
+        """
+        marker = self.directory / STAMP_FILE
+        try:
+            marker.touch()
+            os.utime(marker)
+            now = marker.stat().st_ctime_ns
+            _dirs, files, links = _tree_entries(
+                str(self.host_workspace), lambda name: name == ".git" or name.startswith(".git/")
+            )
+        except (OSError, SandboxError):
+            return None
+        entries = []
+        for name, info in files:
+            if info.st_ctime_ns >= now or info.st_mtime_ns >= now:
+                return None
+            entries.append(
+                (name, info.st_mode, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+            )
+        return (tuple(sorted(entries)), tuple(sorted(links)))
 
     def get_archive(self, path: str = ".") -> bytes:
         real = self.resolve(path)

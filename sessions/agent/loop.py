@@ -10,11 +10,12 @@ The conversation is kept in the canonical (OpenAI chat) format. Every assistant 
 conversation for the follow-up run.
 
 Checkpoints, for resuming after a lost worker: the state (conversation, todo list, step count) is
-saved on the Run by statements a step makes anyway: with the model call's usage once the reply is in
-the conversation, and with the next step's heartbeat once its tool results are. Each of those shares
+saved on the Run by statements a step makes anyway: with the model call's usage (and its LLMCall
+row) once the reply is in the conversation, and with the next step's heartbeat once its tool results
+are; each sends only the messages the saved conversation lacks (``Checkpoint``). Each of those shares
 one commit with the events around it: the reply's usage, text and first ``tool_started`` go together
-(before the tool runs), the last ``tool_finished`` goes with the heartbeat (or before the runner
-saves the workspace), so a step costs two commits instead of four (five with text). A run resumed from
+(before the tool runs), the last ``tool_finished`` goes in the heartbeat's statement (or before the
+runner saves the workspace), so a step costs two commits instead of four (five with text). A run resumed from
 the first kind has the reply's tool calls still to answer: those that finished are answered from
 their ``tool_finished`` events, the one that was running is closed as interrupted (an event with
 ``interrupted: true``, a tool result telling the model) unless it is safe to run again (the session
@@ -36,7 +37,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from sandboxes.base import SandboxError
-from sessions.agent.context import compact
+from sessions.agent.context import compact, transcript_size
 from sessions.agent.llm import AttemptRecord, LLMClient, LLMError, ToolCall, client_for, cost_usd
 from sessions.agent.prompts import build_system_prompt
 from sessions.agent.tools import ToolError, ToolResult
@@ -48,7 +49,7 @@ from sessions.children import RERUNNABLE
 from sessions.children import execute as execute_session_tool
 from sessions.children import tool_specs as session_tool_specs
 from sessions.events import emit, emit_many
-from sessions.models import Event, LLMCall, Run
+from sessions.models import Checkpoint, Event, LLMCall, Run
 
 __all__ = ["AgentResult", "build_system_prompt", "run_agent"]
 
@@ -147,13 +148,22 @@ class _Agent:
         self.answer: AttemptRecord | None = None  # the successful attempt, recorded with its reply
         # Written with the next event (one commit per step boundary instead of one per write): the
         # reply's attempt (LLMCall, usage, checkpoint) and the events that follow it.
-        self.unsaved: tuple[AttemptRecord, dict[str, Any]] | None = None
+        self.unsaved: tuple[AttemptRecord, Checkpoint] | None = None
+        # How many messages of the transcript the run's saved checkpoint holds (None: not known,
+        # the next checkpoint writes it whole); only what follows them is sent (Checkpoint).
+        self.saved_messages: int | None = None
         self.unsent: list[tuple[str, dict[str, Any]]] = []
         self.recorded: dict[str, dict[str, Any]] = {}  # call id -> its events from a lost attempt
+        self.chars = self.measured = 0  # the transcript's size in characters, of its first messages
 
-    def checkpoint(self) -> dict[str, Any]:
-        """What a recovered attempt needs to go on from here (Run.checkpoint)."""
-        return {"steps": self.run.steps, "transcript": self.transcript, "todos": self.todos}
+    def checkpoint(self) -> Checkpoint:
+        """What a recovered attempt needs to go on from here (Run.checkpoint). Counted as saved at
+        once: a failed write ends the run."""
+        checkpoint = Checkpoint(
+            self.run.steps, self.todos, self.transcript, len(self.transcript), self.saved_messages or 0
+        )
+        self.saved_messages = checkpoint.upto
+        return checkpoint
 
     def emit(self, type: str, payload: dict[str, Any]) -> None:
         self.emit_all([(type, payload)])
@@ -176,9 +186,11 @@ class _Agent:
             self.emit_all([])
 
     def beat(self) -> bool:
-        """Heartbeat with the checkpoint; the last step's held-back events share its commit."""
-        if not self.unsent and self.unsaved is None:
-            return self.run.beat(self.checkpoint())
+        """Heartbeat with the checkpoint; the last step's held-back events share its statement (or,
+        with the reply's attempt still unsaved, its commit)."""
+        if self.unsaved is None:
+            events, self.unsent = self.unsent, []
+            return self.run.beat(self.checkpoint(), events)
         with transaction.atomic():
             self.flush()
             return self.run.beat(self.checkpoint())
@@ -215,7 +227,7 @@ class _Agent:
             self.transcript.append(response.to_message())
             if self.answer is not None:  # its usage and the checkpoint with the reply, written with
                 answer, self.answer = self.answer, None  # the first event of the step (tool_started)
-                self.unsaved = (answer, {**self.checkpoint(), "transcript": list(self.transcript)})
+                self.unsaved = (answer, self.checkpoint())
             text = response.text.strip()
             if text:
                 self.unsent.append(("assistant_text", {"text": _clip(text, EVENT_TEXT_LIMIT)}))
@@ -291,9 +303,17 @@ class _Agent:
         return f"time limit: the run has taken {elapsed:.0f} s, over its environment's {limit} s limit"
 
     def compact(self) -> None:
+        """Within the context budget. The size is counted as the conversation grows (only at its
+        end, between compactions), not over all of it at every step."""
+        self.chars += transcript_size(self.transcript[self.measured :])
+        self.measured = len(self.transcript)
+        if self.chars <= settings.CONTEXT_CHARS:
+            return
         compacted, done = compact(self.transcript, settings.CONTEXT_CHARS)
         if done is not None:
+            self.chars = done.chars_after
             self.transcript[:] = compacted
+            self.saved_messages = None  # earlier messages changed: the next checkpoint is whole
             self.emit(
                 "context_compacted",
                 {"elided": done.elided, "chars_before": done.chars_before, "chars_after": done.chars_after},
@@ -313,32 +333,23 @@ class _Agent:
     def save_attempt(
         self,
         record: AttemptRecord,
-        checkpoint: dict[str, Any] | None = None,
+        checkpoint: Checkpoint | None = None,
         then: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> None:
         """``then``: events that follow the attempt's own, written in its transaction."""
         usage = record.usage
         ok = record.outcome == LLMCall.Outcome.OK and usage is not None
         cost = cost_usd(record.model_key, usage) if ok else Decimal("0")
+        call = {"provider": record.provider, "model": record.model, "latency_ms": record.latency_ms,
+                "status_code": record.status_code, "outcome": record.outcome,
+                "error": record.error[:ERROR_LIMIT]}  # fmt: skip
         with transaction.atomic():
             if ok:  # first: it locks the session's ancestors before its row (sessions/children.py)
                 self.run.add_usage(
-                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint
+                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint, call
                 )
-            LLMCall.objects.create(
-                session_id=self.run.session_id,
-                run=self.run,
-                provider=record.provider,
-                model=record.model,
-                input_tokens=usage.input_tokens if ok else 0,
-                output_tokens=usage.output_tokens if ok else 0,
-                cached_tokens=usage.cached_tokens if ok else 0,
-                cost_usd=cost,
-                latency_ms=record.latency_ms,
-                status_code=record.status_code,
-                outcome=record.outcome,
-                error=record.error[:ERROR_LIMIT],
-            )
+            else:
+                LLMCall.objects.create(session_id=self.run.session_id, run=self.run, **call)
             if ok:
                 event = (
                     "usage",
