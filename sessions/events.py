@@ -153,6 +153,9 @@ class _Request:
 # order they were given. The notification (one per session, in notify.encode's format, built here
 # because only the statement knows the seqs; ``e`` only when ``noted``, i.e. when it fits) is
 # delivered at commit, so it never announces a row a reader cannot see, and costs no round trip.
+# It is one aggregate over ``k``: joined back to ``s`` instead, the generic plan (rows=1 everywhere)
+# nests the aggregate inside a loop over the sessions and builds every session's JSON once per
+# session in the batch, quadratic in a batch of many sessions.
 _PG_INSERT = """
 WITH i AS (
     SELECT (e->>0)::bigint AS session_id, (e->>1)::bigint AS run_id, e->>2 AS type, e->3 AS payload,
@@ -167,7 +170,8 @@ s AS (
     RETURNING t.id, t.last_seq, c.n
 ),
 k AS (
-    SELECT i.*, s.last_seq - s.n + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord) AS seq
+    SELECT i.*, s.last_seq, s.n,
+           s.last_seq - s.n + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord) AS seq
     FROM i JOIN s ON s.id = i.session_id
 ),
 ins AS (
@@ -176,14 +180,13 @@ ins AS (
     RETURNING id, session_id, seq
 ),
 nt AS (
-    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', g.e)::text)
-    FROM s LEFT JOIN (
-        SELECT session_id, json_agg(json_build_object(
+    SELECT pg_notify(%(channel)s, json_build_object(
+        's', session_id, 'm', max(last_seq), 'n', max(n),
+        'e', CASE WHEN bool_and(noted) THEN json_agg(json_build_object(
             'seq', seq, 'type', type, 'payload', payload, 'created', created, 'run', run_id
-        ) ORDER BY seq) AS e
-        FROM k WHERE noted GROUP BY session_id
-    ) g ON g.session_id = s.id
-    WHERE %(notify)s
+        ) ORDER BY seq) END
+    )::text)
+    FROM k WHERE %(notify)s GROUP BY session_id
 )
 SELECT id, session_id, seq FROM ins WHERE (SELECT count(*) FROM nt) >= 0
 """
