@@ -50,7 +50,8 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from sessions.columns import prepared_cursor
@@ -100,10 +101,11 @@ def emit_many(
     items = list(items)
     if not items:
         return []
-    if connection.vendor == "postgresql":
+    conn = connections[DEFAULT_DB_ALIAS]  # looked up once: each ``connection.x`` costs a lookup
+    if conn.vendor == "postgresql":
         request = _Request(session_id, run_id, items)
-        if not connection.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
-            events = _group_commit().submit(request)
+        if not conn.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
+            events = _group_commit().submit(request, conn)
             # Committed already: call the listeners here rather than through on_commit, which
             # would take a (pooled) connection just to learn that we are in autocommit.
             if _listeners:
@@ -128,6 +130,12 @@ def emit_many(
 # --- Postgres: one statement for any number of emits ------------------------------------------------
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(slots=True)
 class _Request:
     """One emit_many() call: its events, and (once written) the stored Events or the error."""
@@ -138,7 +146,15 @@ class _Request:
     created: datetime = field(default_factory=timezone.now)
     events: list[Event] | None = None
     error: BaseException | None = None
-    woken: threading.Event = field(default_factory=threading.Event)
+    # Held until the request is woken (its batch written, or its turn to write): a bare lock is
+    # the cheapest wake-up there is (threading.Event adds a Condition and a lock per wait).
+    woken: threading.Lock = field(default_factory=_held_lock)
+
+    def wait(self) -> None:
+        self.woken.acquire()
+
+    def wake(self) -> None:
+        self.woken.release()
 
     def result(self) -> list[Event]:
         if self.error is not None:
@@ -245,51 +261,83 @@ def _insert_postgres(requests: list[_Request]) -> None:
         ]
 
 
+# Batches written at once by one process, each on its own connection: while one commits, the next
+# is already running its statement (Postgres holds one lock through the commit of every
+# transaction that notifies, so the commits themselves still go one after another). A session with events in both batches is locked by the
+# first until it commits, so its seqs still follow commit order.
+IN_FLIGHT = 2
+
+
 class _GroupCommit:
     """Concurrent emit() calls of one process share a statement and a commit.
 
-    The first caller to arrive while nothing is being written writes its own events at once (so a
-    lone emitter waits for nothing extra); whoever arrives during that write queues, and when it
-    completes the oldest queued caller writes everything queued, on its own connection. Every
-    caller returns only once its rows are committed, or with the error that stopped them. A failed
-    batch is retried one request at a time, so one bad event (an unknown session or run) fails
-    only its own emit().
+    A caller that arrives while fewer than ``IN_FLIGHT`` batches are being written writes its own
+    events at once (so a lone emitter waits for nothing extra); whoever arrives while they are all
+    busy queues, and when a write completes the oldest queued caller writes everything queued, on
+    its own connection. Every caller returns only once its rows are committed, or with the error
+    that stopped them. A failed batch is retried one request at a time, so one bad event (an unknown
+    session or run) fails only its own emit().
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queue: list[_Request] = []
-        self.writing = False
+        self.writing = 0  # writers in flight
+        # Writers and the next one in line hold pooled connections: a small pool gets one writer.
+        pool = connection.settings_dict.get("OPTIONS", {}).get("pool")
+        small = isinstance(pool, dict) and pool.get("max_size", 0) < IN_FLIGHT + 2
+        self.in_flight = 1 if small else IN_FLIGHT
         self.batches = 0  # statements executed (for tests and the bench)
 
-    def submit(self, request: _Request) -> list[Event]:
+    def submit(self, request: _Request, conn: BaseDatabaseWrapper) -> list[Event]:
         with self.lock:
-            self.queue.append(request)
-            lead = not self.writing
-            self.writing = True
+            lead = self.writing < self.in_flight
+            if lead:
+                self.writing += 1
+            else:
+                head = not self.queue
+                self.queue.append(request)
         if not lead:
-            # Waiting holds no pooled connection: the writer may need one, and must not wait for
-            # the pool while every connection sits with a thread that is waiting for the writer.
-            if connection.connection is not None and connection.settings_dict.get("OPTIONS", {}).get("pool"):
-                connection.close()
-            request.woken.wait()
+            self._before_waiting(conn, head)
+            request.wait()
             if request.events is not None or request.error is not None:
                 return request.result()
             # Woken without a result: it is our turn to write.
         with self.lock:
-            batch, self.queue = self.queue, []
+            batch, self.queue = [request, *self.queue], []
         try:
             self._write(batch)
         finally:
             with self.lock:
-                if self.queue:
-                    self.queue[0].woken.set()  # the next writer
-                else:
-                    self.writing = False
+                self.hand_over()
             for other in batch:
                 if other is not request:
-                    other.woken.set()
+                    other.wake()
         return request.result()
+
+    def hand_over(self) -> None:
+        """A write is done (call with the lock held): the oldest queued caller writes next."""
+        if self.queue:
+            self.queue.pop(0).wake()
+        else:
+            self.writing -= 1
+
+    @staticmethod
+    def _before_waiting(conn: BaseDatabaseWrapper, head: bool) -> None:
+        """The first caller in the queue writes next: it holds (or takes, while the current write
+        runs) a connection, so the batch starts the moment it is woken rather than after a pool
+        check-out. Everyone else waits without one: the next writer may need a pooled connection,
+        and must not wait for the pool while they all sit with threads that wait for the writer."""
+        if not conn.settings_dict.get("OPTIONS", {}).get("pool"):
+            return
+        if not head:
+            if conn.connection is not None:
+                conn.close()
+            return
+        try:
+            conn.ensure_connection()
+        except Exception:  # noqa: BLE001 - the write will try again and report what fails
+            conn.close()
 
     def _write(self, batch: list[_Request]) -> None:
         self.batches += 1
