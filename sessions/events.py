@@ -305,6 +305,7 @@ class _GroupCommit:
             # Woken without a result: it is our turn to write.
         with self.lock:
             batch, self.queue = [request, *self.queue], []
+            self.batches += 1
         try:
             self._write(batch)
         finally:
@@ -340,7 +341,6 @@ class _GroupCommit:
             conn.close()
 
     def _write(self, batch: list[_Request]) -> None:
-        self.batches += 1
         try:
             _insert_postgres(batch)
             return
