@@ -261,39 +261,28 @@ def _insert_postgres(requests: list[_Request]) -> None:
         ]
 
 
-# Batches written at once by one process, each on its own connection: while one commits, the next
-# is already running its statement (Postgres holds one lock through the commit of every
-# transaction that notifies, so the commits themselves still go one after another). A session with events in both batches is locked by the
-# first until it commits, so its seqs still follow commit order.
-IN_FLIGHT = 2
-
-
 class _GroupCommit:
     """Concurrent emit() calls of one process share a statement and a commit.
 
-    A caller that arrives while fewer than ``IN_FLIGHT`` batches are being written writes its own
-    events at once (so a lone emitter waits for nothing extra); whoever arrives while they are all
-    busy queues, and when a write completes the oldest queued caller writes everything queued, on
-    its own connection. Every caller returns only once its rows are committed, or with the error
-    that stopped them. A failed batch is retried one request at a time, so one bad event (an unknown
-    session or run) fails only its own emit().
+    The first caller to arrive while nothing is being written writes its own events at once (so a
+    lone emitter waits for nothing extra); whoever arrives during that write queues, and when it
+    completes the oldest queued caller writes everything queued, on its own connection. Every
+    caller returns only once its rows are committed, or with the error that stopped them. A failed
+    batch is retried one request at a time, so one bad event (an unknown session or run) fails
+    only its own emit().
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.queue: list[_Request] = []
-        self.writing = 0  # writers in flight
-        # Writers and the next one in line hold pooled connections: a small pool gets one writer.
-        pool = connection.settings_dict.get("OPTIONS", {}).get("pool")
-        small = isinstance(pool, dict) and pool.get("max_size", 0) < IN_FLIGHT + 2
-        self.in_flight = 1 if small else IN_FLIGHT
+        self.writing = False
         self.batches = 0  # statements executed (for tests and the bench)
 
     def submit(self, request: _Request, conn: BaseDatabaseWrapper) -> list[Event]:
         with self.lock:
-            lead = self.writing < self.in_flight
+            lead = not self.writing
             if lead:
-                self.writing += 1
+                self.writing = True
             else:
                 head = not self.queue
                 self.queue.append(request)
@@ -321,7 +310,7 @@ class _GroupCommit:
         if self.queue:
             self.queue.pop(0).wake()
         else:
-            self.writing -= 1
+            self.writing = False
 
     @staticmethod
     def _before_waiting(conn: BaseDatabaseWrapper, head: bool) -> None:
