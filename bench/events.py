@@ -77,7 +77,19 @@ def backends_cpu_s() -> float:
     return total
 
 
+def vacuum() -> None:
+    """Every emit updates its session's row: without autovacuum (CI's Postgres runs with it off) the
+    dead versions pile up from one measurement to the next and each one is slower than the last."""
+    from django.db import connection
+
+    from sessions.models import Session
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"VACUUM {Session._meta.db_table}")
+
+
 def measure(sessions: list[int], per_run: int, batch: int = 1) -> dict:
+    vacuum()
     threads = [threading.Thread(target=emit_loop, args=(s, per_run, batch)) for s in sessions]
     total = len(sessions) * per_run
     pg_before, cpu_before = backends_cpu_s(), time.process_time()

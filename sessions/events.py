@@ -51,7 +51,8 @@ from datetime import datetime
 from typing import Any
 
 from django.conf import settings
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from sessions.columns import prepared_cursor
@@ -101,10 +102,11 @@ def emit_many(
     items = list(items)
     if not items:
         return []
-    if connection.vendor == "postgresql":
+    conn = connections[DEFAULT_DB_ALIAS]  # looked up once: each ``connection.x`` costs a lookup
+    if conn.vendor == "postgresql":
         request = _Request(session_id, run_id, items)
-        if not connection.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
-            events = _group_commit().submit(request)
+        if not conn.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
+            events = _group_commit().submit(request, conn)
             # Committed already: call the listeners here rather than through on_commit, which
             # would take a (pooled) connection just to learn that we are in autocommit.
             if _listeners:
@@ -147,6 +149,12 @@ def emit_many_with(
 # --- Postgres: one statement for any number of emits ------------------------------------------------
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(slots=True)
 class _Request:
     """One emit_many() call: its events, and (once written) the stored Events or the error."""
@@ -157,7 +165,15 @@ class _Request:
     created: datetime = field(default_factory=timezone.now)
     events: list[Event] | None = None
     error: BaseException | None = None
-    woken: threading.Event = field(default_factory=threading.Event)
+    # Held until the request is woken (its batch written, or its turn to write): a bare lock is
+    # the cheapest wake-up there is (threading.Event adds a Condition and a lock per wait).
+    woken: threading.Lock = field(default_factory=_held_lock)
+
+    def wait(self) -> None:
+        self.woken.acquire()
+
+    def wake(self) -> None:
+        self.woken.release()
 
     def result(self) -> list[Event]:
         if self.error is not None:
@@ -172,6 +188,9 @@ class _Request:
 # order they were given. The notification (one per session, in notify.encode's format, built here
 # because only the statement knows the seqs; ``e`` only when ``noted``, i.e. when it fits) is
 # delivered at commit, so it never announces a row a reader cannot see, and costs no round trip.
+# It is one aggregate over ``k``: joined back to ``s`` instead, the generic plan (rows=1 everywhere)
+# nests the aggregate inside a loop over the sessions and builds every session's JSON once per
+# session in the batch, quadratic in a batch of many sessions.
 _PG_INSERT = """
 WITH i AS (
     SELECT (e->>0)::bigint AS session_id, (e->>1)::bigint AS run_id, e->>2 AS type, e->3 AS payload,
@@ -186,7 +205,8 @@ s AS (
     RETURNING t.id, t.last_seq, c.n
 ),
 k AS (
-    SELECT i.*, s.last_seq - s.n + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord) AS seq
+    SELECT i.*, s.last_seq, s.n,
+           s.last_seq - s.n + row_number() OVER (PARTITION BY i.session_id ORDER BY i.ord) AS seq
     FROM i JOIN s ON s.id = i.session_id
 ),
 ins AS (
@@ -195,14 +215,13 @@ ins AS (
     RETURNING id, session_id, seq
 ),
 nt AS (
-    SELECT pg_notify(%(channel)s, json_build_object('s', s.id, 'm', s.last_seq, 'n', s.n, 'e', g.e)::text)
-    FROM s LEFT JOIN (
-        SELECT session_id, json_agg(json_build_object(
+    SELECT pg_notify(%(channel)s, json_build_object(
+        's', session_id, 'm', max(last_seq), 'n', max(n),
+        'e', CASE WHEN bool_and(noted) THEN json_agg(json_build_object(
             'seq', seq, 'type', type, 'payload', payload, 'created', created, 'run', run_id
-        ) ORDER BY seq) AS e
-        FROM k WHERE noted GROUP BY session_id
-    ) g ON g.session_id = s.id
-    WHERE %(notify)s
+        ) ORDER BY seq) END
+    )::text)
+    FROM k WHERE %(notify)s GROUP BY session_id
 )
 SELECT id, session_id, seq FROM ins WHERE (SELECT count(*) FROM nt) >= 0
 """
@@ -293,37 +312,58 @@ class _GroupCommit:
         self.writing = False
         self.batches = 0  # statements executed (for tests and the bench)
 
-    def submit(self, request: _Request) -> list[Event]:
+    def submit(self, request: _Request, conn: BaseDatabaseWrapper) -> list[Event]:
         with self.lock:
-            self.queue.append(request)
             lead = not self.writing
-            self.writing = True
+            if lead:
+                self.writing = True
+            else:
+                head = not self.queue
+                self.queue.append(request)
         if not lead:
-            # Waiting holds no pooled connection: the writer may need one, and must not wait for
-            # the pool while every connection sits with a thread that is waiting for the writer.
-            if connection.connection is not None and connection.settings_dict.get("OPTIONS", {}).get("pool"):
-                connection.close()
-            request.woken.wait()
+            self._before_waiting(conn, head)
+            request.wait()
             if request.events is not None or request.error is not None:
                 return request.result()
             # Woken without a result: it is our turn to write.
         with self.lock:
-            batch, self.queue = self.queue, []
+            batch, self.queue = [request, *self.queue], []
+            self.batches += 1
         try:
             self._write(batch)
         finally:
             with self.lock:
-                if self.queue:
-                    self.queue[0].woken.set()  # the next writer
-                else:
-                    self.writing = False
+                self.hand_over()
             for other in batch:
                 if other is not request:
-                    other.woken.set()
+                    other.wake()
         return request.result()
 
+    def hand_over(self) -> None:
+        """A write is done (call with the lock held): the oldest queued caller writes next."""
+        if self.queue:
+            self.queue.pop(0).wake()
+        else:
+            self.writing = False
+
+    @staticmethod
+    def _before_waiting(conn: BaseDatabaseWrapper, head: bool) -> None:
+        """The first caller in the queue writes next: it holds (or takes, while the current write
+        runs) a connection, so the batch starts the moment it is woken rather than after a pool
+        check-out. Everyone else waits without one: the next writer may need a pooled connection,
+        and must not wait for the pool while they all sit with threads that wait for the writer."""
+        if not conn.settings_dict.get("OPTIONS", {}).get("pool"):
+            return
+        if not head:
+            if conn.connection is not None:
+                conn.close()
+            return
+        try:
+            conn.ensure_connection()
+        except Exception:  # noqa: BLE001 - the write will try again and report what fails
+            conn.close()
+
     def _write(self, batch: list[_Request]) -> None:
-        self.batches += 1
         try:
             _insert_postgres(batch)
             return

@@ -143,7 +143,7 @@ def queued_behind_a_write(calls: list[tuple]) -> tuple[events._GroupCommit, list
             lambda n=n: len(group.queue) == n, timeout=DEADLINE, interval=0.002, what="the emit to queue up"
         )
     with group.lock:
-        group.queue[0].woken.set()  # what the finished writer does
+        group.hand_over()  # what a finished writer does
     for thread, _ in handles:
         thread.join(DEADLINE)
     assert not group.writing
