@@ -47,7 +47,17 @@ from django.db import connection, transaction
 
 from sessions.agent.tools import ToolError, ToolResult, _spec, _validate
 from sessions.events import emit
-from sessions.models import Artifact, Repository, Run, Session, SessionStatus, Source, start_session
+from sessions.models import (
+    Artifact,
+    Repository,
+    Run,
+    Session,
+    SessionStatus,
+    Source,
+    model_problem,
+    start_session,
+    text_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +189,6 @@ def spawn(
     already started a child (the attempt that ran it was lost), that child, not a new one; a
     unique constraint backs the check.
     """
-    from sessions.api.serializers import model_problem, text_problem
-
     if parent.depth + 1 > settings.CHILD_MAX_DEPTH:
         raise ChildLimit(
             f"spawn_session: child sessions may nest {settings.CHILD_MAX_DEPTH} deep "
