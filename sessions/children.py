@@ -275,6 +275,7 @@ class _Wakeups:
         self.lock = threading.Lock()
         self.waiting: dict[int, set[threading.Event]] = {}  # session id -> the waits to wake
         self.thread: threading.Thread | None = None
+        self.ready = threading.Event()  # the current listener's: set once it listens (or gave up)
 
     @contextmanager
     def watching(self, session_ids: Iterable[int]) -> Iterator[threading.Event]:
@@ -283,18 +284,17 @@ class _Wakeups:
             yield wake
             return
         ids = set(session_ids)
-        ready = None
         with self.lock:
             for sid in ids:
                 self.waiting.setdefault(sid, set()).add(wake)
-            if self.thread is None:
-                ready = threading.Event()
+            if self.thread is None or not self.thread.is_alive():  # (not alive: inherited by a fork)
+                self.ready = threading.Event()
                 self.thread = threading.Thread(
-                    target=self._listen, args=(ready,), name="wait-wakeups", daemon=True
+                    target=self._listen, args=(self.ready,), name="wait-wakeups", daemon=True
                 )
                 self.thread.start()
-        if ready is not None:
-            ready.wait(LISTEN_READY_TIMEOUT)  # listening before the wait's first look: no note is missed
+            ready = self.ready
+        ready.wait(LISTEN_READY_TIMEOUT)  # listening before the wait's first look: no note is missed
         try:
             yield wake
         finally:
