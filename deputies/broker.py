@@ -47,13 +47,13 @@ def listen_connection(alias: str):
 
 
 def queue_joins_transaction() -> bool:
-    """Whether an enqueue can be part of the caller's transaction: this broker, on Postgres, on the
-    default database, not in sync mode (which would run the task inside the transaction)."""
+    """Whether an enqueue can be part of the caller's transaction: this broker, on the default
+    database (Postgres or SQLite: the queue row commits with the caller's rows, or neither does), not
+    in sync mode (which would run the task inside the transaction)."""
     return (
         not Conf.SYNC
         and Conf.BROKER_CLASS == f"{__name__}.{NotifyingORM.__name__}"
         and Conf.ORM == DEFAULT_DB_ALIAS
-        and is_postgres(DEFAULT_DB_ALIAS)
     )
 
 

@@ -185,6 +185,11 @@ def ensure_sample_repo(path: Path) -> Path:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    # daphne serves plain HTTP here (TLS ends at the proxy; Simple mode is loopback). Twisted loads
+    # pyOpenSSL and cryptography's x509 only to offer TLS transports (~5 MB); with pyOpenSSL marked
+    # missing it leaves them out, and nothing else in this process uses it (urllib3 and botocore
+    # use the standard ssl module).
+    sys.modules.setdefault("OpenSSL", None)
     setup_django()
     from daphne.cli import CommandLineInterface
 

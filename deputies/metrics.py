@@ -267,17 +267,19 @@ class DatabaseCollector:
 
 
 def events_written() -> int:
-    """Postgres: the event id sequence's position (no table read); else the highest event id."""
+    """The event id sequence's position (no table read): a counter that deleted events do not lower.
+    On SQLite, Django's ids are AUTOINCREMENT, whose position is kept in ``sqlite_sequence``."""
     from sessions.models import Event
 
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
             cursor.execute(
                 "SELECT pg_sequence_last_value(pg_get_serial_sequence(%s, 'id'))", [Event._meta.db_table]
             )
-            value = cursor.fetchone()[0]
-        return int(value or 0)
-    return Event.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+        else:
+            cursor.execute("SELECT seq FROM sqlite_sequence WHERE name = %s", [Event._meta.db_table])
+        row = cursor.fetchone()
+    return int(row[0] or 0) if row else 0
 
 
 _collector: DatabaseCollector | None = None

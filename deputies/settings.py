@@ -22,6 +22,12 @@ from deputies.env import (
     envstr,
 )
 
+# httpx imports its command-line client with the package: click, pygments' lexer table and, where
+# installed, rich (~4 MB per process). No process of ours runs that client, so its module is marked
+# missing before anything imports httpx (deputies/netguard.py, through the settings below), and
+# httpx.main is httpx's own stub that explains how to install it.
+sys.modules.setdefault("httpx._main", None)
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(envstr("DEPUTIES_DATA_DIR", str(BASE_DIR / "var"))).resolve()
 

@@ -13,8 +13,10 @@ Money: every model call of a child adds its cost to ``children_cost_usd`` of eac
 spend plus its children's; a child also stops when an ancestor's budget is used up. The team's monthly
 budget counts them anyway (children are sessions of the same team).
 
-Waiting without holding anything: ``wait_sessions`` polls with backoff, giving its database
-connection back between polls (sessions/workpool.py), and heartbeats so its lease stays alive. A run
+Waiting without holding anything: ``wait_sessions`` checks with backoff, giving its database
+connection back between checks (sessions/workpool.py), and heartbeats so its lease stays alive. On
+Postgres it also wakes at once when an event that may end the wait is committed (``_Wakeups``: a
+child's status, a cancel or a steer of its own session). A run
 waiting for children does not count against its team's concurrency limit (``Run.waiting``; the
 claim's guard and sessions/limits.py skip it), otherwise a team at its limit whose runs all wait for
 children would never start those children. It still occupies a thread of its worker's run pool
@@ -38,7 +40,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -47,7 +53,17 @@ from django.db import connection, transaction
 
 from sessions.agent.tools import ToolError, ToolResult, _spec, _validate
 from sessions.events import emit
-from sessions.models import Artifact, Repository, Run, Session, SessionStatus, Source, start_session
+from sessions.models import (
+    Artifact,
+    Repository,
+    Run,
+    Session,
+    SessionStatus,
+    Source,
+    model_problem,
+    start_session,
+    text_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +195,6 @@ def spawn(
     already started a child (the attempt that ran it was lost), that child, not a new one; a
     unique constraint backs the check.
     """
-    from sessions.api.serializers import model_problem, text_problem
-
     if parent.depth + 1 > settings.CHILD_MAX_DEPTH:
         raise ChildLimit(
             f"spawn_session: child sessions may nest {settings.CHILD_MAX_DEPTH} deep "
@@ -239,10 +253,105 @@ def spawn(
 
 # --- waiting ---------------------------------------------------------------------------------------
 
+# A child's end and a cancel are "status" events, a steer is a "message" of the waiting run's session.
+WAKE_TYPES = frozenset({"status", "message"})
+NOTE_SESSION = re.compile(r'\{\s*"s"\s*:\s*(\d+)')  # the session a notification is about (notify.py)
+LISTEN_READY_TIMEOUT = 2.0  # seconds a wait gives the listener to start before it looks anyway
+LISTEN_WINDOW = 1.0  # seconds between the listener's checks whether any run still waits
+
+
+class _Wakeups:
+    """Wakes waiting runs when an event that may end their wait is committed.
+
+    The signal is the event stream's own notification (the ``pg_notify`` in emit()'s statement,
+    sessions/events.py), heard on one LISTEN connection per worker process that exists only while a
+    run of that process waits: an idle worker holds no connection and sends nothing. A note about a
+    session a run waits on, carrying a ``WAKE_TYPES`` event (or too large to carry its events), sets
+    that run's ``threading.Event``; the wait then checks the database as it does after a poll. Other
+    stream backends (SQLite's poll mode, Redis) send no ``pg_notify``: there, waits only poll.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: dict[int, set[threading.Event]] = {}  # session id -> the waits to wake
+        self.thread: threading.Thread | None = None
+        self.ready = threading.Event()  # the current listener's: set once it listens (or gave up)
+
+    @contextmanager
+    def watching(self, session_ids: Iterable[int]) -> Iterator[threading.Event]:
+        wake = threading.Event()
+        if settings.STREAM_BACKEND != "postgres":
+            yield wake
+            return
+        ids = set(session_ids)
+        with self.lock:
+            for sid in ids:
+                self.waiting.setdefault(sid, set()).add(wake)
+            if self.thread is None or not self.thread.is_alive():  # (not alive: inherited by a fork)
+                self.ready = threading.Event()
+                self.thread = threading.Thread(
+                    target=self._listen, args=(self.ready,), name="wait-wakeups", daemon=True
+                )
+                self.thread.start()
+            ready = self.ready
+        ready.wait(LISTEN_READY_TIMEOUT)  # listening before the wait's first look: no note is missed
+        try:
+            yield wake
+        finally:
+            with self.lock:
+                for sid in ids:
+                    wakes = self.waiting[sid]
+                    wakes.discard(wake)
+                    if not wakes:
+                        del self.waiting[sid]
+
+    def _listen(self, ready: threading.Event) -> None:
+        from deputies.broker import listen_connection
+        from sessions.streaming.notify import PG_CHANNEL
+
+        conn = None
+        try:
+            conn = listen_connection("default")
+            conn.execute(f"LISTEN {PG_CHANNEL}")
+            ready.set()
+            while True:
+                with self.lock:
+                    if not self.waiting:
+                        self.thread = None
+                        return
+                for note in conn.notifies(timeout=LISTEN_WINDOW):
+                    self._note(note.payload)
+        except Exception as exc:  # waits go on polling; the next wait to start tries again
+            log.warning("wait_sessions cannot listen for events (%s); waits poll instead", exc)
+            with self.lock:
+                if self.thread is threading.current_thread():
+                    self.thread = None
+        finally:
+            ready.set()
+            if conn is not None:
+                conn.close()
+
+    def _note(self, payload: str) -> None:
+        match = NOTE_SESSION.match(payload)
+        if match is None:
+            return
+        with self.lock:
+            wakes = list(self.waiting.get(int(match[1]), ()))
+        if not wakes:
+            return
+        events = json.loads(payload).get("e")
+        if events is None or any(event.get("type") in WAKE_TYPES for event in events):
+            for wake in wakes:
+                wake.set()
+
+
+_wakeups = _Wakeups()
+
 
 def wait(run: Run, session_ids: list[int] | None, timeout: float) -> list[dict[str, Any]]:
-    """Poll the children until they are all final, the timeout passes, the run is cancelled or a
-    steer message arrives (so the model sees it); then their results."""
+    """Check the children until they are all final, the timeout passes, the run is cancelled or a
+    steer message arrives (so the model sees it); then their results. Between checks it sleeps with
+    backoff, or until ``_wakeups`` hears of an event that may end the wait."""
     from sessions.limits import wake_waiting_runs
     from sessions.workpool import release_connection
 
@@ -262,28 +371,30 @@ def wait(run: Run, session_ids: list[int] | None, timeout: float) -> list[dict[s
     steers = run.steers
     delay = POLL_FIRST
     interrupted = ""
-    Run.objects.filter(pk=run.pk).update(waiting=True)
-    team_id = Session.objects.filter(pk=run.session_id).values_list("team_id", flat=True).get()
-    try:
-        wake_waiting_runs(team_id)  # this run's slot is free while it waits: its children may start
-        while True:
-            statuses = dict(Session.objects.filter(pk__in=ids).values_list("pk", "status"))
-            if all(status in FINAL for status in statuses.values()):
-                break
-            if not run.beat():
-                interrupted = "this run was stopped while waiting"
-                break
-            if run.steers != steers:
-                interrupted = "a new instruction arrived; read it, then wait again if needed"
-                break
-            if time.monotonic() >= deadline:
-                interrupted = f"timed out after {timeout:g} s; call wait_sessions again to keep waiting"
-                break
-            release_connection()
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * POLL_GROWTH, POLL_MAX)
-    finally:
-        Run.objects.filter(pk=run.pk).update(waiting=False)
+    with _wakeups.watching([run.session_id, *ids]) as wake:
+        Run.objects.filter(pk=run.pk).update(waiting=True)
+        team_id = Session.objects.filter(pk=run.session_id).values_list("team_id", flat=True).get()
+        try:
+            wake_waiting_runs(team_id)  # this run's slot is free while it waits: its children may start
+            while True:
+                wake.clear()  # before looking: a note committed from here on ends the next sleep
+                statuses = dict(Session.objects.filter(pk__in=ids).values_list("pk", "status"))
+                if all(status in FINAL for status in statuses.values()):
+                    break
+                if not run.beat():
+                    interrupted = "this run was stopped while waiting"
+                    break
+                if run.steers != steers:
+                    interrupted = "a new instruction arrived; read it, then wait again if needed"
+                    break
+                if time.monotonic() >= deadline:
+                    interrupted = f"timed out after {timeout:g} s; call wait_sessions again to keep waiting"
+                    break
+                release_connection()
+                wake.wait(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * POLL_GROWTH, POLL_MAX)
+        finally:
+            Run.objects.filter(pk=run.pk).update(waiting=False)
     results = [_result(child) for child in Session.objects.filter(pk__in=ids).select_related("repository")]
     if interrupted:
         results.append({"note": interrupted})

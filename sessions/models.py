@@ -1409,6 +1409,33 @@ def session_model(
     )
 
 
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be used, or ``None``. It must be ``provider/model`` with a configured provider."""
+    providers = sorted(settings.LLM_PROVIDERS)
+    configured = ", ".join(providers) if providers else "none (set DEPUTIES_LLM_<NAME>_BASE_URL)"
+    provider, sep, name = model.partition("/")
+    if not sep or not provider or not name.strip():
+        return f"{model!r} is not of the form provider/model; configured providers: {configured}."
+    if provider not in settings.LLM_PROVIDERS:
+        return f"Unknown provider {provider!r} in {model!r}; configured providers: {configured}."
+    return None
+
+
+def text_problem(value: str, what: str) -> str | None:
+    """Why a prompt or a follow-up cannot be sent, or ``None``.
+
+    This and ``model_problem`` are what every way in checks before ``start_session`` (the API, Slack,
+    webhooks, ``spawn_session``): here rather than in the API's serializers, so a worker checking a
+    child's prompt or a Slack message does not load Django REST framework for it (~12 MB).
+    """
+    if not value.strip():
+        return f"The {what} is empty."
+    limit = settings.MAX_PROMPT_CHARS
+    if len(value) > limit:
+        return f"The {what} is {len(value)} characters long; the limit is {limit}."
+    return None
+
+
 def start_session(
     *,
     team: Team,

@@ -22,11 +22,14 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from django.conf import settings
 
 from sandboxes.base import Cancel, Capabilities, ExecResult, OutputCallback, SandboxHandle
+
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 MIN_SECRET_LENGTH = 6
 MAX_SECRET_BYTES = 64 * 1024
@@ -38,6 +41,10 @@ class SecretError(Exception):
 
 @lru_cache(maxsize=4)
 def _cipher(keys: tuple[str, ...]) -> MultiFernet:
+    # Imported here: cryptography is ~6 MB that a process which never opens a secret (an idle worker,
+    # every run without secrets) need not load.
+    from cryptography.fernet import Fernet, MultiFernet
+
     if not keys:
         raise SecretError("DEPUTIES_SECRETS_KEY is empty: environment secrets cannot be used.")
     derived = [
@@ -56,6 +63,8 @@ def encrypt(value: str) -> str:
 
 
 def decrypt(token: str, name: str = "a secret") -> str:
+    from cryptography.fernet import InvalidToken
+
     try:
         return cipher().decrypt(token.encode("ascii")).decode()
     except InvalidToken:
@@ -67,6 +76,8 @@ def decrypt(token: str, name: str = "a secret") -> str:
 
 def reencrypt(token: str) -> str:
     """The same value under the current first key (for key rotation)."""
+    from cryptography.fernet import InvalidToken
+
     try:
         return cipher().rotate(token.encode("ascii")).decode("ascii")
     except InvalidToken:

@@ -566,6 +566,41 @@ def test_it_stops_waiting_for_children_when_a_steer_message_arrives_or_the_timeo
     assert not Run.objects.get(pk=run.pk).waiting
 
 
+@pytest.mark.django_db(transaction=True)
+def test_it_wakes_a_waiting_run_at_once_when_a_child_ends_or_a_steer_arrives(parent, owner, monkeypatch):
+    from sessions import children
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the wake-up is the event stream's NOTIFY; on SQLite a wait only polls")
+    monkeypatch.setattr(children, "POLL_FIRST", 120.0)  # a wait that only polled would sleep 30 s here
+    run = claimed(parent)
+    first, second = spawn(parent, "first"), spawn(parent, "second")
+
+    def wait_woken_by(session: Session, event: Callable[[], object]) -> list:
+        results: list = []
+
+        def waiter() -> None:
+            try:
+                results.append(children.wait(run, [session.pk], 30))
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        wait_for(lambda: Run.objects.filter(pk=run.pk, waiting=True).exists(), timeout=10, what="the wait")
+        event()
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the wait slept on instead of waking"
+        return results[0]
+
+    ended = wait_woken_by(first, first.cancel)
+    assert [r["status"] for r in ended] == ["cancelled"]  # all final: no note
+    steered = wait_woken_by(second, lambda: parent.add_message("change of plan", author=owner, steer=True))
+    assert steered[0]["status"] == "queued" and steered[-1]["note"].startswith("a new instruction arrived")
+    # The listener goes with the last wait: an idle worker keeps no connection for it.
+    wait_for(lambda: children._wakeups.thread is None, timeout=10, what="the listener to stop")
+
+
 @pytest.mark.django_db
 def test_it_clears_the_waiting_mark_of_a_run_whose_worker_was_lost(parent):
     from datetime import timedelta

@@ -2,16 +2,19 @@
 settings. ``DEPUTIES_SLACK_API_URL`` moves the whole Web API (tests: a loopback fake); the library's
 own retry handlers are off, because retries are the deliveries' job (attempt log, back-off,
 ``Retry-After``), and a retry hidden inside one attempt would hold a delivery thread for minutes.
+slack-sdk is imported on the first call: a deployment without Slack never loads it (~1.3 MB a process).
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from django.conf import settings
-from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
+
+if TYPE_CHECKING:
+    from slack_sdk import WebClient
 
 _clients: dict[tuple, WebClient] = {}
 _lock = threading.Lock()
@@ -23,6 +26,8 @@ def web_client(token: str | None = None, timeout: float | None = None) -> WebCli
     with _lock:
         client = _clients.get(key)
         if client is None:
+            from slack_sdk import WebClient
+
             client = WebClient(
                 token=key[0] or None, base_url=base, timeout=int(max(1, key[2])), retry_handlers=[]
             )
@@ -44,6 +49,8 @@ class Result:
 
 def call(method: str, *, timeout: float | None = None, **params) -> Result:
     """``method`` (e.g. ``chat.postMessage``) with JSON ``params``; never raises for Slack's answer."""
+    from slack_sdk.errors import SlackApiError
+
     client = web_client(timeout=timeout)
     try:
         response = client.api_call(method, json=params)

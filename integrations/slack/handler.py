@@ -28,7 +28,6 @@ from django.utils import timezone
 from integrations.slack import access, messages, outbound
 from integrations.slack.access import Refused
 from integrations.slack.models import SeenRequest, SlackThread
-from sessions.api.serializers import model_problem, text_problem
 from sessions.bindings import BindingError, start_or_follow_up
 from sessions.models import (
     Repository,
@@ -36,8 +35,10 @@ from sessions.models import (
     SessionBinding,
     SessionStatus,
     Source,
+    model_problem,
     session_model,
     start_session,
+    text_problem,
 )
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from django.db import OperationalError
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
-from slack_sdk.signature import SignatureVerifier
 
 from integrations.slack import handler
 
@@ -35,6 +34,8 @@ def _verified(request: HttpRequest) -> bytes | JsonResponse:
     signature = request.headers.get("X-Slack-Signature", "")
     if not timestamp or not signature:
         return JsonResponse({"detail": "Missing X-Slack-Request-Timestamp or X-Slack-Signature."}, status=401)
+    from slack_sdk.signature import SignatureVerifier  # slack-sdk only where Slack is used
+
     try:
         valid = SignatureVerifier(settings.SLACK_SIGNING_SECRET).is_valid(body, timestamp, signature)
     except ValueError:  # a timestamp that is not a number

@@ -31,15 +31,17 @@ from integrations.webhooks.models import (
     Unauthorized,
     WebhookSource,
 )
-from sessions.api.serializers import (
-    CLONE_URL,
-    clean_clone_url,
+from sessions.api.serializers import CLONE_URL, clean_clone_url, repository_for_url
+from sessions.bindings import BindingError, start_or_follow_up
+from sessions.models import (
+    Repository,
+    Session,
+    Source,
     model_problem,
-    repository_for_url,
+    session_model,
+    start_session,
     text_problem,
 )
-from sessions.bindings import BindingError, start_or_follow_up
-from sessions.models import Repository, Session, Source, session_model, start_session
 from sessions.secrets import SecretError
 
 logger = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from rest_framework.response import Response
 
 from sessions.api.errors import Conflict
 from sessions.api.permissions import request_body
-from sessions.api.serializers import TeamOwnedSerializer, clean_model, text_problem
+from sessions.api.serializers import TeamOwnedSerializer, clean_model
 from sessions.api.views import TeamOwnedViewSet, TeamScopedMixin
 from sessions.automations import Automation, AutomationFiring, ScheduledMessage, cron_problem, zone_problem
-from sessions.models import AgentProfile, Environment, Repository, Session, SessionStatus
+from sessions.models import AgentProfile, Environment, Repository, Session, SessionStatus, text_problem
 
 MAX_DELAY = timedelta(days=366)
 

@@ -27,8 +27,10 @@ from sessions.models import (
     Session,
     Source,
     Team,
+    model_problem,
     session_model,
     start_session,
+    text_problem,
 )
 from sessions.repository_urls import RepositoryRefused, check_repository_url
 from sessions.secrets import MAX_SECRET_BYTES, MIN_SECRET_LENGTH
@@ -63,27 +65,6 @@ class TeamRefField(serializers.CharField):
 
 
 STRICT_TEXT_FIELDS = {models.CharField: StrictCharField, models.TextField: StrictCharField}
-
-
-def model_problem(model: str) -> str | None:
-    """Why ``model`` cannot be used, or ``None``. It must be ``provider/model`` with a configured provider."""
-    providers = sorted(settings.LLM_PROVIDERS)
-    configured = ", ".join(providers) if providers else "none (set DEPUTIES_LLM_<NAME>_BASE_URL)"
-    provider, sep, name = model.partition("/")
-    if not sep or not provider or not name.strip():
-        return f"{model!r} is not of the form provider/model; configured providers: {configured}."
-    if provider not in settings.LLM_PROVIDERS:
-        return f"Unknown provider {provider!r} in {model!r}; configured providers: {configured}."
-    return None
-
-
-def text_problem(value: str, what: str) -> str | None:
-    if not value.strip():
-        return f"The {what} is empty."
-    limit = settings.MAX_PROMPT_CHARS
-    if len(value) > limit:
-        return f"The {what} is {len(value)} characters long; the limit is {limit}."
-    return None
 
 
 def clean_clone_url(value: str) -> str:
