@@ -14,8 +14,9 @@ django-q schedule (see the sandboxes migration that creates it) and:
   row, or an earlier ``destroy`` failed); anything younger than ``ORPHAN_GRACE`` is left alone,
   because a sandbox being created right now has no row yet (the runner writes it once the create
   returns);
-* removes the worker's trusted checkouts (``var/checkouts/session-N``) of sessions with no live
-  sandbox and no active run; a later follow-up clones again (``Runner.restore_checkout``).
+* removes the worker's trusted checkouts (``var/checkouts/session-N``, and the ``.template`` link
+  next to one) of sessions with no live sandbox and no active run; a later follow-up writes one
+  again (``Runner.restore_checkout``).
 
 A row is claimed with a conditional ``update()`` (READY and still idle and no active run) before the
 provider is asked to destroy it, so a run starting at the same moment either keeps the sandbox or
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 # A sandbox younger than this is never an orphan: its row may not be written yet.
 ORPHAN_GRACE = timedelta(minutes=15)
 LOCAL_SANDBOX_DIR = re.compile(r"^s[0-9]+-[0-9a-f]{8}$")  # LocalProvider.create's naming
-CHECKOUT_DIR = re.compile(r"^session-([0-9]+)$")
+CHECKOUT_DIR = re.compile(r"^session-([0-9]+)(\.template)?$")  # runner.checkout_dir, template_link
 REPO_TEMPLATE_DIR = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{40}$")  # repocache.template's naming
 TEMPLATE_GRACE = timedelta(hours=1)
 LIVE = (Sandbox.Status.CREATING, Sandbox.Status.READY)
@@ -241,8 +242,12 @@ def reap_checkouts(report: ReapReport) -> None:
         if Run.objects.filter(session_id=session_id, status__in=Run.ACTIVE).exists():
             continue
         try:
-            shutil.rmtree(entry)
-            report.checkouts.append(entry.name)
+            if entry.is_symlink():
+                entry.unlink()
+            else:
+                shutil.rmtree(entry)
+            if f"session-{session_id}" not in report.checkouts[-1:]:
+                report.checkouts.append(f"session-{session_id}")
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -262,6 +267,9 @@ def reap_repo_cache(report: ReapReport, now=None) -> None:
     if checkouts_root().is_dir():
         for checkout in checkouts_root().iterdir():
             try:
+                if checkout.is_symlink():  # runner.template_link
+                    borrowed.add(str(checkout.readlink()))
+                    continue
                 text = (checkout / ".git" / "objects" / "info" / "alternates").read_text()
             except OSError:
                 continue

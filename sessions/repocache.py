@@ -11,9 +11,9 @@ of a trivial session. Now:
 * the sandbox gets that tree plus three small files that put it on the session's branch: a local
   sandbox by a plain copy of the template's files (``upload``), any other provider as that tar;
 * the session's trusted checkout is a ``.git`` of a few small files whose objects are the template's
-  (``objects/info/alternates``): no copy, no git process. It is what ``collect_diff`` diffs against.
-  The repository's ``.deputies/setup``, if any, is copied next to it, because the setup step looks
-  for it there.
+  (``objects/info/alternates``): no copy, no git process. It is what ``collect_diff`` diffs against,
+  written only when something first needs it (``Runner.trusted_checkout``); the setup step looks
+  for ``.deputies/setup`` in the template.
 
 Templates are immutable (a commit's tree never changes), built in a temporary directory and renamed
 into place, so concurrent runs and several worker processes on one host share them safely.
@@ -34,7 +34,6 @@ from pathlib import Path
 
 from django.conf import settings
 
-SETUP_SCRIPT = ".deputies/setup"
 TAR_CACHE_BYTES = 64 * 1024 * 1024  # per process
 # Branch names read from ref files (_local_tip); anything else is left to git.
 PLAIN_BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
@@ -280,7 +279,3 @@ def write_checkout(checkout: Path, path: Path, branch: str, commit: str, base_re
     (git_dir / "HEAD").write_text(f"ref: refs/heads/{branch}\n")
     refs = sorted({f"refs/heads/{branch}", base_ref})  # sorted by bytes, as git keeps them
     (git_dir / "packed-refs").write_text("".join(f"{commit} {ref}\n" for ref in refs))
-    script = path / SETUP_SCRIPT
-    if script.is_symlink() or script.is_file():
-        (checkout / SETUP_SCRIPT).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(script, checkout / SETUP_SCRIPT, follow_symlinks=False)

@@ -216,6 +216,12 @@ def checkout_dir(session_id: int) -> Path:
     return checkouts_root() / f"session-{session_id}"
 
 
+def template_link(session_id: int) -> Path:
+    """A link to the repository template a session's sandbox was given: the reaper keeps what it
+    names, as it keeps what a checkout borrows (its checkout is written from it on first use)."""
+    return checkouts_root() / f"session-{session_id}.template"
+
+
 class SetupOutput:
     """Buffers a setup script's output per stream and emits it in coalesced ``setup_output`` events.
 
@@ -286,6 +292,10 @@ class Runner:
         # The workspace's files (the handle's tree_stamp) when they were last saved, or known to be
         # what a recovery rebuilds without a checkpoint: a step that left them so saves nothing.
         self.saved_stamp: tuple | None = None
+        # The repository's files on this host, as prepare_repository gave them to the sandbox (a
+        # template, or the trusted checkout when cloned): what decides on the setup script.
+        self.repository_tree: Path | None = None
+        self.prepared_commit: str | None = None  # the commit this run gave a new sandbox
 
     def emit(self, type: str, payload: dict) -> None:
         if self.held:
@@ -322,7 +332,7 @@ class Runner:
                 if saved is not None:
                     self.save_sandbox()
                     self.restore_workspace(saved)
-                pristine = saved is None and not (self.checkout_dir() / SETUP_SCRIPT).exists()
+                pristine = saved is None and not self.setup_script().exists()
                 self.sandbox.prepared = timezone.now()
                 self.save_sandbox("prepared")
                 environment = self.session.environment
@@ -527,17 +537,23 @@ class Runner:
     def prepare_repository(self, commit: str | None = None) -> None:
         """Upload the base branch's tip (or ``commit``) on the session's branch; the worker fetches
         it (credentials never enter the sandbox), from this host's per-commit template
-        (sessions/repocache.py)."""
+        (sessions/repocache.py). The trusted checkout is written from the template when something
+        first needs it (trusted_checkout): most runs of a session that changes nothing never do."""
         repo = self.session.repository
         checkout = self.checkout_dir()
         fresh_dir(checkout)
         commit = commit or repocache.resolve(repo.url, self.session.base_branch, env=self.git_env())
         if commit is None:  # not a branch (a tag, say): what `git clone --branch` accepts, the slow way
             commit = self.clone_and_upload(checkout)
+            self.repository_tree = checkout
         else:
             template = repocache.template(repo.url, self.session.base_branch, commit, env=self.git_env())
-            repocache.write_checkout(checkout, template, self.session.branch, commit, BASE_REF)
             repocache.upload(self.handle, template, self.session.branch, commit, BASE_REF)
+            self.repository_tree = template
+            link = template_link(self.session.pk)
+            link.unlink(missing_ok=True)
+            os.symlink(template, link)
+        self.prepared_commit = commit
         self.emit(
             "repository_ready",
             {
@@ -572,6 +588,10 @@ class Runner:
         self.handle.put_archive(".", buffer.getvalue())
         return commit
 
+    def setup_script(self) -> Path:
+        """The repository's ``.deputies/setup`` as the sandbox got it (maybe absent)."""
+        return (self.repository_tree or self.checkout_dir()) / SETUP_SCRIPT
+
     def run_setup_script(self) -> None:
         """Run the environment's setup script, then the repository's ``.deputies/setup``, once per
         fresh sandbox, before the agent starts.
@@ -585,7 +605,7 @@ class Runner:
         environment = self.session.environment
         if environment is not None and environment.setup_script.strip():
             scripts.append(("environment setup script", ["sh", "-c", environment.setup_script, "setup"]))
-        script = self.checkout_dir() / SETUP_SCRIPT
+        script = self.setup_script()
         if script.is_file() or script.is_symlink():
             argv = [f"./{SETUP_SCRIPT}"] if os.access(script, os.X_OK) else ["sh", SETUP_SCRIPT]
             scripts.append((f"repository setup script {SETUP_SCRIPT}", argv))
@@ -697,9 +717,7 @@ class Runner:
         Only regular files and directories come back, and the sandbox's ``.git`` is dropped: a
         hostile ``.git/config`` (hooks, fsmonitor) must never run on the worker.
         """
-        checkout = self.checkout_dir()
-        if not (checkout / ".git").exists():
-            self.restore_checkout(checkout)
+        checkout = self.trusted_checkout()
         data = self.handle.get_archive(".")
         with tempfile.TemporaryDirectory(prefix="deputies-diff-") as tmp:
             tree = Path(tmp) / "tree"
@@ -784,7 +802,7 @@ class Runner:
         if not patch.strip():
             self.emit("workspace_restored", {"artifact_id": artifact.pk, "changed": 0, "deleted": 0})
             return
-        checkout = self.checkout_dir()
+        checkout = self.trusted_checkout()
         with tempfile.TemporaryDirectory(prefix="deputies-restore-") as tmp:
             tree = Path(tmp) / "tree"
             tree.mkdir()
@@ -821,13 +839,34 @@ class Runner:
             {"artifact_id": artifact.pk, "changed": len(changed), "deleted": len(deleted)},
         )
 
+    def trusted_checkout(self) -> Path:
+        """The session's trusted checkout (the diff and the restore run git in it), written on
+        first use: prepare_repository leaves it to whoever needs it."""
+        checkout = self.checkout_dir()
+        if not (checkout / ".git").exists():
+            self.restore_checkout(checkout)
+        return checkout
+
     def restore_checkout(self, checkout: Path) -> None:
-        """A follow-up on another worker host: clone again and pin the recorded base commit."""
-        ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
-        if ready is None:
-            raise StepFailed("the repository was never prepared for this session")
+        """The trusted checkout of the commit the sandbox was given (this run's, else the recorded
+        one: a follow-up, maybe on another worker host): a ``.git`` borrowing that commit's template,
+        or, when no template can be made (the base branch moved past it), a clone pinned to it."""
+        commit = self.prepared_commit
+        if commit is None:
+            ready = self.session.events.filter(type="repository_ready").order_by("-seq").first()
+            if ready is None:
+                raise StepFailed("the repository was never prepared for this session")
+            commit = ready.payload["commit"]
         fresh_dir(checkout)
-        source = repository_source(self.session.repository.url)
+        url, branch = self.session.repository.url, self.session.branch
+        try:
+            template = repocache.template(url, self.session.base_branch, commit, env=self.git_env())
+        except StepFailed:
+            pass
+        else:
+            repocache.write_checkout(checkout, template, branch, commit, BASE_REF)
+            return
+        source = repository_source(url)
         git(
             "clone",
             "--quiet",
@@ -839,4 +878,4 @@ class Runner:
             source=source,
             env=self.git_env(),
         )
-        git("update-ref", BASE_REF, ready.payload["commit"], cwd=checkout)
+        git("update-ref", BASE_REF, commit, cwd=checkout)

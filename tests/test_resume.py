@@ -27,7 +27,7 @@ from sandboxes.reaper import ReapReport, destroy_sandbox, reap_checkouts
 from sessions.agent.fake_llm import conversation_key, start_in_thread
 from sessions.agent.loop import INTERRUPTED
 from sessions.models import Artifact, Event, LLMCall, Repository, Run, Session, start_session
-from sessions.runner import execute
+from sessions.runner import checkout_dir, execute
 from tests.live import child_env, wait_for, worker_process
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -375,6 +375,42 @@ def test_it_gives_a_follow_up_the_previous_work_after_the_sandbox_was_reaped(
     assert "notes.txt" in text and "README.md" in text and "+# changed" in text
     commits = [e.payload["commit"] for e in Event.objects.filter(session=session, type="repository_ready")]
     assert len(commits) == 2 and commits[0] == commits[1]
+
+
+def test_it_diffs_a_follow_up_in_the_sandbox_of_a_run_that_changed_nothing(
+    run_settings, team, owner, sample_repo
+):
+    """The first run leaves the workspace alone, so no trusted checkout is written for it; the
+    follow-up, in the same sandbox, diffs against one written then from the same base commit."""
+    script = {
+        "responses": [
+            {"tool_calls": [{"name": "finish", "arguments": {"summary": "nothing to do"}}]},
+            {
+                "tool_calls": [
+                    {"name": "bash", "arguments": {"command": "rm README.md && echo later > notes.txt"}}
+                ]
+            },
+            {"tool_calls": [{"name": "finish", "arguments": {"summary": "second"}}]},
+        ]
+    }
+    with start_in_thread(script) as fake:
+        session = in_process_session(run_settings, team, owner, sample_repo, fake)
+        assert execute(session.runs.get().pk) == "completed"
+        assert not Artifact.objects.filter(session=session, kind="diff").exists()
+        assert not checkout_dir(session.pk).exists()
+        session.add_message("Now change it")
+        follow_up = session.runs.get(status="queued")
+        assert execute(follow_up.pk) == "completed"
+
+    assert Sandbox.objects.filter(session=session).count() == 1  # the follow-up reused the sandbox
+    (diff,) = Artifact.objects.filter(session=session, kind="diff")
+    with diff.file.open("rb") as fh:
+        text = fh.read().decode()
+    assert "deleted file mode" in text and "+later" in text
+    assert [line for line in text.splitlines() if line.startswith("diff --git")] == [
+        "diff --git a/README.md b/README.md",
+        "diff --git a/notes.txt b/notes.txt",
+    ]
 
 
 def test_it_finishes_a_run_after_its_database_connections_are_terminated(tmp_path, team, owner, sample_repo):
