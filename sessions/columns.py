@@ -50,6 +50,13 @@ def prepared_cursor():
         return connection.cursor()
     if _PreparedCursor is None:
         import psycopg
+        from psycopg import _queries
+
+        # psycopg keeps a statement's parsed placeholders (an LRU of 128) only for statements of
+        # up to 50 parameters; start_session's insert (models._insert_first_rows) has 54, and was
+        # parsed again on every POST.
+        if getattr(_queries, "MAX_CACHED_STATEMENT_PARAMS", 0) < MAX_CACHED_PARAMS:
+            _queries.MAX_CACHED_STATEMENT_PARAMS = MAX_CACHED_PARAMS
 
         class PreparedCursor(psycopg.Cursor):
             def execute(self, query, params=None, **kwargs):
@@ -76,6 +83,7 @@ def prepared_cursor():
 
 
 _PreparedCursor = None
+MAX_CACHED_PARAMS = 100
 
 
 def exists(model: type[models.Model], where: str, params: Sequence[Any]) -> bool:

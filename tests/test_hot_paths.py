@@ -483,3 +483,22 @@ def test_start_session_stores_what_the_orm_would(team, owner, repository):
     session.title = "renamed"
     session.save()
     assert Session.objects.count() == 1 and Session.objects.get(pk=session.pk).title == "renamed"
+
+
+def test_psycopg_keeps_the_parsing_of_every_statement_of_start_session(team, owner, repository):
+    """psycopg parses a statement's placeholders again on every execute when it has more
+    parameters than its cache takes; start_session's insert has more than psycopg's default."""
+    if connection.vendor != "postgresql":
+        pytest.skip("needs Postgres")
+    from psycopg import _queries
+
+    counts: list[int] = []
+
+    def record(execute, sql, params, many, context):
+        counts.append(len(params or ()))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(record):
+        start_session(team=team, repository=repository, prompt="Go", model="scripted/demo", created_by=owner)
+    assert max(counts) > 50  # the insert of the session, its first message and run
+    assert max(counts) <= _queries.MAX_CACHED_STATEMENT_PARAMS
