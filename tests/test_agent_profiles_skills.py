@@ -202,6 +202,21 @@ def test_it_lists_skill_descriptions_and_loads_a_body_on_demand(
     assert "no skill named 'secret-sauce'" in refused
 
 
+def test_it_lists_the_skills_of_a_repository_with_a_setup_script(run_settings, team, owner, tmp_path):
+    repo = repo_with_skills(tmp_path, {"ship.md": "---\ndescription: Ship it\n---\nRun make ship.\n"})
+    (repo / ".deputies" / "setup").write_text("echo set up > setup.log\n")
+    for argv in (["git", "add", "-A"], ["git", "commit", "-q", "-m", "setup"]):
+        subprocess.run(argv, cwd=repo, env=GIT_ENV, check=True, capture_output=True)
+    repository = Repository.objects.create(team=team, name="r", url=str(repo), provider="local")
+    session = start_session(
+        team=team, repository=repository, prompt="Go", model="scripted/demo", created_by=owner
+    )
+    script = {"responses": [{"tool_calls": [call("finish", summary="Done.")]}]}
+    bodies = run_script(run_settings, session, script)
+    assert session.events.filter(type="setup_finished").exists()
+    assert "`ship`: Ship it" in bodies[0]["messages"][0]["content"]
+
+
 def test_it_never_follows_a_symlinked_repository_skill(tmp_path):
     """The worker reads its trusted checkout: a link there could point at any file of the worker."""
     outside = tmp_path / "outside.md"
