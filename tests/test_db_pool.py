@@ -3,6 +3,7 @@ and a connection the server closed while it sat in the pool is never handed out.
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from django.db import connection
 
@@ -16,6 +17,14 @@ def pool():
     if connection.vendor != "postgresql" or connection.pool is None:
         pytest.skip("needs Postgres with the connection pool")
     return connection.pool
+
+
+@pytest.fixture
+def observer(pool):
+    """A connection of its own, outside the pool; autocommit, so each statement sees
+    pg_stat_activity afresh."""
+    with psycopg.connect(**pool.kwargs) as conn:
+        yield conn
 
 
 def check_out(pool, pid: int):
@@ -32,37 +41,29 @@ def check_out(pool, pid: int):
             pool.putconn(conn)
 
 
-def last_query(pool, pid: int) -> str | None:
-    observer = pool.getconn()
-    try:  # autocommit: each statement sees pg_stat_activity afresh
-        row = observer.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
-        return row[0] if row else None
-    finally:
-        pool.putconn(observer)
+def last_query(observer, pid: int) -> str | None:
+    row = observer.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    return row[0] if row else None
 
 
-def test_it_checks_out_a_pooled_connection_without_a_round_trip(pool):
+def test_it_checks_out_a_pooled_connection_without_a_round_trip(pool, observer):
     conn = pool.getconn()
     pid = conn.info.backend_pid
     conn.execute("SELECT 'the last thing it ran'")
     pool.putconn(conn)
     conn = check_out(pool, pid)
     try:
-        assert last_query(pool, pid) == "SELECT 'the last thing it ran'"  # no check query went out
+        assert last_query(observer, pid) == "SELECT 'the last thing it ran'"  # no check query went out
     finally:
         pool.putconn(conn)
 
 
-def test_it_never_hands_out_a_pooled_connection_the_server_closed(pool):
+def test_it_never_hands_out_a_pooled_connection_the_server_closed(pool, observer):
     conn = pool.getconn()
     dead = conn.info.backend_pid
     pool.putconn(conn)
-    observer = pool.getconn()
-    try:
-        assert observer.execute("SELECT pg_terminate_backend(%s)", [dead]).fetchone()[0]
-    finally:
-        pool.putconn(observer)
-    wait_for(lambda: last_query(pool, dead) is None, timeout=10, what=f"backend {dead} to end")
+    assert observer.execute("SELECT pg_terminate_backend(%s)", [dead]).fetchone()[0]
+    wait_for(lambda: last_query(observer, dead) is None, timeout=10, what=f"backend {dead} to end")
     idle = pool.get_stats()["pool_available"]  # the dead one among them
     taken = [pool.getconn() for _ in range(idle)]
     try:
