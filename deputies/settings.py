@@ -198,6 +198,7 @@ elif _db["ENGINE"] == "django.db.backends.postgresql":
         raise ImproperlyConfigured("DEPUTIES_DB_POOL_SIZE needs psycopg_pool: pip install 'psycopg[pool]'")
     if DB_POOL_SIZE:
         _db["CONN_MAX_AGE"] = 0  # closing a connection gives it back to the pool
+        _db["ENGINE"] = "deputies.postgresql"  # its pool checks a connection without a round trip
         _db.setdefault("OPTIONS", {})["pool"] = {
             "min_size": 1,
             "max_size": DB_POOL_SIZE,
