@@ -24,7 +24,6 @@ import json
 import logging
 import random
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -168,21 +167,11 @@ def shared_http(base_url: str, timeout: float) -> httpx.Client:
     with _shared_http_lock:
         client = _shared_http.get(key)
         if client is None or client.is_closed:
-            client = _shared_http[key] = http_client(
-                timeout, httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            client = _shared_http[key] = httpx.Client(
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
             )
         return client
-
-
-def http_client(timeout: float, limits: httpx.Limits | None = None) -> httpx.Client:
-    """An httpx client for model calls. Nagle's algorithm off: a request's headers and body go out
-    in two writes, and with it on the body waits for the server's ACK of the headers (one more round
-    trip per call, up to a 40 ms delayed ACK on Linux)."""
-    nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    return httpx.Client(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-        transport=httpx.HTTPTransport(socket_options=nodelay, **({"limits": limits} if limits else {})),
-    )
 
 
 def client_for(model_key: str, **kwargs: Any) -> LLMClient:
@@ -282,7 +271,9 @@ class LLMClient:
             retry_base_delay if retry_base_delay is not None else settings.LLM_RETRY_BASE_DELAY
         )
         self._own_http = http is None
-        self._http = http or http_client(self.timeout)
+        self._http = http or httpx.Client(
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
+        )
 
     @property
     def model_key(self) -> str:
