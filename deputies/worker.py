@@ -16,13 +16,13 @@ and N workers, each a forked Django of 60-80 MB), because runs now live on threa
 The loop: reserve a run slot (while the pool is full it takes nothing, so other workers get the
 work), dequeue a task per free slot (a few at most), and either start each on the pool, where the
 run's own thread claims it and acknowledges the task in the claim's statement (from then on the
-run's lease protects it), or hand any other task (schedules: stale run recovery, the sandbox reaper) to a small side executor that
-saves its result as qcluster does. Every 30 s it runs the django-q2 scheduler, like qcluster's
-sentinel, and every few seconds (``recovery_interval``) it looks for runs whose worker was lost
-(``Run.recover_stale``: one indexed query when there are none), so a killed worker's runs resume
-within about one ``DEPUTIES_RUN_LEASE`` instead of waiting for the every-minute schedule. A task
-taken and not acknowledged yet is held (``hold``); one whose worker was lost comes back after the
-queue's ``retry``, two leases.
+run's lease protects it), or hand any other task (schedules: stale run recovery, the sandbox
+reaper) to a small side executor that saves its result as qcluster does. Every 30 s it runs the
+django-q2 scheduler, like qcluster's sentinel, and every few seconds (``recovery_interval``) it
+looks for runs whose worker was lost (``Run.recover_stale``: one indexed query when there are
+none), so a killed worker's runs resume within about one ``DEPUTIES_RUN_LEASE`` instead of waiting
+for the every-minute schedule. A task taken and not acknowledged yet is held (``hold``); one whose
+worker was lost comes back after the queue's ``retry``, two leases.
 
 ``manage.py qcluster`` still works (``sessions.tasks.execute_run`` uses the same pool inside each
 qcluster worker), but ``deputies worker`` is the supported way to run workers.

@@ -232,26 +232,30 @@ def reap_checkouts(report: ReapReport) -> None:
     root = checkouts_root()
     if not root.is_dir():
         return
+    entries: dict[int, list] = {}  # a session's checkout and its template link: one check for both
     for entry in sorted(root.iterdir()):
         match = CHECKOUT_DIR.match(entry.name)
-        if match is None:
-            continue
-        session_id = int(match.group(1))
+        if match is not None:
+            entries.setdefault(int(match.group(1)), []).append(entry)
+    for session_id, paths in entries.items():
         if Sandbox.objects.filter(session_id=session_id, status__in=LIVE).exists():
             continue
         if Run.objects.filter(session_id=session_id, status__in=Run.ACTIVE).exists():
             continue
-        try:
-            if entry.is_symlink():
-                entry.unlink()
-            else:
-                shutil.rmtree(entry)
-            if f"session-{session_id}" not in report.checkouts[-1:]:
-                report.checkouts.append(f"session-{session_id}")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            report.errors.append(f"{entry}: {exc}")
+        removed = False
+        for entry in paths:
+            try:
+                if entry.is_symlink():
+                    entry.unlink()
+                else:
+                    shutil.rmtree(entry)
+                removed = True
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                report.errors.append(f"{entry}: {exc}")
+        if removed:
+            report.checkouts.append(f"session-{session_id}")
 
 
 def reap_repo_cache(report: ReapReport, now=None) -> None:

@@ -630,8 +630,7 @@ class LocalHandle:
         """
         marker = self.directory / STAMP_FILE
         try:
-            marker.touch()
-            os.utime(marker)
+            marker.touch()  # an existing one gets the time now
             now = marker.stat().st_ctime_ns
             _dirs, files, links = _tree_entries(
                 str(self.host_workspace), lambda name: name == ".git" or name.startswith(".git/")
