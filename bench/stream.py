@@ -1,13 +1,16 @@
 """Websocket fan-out: 100 subscribers on one session in a real daphne while another process emits.
 
 Latency is measured from the start of the emit() call (a wall-clock timestamp in the event's payload)
-to the moment a frame's bytes reach a subscriber, for every (event, subscriber) pair; it includes
-emit()'s own commit, so the report also gives emit()'s duration and the latency counted from
-emit()'s return (rows committed and NOTIFY sent: what delivery adds). ``web_process`` gives daphne's
-CPU time per delivered frame, the figure that depends least on what else the machine is doing. Two
-phases: ``paced`` (events at a steady rate, the latency figure) and ``burst`` (as fast as one emitter
-can write, the events/s figure). Subscribers are spread over a few client processes so that the
-clients' own parsing does not dominate the numbers. Prints JSON.
+to the moment a frame's bytes reach a subscriber's socket (the kernel's receive timestamp,
+``SO_TIMESTAMPNS``), for every (event, subscriber) pair; it includes emit()'s own commit, so the
+report also gives emit()'s duration and the latency counted from emit()'s return (rows committed and
+NOTIFY sent: what delivery adds). The subscribers run on this machine, so when their processes get
+the CPU to read a frame says more about the instrument than about the server (a browser elsewhere
+costs the server nothing); ``read_by_subscriber_process`` gives the latency to that moment too.
+``web_process`` gives daphne's CPU time per delivered frame, the figure that depends least on what
+else the machine is doing. Two phases: ``paced`` (events at a steady rate, the latency figure) and
+``burst`` (as fast as one emitter can write, the events/s figure). Subscribers are spread over a
+few client processes, each one epoll loop, so that the clients' own work stays small. Prints JSON.
 
     .venv/bin/python bench/stream.py [--subscribers 100] [--backend postgres|redis|poll]
 """
@@ -15,7 +18,6 @@ clients' own parsing does not dominate the numbers. Prints JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import hashlib
 import json
@@ -41,114 +43,146 @@ REDIS_URL = os.environ.get("DEPUTIES_BENCH_REDIS_URL", "redis://127.0.0.1:6379/1
 # --- subscribers (child processes) -----------------------------------------------------------------
 
 
-class Subscriber(asyncio.Protocol):
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; the kernel's receive time per read
+_TIMESPEC = struct.Struct("qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class Subscriber:
     """A deliberately small websocket client: it is the measuring instrument, so it must cost less
     per frame than the server being measured (the ``websockets`` library's parser costs ~60 us per
     frame in Python, as much as daphne). The handshake is checked like RFC 6455 says; server frames
-    (unmasked) are parsed by hand; pings are answered. Each frame is stamped with the time its bytes
-    reached this process and parsed as JSON only after the run."""
+    (unmasked) are parsed by hand; pings are answered. Each frame is stamped twice: with the time
+    the kernel queued its bytes on this subscriber's socket (``SO_TIMESTAMPNS``, the moment the
+    frame reached the subscriber, whenever this process gets the CPU to read it) and with the time
+    this process read them; it is parsed as JSON only after the run."""
 
     def __init__(self, url: str, headers: dict[str, str], expect: int) -> None:
         from urllib.parse import urlsplit
 
         target = urlsplit(url)
-        self.key = base64.b64encode(os.urandom(16)).decode()
+        key = base64.b64encode(os.urandom(16)).decode()
         lines = [
             f"GET {target.path}?{target.query} HTTP/1.1",
             f"Host: {target.netloc}",
             "Upgrade: websocket",
             "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {self.key}",
+            f"Sec-WebSocket-Key: {key}",
             "Sec-WebSocket-Version: 13",
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
-        self.request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-        self.buffer = b""
-        self.handshaken = False
+        self.sock = socket.create_connection((target.hostname, target.port))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed during the handshake: {buffer!r}")
+            buffer += data
+        head, _, self.buffer = buffer.partition(b"\r\n\r\n")
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest())
+        if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+            raise RuntimeError(head.decode(errors="replace"))
+        self.sock.setblocking(False)
         self.expect = expect
-        self.frames: list[tuple[float, bytes]] = []
-        loop = asyncio.get_running_loop()
-        self.opened = loop.create_future()
-        self.done = loop.create_future()
+        self.frames: list[tuple[float, float, bytes]] = []  # (kernel time, read time, payload)
+        self.unstamped = 0  # reads without a kernel timestamp (then the read time stands in)
+        self.closed = False
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
+    def readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(262144, _ANCILLARY)
+        except BlockingIOError:
+            return
         now = time.time()
-        self.buffer += data
-        if not self.handshaken:
-            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
-            if not sep:
-                return
-            accept = base64.b64encode(hashlib.sha1((self.key + WS_GUID).encode()).digest())
-            if not head.startswith(b"HTTP/1.1 101") or accept not in head:
-                self.opened.set_exception(RuntimeError(head.decode(errors="replace")))
-                return
-            self.handshaken, self.buffer = True, rest
-            self.opened.set_result(None)
-        while len(self.buffer) >= 2:
-            first, size = self.buffer[0], self.buffer[1] & 0x7F
+        if not data:
+            self.closed = True
+            return
+        stamp = now
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(value)
+                stamp = sec + nsec / 1e9
+                break
+        else:
+            self.unstamped += 1
+        self.parse(self.buffer + data if self.buffer else data, stamp, now)
+
+    def parse(self, buffer: bytes, stamp: float, now: float) -> None:
+        while len(buffer) >= 2:
+            first, size = buffer[0], buffer[1] & 0x7F
             start = 2
             if size == 126:
-                if len(self.buffer) < 4:
-                    return
-                size, start = struct.unpack_from("!H", self.buffer, 2)[0], 4
+                if len(buffer) < 4:
+                    break
+                size, start = struct.unpack_from("!H", buffer, 2)[0], 4
             elif size == 127:
-                if len(self.buffer) < 10:
-                    return
-                size, start = struct.unpack_from("!Q", self.buffer, 2)[0], 10
-            if len(self.buffer) < start + size:
-                return
-            payload, self.buffer = self.buffer[start : start + size], self.buffer[start + size :]
+                if len(buffer) < 10:
+                    break
+                size, start = struct.unpack_from("!Q", buffer, 2)[0], 10
+            if len(buffer) < start + size:
+                break
+            payload, buffer = buffer[start : start + size], buffer[start + size :]
             opcode = first & 0x0F
             if opcode == 0x1:
                 assert first & 0x80, "fragmented frames are not expected from the server"
-                self.frames.append((now, payload))
-                if len(self.frames) == self.expect and not self.done.done():
-                    self.done.set_result(None)
+                self.frames.append((stamp, now, payload))
             elif opcode == 0x9:  # ping: answer with a masked pong carrying the same payload
                 mask = os.urandom(4)
                 masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + mask + masked)
+                self.sock.setblocking(True)
+                self.sock.sendall(bytes((0x8A, 0x80 | len(payload))) + mask + masked)
+                self.sock.setblocking(False)
             elif opcode == 0x8:
-                self.transport.close()
+                self.closed = True
+        self.buffer = buffer
 
-    def connection_lost(self, exc) -> None:
-        for future in (self.opened, self.done):
-            if not future.done():
-                future.set_exception(ConnectionError(f"closed after {len(self.frames)} frames"))
+    @property
+    def done(self) -> bool:
+        return len(self.frames) >= self.expect
 
 
-async def client_main(args: argparse.Namespace) -> None:
-    from urllib.parse import urlsplit
+def client_main(args: argparse.Namespace) -> None:
+    """One epoll loop over this process's subscribers: a ready socket costs a recvmsg and a parse,
+    nothing else (no event-loop callbacks, futures or protocol objects per read)."""
+    import select
 
-    loop = asyncio.get_running_loop()
-    target = urlsplit(args.url)
     headers = {"Cookie": args.cookie, "Origin": args.origin}
-    clients = []
-    for _ in range(args.clients):
-        _, client = await loop.create_connection(
-            lambda: Subscriber(args.url, headers, args.expect), target.hostname, target.port
-        )
-        clients.append(client)
-    await asyncio.gather(*(c.opened for c in clients))
+    clients = [Subscriber(args.url, headers, args.expect) for _ in range(args.clients)]
+    by_fd = {c.sock.fileno(): c for c in clients}
+    poller = select.epoll()
+    for fd in by_fd:
+        poller.register(fd, select.EPOLLIN)
     print("ready", flush=True)
     cpu_before = time.process_time()
-    await asyncio.wait_for(asyncio.gather(*(c.done for c in clients)), timeout=args.timeout)
+    deadline = time.monotonic() + args.timeout
+    waiting = len(clients)
+    while waiting:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out with {waiting} subscribers short of {args.expect} frames")
+        for fd, _ in poller.poll(1.0):
+            client = by_fd[fd]
+            was_done = client.done
+            client.readable()
+            if client.closed:
+                raise ConnectionError(f"closed after {len(client.frames)} frames")
+            if client.done and not was_done:
+                waiting -= 1
     cpu = time.process_time() - cpu_before
     # Parse only now, so parsing never sits between a frame's arrival and its timestamp.
     samples = []
     for client in clients:
         seqs = []
-        for received_at, data in client.frames:
+        for stamped_at, read_at, data in client.frames:
             event = json.loads(data)["event"]
             seqs.append(event["seq"])
-            samples.append((event["payload"]["phase"], event["payload"]["t"], received_at, event["seq"]))
+            payload = event["payload"]
+            samples.append((payload["phase"], payload["t"], stamped_at, event["seq"], read_at))
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "frames out of order, repeated or missing"
-        client.transport.close()
-    print(json.dumps({"cpu_s": cpu, "samples": samples}), flush=True)
+        client.sock.close()
+    unstamped = sum(c.unstamped for c in clients)
+    print(json.dumps({"cpu_s": cpu, "samples": samples, "unstamped_reads": unstamped}), flush=True)
 
 
 # --- emitter (child process) ---------------------------------------------------------------------------
@@ -316,7 +350,7 @@ def main(args: argparse.Namespace) -> None:
         if emitter.returncode:
             raise SystemExit(f"the emitter failed:\n{emitter.stderr[-3000:]}")
         emitted = json.loads(emitter.stdout.strip().splitlines()[-1])
-        samples, client_cpu = [], 0.0
+        samples, client_cpu, unstamped = [], 0.0, 0
         for client in clients:
             out, _ = client.communicate(timeout=300)
             if client.returncode:
@@ -324,6 +358,7 @@ def main(args: argparse.Namespace) -> None:
             report = json.loads(out.strip().splitlines()[-1])
             samples += report["samples"]
             client_cpu += report["cpu_s"]
+            unstamped += report["unstamped_reads"]
         cpu_after = cpu_seconds(web_pid)
         web_user, web_sys = cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
     finally:
@@ -335,19 +370,28 @@ def main(args: argparse.Namespace) -> None:
         web_log.close()
     shutil.rmtree(data_dir, ignore_errors=True)  # kept (with web.log) when the run failed
 
-    paced = [(received - sent) * 1000 for phase, sent, received, _ in samples if phase == "paced"]
+    # "received": when the frame's bytes reached the subscriber's socket (the kernel's stamp);
+    # "read": when the subscriber's process got round to reading them (adds the instrument's own
+    # scheduling: its processes share this machine's cores with daphne, Postgres and the emitter).
+    paced = [(received - sent) * 1000 for phase, sent, received, *_ in samples if phase == "paced"]
+    paced_read = [(read - sent) * 1000 for phase, sent, _, _, read in samples if phase == "paced"]
     returned = {int(seq): t for seq, t in emitted["returned"].items()}
-    committed = [(received - returned[seq]) * 1000 for phase, _, received, seq in samples if phase == "paced"]
+    committed = [
+        (received - returned[seq]) * 1000 for phase, _, received, seq, _ in samples if phase == "paced"
+    ]
     # Where the time goes, per paced event: emit() itself (statement + commit, its notification
     # included), then the first subscriber's frame (notification delivery, decode, first socket
-    # write, the client's read), then the spread until the last subscriber's frame (the fan-out).
+    # write), then the spread until the last subscriber's frame (the fan-out).
     by_seq: dict[int, list[float]] = {}
-    for phase, _, received, seq in samples:
+    by_seq_read: dict[int, list[float]] = {}
+    for phase, _, received, seq, read in samples:
         if phase == "paced":
             by_seq.setdefault(int(seq), []).append(received)
+            by_seq_read.setdefault(int(seq), []).append(read)
     first = [(min(times) - returned[seq]) * 1000 for seq, times in by_seq.items()]
     spread = [(max(times) - min(times)) * 1000 for times in by_seq.values()]
-    burst = [(sent, received) for phase, sent, received, _ in samples if phase == "burst"]
+    spread_read = [(max(times) - min(times)) * 1000 for times in by_seq_read.values()]
+    burst = [(sent, received) for phase, sent, received, *_ in samples if phase == "burst"]
     burst_start = min(s for s, _ in burst)
     burst_end = max(r for _, r in burst)
     result = {
@@ -364,6 +408,10 @@ def main(args: argparse.Namespace) -> None:
             "latency_after_emit_returned_ms": percentiles(committed),
             "first_subscriber_after_emit_returned_ms": percentiles(first),
             "first_to_last_subscriber_ms": percentiles(spread),
+            "read_by_subscriber_process": {
+                "latency_ms": percentiles(paced_read),
+                "first_to_last_subscriber_ms": percentiles(spread_read),
+            },
         },
         "burst": {
             "events": args.burst,
@@ -379,6 +427,7 @@ def main(args: argparse.Namespace) -> None:
             "cpu_us_per_frame": round((web_user + web_sys) / len(samples) * 1e6, 1),
         },
         "client_processes_cpu_us_per_frame": round(client_cpu / len(samples) * 1e6, 1),
+        "client_reads_without_kernel_timestamp": unstamped,
         "cpus": os.cpu_count(),
         "load_average_1m_before_after": [load_before, round(os.getloadavg()[0], 2)],
     }
@@ -414,7 +463,7 @@ def parse() -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse()
     if arguments.role == "client":
-        asyncio.run(client_main(arguments))
+        client_main(arguments)
     elif arguments.role == "emitter":
         emitter_main(arguments)
     else:
