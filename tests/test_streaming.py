@@ -106,3 +106,63 @@ def test_it_authenticates_a_socket_by_its_session_cookie_and_forgets_it_when_the
     owner.save()
     assert isinstance(async_to_sync(user_for)(scope), AnonymousUser)
     assert isinstance(async_to_sync(user_for)({"type": "websocket", "headers": []}), AnonymousUser)
+
+
+def read_frames(sock, count: int) -> list[str]:
+    """Read exactly ``count`` frames from ``sock`` (blocking, with a deadline) as their texts."""
+    sock.settimeout(5)
+    data, texts = b"", []
+    while len(texts) < count:
+        data += sock.recv(65536)
+        while len(data) >= 2 and len(data) >= 2 + (data[1] & 0x7F):  # frames here are < 126 bytes
+            end = 2 + (data[1] & 0x7F)
+            frame = parse_frame(data[:end])
+            texts.append(frame.data.decode())
+            data = data[end:]
+    sock.setblocking(False)
+    try:
+        extra = sock.recv(65536)
+    except BlockingIOError:
+        extra = b""
+    assert extra == b"", f"more was written than expected: {extra!r}"
+    return texts
+
+
+def test_a_caught_up_subscriber_writes_each_event_once_in_order_straight_to_its_socket():
+    """The hub's hot path: ``push`` writes a note's frames past the cursor in one write, skips what
+    the subscriber has, and queues what does not continue its cursor (for the pump to read)."""
+    import asyncio
+    import socket
+
+    from sessions.consumers import SessionEventsConsumer
+    from sessions.streaming.hub import Note, framed
+
+    ours, theirs = socket.socketpair()
+    writes: list[bytes] = []
+
+    def write(data: bytes) -> bool:  # the shape of wire.direct_writer's writer, on a real socket
+        writes.append(data)
+        ours.sendall(data)
+        return True
+
+    def note(*seqs: int) -> Note:
+        return Note(seqs[-1], tuple(framed(seq, f'{{"seq":{seq}}}') for seq in seqs))
+
+    async def scenario() -> SessionEventsConsumer:
+        consumer = SessionEventsConsumer()
+        consumer.cursor, consumer.busy, consumer.queue, consumer.writer = 2, False, asyncio.Queue(), write
+        consumer.push(note(3))  # caught up: written as is
+        consumer.push(note(2, 3, 4, 5))  # overlaps what it has: only 4 and 5, in one write
+        consumer.push(note(5))  # old news
+        consumer.push(note(7))  # a gap: queued for the pump, nothing written
+        return consumer
+
+    try:
+        consumer = asyncio.run(scenario())
+        assert read_frames(theirs, 3) == ['{"seq":3}', '{"seq":4}', '{"seq":5}']
+        assert len(writes) == 2
+        assert consumer.cursor == 5
+        assert consumer.queue.qsize() == 1
+    finally:
+        ours.close()
+        theirs.close()

@@ -61,6 +61,11 @@ class Note:
 
     max_seq: int
     frames: tuple[Frame, ...] = ()
+    # All the frames' bytes, joined once here rather than by each of the subscribers.
+    data: bytes = field(init=False, default=b"", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", b"".join(frame[2] for frame in self.frames))
 
 
 class Subscriber(Protocol):
