@@ -1016,8 +1016,19 @@ class Run(models.Model):
                 wake_after_commit(team_id, limit)
             # A separate statement, after the session's row lock is held: a follow-up that
             # add_message committed while we waited for the lock is seen here (its own check saw
-            # this run still active, so it left the new run to us).
-            if exists(Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]):
+            # this run still active, so it left the new run to us). On Postgres it is the events'.
+            if events and transaction.get_connection().vendor == "postgresql":
+                from sessions.events import emit_many_with
+
+                _, row = emit_many_with(self.session_id, events, self.pk, self._PENDING, {
+                    "pending_session": self.session_id, "pending": Message.Status.PENDING,
+                })  # fmt: skip
+                pending, events = row["pending"], None
+            else:
+                pending = exists(
+                    Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]
+                )
+            if pending:
                 Session.objects.get(pk=self.session_id).enqueue_run()
             if events:
                 from sessions.events import emit_many
@@ -1031,6 +1042,11 @@ class Run(models.Model):
             )  # fmt: skip
         self.status, self.finished, self.error = status, now, error
         return True
+
+    _PENDING = (
+        f'SELECT EXISTS (SELECT 1 FROM "{Message._meta.db_table}" '
+        "WHERE session_id = %(pending_session)s AND status = %(pending)s) AS pending"
+    )
 
     # The run (its checkpoint is of no use once it ended: the session has the transcript), its
     # claimed messages and the session in one statement, the run first; updating the
