@@ -649,7 +649,8 @@ class LocalHandle:
                     path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
                 )
                 with open(fd, "wb") as fh:
-                    os.fchmod(fd, 0o644)
+                    if 0o644 & _umask():
+                        os.fchmod(fd, 0o644)
                     fh.write(data)
             for name, target in links:
                 os.symlink(target, f"{workspace}/{name}")
