@@ -445,7 +445,11 @@ class Runner:
         if self.sandbox.pk is None:
             if self.held and connection.vendor == "postgresql":
                 held, self.held = self.held, []
-                insert_sandbox_with_events(self.sandbox, held, self.run.pk)
+                try:
+                    insert_sandbox_with_events(self.sandbox, held, self.run.pk)
+                except Exception:
+                    self.held = held  # neither was written: the failure's path writes them
+                    raise
             else:
                 self.sandbox.save(force_insert=True)
         elif fields:
