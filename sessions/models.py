@@ -1016,21 +1016,40 @@ class Run(models.Model):
                 wake_after_commit(team_id, limit)
             # A separate statement, after the session's row lock is held: a follow-up that
             # add_message committed while we waited for the lock is seen here (its own check saw
-            # this run still active, so it left the new run to us).
-            if exists(Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]):
+            # this run still active, so it left the new run to us). On Postgres it is the events'.
+            from sessions.signals import finish_checks, run_finished
+
+            checks = {}
+            if events and transaction.get_connection().vendor == "postgresql":
+                from sessions.events import emit_many_with
+
+                asked = "".join(f", ({sql}) AS c_{name}" for name, sql in finish_checks.items())
+                _, row = emit_many_with(self.session_id, events, self.pk, self._PENDING + asked, {
+                    "finish_session": self.session_id, "pending": Message.Status.PENDING,
+                })  # fmt: skip
+                pending, events = row["pending"], None
+                checks = {name: row[f"c_{name}"] for name in finish_checks}
+            else:
+                pending = exists(
+                    Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]
+                )
+            if pending:
                 Session.objects.get(pk=self.session_id).enqueue_run()
             if events:
                 from sessions.events import emit_many
 
                 emit_many(self.session_id, events, run_id=self.pk)
-            from sessions.signals import run_finished
-
             run_finished.send(
                 sender=Run, run_id=self.pk, session_id=self.session_id, status=status, error=error,
-                source=source,
+                source=source, **({"checks": checks} if checks else {}),
             )  # fmt: skip
         self.status, self.finished, self.error = status, now, error
         return True
+
+    _PENDING = (
+        f'SELECT EXISTS (SELECT 1 FROM "{Message._meta.db_table}" '
+        "WHERE session_id = %(finish_session)s AND status = %(pending)s) AS pending"
+    )
 
     # The run (its checkpoint is of no use once it ended: the session has the transcript), its
     # claimed messages and the session in one statement, the run first; updating the

@@ -263,7 +263,12 @@ def upload(handle, path: Path, branch: str, commit: str, base_ref: str) -> None:
     """
     copy_tree = getattr(handle, "copy_tree", None)
     refs = {name: text.encode() for name, text in session_refs(branch, commit, base_ref)}
-    if copy_tree is None or not copy_tree(path, skip=_skipped, files=refs):
+    if copy_tree is not None:
+        # Which build of the template this is: a template removed and built again (the reaper's
+        # sweep, then a new run of that commit) has a new .git directory.
+        git_dir = os.stat(path / ".git")
+        key = (str(path), git_dir.st_dev, git_dir.st_ino, git_dir.st_mtime_ns)
+    if copy_tree is None or not copy_tree(path, skip=_skipped, files=refs, listing_key=key):
         handle.put_archive(".", sandbox_tar(path, branch, commit, base_ref))
 
 

@@ -122,14 +122,15 @@ def _check_local(url: str) -> CheckedRepository:
             f"{shown} is not under a local repository root ({listed}); "
             "DEPUTIES_LOCAL_REPOSITORY_ROOTS lists the directories repositories may come from."
         )
-    if _under(resolved, internal_dirs()):
+    internal = internal_dirs()
+    if _under(resolved, internal):
         raise RepositoryRefused(f"{path} is inside Deputies' own data (sandboxes, checkouts, caches).")
     if not resolved.is_dir():
         raise RepositoryRefused(f"{path} is not a directory.")
     git_dirs = _git_dirs(resolved)
     if git_dirs is None:
         raise RepositoryRefused(f"{path} is not a git repository.")
-    if not all(_under(d, roots) and not _under(d, internal_dirs()) for d in git_dirs):
+    if not all(_under(d, roots) and not _under(d, internal) for d in git_dirs):
         raise RepositoryRefused(f"{path} keeps its git data outside the local repository roots.")
     return CheckedRepository(url=str(resolved), scheme="file")
 

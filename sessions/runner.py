@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, connection
 from django.utils import timezone
 
 from sandboxes.base import SandboxHandle, SandboxSpec, get_provider, secrets_withheld_reason
@@ -132,8 +133,6 @@ def claim(run_id: int, ack_id: int | None = None) -> tuple[Run | None, str]:
     queue shares its database): from then on the run's lease is what protects it, and a worker lost
     before that leaves the task to the queue's retry (``DEPUTIES_RUN_LEASE``, deputies/broker.py).
     """
-    from django.db import connection
-
     from deputies.broker import acknowledge, queue_joins_transaction
 
     owner = worker_id()
@@ -171,6 +170,28 @@ def execute(run_id: int) -> str:
     """Claim and run to the end on this thread (sync queue mode, tests, ``deputies run``)."""
     run, why = claim(run_id)
     return Runner(run).execute() if run is not None else why
+
+
+_sandbox_insert: tuple[str, list] | None = None
+
+
+def insert_sandbox_with_events(row: Sandbox, items: list[tuple[str, dict]], run_id: int) -> None:
+    """Postgres: insert the sandbox's row in the statement of ``items``, its session's events (one
+    round trip and one commit for both). Values go in as ``Model.save`` would put them."""
+    from sessions.events import emit_many_with
+
+    global _sandbox_insert
+    if _sandbox_insert is None:
+        fields = [f for f in Sandbox._meta.concrete_fields if not f.primary_key]
+        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+        values = ", ".join(f"%(sb{n})s" for n in range(len(fields)))
+        sql = f'INSERT INTO "{Sandbox._meta.db_table}" ({columns}) VALUES ({values}) RETURNING id'
+        _sandbox_insert = (sql, fields)
+    sql, fields = _sandbox_insert
+    params = {f"sb{n}": f.get_db_prep_save(f.pre_save(row, True), connection) for n, f in enumerate(fields)}
+    _events, inserted = emit_many_with(row.session_id, items, run_id, sql, params)
+    row.pk = inserted["id"]
+    row._state.adding, row._state.db = False, DEFAULT_DB_ALIAS
 
 
 def extract_workspace(data: bytes, tree: Path) -> None:
@@ -416,12 +437,21 @@ class Runner:
 
     def save_sandbox(self, *fields: str) -> None:
         """Write the sandbox's row: all of it the first time (a local sandbox's row is written
-        once, prepared), else ``fields``. A step that may take long saves it first, so the row is
-        there while the sandbox is in use (the reaper leaves alone the sandboxes rows name)."""
+        once, prepared; on Postgres in the statement of the events held back till then), else
+        ``fields``. A step that may take long saves it first, so the row is there while the sandbox
+        is in use (the reaper leaves alone the sandboxes rows name)."""
         if self.sandbox is None:
             return
         if self.sandbox.pk is None:
-            self.sandbox.save(force_insert=True)
+            if self.held and connection.vendor == "postgresql":
+                held, self.held = self.held, []
+                try:
+                    insert_sandbox_with_events(self.sandbox, held, self.run.pk)
+                except Exception:
+                    self.held = held  # neither was written: the failure's path writes them
+                    raise
+            else:
+                self.sandbox.save(force_insert=True)
         elif fields:
             Sandbox.objects.filter(pk=self.sandbox.pk).update(**{f: getattr(self.sandbox, f) for f in fields})
 
@@ -554,15 +584,12 @@ class Runner:
             link.unlink(missing_ok=True)
             os.symlink(template, link)
         self.prepared_commit = commit
-        self.emit(
-            "repository_ready",
-            {
-                "url": repo.url,
-                "base_branch": self.session.base_branch,
-                "branch": self.session.branch,
-                "commit": commit,
-            },
-        )
+        ready = {"url": repo.url, "base_branch": self.session.base_branch, "branch": self.session.branch,
+                 "commit": commit}  # fmt: skip
+        if self.held and self.sandbox.pk is None:  # with sandbox_ready, in the row's statement
+            self.held.append(("repository_ready", ready))
+        else:
+            self.emit("repository_ready", ready)
 
     def clone_and_upload(self, checkout: Path) -> str:
         source = repository_source(self.session.repository.url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -347,6 +348,24 @@ def test_a_local_sandbox_gets_the_same_workspace_as_the_tar_gives_without_sharin
         assert (handle.host_workspace / name).stat().st_ino != (path / name).stat().st_ino
     (handle.host_workspace / "docs" / "a.md").write_text("changed by the session\n")
     assert (path / "docs" / "a.md").read_text() == "a\n"
+
+
+def test_a_template_built_again_at_its_path_is_listed_again(handle, template, tmp_path):
+    # The worker lists a template once (copy_tree's listing_key); the reaper may remove it and a
+    # later run build it again at the same path, with other files (a file changed by hand here).
+    path, commit = template
+    repocache.upload(handle, path, "deputies/x", commit, "refs/deputies/base")
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(path, rebuilt, symlinks=True)
+    (rebuilt / "docs" / "a.md").unlink()
+    (rebuilt / "docs" / "b.md").write_text("b\n")
+    shutil.rmtree(path)
+    os.rename(rebuilt, path)
+
+    other = LocalProvider(root=tmp_path / "sandboxes").create(SandboxSpec(session_id=2))
+    repocache.upload(other, path, "deputies/x", commit, "refs/deputies/base")
+    assert (other.host_workspace / "docs" / "b.md").read_text() == "b\n"
+    assert not (other.host_workspace / "docs" / "a.md").exists()
 
 
 def test_a_sandbox_that_is_not_empty_gets_the_checked_tar_instead(handle, template, tmp_path):

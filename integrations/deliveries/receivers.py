@@ -19,7 +19,7 @@ from django.conf import settings
 from django.dispatch import receiver
 
 from sessions.columns import exists
-from sessions.signals import run_finished
+from sessions.signals import finish_checks, run_finished
 
 
 def _url(path: str) -> str:
@@ -83,6 +83,16 @@ def run_payload(run_id: int, session_id: int, status: str, error: str) -> dict:
     }
 
 
+def _subscribed_sql() -> str:
+    from integrations.deliveries.models import CallbackSubscription  # imported from ready(): apps loaded
+
+    table = CallbackSubscription._meta.db_table
+    return f'SELECT EXISTS (SELECT 1 FROM "{table}" WHERE session_id = %(finish_session)s AND active)'
+
+
+finish_checks["callbacks"] = _subscribed_sql()
+
+
 @receiver(run_finished, dispatch_uid="deliveries-http-callbacks")
 def callbacks_for_run(
     sender, *, run_id: int, session_id: int, status: str, error: str = "", **kwargs
@@ -91,7 +101,10 @@ def callbacks_for_run(
     from integrations.deliveries.models import CallbackSubscription, Delivery
     from integrations.deliveries.services import enqueue
 
-    if not exists(CallbackSubscription, "session_id = %s AND active", [session_id]):  # most sessions
+    subscribed = kwargs.get("checks", {}).get("callbacks")  # asked by the run's end (below)
+    if subscribed is None:
+        subscribed = exists(CallbackSubscription, "session_id = %s AND active", [session_id])
+    if not subscribed:  # most sessions
         return
     subscriptions = list(CallbackSubscription.objects.filter(session_id=session_id, active=True))
     payload = run_payload(run_id, session_id, status, error)

@@ -381,6 +381,28 @@ def _tree_entries(
     return dirs, files, links
 
 
+_umask_value: int | None = None
+
+
+def _umask() -> int:
+    """This process's umask (read once: nothing here changes it), from /proc where there is one;
+    else setting it shows it, and it is put back at once."""
+    global _umask_value
+    if _umask_value is None:
+        try:
+            with open("/proc/self/status") as fh:
+                _umask_value = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _umask_value = os.umask(0o22)
+            os.umask(_umask_value)
+    return _umask_value
+
+
+# Listings of templates (immutable once built) by the caller's key: see LocalHandle.copy_tree.
+_listings: dict[object, tuple] = {}
+LISTINGS_KEPT = 16
+
+
 def _copy_file(source: str, dest: str, info: os.stat_result) -> None:
     """One regular file, with the mode tarfile's ``data`` filter gives it and its mtime."""
     mode = info.st_mode & 0o755
@@ -397,7 +419,8 @@ def _copy_file(source: str, dest: str, info: os.stat_result) -> None:
                 if copied == 0:  # the file shrank since it was listed (it should never change)
                     break
                 left -= copied
-            os.fchmod(dst, mode)  # whatever the umask
+            if mode & _umask():
+                os.fchmod(dst, mode)  # what the umask took from it
             os.utime(dst, ns=(info.st_mtime_ns, info.st_mtime_ns))
         finally:
             os.close(dst)
@@ -561,6 +584,7 @@ class LocalHandle:
         source: Path,
         skip: Callable[[str], bool] | None = None,
         files: dict[str, bytes] | None = None,
+        listing_key: object = None,
     ) -> bool:
         """Copy ``source``, a directory the worker made (a repository template), into the workspace
         while it is still empty, then write ``files`` (relative name: contents) over it: what
@@ -576,6 +600,9 @@ class LocalHandle:
         workspace nothing is written through a link: directories and files come first (the
         workspace then holds nothing else), links last. A link is checked lexically before anything
         is written, and where it really leads once all are made (PathEscape, as ``put_archive``).
+
+        ``listing_key``: ``source`` does not change while the key stays the same (a template whose
+        key says which build it is), so what is in it is listed once per process, not per copy.
         """
         if not self.host_workspace.is_dir():
             raise SandboxError(f"sandbox {self.id} has no workspace any more")
@@ -583,9 +610,19 @@ class LocalHandle:
             if next(it, None) is not None:
                 return False
         files = files or {}
-        dirs, copies, links = _tree_entries(
-            str(source), lambda name: name in files or bool(skip and skip(name))
-        )
+        listing = _listings.get(listing_key) if listing_key is not None else None
+        if listing is None:
+            listing = _tree_entries(str(source), skip)
+            if listing_key is not None:
+                while len(_listings) >= LISTINGS_KEPT:
+                    del _listings[next(iter(_listings))]
+                _listings[listing_key] = listing
+        dirs, copies, links = listing
+        if files:  # what is written over the tree replaces it, and what is under it
+            over = tuple(f"{name}/" for name in files)
+            dirs = [name for name in dirs if name not in files and not name.startswith(over)]
+            copies = [c for c in copies if c[0] not in files and not c[0].startswith(over)]
+            links = [x for x in links if x[0] not in files and not x[0].startswith(over)]
         for name, target in links:
             info = tarfile.TarInfo(name)
             info.type, info.linkname = tarfile.SYMTYPE, target
@@ -594,18 +631,26 @@ class LocalHandle:
             _check_member(tarfile.TarInfo(name))
         root, workspace = str(source), str(self.host_workspace)
         try:
+            made = {""}
             for name in dirs:
                 os.mkdir(f"{workspace}/{name}")
+                made.add(name)
             for name, info in copies:
                 _copy_file(f"{root}/{name}", f"{workspace}/{name}", info)
             for name, data in files.items():
                 path = f"{workspace}/{name}"
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                parent = posixpath.dirname(name)
+                if parent not in made:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    while parent not in made:
+                        made.add(parent)
+                        parent = posixpath.dirname(parent)
                 fd = os.open(
                     path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
                 )
                 with open(fd, "wb") as fh:
-                    os.fchmod(fd, 0o644)
+                    if 0o644 & _umask():
+                        os.fchmod(fd, 0o644)
                     fh.write(data)
             for name, target in links:
                 os.symlink(target, f"{workspace}/{name}")
@@ -708,7 +753,12 @@ class LocalProvider:
         sandbox_id = f"s{spec.session_id}-{secrets.token_hex(4)}"
         directory = self.root / sandbox_id
         try:
-            (directory / "workspace").mkdir(parents=True, mode=0o700)
+            try:
+                os.mkdir(directory)
+            except FileNotFoundError:  # the first sandbox under this root
+                self.root.mkdir(parents=True, exist_ok=True)
+                os.mkdir(directory)
+            os.mkdir(directory / "workspace", 0o700)
             # Names only: the values may be secrets, and nothing on disk may hold one.
             meta = {"session_id": spec.session_id, "network": spec.network, "env_names": sorted(spec.env)}
             fd = os.open(directory / METADATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
