@@ -340,7 +340,7 @@ class _GroupCommit:
             lead = not self.writing
             if lead:
                 self.writing = True
-                batch = _Batch(request)
+                batch: list[_Request] = [request]  # nobody waits for it: no locks
             else:
                 batch = self.queue
                 batch.append(request)
@@ -358,7 +358,8 @@ class _GroupCommit:
             with self.lock:
                 self.batches += 1
                 self.hand_over()
-            batch.done.release()
+            if isinstance(batch, _Batch):
+                batch.done.release()
         return request.result()
 
     def hand_over(self) -> None:
