@@ -353,8 +353,8 @@ class _GroupCommit:
             head = batch[0] is request
             self._before_waiting(conn, head)
             if not head:
-                batch.done.acquire()
-                batch.done.release()  # the next waiter's wake-up
+                with batch.done:  # released when written; releasing it is the next waiter's wake-up
+                    pass  # (``with``: even a signal's exception right after the wake passes it on)
                 return request.result()
             batch.turn.acquire()  # hand_over took the batch out of the queue: it is complete
         try:
