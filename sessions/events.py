@@ -53,6 +53,7 @@ from typing import Any
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models.base import ModelState
 from django.utils import timezone
 
 from sessions.columns import prepared_cursor
@@ -149,12 +150,6 @@ def emit_many_with(
 # --- Postgres: one statement for any number of emits ------------------------------------------------
 
 
-def _held_lock() -> threading.Lock:
-    lock = threading.Lock()
-    lock.acquire()
-    return lock
-
-
 @dataclass(slots=True)
 class _Request:
     """One emit_many() call: its events, and (once written) the stored Events or the error."""
@@ -165,15 +160,6 @@ class _Request:
     created: datetime = field(default_factory=timezone.now)
     events: list[Event] | None = None
     error: BaseException | None = None
-    # Held until the request is woken (its batch written, or its turn to write): a bare lock is
-    # the cheapest wake-up there is (threading.Event adds a Condition and a lock per wait).
-    woken: threading.Lock = field(default_factory=_held_lock)
-
-    def wait(self) -> None:
-        self.woken.acquire()
-
-    def wake(self) -> None:
-        self.woken.release()
 
     def result(self) -> list[Event]:
         if self.error is not None:
@@ -182,7 +168,28 @@ class _Request:
         return self.events
 
 
-# One JSON document carries the events: [[session_id, run_id, type, payload, created, noted], ...].
+_new_event = Event.__new__
+
+
+def _stored(
+    pk: int, session_id: int, seq: int, run_id: int | None, type: str, payload: Any, created
+) -> Event:
+    """The Event of a row just written, as a query would load it, without ``Model.__init__``: that
+    was about a quarter of an emit's CPU with group commit (it handles arguments, defaults and
+    descriptors the stored row does not need). A test checks it sets what ``Event(...)`` sets."""
+    event = _new_event(Event)
+    state = event._state = ModelState()
+    state.adding, state.db = False, DEFAULT_DB_ALIAS
+    event.__dict__.update(
+        id=pk, session_id=session_id, seq=seq, run_id=run_id, type=type, payload=payload, created=created
+    )
+    return event
+
+
+# One JSON document carries the events: [{"s": session_id, "r": run_id, "t": type, "p": payload,
+# "c": created, "n": noted}, ...], read by json_to_recordset in one pass (json_array_elements and
+# ``e->>0``... parsed each event's JSON again for every field: ~25% more of Postgres's CPU per event;
+# ``p`` stays json, its text as the emitter wrote it, for the notification).
 # Sessions are locked in id order (``l``) so that two multi-session statements cannot deadlock; each
 # session's last_seq moves by its number of events and the rows take the numbers in between, in the
 # order they were given. The notification (one per session, in notify.encode's format, built here
@@ -198,9 +205,10 @@ class _Request:
 # (~+20 us of client CPU per event) than the lock did, and a lone emitter lost a third.)
 _PG_INSERT = """
 WITH i AS (
-    SELECT (e->>0)::bigint AS session_id, (e->>1)::bigint AS run_id, e->>2 AS type, e->3 AS payload,
-           e->>4 AS created, (e->>5)::boolean AS noted, ord
-    FROM json_array_elements(%(events)s::json) WITH ORDINALITY AS x(e, ord)
+    SELECT s AS session_id, r AS run_id, t AS type, p AS payload, c AS created, n AS noted, ord
+    FROM ROWS FROM (
+        json_to_recordset(%(events)s::json) AS (s bigint, r bigint, t text, p json, c text, n boolean)
+    ) WITH ORDINALITY AS x(s, r, t, p, c, n, ord)
 ),
 c AS (SELECT session_id, count(*) AS n FROM i GROUP BY session_id),
 l AS (SELECT id FROM {session} WHERE id IN (SELECT session_id FROM c) ORDER BY id FOR NO KEY UPDATE),
@@ -237,8 +245,9 @@ _PG_WITH = _PG_SQL.replace(
     ",\nx AS ({also})\nSELECT id, session_id, seq, (SELECT to_jsonb(x) FROM x LIMIT 1) FROM ins",
 )
 assert _PG_WITH != _PG_SQL
-# Room for the envelope and the seqs and keys a notification adds to the events' own JSON.
-_NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48
+# Room for the envelope and the seqs and keys a notification adds to the events' own JSON (less the
+# 20 bytes of an event's five keys in the statement's document).
+_NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48 - len('"s":"r":"t":"p":"c":')
 
 
 def _insert_postgres(requests: list[_Request], also: tuple[str, dict] | None = None) -> dict | None:
@@ -257,12 +266,12 @@ def _insert_postgres(requests: list[_Request], also: tuple[str, dict] | None = N
     rows: list[tuple[int, list[str]]] = []
     for r in requests:
         created = iso(r.created)
-        texts = [dumps([r.session_id, r.run_id, t, p, created]) for t, p in r.items]
+        texts = [dumps({"s": r.session_id, "r": r.run_id, "t": t, "p": p, "c": created}) for t, p in r.items]
         sizes[r.session_id] += sum(len(text.encode()) + _NOTE_PER_EVENT for text in texts)
         rows.append((r.session_id, texts))
     limit = LIMITS["postgres"]
-    # Each item's JSON list ends with "]": append the "noted" flag before it.
-    flags = {sid: ",true]" if size <= limit else ",false]" for sid, size in sizes.items()}
+    # Each item's JSON object ends with "}": append the "noted" flag before it.
+    flags = {sid: ',"n":true}' if size <= limit else ',"n":false}' for sid, size in sizes.items()}
     document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
     params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
     sql = _PG_SQL
@@ -282,22 +291,36 @@ def _insert_postgres(requests: list[_Request], also: tuple[str, dict] | None = N
             continue
         first = taken[r.session_id]
         taken[r.session_id] = first + len(r.items)
+        pks = ids[r.session_id]
         r.events = [
-            Event(
-                id=ids[r.session_id][first + i],
-                session_id=r.session_id,
-                run_id=r.run_id,
-                seq=first + i,
-                type=t,
-                payload=p,
-                created=r.created,
-            )
+            _stored(pks[first + i], r.session_id, first + i, r.run_id, t, p, r.created)
             for i, (t, p) in enumerate(r.items)
         ]
     if also is None or not returned or returned[0][3] is None:
         return None
     row = returned[0][3]
     return json.loads(row) if isinstance(row, str) else row
+
+
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
+class _Batch(list):
+    """The requests one statement writes, the first of them writing. Locks, held until released:
+    ``turn`` when the write before is done and the first may start, ``done`` when this one is.
+    Bare locks are the cheapest wake-up there is (threading.Event adds a Condition and a lock per
+    wait). The writer releases ``done`` once and every waiter passes it on as it wakes: the writer
+    woke each of ~50 waiters itself before, and was preempted by nearly every one of them (~40% of
+    the process's CPU per event went to that hand-off)."""
+
+    __slots__ = ("turn", "done")
+
+    def __init__(self, *requests: _Request) -> None:
+        super().__init__(requests)
+        self.turn, self.done = _held_lock(), _held_lock()
 
 
 class _GroupCommit:
@@ -313,7 +336,7 @@ class _GroupCommit:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.queue: list[_Request] = []
+        self.queue = _Batch()  # the next statement's requests
         self.writing = False
         self.batches = 0  # statements executed (for tests and the bench)
 
@@ -322,32 +345,33 @@ class _GroupCommit:
             lead = not self.writing
             if lead:
                 self.writing = True
+                batch: list[_Request] = [request]  # nobody waits for it: no locks
             else:
-                head = not self.queue
-                self.queue.append(request)
+                batch = self.queue
+                batch.append(request)
         if not lead:
+            head = batch[0] is request
             self._before_waiting(conn, head)
-            request.wait()
-            if request.events is not None or request.error is not None:
+            if not head:
+                with batch.done:  # released when written; releasing it is the next waiter's wake-up
+                    pass  # (``with``: even a signal's exception right after the wake passes it on)
                 return request.result()
-            # Woken without a result: it is our turn to write.
-        with self.lock:
-            batch, self.queue = [request, *self.queue], []
-            self.batches += 1
+            batch.turn.acquire()  # hand_over took the batch out of the queue: it is complete
         try:
             self._write(batch)
         finally:
             with self.lock:
+                self.batches += 1
                 self.hand_over()
-            for other in batch:
-                if other is not request:
-                    other.wake()
+            if isinstance(batch, _Batch):
+                batch.done.release()
         return request.result()
 
     def hand_over(self) -> None:
         """A write is done (call with the lock held): the oldest queued caller writes next."""
         if self.queue:
-            self.queue.pop(0).wake()
+            self.queue.turn.release()
+            self.queue = _Batch()
         else:
             self.writing = False
 

@@ -125,6 +125,21 @@ def test_it_writes_an_emit_with_one_statement(make_session, django_assert_num_qu
         emit(session.pk, "progress", {"message": "one"})
 
 
+@pytest.mark.django_db(transaction=True)
+def test_it_returns_the_events_as_a_query_loads_them(make_session):
+    session = make_session()
+    run = Run.objects.create(session=session, attempt=1)
+    returned = emit_many(session.pk, [("progress", {"n": 1}), ("todo", {"todos": []})], run_id=run.pk)
+    loaded = list(Event.objects.filter(session=session).order_by("seq"))
+    # Built without Model.__init__ (events._stored): the same attributes, values and state.
+    assert [vars(e).keys() for e in returned] == [vars(e).keys() for e in loaded]
+    assert [{k: v for k, v in vars(e).items() if k != "_state"} for e in returned] == [
+        {k: v for k, v in vars(e).items() if k != "_state"} for e in loaded
+    ]
+    assert {(e._state.adding, e._state.db) for e in returned} == {(False, "default")}
+    assert returned[0].run == run and returned[0].session == session
+
+
 # --- group commit ---------------------------------------------------------------------------------------
 
 

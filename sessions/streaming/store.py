@@ -7,7 +7,6 @@ replayed event from a pushed one. All functions here are synchronous (ORM).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, TypedDict
@@ -57,8 +56,9 @@ def event_data(event: Event) -> EventData:
     }
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, cls=DjangoJSONEncoder)
+# What json.dumps(value, cls=DjangoJSONEncoder, ...) does, but built once: dumps with ``cls`` makes
+# an encoder per call, half the cost of encoding an event (the encoder keeps no state between calls).
+dumps = DjangoJSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def event_frame(data: EventData) -> str:
