@@ -130,17 +130,28 @@ def emit_many(
 
 
 def emit_many_with(
-    session_id: int, items: list[tuple[str, dict[str, Any]]], run_id: int | None, sql: str, params: dict
+    session_id: int,
+    items: list[tuple[str, dict[str, Any]]],
+    run_id: int | None,
+    sql: str,
+    params: dict,
+    *,
+    session_set: str = "",
+    before: str = "",
 ) -> tuple[list[Event], dict | None]:
     """Postgres: emit_many's statement with ``sql``, the caller's own ``UPDATE ... RETURNING`` of
     rows other than the session's (a run's heartbeat, say), in it: one round trip and, outside a
     transaction, one commit for both. ``sql`` holds ``{locked}`` where its WHERE clause takes a
     condition that makes it wait for the session's row lock, so it locks in the order of emitting
-    first and updating then; ``params`` are its (named) parameters. Returns the events and the
-    first row ``sql`` returned, as a dict (None for no row)."""
+    first and updating then; ``params`` are the (named) parameters of it and of the other two:
+    ``session_set``, more ``column = t.column ...`` assignments for the session's row (its own
+    UPDATE in the events' statement: Postgres updates a row once per statement), and ``before``,
+    more data-modifying CTEs ("name AS (INSERT ...), "). Returns the events and the first row
+    ``sql`` returned, as a dict (None for no row)."""
     assert items, "the statement's result comes with the events' rows"
     request = _Request(session_id, run_id, list(items))
-    row = _insert_postgres([request], (sql.replace("{locked}", "EXISTS (SELECT FROM s)"), params))
+    also = (sql.replace("{locked}", "EXISTS (SELECT FROM s)"), params, session_set, before)
+    row = _insert_postgres([request], also)
     events = request.result()
     if _listeners:
         transaction.on_commit(lambda: _notify(events))  # runs at once outside an atomic block
@@ -242,21 +253,22 @@ _PG_SQL = _PG_INSERT.format(session=Session._meta.db_table, event=Event._meta.db
 # With another statement (emit_many_with): its first row comes back with each event's.
 _PG_WITH = _PG_SQL.replace(
     "\nSELECT id, session_id, seq FROM ins",
-    ",\nx AS ({also})\nSELECT id, session_id, seq, (SELECT to_jsonb(x) FROM x LIMIT 1) FROM ins",
-)
-assert _PG_WITH != _PG_SQL
+    ",\n{before}x AS ({also})\nSELECT id, session_id, seq, (SELECT to_jsonb(x) FROM x LIMIT 1) FROM ins",
+).replace("SET last_seq = t.last_seq + c.n FROM", "SET last_seq = t.last_seq + c.n{session_set} FROM")
+assert _PG_WITH.count("{") == 3, "the statement's own braces would be taken for placeholders"
 # Room for the envelope and the seqs and keys a notification adds to the events' own JSON (less the
 # 20 bytes of an event's five keys in the statement's document).
 _NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48 - len('"s":"r":"t":"p":"c":')
 
 
-def _insert_postgres(requests: list[_Request], also: tuple[str, dict] | None = None) -> dict | None:
+def _insert_postgres(requests: list[_Request], also: tuple[str, dict, str, str] | None = None) -> dict | None:
     """Reserve the numbers, insert the rows and notify, in one statement: one round trip.
 
     In autocommit the statement is its own transaction; inside an outer atomic block it commits
     (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
     Fills in each request's events, or its error (a session that does not exist). ``also``: another
-    statement and its parameters, run by this one (emit_many_with); its first row is returned.
+    statement, its parameters, the session's other assignments and the CTEs before it, run by
+    this one (emit_many_with); its first row is returned.
     """
     from sessions.streaming.notify import LIMITS, PG_CHANNEL
     from sessions.streaming.store import dumps, iso
@@ -276,8 +288,13 @@ def _insert_postgres(requests: list[_Request], also: tuple[str, dict] | None = N
     params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
     sql = _PG_SQL
     if also is not None:
-        sql = _PG_WITH.replace("{also}", also[0])
-        params |= also[1]
+        statement, more, session_set, before = also
+        sql = (
+            _PG_WITH.replace("{session_set}", session_set)
+            .replace("{before}", before)
+            .replace("{also}", statement)
+        )
+        params |= more
     with prepared_cursor() as cursor:
         cursor.execute(sql, params)
         returned = cursor.fetchall()

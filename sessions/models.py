@@ -1139,13 +1139,16 @@ class Run(models.Model):
         cost: Decimal,
         checkpoint: Checkpoint | None = None,
         call: dict[str, Any] | None = None,
+        events: list[tuple[str, dict]] | None = None,
     ) -> None:
         """Count one model call's usage on the run and its session (one statement on Postgres).
 
         ``checkpoint`` (the conversation with the model's reply) is saved on the run in the same
         statement, so a worker lost while the reply's tools run does not ask the model again.
         ``call``: the call's LLMCall row (its fields other than the run, session and usage), inserted
-        by the same statement.
+        by the same statement. ``events`` are emitted after it, in its transaction: on Postgres by
+        the same statement (sessions/events.py ``emit_many_with``), which then takes the session's
+        row lock before the run's, as the heartbeat does.
         A child session's ancestors are charged first: sessions are locked top-down
         (sessions/children.py), so in a transaction this must come before anything that locks
         the session's own row.
@@ -1156,6 +1159,19 @@ class Run(models.Model):
         self.output_tokens += output_tokens
         self.cached_tokens += cached_tokens
         self.cost_usd += cost
+        counts = (input_tokens, output_tokens, cached_tokens, cost)
+        if events and (connection.vendor != "postgresql" or self._ancestor_id(cost)):
+            from sessions.events import emit_many
+
+            with transaction.atomic():
+                self._write_usage(*counts, checkpoint, call)
+                emit_many(self.session_id, events, run_id=self.pk)
+        else:
+            self._write_usage(*counts, checkpoint, call, events)
+
+    def _write_usage(self, input_tokens, output_tokens, cached_tokens, cost, checkpoint, call, events=None):
+        from django.db import connection
+
         self._charge_ancestors(cost)
         counted = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cached_tokens": cached_tokens,
                    "cost_usd": cost}  # fmt: skip
@@ -1198,22 +1214,38 @@ class Run(models.Model):
             columns = ", ".join(LLMCall._meta.get_field(name).column for name in row)
             values = ", ".join(f"%(call_{name})s" for name in row)
             params |= {f"call_{name}": value for name, value in row.items()}
-            inserted = f"c AS (INSERT INTO {LLMCall._meta.db_table} ({columns}) VALUES ({values})), "
-        sql = (
-            f"WITH {inserted}r AS (UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s "
-            f"RETURNING t.id) UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
-        )
+            inserted = f"llm AS (INSERT INTO {LLMCall._meta.db_table} ({columns}) VALUES ({values})), "
+        run = f"UPDATE {Run._meta.db_table} t SET {add}{saved} WHERE t.id = %(run)s"
+        if events:  # the session's usage goes in the events' own UPDATE of its row
+            from sessions.events import emit_many_with
+
+            emit_many_with(
+                self.session_id,
+                events,
+                self.pk,
+                f"{run} AND {{locked}} RETURNING t.id",
+                params,
+                session_set=f", {add}",
+                before=inserted,
+            )
+            return
+        sql = f"WITH {inserted}r AS ({run} RETURNING t.id) UPDATE {Session._meta.db_table} t SET {add} WHERE t.id = %(session)s"
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)
+
+    def _ancestor_id(self, cost: Decimal) -> int | None:
+        """The parent session to charge ``cost`` to, if any (a child session with a cost)."""
+        if not cost:
+            return None
+        session = self._state.fields_cache.get("session")
+        if session is not None:
+            return session.parent_id
+        return Session.objects.filter(pk=self.session_id).values_list("parent_id", flat=True).first()
 
     def _charge_ancestors(self, cost: Decimal) -> None:
         """A child session's spend counts against its parent's budget (and theirs): only child
         sessions pay a statement for this (sessions/children.py)."""
-        session = self._state.fields_cache.get("session")
-        parent_id = session.parent_id if session is not None else None
-        if session is None:
-            parent_id = Session.objects.filter(pk=self.session_id).values_list("parent_id", flat=True).first()
-        if parent_id and cost:
+        if parent_id := self._ancestor_id(cost):
             from sessions.children import charge_ancestors
 
             charge_ancestors(parent_id, cost)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpcore
+import httpx
 import pytest
+from httpcore._sync.connection_pool import PoolRequest
 
 from sessions.agent.fake_llm import start_in_thread
 from sessions.agent.llm import (
@@ -17,9 +22,12 @@ from sessions.agent.llm import (
     LLMError,
     OpenAIClient,
     Usage,
+    _Pool,
+    _transport,
     client_for,
     cost_usd,
     resolve_model,
+    shared_http,
     to_anthropic_messages,
 )
 
@@ -406,3 +414,66 @@ def test_it_fails_without_retrying_when_the_base_url_is_unusable(llm_settings):
     with client_for("bad/m") as client, pytest.raises(LLMConfigError, match="base URL is not usable"):
         client.complete(MESSAGES, on_attempt=records.append)
     assert [r.outcome for r in records] == ["error"]
+
+
+# --- the shared client's connection pool ----------------------------------------------------------
+
+
+def _idle_connection(transport, url: str):
+    """A pool holding one idle kept-alive connection to ``url``'s server."""
+    with_client = httpx.Client(transport=transport)
+    assert with_client.get(url).status_code == 200
+    pool = transport._pool
+    (connection,) = pool.connections
+    assert connection.is_idle()
+    return pool, connection
+
+
+def _promised(pool, url: str):
+    """A request the pool has given a connection to, whose thread has not started on it yet."""
+    host = httpx.URL(url).netloc
+    request = PoolRequest(httpcore.Request("GET", url, headers=[(b"Host", host)]))
+    pool._requests.append(request)
+    assert pool._assign_requests_to_connections() == []
+    return request
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_a_connection_promised_to_a_request_is_not_closed_or_given_away_meanwhile(llm_settings, fixed):
+    """encode/httpcore#1110: closed by another thread's pass after the request was sent, the socket
+    goes away under a thread waiting for the answer (a model call hung for its read timeout).
+    The plain pool (fixed=False) shows the race is real in the httpcore installed."""
+    fake = start_in_thread({"responses": []})
+    url = f"http://127.0.0.1:{fake.port}/healthz"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    try:
+        transport = _transport(limits) if fixed else httpx.HTTPTransport(limits=limits)
+        pool, connection = _idle_connection(transport, url)
+        assert isinstance(pool, _Pool) == fixed
+        first = _promised(pool, url)
+        assert first.connection is connection
+        # A second request in another thread's pass: the promised connection is not free.
+        second = _promised(pool, url)
+        assert (second.connection is connection) != fixed
+        # Its keep-alive runs out before its thread starts the request on it; another pass runs.
+        connection._connection._expire_at = time.monotonic() - 1
+        closing = pool._assign_requests_to_connections()
+        assert (connection in closing) != fixed
+        if fixed:
+            response = connection.handle_request(first.request)
+            assert response.status == 200
+            response.read()
+    finally:
+        fake.close()
+
+
+def test_the_shared_client_turns_nagle_off(llm_settings):
+    fake = scripted(llm_settings, {"responses": [{"content": "hi"}]})
+    try:
+        assert call().text == "hi"
+        client = shared_http(fake.base_url, llm_settings.LLM_TIMEOUT)
+        (connection,) = client._transport._pool.connections
+        sock = connection._connection._network_stream.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        fake.close()

@@ -138,6 +138,39 @@ def test_usage_writes_its_model_call_and_the_checkpoint_in_the_same_statement(
     assert Run.objects.get(pk=run.pk).checkpoint == {"steps": 1, "transcript": transcript, "todos": None}
 
 
+def test_usage_writes_the_events_after_it_in_its_statement(
+    team, owner, repository, django_assert_num_queries
+):
+    """The reply's usage, LLMCall row and checkpoint, with the step's first events (the usage event
+    and tool_started): the session's usage and its event numbers move in one UPDATE of its row."""
+    run = claimed(team, owner, repository)
+    before = Session.objects.get(pk=run.session_id).last_seq
+    call = {"provider": "p", "model": "m", "latency_ms": 7, "status_code": 200, "outcome": "ok", "error": ""}
+    events = [("usage", {"input_tokens": 10}), ("tool_started", {"call_id": "c", "name": "bash"})]
+    postgres = connection.vendor == "postgresql"  # one statement there, a transaction elsewhere
+    with django_assert_num_queries(1) if postgres else contextlib.nullcontext():
+        run.add_usage(10, 5, 2, Decimal("0.25"), Checkpoint(1, None, [{"role": "system", "content": "s"}], 1),
+                      call, events=events)  # fmt: skip
+
+    session = Session.objects.get(pk=run.session_id)
+    stored = Run.objects.get(pk=run.pk)
+    for row in (session, stored):
+        assert (row.input_tokens, row.output_tokens, row.cached_tokens, row.cost_usd) == (
+            10,
+            5,
+            2,
+            Decimal("0.25"),
+        )
+    assert session.last_seq == before + 2
+    written = Event.objects.filter(session_id=run.session_id, seq__gt=before).order_by("seq")
+    assert [(e.seq, e.type, e.run_id, e.payload) for e in written] == [
+        (before + 1, "usage", run.pk, events[0][1]),
+        (before + 2, "tool_started", run.pk, events[1][1]),
+    ]
+    assert LLMCall.objects.filter(run=run, cost_usd=Decimal("0.25")).count() == 1
+    assert stored.checkpoint["steps"] == 1
+
+
 def test_a_checkpoint_sends_only_the_messages_the_saved_one_lacks(team, owner, repository):
     run = claimed(team, owner, repository)
     transcript = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]

@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+import httpcore
 import httpx
 from django.conf import settings
 
@@ -154,22 +156,56 @@ _shared_http: dict[tuple[str, float], httpx.Client] = {}
 _shared_http_lock = threading.Lock()
 
 
+class _Pool(httpcore.ConnectionPool):
+    """httpcore's pool, less a race that hangs a model call for its whole read timeout.
+
+    A pass over the pool (any thread's request starting or ending) assigns idle connections to
+    requests, but a connection stays idle until the thread it was given to starts its request on
+    it. Another thread's pass meanwhile may close it: its keep-alive just expired, or it counts as
+    a surplus idle connection (encode/httpcore#1110). Closed after that request was sent, the socket
+    goes away under a thread waiting in poll() for the answer, which the close does not wake; the
+    pass's own new connection usually gets the same descriptor number, so the waiting thread then
+    watches someone else's socket until its read timeout. Here a pass does not see connections
+    that are promised to a request that has not started on them yet: it neither closes them nor
+    hands them to a second request."""
+
+    def _assign_requests_to_connections(self) -> list:
+        promised = {id(r.connection) for r in self._requests if r.connection is not None}
+        held = [c for c in self._connections if id(c) in promised and c.is_idle()]
+        if not held:
+            return super()._assign_requests_to_connections()
+        self._connections = [c for c in self._connections if not any(c is h for h in held)]
+        try:
+            return super()._assign_requests_to_connections()
+        finally:
+            self._connections = held + self._connections
+
+
+def _transport(limits: httpx.Limits) -> httpx.HTTPTransport:
+    # Nagle's algorithm off: httpcore writes a request's headers and its body separately, and
+    # the body would wait for the server's (delayed) ACK of the headers, up to 40 ms.
+    transport = httpx.HTTPTransport(
+        limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    )
+    if type(transport._pool) is httpcore.ConnectionPool:  # not a proxy's
+        transport._pool.__class__ = _Pool
+    return transport
+
+
 def shared_http(base_url: str, timeout: float) -> httpx.Client:
     """One pooled httpx client per provider and process: keeps connections warm between runs and
     skips building an SSL context (tens of ms) for every run. httpx.Client is thread-safe.
 
-    No cap on idle connections: httpcore 1.0's pool closes "surplus" idle connections whenever it
-    holds more than the cap in all, including one just handed to a waiting thread, which then waits
-    its whole read timeout on a socket that is gone (encode/httpcore#1110). With hundreds of runs
-    per process that hung about one model call in a thousand for 120 s. Idle connections still
-    close after httpx's keep-alive expiry (5 s)."""
+    No cap on idle connections, and the pool's race fixed (``_Pool``): with hundreds of runs per
+    process it hung about one model call in a thousand for 120 s. Idle connections still close
+    after httpx's keep-alive expiry (5 s)."""
     key = (base_url, timeout)
     with _shared_http_lock:
         client = _shared_http.get(key)
         if client is None or client.is_closed:
             client = _shared_http[key] = httpx.Client(
                 timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+                transport=_transport(httpx.Limits(max_connections=None, max_keepalive_connections=None)),
             )
         return client
 

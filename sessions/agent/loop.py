@@ -343,33 +343,37 @@ class _Agent:
         call = {"provider": record.provider, "model": record.model, "latency_ms": record.latency_ms,
                 "status_code": record.status_code, "outcome": record.outcome,
                 "error": record.error[:ERROR_LIMIT]}  # fmt: skip
+        if ok:  # the usage, its LLMCall row, the checkpoint and the events: one statement on Postgres
+            event = (
+                "usage",
+                {
+                    "input_tokens": usage.input_tokens,
+                    "output_tokens": usage.output_tokens,
+                    "cached_tokens": usage.cached_tokens,
+                    "cost_usd": str(cost),
+                    "model": record.model_key,
+                },
+            )
+            self.run.add_usage(
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.cached_tokens,
+                cost,
+                checkpoint,
+                call,
+                events=[event, *(then or [])],
+            )
+            return
+        event = (
+            "llm_error",
+            {
+                "error": _clip(record.error, 500),
+                "attempt": record.attempt,
+                "will_retry": record.outcome == LLMCall.Outcome.RETRY,
+            },
+        )
         with transaction.atomic():
-            if ok:  # first: it locks the session's ancestors before its row (sessions/children.py)
-                self.run.add_usage(
-                    usage.input_tokens, usage.output_tokens, usage.cached_tokens, cost, checkpoint, call
-                )
-            else:
-                LLMCall.objects.create(session_id=self.run.session_id, run=self.run, **call)
-            if ok:
-                event = (
-                    "usage",
-                    {
-                        "input_tokens": usage.input_tokens,
-                        "output_tokens": usage.output_tokens,
-                        "cached_tokens": usage.cached_tokens,
-                        "cost_usd": str(cost),
-                        "model": record.model_key,
-                    },
-                )
-            else:
-                event = (
-                    "llm_error",
-                    {
-                        "error": _clip(record.error, 500),
-                        "attempt": record.attempt,
-                        "will_retry": record.outcome == LLMCall.Outcome.RETRY,
-                    },
-                )
+            LLMCall.objects.create(session_id=self.run.session_id, run=self.run, **call)
             emit_many(self.run.session_id, [event, *(then or [])], run_id=self.run.pk)
 
     def run_tool(self, call: ToolCall) -> ToolResult | None:
