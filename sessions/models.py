@@ -1596,8 +1596,9 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
         _first_rows_sql = (sql, m_fields, r_fields, s_fields)
     sql, m_fields, r_fields, s_fields = _first_rows_sql
     # In the order of the placeholders: the message, the run, the session, its branch prefix.
+    db = transaction.get_connection()  # not the proxy: its per-thread lookup on each field's use
     params = [
-        f.get_db_prep_save(f.pre_save(obj, True), connection)
+        f.get_db_prep_save(f.pre_save(obj, True), db)
         for obj, fields in ((message, m_fields), (run, r_fields), (session, s_fields))
         for f in fields
     ]

@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import logging
 
+from django_q.brokers import get_broker
+from django_q.conf import Conf
 from django_q.tasks import async_task
+
+_broker: tuple[tuple, object] | None = None
+
+
+def queue_broker():
+    """The configured broker, made once: ``async_task`` makes one per task otherwise (an import,
+    a queryset, a cache lookup). Brokers keep no per-task state; ours (deputies/broker.py) sends each
+    enqueue through the calling thread's own connection."""
+    global _broker
+    key = (Conf.BROKER_CLASS, Conf.CLUSTER_NAME, Conf.ORM)
+    if _broker is None or _broker[0] != key:
+        _broker = (key, get_broker())
+    return _broker[1]
 
 
 def enqueue_run(run_id: int) -> None:
-    async_task("sessions.tasks.execute_run", run_id, task_name=f"run-{run_id}", group="runs")
+    async_task(
+        "sessions.tasks.execute_run", run_id, task_name=f"run-{run_id}", group="runs", broker=queue_broker()
+    )
 
 
 def execute_run(run_id: int) -> str:
