@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 # A sandbox younger than this is never an orphan: its row may not be written yet.
 ORPHAN_GRACE = timedelta(minutes=15)
 LOCAL_SANDBOX_DIR = re.compile(r"^s[0-9]+-[0-9a-f]{8}$")  # LocalProvider.create's naming
-CHECKOUT_DIR = re.compile(r"^session-([0-9]+)(\.template)?$")  # runner.checkout_dir, template_link
+CHECKOUT_DIR = re.compile(
+    r"^session-([0-9]+)(\.template|\.partial)?$"
+)  # runner: checkout_dir, template_link, restore_checkout
 REPO_TEMPLATE_DIR = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{40}$")  # repocache.template's naming
 TEMPLATE_GRACE = timedelta(hours=1)
 LIVE = (Sandbox.Status.CREATING, Sandbox.Status.READY)

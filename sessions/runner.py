@@ -884,7 +884,16 @@ class Runner:
             if ready is None:
                 raise StepFailed("the repository was never prepared for this session")
             commit = ready.payload["commit"]
-        fresh_dir(checkout)
+        # Written beside it and renamed into place: a worker killed halfway leaves only the partial
+        # one (written again next time, or reaped), never a checkout whose .git git cannot read.
+        partial = checkout.with_name(checkout.name + ".partial")
+        fresh_dir(partial)
+        self.write_trusted_checkout(partial, commit)
+        if checkout.exists():
+            shutil.rmtree(checkout)
+        os.rename(partial, checkout)
+
+    def write_trusted_checkout(self, checkout: Path, commit: str) -> None:
         url, branch = self.session.repository.url, self.session.branch
         try:
             template = repocache.template(url, self.session.base_branch, commit, env=self.git_env())

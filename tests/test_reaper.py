@@ -192,11 +192,13 @@ def test_it_removes_checkouts_of_sessions_without_a_live_sandbox(reaper_settings
     for session in (gone, live, running):
         (checkout_dir(session.pk) / ".git").mkdir(parents=True)
     (checkout_dir(999999)).mkdir()  # its session was deleted
+    partial = checkout_dir(gone.pk).with_name(f"session-{gone.pk}.partial")  # a worker killed writing it
+    (partial / ".git").mkdir(parents=True)
 
     report = reap()
 
     assert sorted(report.checkouts) == sorted([f"session-{gone.pk}", "session-999999"])
-    assert not checkout_dir(gone.pk).exists()
+    assert not checkout_dir(gone.pk).exists() and not partial.exists()
     assert checkout_dir(live.pk).is_dir() and checkout_dir(running.pk).is_dir()
 
 
