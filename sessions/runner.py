@@ -586,7 +586,7 @@ class Runner:
         self.prepared_commit = commit
         ready = {"url": repo.url, "base_branch": self.session.base_branch, "branch": self.session.branch,
                  "commit": commit}  # fmt: skip
-        if self.held and self.sandbox.pk is None:  # with sandbox_ready, in the row's statement
+        if self.held and self.sandbox.pk is None and connection.vendor == "postgresql":  # see save_sandbox
             self.held.append(("repository_ready", ready))
         else:
             self.emit("repository_ready", ready)
