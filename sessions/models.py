@@ -1160,19 +1160,25 @@ class Run(models.Model):
         self.cached_tokens += cached_tokens
         self.cost_usd += cost
         counts = (input_tokens, output_tokens, cached_tokens, cost)
-        if events and (connection.vendor != "postgresql" or self._ancestor_id(cost)):
+        parent_id = self._ancestor_id(cost)
+        if events and (connection.vendor != "postgresql" or parent_id):
             from sessions.events import emit_many
 
             with transaction.atomic():
-                self._write_usage(*counts, checkpoint, call)
+                self._write_usage(*counts, checkpoint, call, parent_id)
                 emit_many(self.session_id, events, run_id=self.pk)
         else:
-            self._write_usage(*counts, checkpoint, call, events)
+            self._write_usage(*counts, checkpoint, call, parent_id, events)
 
-    def _write_usage(self, input_tokens, output_tokens, cached_tokens, cost, checkpoint, call, events=None):
+    def _write_usage(
+        self, input_tokens, output_tokens, cached_tokens, cost, checkpoint, call, parent_id, events=None
+    ):
         from django.db import connection
 
-        self._charge_ancestors(cost)
+        if parent_id:  # a child session's spend counts against its ancestors' budgets (sessions/children.py)
+            from sessions.children import charge_ancestors
+
+            charge_ancestors(parent_id, cost)
         counted = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cached_tokens": cached_tokens,
                    "cost_usd": cost}  # fmt: skip
         if connection.vendor != "postgresql":
@@ -1241,14 +1247,6 @@ class Run(models.Model):
         if session is not None:
             return session.parent_id
         return Session.objects.filter(pk=self.session_id).values_list("parent_id", flat=True).first()
-
-    def _charge_ancestors(self, cost: Decimal) -> None:
-        """A child session's spend counts against its parent's budget (and theirs): only child
-        sessions pay a statement for this (sessions/children.py)."""
-        if parent_id := self._ancestor_id(cost):
-            from sessions.children import charge_ancestors
-
-            charge_ancestors(parent_id, cost)
 
 
 class WorkerProcess(models.Model):
