@@ -75,13 +75,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def supervise(children: list[subprocess.Popen], fake=None) -> int:
+    from deputies.stopping import set_on_signals
+
     stopping = threading.Event()
-
-    def stop(signum, frame):  # noqa: ARG001
-        stopping.set()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    set_on_signals(stopping)
     code = 0
     while not stopping.is_set():
         for child in children:
@@ -470,9 +467,10 @@ def cmd_slack(args: argparse.Namespace) -> int:
         )
     if not settings.SLACK_BOT_TOKEN:
         raise CLIError("DEPUTIES_SLACK_BOT_TOKEN is not set: replies need the bot token (xoxb-...)")
+    from deputies.stopping import set_on_signals
+
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    set_on_signals(stop)
     return serve(stop)
 
 

@@ -33,11 +33,12 @@ from __future__ import annotations
 import logging
 import os
 import pydoc
-import signal
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+
+from deputies.stopping import set_on_signals
 
 log = logging.getLogger("deputies.worker")
 
@@ -74,16 +75,12 @@ class Worker:
             max_workers=settings.DELIVERY_CONCURRENCY, thread_name_prefix="delivery"
         )
 
-    def stop(self, signum=None, frame=None) -> None:  # noqa: ARG002
-        self.stopping.set()
-
     def serve(self) -> int:
         from django.conf import settings
         from django_q.conf import Conf
         from django_q.scheduler import scheduler
 
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        set_on_signals(self.stopping)
         log.info("worker %s: up to %d runs at once", os.getpid(), self.pool.size)
         from django.db import connection
 

@@ -51,7 +51,12 @@ def test_it_runs_the_readme_try_it_command_from_a_second_shell_while_dev_up_runs
         assert "Traceback" not in result.stderr
     finally:
         up.send_signal(signal.SIGINT)
-        up.wait(timeout=30)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+            raise AssertionError(f"./dev up did not stop within 30 s of Ctrl-C:\n{log.read_text()}") from None
     assert "Traceback" not in log.read_text()
     assert os.path.isdir(tmp_path / "var" / "sample-repo" / ".git")
 
