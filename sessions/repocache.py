@@ -8,8 +8,9 @@ of a trivial session. Now:
   latest push);
 * a **template** per (repository, commit) is cloned once on this host, under
   ``DATA_DIR/repo-cache/``, and its tar (tree and ``.git``, HEAD detached) is kept in memory;
-* the sandbox gets that tree plus three small files that put it on the session's branch: a local
-  sandbox by a plain copy of the template's files (``upload``), any other provider as that tar;
+* the sandbox gets that tree plus two small files that put it on the session's branch (HEAD and
+  packed-refs: no directory per session): a local sandbox by a plain copy of the template's files
+  (``upload``), any other provider as that tar;
 * the session's trusted checkout is a ``.git`` of a few small files whose objects are the template's
   (``objects/info/alternates``): no copy, no git process. It is what ``collect_diff`` diffs against,
   written only when something first needs it (``Runner.trusted_checkout``); the setup step looks
@@ -138,11 +139,13 @@ def _local_tip(path: Path, branch: str) -> str | None:
         return None
     if (git_dir / "commondir").exists() or (git_dir / "reftable").exists():
         return None
-    real_git_dir = os.path.realpath(git_dir)
+    from sessions.repository_urls import realpath
+
+    real_git_dir = realpath(str(git_dir))
     ref = f"refs/heads/{branch}"
     loose = git_dir / ref
     try:
-        if not os.path.realpath(loose).startswith(real_git_dir + "/"):
+        if not realpath(str(loose)).startswith(real_git_dir + "/"):
             return None
         text = loose.read_text(errors="replace")
     except FileNotFoundError:
@@ -151,7 +154,7 @@ def _local_tip(path: Path, branch: str) -> str | None:
         return None
     if text is None:
         try:
-            if not os.path.realpath(git_dir / "packed-refs").startswith(real_git_dir + "/"):
+            if not realpath(str(git_dir / "packed-refs")).startswith(real_git_dir + "/"):
                 return None
             packed = (git_dir / "packed-refs").read_text(errors="replace")
         except OSError:
@@ -193,6 +196,14 @@ def template(url: str, branch: str, commit: str, env: dict[str, str] | None = No
                 "--", source.url, str(tree), source=source, env=env,
             )  # fmt: skip
             git("checkout", "--quiet", "--detach", commit, cwd=tree)
+            # Every ref in packed-refs and no empty directory: each directory is a mkdir, each
+            # loose ref a file, in every sandbox made from this template (upload).
+            git("pack-refs", "--all", cwd=tree)
+            for empty in ("refs/heads", "refs/tags", "objects/info"):
+                try:
+                    os.rmdir(tree / ".git" / empty)
+                except OSError:  # not empty, or not there
+                    pass
             try:
                 os.rename(tree, path)
             except OSError:  # another worker process on this host finished first
@@ -224,21 +235,66 @@ def template_tar(path: Path) -> bytes:
 
 
 def _skipped(name: str) -> bool:
-    # HEAD comes per session (session_refs); the clone's reflogs mean nothing in the sandbox.
-    return name == ".git/HEAD" or name.startswith(".git/logs")
+    # HEAD and packed-refs come per session (session_refs); the clone's reflogs mean nothing in the
+    # sandbox.
+    return name in (".git/HEAD", ".git/packed-refs") or name.startswith(".git/logs")
 
 
 def _upload_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return None if _skipped(info.name) else info
 
 
-def session_refs(branch: str, commit: str, base_ref: str) -> list[tuple[str, str]]:
-    """The files that put a template's ``.git`` on the session's branch (and ``base_ref``)."""
-    return [
-        (".git/HEAD", f"ref: refs/heads/{branch}\n"),
-        (f".git/refs/heads/{branch}", f"{commit}\n"),
-        (f".git/{base_ref}", f"{commit}\n"),
-    ]
+_packed: OrderedDict[tuple, tuple[str, dict[str, str], frozenset[str]]] = OrderedDict()
+PACKED_KEPT = 16
+
+
+def _template_key(path: Path) -> tuple:
+    """Which build of the template this is: a template removed and built again (the reaper's
+    sweep, then a new run of that commit) has a new ``.git`` directory."""
+    git_dir = os.stat(path / ".git")
+    return (str(path), git_dir.st_dev, git_dir.st_ino, git_dir.st_mtime_ns)
+
+
+def session_refs(path: Path, key: tuple, branch: str, commit: str, base_ref: str) -> list[tuple[str, str]]:
+    """The files that put a template's ``.git`` on the session's branch (and ``base_ref``): HEAD,
+    and the template's ``packed-refs`` with both refs added (git reads packed refs as it reads
+    loose ones, and writes loose ones over them): no directory or ref file per session. A ref the
+    template keeps loose (one built before templates packed theirs) would hide a packed one of the
+    same name, so that one is written loose too."""
+    with _lock:
+        known = _packed.get(key)
+    if known is None:
+        try:
+            text = (path / ".git" / "packed-refs").read_text()
+        except FileNotFoundError:
+            text = ""
+        header, entries, name = "", {}, None
+        for line in text.splitlines(keepends=True):
+            if line.startswith("#"):
+                header += line
+            elif line.startswith("^") and name is not None:  # the peeled value of the tag above
+                entries[name] += line
+            elif line.strip():
+                name = line.rstrip("\n").partition(" ")[2]
+                entries[name] = line
+        refs = path / ".git" / "refs"
+        loose = frozenset(
+            f"{os.path.relpath(top, path / '.git')}/{name}"
+            for top, _, names in os.walk(refs)
+            for name in names
+        )
+        known = (header, entries, loose)
+        with _lock:
+            _packed[key] = known
+            while len(_packed) > PACKED_KEPT:
+                _packed.popitem(last=False)
+    header, entries, loose = known
+    ours = {f"refs/heads/{branch}": f"{commit} refs/heads/{branch}\n", base_ref: f"{commit} {base_ref}\n"}
+    merged = {**entries, **ours}
+    packed = header + "".join(merged[name] for name in sorted(merged, key=str.encode))  # git's order
+    files = [(".git/HEAD", f"ref: refs/heads/{branch}\n"), (".git/packed-refs", packed)]
+    files += [(f".git/{name}", f"{commit}\n") for name in ours if name in loose]
+    return files
 
 
 def member(name: str, text: str) -> bytes:
@@ -250,8 +306,11 @@ def member(name: str, text: str) -> bytes:
 
 def sandbox_tar(path: Path, branch: str, commit: str, base_ref: str) -> bytes:
     """The template's tar on ``branch`` (and ``base_ref``) at ``commit``, ready for put_archive."""
-    refs = [member(name, text) for name, text in session_refs(branch, commit, base_ref)]
-    return b"".join([template_tar(path), *refs, b"\0" * (2 * tarfile.BLOCKSIZE)])
+    refs = session_refs(path, _template_key(path), branch, commit, base_ref)
+    # Loose as well: a workspace the image filled may hold loose refs that would hide packed ones.
+    refs += [(f".git/{name}", f"{commit}\n") for name in (f"refs/heads/{branch}", base_ref)]
+    members = [member(name, text) for name, text in dict(refs).items()]
+    return b"".join([template_tar(path), *members, b"\0" * (2 * tarfile.BLOCKSIZE)])
 
 
 def upload(handle, path: Path, branch: str, commit: str, base_ref: str) -> None:
@@ -262,12 +321,9 @@ def upload(handle, path: Path, branch: str, commit: str, base_ref: str) -> None:
     built, parsed and checked per session; any other gets the cached tar (``put_archive``).
     """
     copy_tree = getattr(handle, "copy_tree", None)
-    refs = {name: text.encode() for name, text in session_refs(branch, commit, base_ref)}
     if copy_tree is not None:
-        # Which build of the template this is: a template removed and built again (the reaper's
-        # sweep, then a new run of that commit) has a new .git directory.
-        git_dir = os.stat(path / ".git")
-        key = (str(path), git_dir.st_dev, git_dir.st_ino, git_dir.st_mtime_ns)
+        key = _template_key(path)
+        refs = {name: text.encode() for name, text in session_refs(path, key, branch, commit, base_ref)}
     if copy_tree is None or not copy_tree(path, skip=_skipped, files=refs, listing_key=key):
         handle.put_archive(".", sandbox_tar(path, branch, commit, base_ref))
 

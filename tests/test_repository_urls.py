@@ -22,7 +22,7 @@ from django_q.models import OrmQ
 from deputies.netguard import UnsafeAddress, check_git_remote, parse_git_remote, parse_networks
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Event, Repository, Run, Session, start_session
-from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url
+from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url, realpath
 from sessions.runner import StepFailed, execute, git, repository_source
 from tests.conftest import client_for, make_git_repo
 from tests.gitserver import GitHTTPServer
@@ -192,6 +192,35 @@ def test_it_refuses_a_symlink_that_escapes_the_roots(roots, tmp_path):
     (inside / ".git").symlink_to(elsewhere / ".git")
     with pytest.raises(RepositoryRefused, match="git data outside"):
         check_repository_url(str(inside))
+
+
+def test_it_resolves_paths_as_os_path_realpath_does(roots, tmp_path):
+    # The check asks the kernel for a path's resolved name (repository_urls.realpath); it must be
+    # os.path.realpath's answer, links, "..", missing parts and links to links included.
+    repo = make_git_repo(roots / "widgets")
+    (roots / "link").symlink_to(repo)
+    (roots / "chain").symlink_to(roots / "link")
+    (roots / "up").symlink_to("..")
+    (roots / "dangling").symlink_to(tmp_path / "nowhere")
+    for given in ("link", "chain", "chain/.git", "up/roots/widgets", "link/../widgets", "widgets/.",
+                  "dangling", "dangling/x", "missing/..", "chain/missing"):  # fmt: skip
+        path = f"{roots}/{given}"
+        assert realpath(path) == os.path.realpath(path), given
+
+
+def test_it_refuses_a_checked_repository_once_a_link_out_replaces_it(roots, tmp_path):
+    repo = make_git_repo(roots / "widgets")
+    assert check_repository_url(str(repo)).url == str(repo.resolve())
+    elsewhere = make_git_repo(tmp_path / "elsewhere")
+    os.rename(repo, tmp_path / "moved")
+    repo.symlink_to(elsewhere)
+    with pytest.raises(RepositoryRefused, match="a link to .*elsewhere"):
+        check_repository_url(str(repo))
+    repo.unlink()
+    (roots / "widgets").mkdir()
+    (roots / "widgets" / ".git").symlink_to(elsewhere / ".git")
+    with pytest.raises(RepositoryRefused, match="git data outside"):
+        check_repository_url(str(repo))
 
 
 def test_it_refuses_directories_that_are_not_repositories_and_deputies_own_data(settings, roots):

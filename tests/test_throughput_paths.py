@@ -361,11 +361,26 @@ def test_a_local_sandbox_gets_the_same_workspace_as_the_tar_gives_without_sharin
     other.put_archive(".", repocache.sandbox_tar(path, "deputies/x", commit, "refs/deputies/base"))
 
     copied, unpacked = tree_of(handle.host_workspace), tree_of(other.host_workspace)
-    refs = (".git/HEAD", ".git/refs/heads/deputies/x", ".git/refs/deputies/base")
-    assert {k: v[:3] for k, v in copied.items()} == {k: v[:3] for k, v in unpacked.items()}
+    # The tar writes the session's refs loose as well (over a workspace that may hold loose ones).
+    loose = (
+        ".git/refs/heads",
+        ".git/refs/heads/deputies",
+        ".git/refs/heads/deputies/x",
+        ".git/refs/deputies",
+        ".git/refs/deputies/base",
+    )
+    refs = (".git/HEAD", ".git/packed-refs")
+    assert not any(name in copied for name in loose)  # no directory or file per session: packed
+    assert {k: v[:3] for k, v in copied.items()} == {k: v[:3] for k, v in unpacked.items() if k not in loose}
     assert {k: v for k, v in copied.items() if k not in refs} == {
-        k: v for k, v in unpacked.items() if k not in refs
+        k: v for k, v in unpacked.items() if k not in refs + loose
     }
+    for name in ("deputies/x", "refs/deputies/base", "main", "origin/main"):
+        for workspace in (handle.host_workspace, other.host_workspace):
+            shown = subprocess.run(
+                ["git", "rev-parse", "--verify", name], cwd=workspace, capture_output=True, text=True
+            )
+            assert shown.stdout.strip() == commit, (name, shown.stderr)
     assert copied["run.sh"][1] == 0o755 and copied["readme"] == ("link", "docs/a.md")
     assert copied[".git/HEAD"][2] == b"ref: refs/heads/deputies/x\n"
     assert not any(name.startswith(".git/logs") for name in copied)

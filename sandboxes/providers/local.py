@@ -84,6 +84,7 @@ ISOLATION_OFF_REASON = f"isolation is switched off (DEPUTIES_SANDBOX_ISOLATION=n
 
 # bwrap path -> (works, reason); probing starts a process, so do it once per worker process.
 _probe_cache: dict[str, tuple[bool, str]] = {}
+_which_cache: dict[str | None, str] = {}  # PATH -> bwrap's path there ("": none)
 
 
 def _minimal_env(home: str, *extra: dict[str, str] | None) -> dict[str, str]:
@@ -119,7 +120,11 @@ def _bwrap_args(bwrap: str, workspace: Path, network: str, chdir: str = SANDBOX_
 
 def probe_bwrap() -> tuple[bool, str]:
     """Whether bubblewrap is installed and can actually create namespaces here (cached)."""
-    bwrap = shutil.which("bwrap")
+    path = os.environ.get("PATH")
+    found = _which_cache.get(path)
+    if found is None or not os.access(found, os.X_OK):  # looked up once per PATH while it is there
+        found = _which_cache[path] = shutil.which("bwrap", path=path) or ""
+    bwrap = found or None
     if bwrap is None:
         return False, "bubblewrap (bwrap) is not installed"
     if bwrap not in _probe_cache:
