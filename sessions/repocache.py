@@ -35,6 +35,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from deputies.paths import realpath
+
 TAR_CACHE_BYTES = 64 * 1024 * 1024  # per process
 # Branch names read from ref files (_local_tip); anything else is left to git.
 PLAIN_BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
@@ -139,8 +141,6 @@ def _local_tip(path: Path, branch: str) -> str | None:
         return None
     if (git_dir / "commondir").exists() or (git_dir / "reftable").exists():
         return None
-    from sessions.repository_urls import realpath
-
     real_git_dir = realpath(str(git_dir))
     ref = f"refs/heads/{branch}"
     loose = git_dir / ref

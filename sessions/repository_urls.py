@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 from django.conf import settings
 
 from deputies.netguard import Address, UnsafeAddress, check_git_remote
+from deputies.paths import realpath
 
 
 class RepositoryRefused(ValueError):
@@ -132,30 +133,6 @@ def _check_local(url: str) -> CheckedRepository:
     if not all(_under(d, roots) and not _under(d, internal) for d in git_dirs):
         raise RepositoryRefused(f"{path} keeps its git data outside the local repository roots.")
     return CheckedRepository(url=resolved, scheme="file")
-
-
-def realpath(path: str) -> str:
-    """``os.path.realpath``, answered by the kernel where it can: the path opened (``O_PATH``:
-    nothing is read) and its name read back from ``/proc/self/fd``, three system calls instead of
-    an ``lstat`` (and a ``readlink`` per link) per component in Python; the same answer, as the
-    kernel resolves each link and ``..`` in the same order. A path that does not exist, or a
-    host without ``/proc``, gets ``os.path.realpath``'s walk."""
-    try:
-        fd = os.open(path, _O_PATH | os.O_CLOEXEC)
-    except (OSError, ValueError):
-        return os.path.realpath(path)
-    try:
-        resolved = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        resolved = ""
-    finally:
-        os.close(fd)
-    if not resolved.startswith("/") or resolved.endswith(" (deleted)"):
-        return os.path.realpath(path)
-    return resolved
-
-
-_O_PATH = getattr(os, "O_PATH", 0)
 
 
 def _under(path: str, roots: list[str]) -> bool:

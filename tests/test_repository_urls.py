@@ -20,9 +20,10 @@ from django.urls import reverse
 from django_q.models import OrmQ
 
 from deputies.netguard import UnsafeAddress, check_git_remote, parse_git_remote, parse_networks
+from deputies.paths import realpath
 from sessions.agent.fake_llm import start_in_thread
 from sessions.models import Event, Repository, Run, Session, start_session
-from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url, realpath
+from sessions.repository_urls import CheckedRepository, RepositoryRefused, check_repository_url
 from sessions.runner import StepFailed, execute, git, repository_source
 from tests.conftest import client_for, make_git_repo
 from tests.gitserver import GitHTTPServer

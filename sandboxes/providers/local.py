@@ -51,6 +51,7 @@ from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
+from deputies.paths import realpath
 from sandboxes.base import (
     CANCELLED_EXIT_CODE,
     LIST_FILES_LIMIT,
@@ -437,7 +438,7 @@ class LocalHandle:
     def __init__(self, sandbox_id: str, directory: Path, *, isolated: bool, network: str, env: dict):
         self.id = sandbox_id
         self.directory = directory
-        self.host_workspace = Path(os.path.realpath(directory / "workspace"))
+        self.host_workspace = Path(realpath(f"{directory}/workspace"))
         self.isolated = isolated
         self.network = network
         self.env = dict(env)
@@ -466,7 +467,7 @@ class LocalHandle:
                     f"{shown!r} is outside the workspace: use a path relative to the workspace "
                     f"or under {self.workspace}"
                 ) from None
-        real = Path(os.path.realpath(self.host_workspace / path))
+        real = Path(realpath(f"{self.host_workspace}/{path}"))
         if real != self.host_workspace and self.host_workspace not in real.parents:
             raise PathEscape(f"{shown!r} is outside the workspace ({self.workspace})")
         return real
