@@ -47,16 +47,16 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.base import ModelState
-from django.utils import timezone
 
-from sessions.columns import prepared_cursor
+from sessions.columns import default_connection, prepared_cursor
 from sessions.models import Event, Session
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def emit_many(
     items = list(items)
     if not items:
         return []
-    conn = connections[DEFAULT_DB_ALIAS]  # looked up once: each ``connection.x`` costs a lookup
+    conn = default_connection()  # looked up once: each ``connection.x`` costs a lookup
     if conn.vendor == "postgresql":
         request = _Request(session_id, run_id, items)
         if not conn.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
@@ -168,7 +168,8 @@ class _Request:
     session_id: int
     run_id: int | None
     items: list[tuple[str, dict[str, Any]]]
-    created: datetime = field(default_factory=timezone.now)
+    # What timezone.now() returns with USE_TZ (always on here), without its read of the lazy settings.
+    created: datetime = field(default_factory=partial(datetime.now, UTC))
     events: list[Event] | None = None
     error: BaseException | None = None
 
@@ -435,16 +436,23 @@ class _GroupCommit:
                 request.error = exc
 
 
-_group: tuple[int, _GroupCommit] | None = None
+_group: _GroupCommit | None = None
+
+
+def _forget_group() -> None:
+    global _group
+    _group = None
+
+
+os.register_at_fork(after_in_child=_forget_group)  # a fork, like a qcluster worker, gets its own
 
 
 def _group_commit() -> _GroupCommit:
-    """One per process (a fork, like a qcluster worker, gets its own)."""
+    """One per process."""
     global _group
-    pid = os.getpid()
-    if _group is None or _group[0] != pid:
-        _group = (pid, _GroupCommit())
-    return _group[1]
+    if _group is None:
+        _group = _GroupCommit()
+    return _group
 
 
 def _notify(events: list[Event]) -> None:
