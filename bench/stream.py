@@ -10,7 +10,9 @@ costs the server nothing); ``read_by_subscriber_process`` gives the latency to t
 ``web_process`` gives daphne's CPU time per delivered frame, the figure that depends least on what
 else the machine is doing. Two phases: ``paced`` (events at a steady rate, the latency figure) and
 ``burst`` (as fast as one emitter can write, the events/s figure). Subscribers are spread over a
-few client processes, each one epoll loop, so that the clients' own work stays small. Prints JSON.
+few client processes, each one epoll loop, so that the clients' own work stays small. Before the
+events, ``commit_floor_ms`` times a lone one-row commit at the paced rate, with and without its WAL
+flush: the part of emit() (and so of the latency) that is the database's and the disk's. Prints JSON.
 
     .venv/bin/python bench/stream.py [--subscribers 100] [--backend postgres|redis|poll]
 """
@@ -213,6 +215,25 @@ def emitter_main(args: argparse.Namespace) -> None:
                 if delay > 0:
                     time.sleep(delay)
 
+    def commit_floor(synchronous: bool) -> list[float]:
+        """The database's own share of an emit() at this pace: a one-row update committed alone,
+        each time after the same pause (this machine's flush is several times slower after a
+        pause than back to back), with the WAL flush of its commit and without it."""
+        from sessions.models import Session
+
+        sql = f"UPDATE {Session._meta.db_table} SET last_seq = last_seq WHERE id = %s"
+        times = []
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET synchronous_commit = {'on' if synchronous else 'off'}")
+            for _ in range(args.floor):
+                started = time.perf_counter()
+                cursor.execute(sql, [args.session])
+                times.append((time.perf_counter() - started) * 1000)
+                time.sleep(args.interval)
+            cursor.execute("RESET synchronous_commit")
+        return times
+
+    floor = {"durable": commit_floor(True), "without_flush": commit_floor(False)}
     run("warmup", args.warmup, args.interval)
     run("paced", args.paced, args.interval)
     connection.close()
@@ -233,7 +254,12 @@ def emitter_main(args: argparse.Namespace) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    report = {"burst_emit_s": time.time() - started, "paced_emit_ms": durations, "returned": returned}
+    report = {
+        "burst_emit_s": time.time() - started,
+        "paced_emit_ms": durations,
+        "returned": returned,
+        "floor": floor,
+    }
     print(json.dumps(report), flush=True)
 
 
@@ -341,7 +367,8 @@ def main(args: argparse.Namespace) -> None:
         emitter = subprocess.run(
             [sys.executable, __file__, "--role", "emitter", "--session", str(session.pk)]
             + ["--warmup", str(args.warmup), "--paced", str(args.paced), "--burst", str(args.burst)]
-            + ["--interval", str(1 / args.rate), "--burst-emitters", str(args.burst_emitters)],
+            + ["--interval", str(1 / args.rate), "--burst-emitters", str(args.burst_emitters)]
+            + ["--floor", str(args.floor)],
             env=emitter_env,
             cwd=ROOT,
             capture_output=True,
@@ -405,6 +432,8 @@ def main(args: argparse.Namespace) -> None:
             "latency_ms": percentiles(paced),
             "max_ms": round(max(paced), 3),
             "emit_call_ms": percentiles(emitted["paced_emit_ms"]),
+            # A lone one-row commit at the same pace, before the events: what emit() cannot beat.
+            "commit_floor_ms": {k: percentiles(v) for k, v in emitted["floor"].items()},
             "latency_after_emit_returned_ms": percentiles(committed),
             "first_subscriber_after_emit_returned_ms": percentiles(first),
             "first_to_last_subscriber_ms": percentiles(spread),
@@ -448,6 +477,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--paced", type=int, default=300)
     p.add_argument("--burst", type=int, default=2000)
     p.add_argument("--burst-emitters", type=int, default=4, help="threads emitting in the burst phase")
+    p.add_argument("--floor", type=int, default=100, help="lone commits timed, with and without flush")
     # child roles
     p.add_argument("--clients", type=int)
     p.add_argument("--url")

@@ -47,16 +47,16 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DataError, IntegrityError, connection, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.base import ModelState
-from django.utils import timezone
 
-from sessions.columns import prepared_cursor
+from sessions.columns import default_connection, prepared_cursor
 from sessions.models import Event, Session
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def emit_many(
     items = list(items)
     if not items:
         return []
-    conn = connections[DEFAULT_DB_ALIAS]  # looked up once: each ``connection.x`` costs a lookup
+    conn = default_connection()  # looked up once: each ``connection.x`` costs a lookup
     if conn.vendor == "postgresql":
         request = _Request(session_id, run_id, items)
         if not conn.in_atomic_block and settings.EVENTS_GROUP_COMMIT:
@@ -168,7 +168,8 @@ class _Request:
     session_id: int
     run_id: int | None
     items: list[tuple[str, dict[str, Any]]]
-    created: datetime = field(default_factory=timezone.now)
+    # What timezone.now() returns with USE_TZ (always on here), without its read of the lazy settings.
+    created: datetime = field(default_factory=partial(datetime.now, UTC))
     events: list[Event] | None = None
     error: BaseException | None = None
 
@@ -201,6 +202,10 @@ def _stored(
 # "c": created, "n": noted}, ...], read by json_to_recordset in one pass (json_array_elements and
 # ``e->>0``... parsed each event's JSON again for every field: ~25% more of Postgres's CPU per event;
 # ``p`` stays json, its text as the emitter wrote it, for the notification).
+# The sessions' ids come again as an array, for their rows to be found through the primary key: from
+# ``c`` alone, json_to_recordset's fixed estimate (100 rows) made the generic plan scan the whole
+# session table, twice, for every statement (a lone emit too): ~1.5 of ~9 ms of a 45-event statement
+# with 2,700 sessions, and growing with the table until the plan flips.
 # Sessions are locked in id order (``l``) so that two multi-session statements cannot deadlock; each
 # session's last_seq moves by its number of events and the rows take the numbers in between, in the
 # order they were given. The notification (one per session, in notify.encode's format, built here
@@ -222,10 +227,10 @@ WITH i AS (
     ) WITH ORDINALITY AS x(s, r, t, p, c, n, ord)
 ),
 c AS (SELECT session_id, count(*) AS n FROM i GROUP BY session_id),
-l AS (SELECT id FROM {session} WHERE id IN (SELECT session_id FROM c) ORDER BY id FOR NO KEY UPDATE),
+l AS (SELECT id FROM {session} WHERE id = ANY(%(sessions)s::bigint[]) ORDER BY id FOR NO KEY UPDATE),
 s AS (
     UPDATE {session} t SET last_seq = t.last_seq + c.n FROM c, l
-    WHERE t.id = c.session_id AND l.id = t.id
+    WHERE t.id = ANY(%(sessions)s::bigint[]) AND t.id = c.session_id AND l.id = t.id
     RETURNING t.id, t.last_seq, c.n
 ),
 k AS (
@@ -285,7 +290,8 @@ def _insert_postgres(requests: list[_Request], also: tuple[str, dict, str, str] 
     # Each item's JSON object ends with "}": append the "noted" flag before it.
     flags = {sid: ',"n":true}' if size <= limit else ',"n":false}' for sid, size in sizes.items()}
     document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
-    params = {"events": document, "channel": PG_CHANNEL, "notify": notify}
+    sessions = "{" + ",".join(map(str, sizes)) + "}"
+    params = {"events": document, "sessions": sessions, "channel": PG_CHANNEL, "notify": notify}
     sql = _PG_SQL
     if also is not None:
         statement, more, session_set, before = also
@@ -435,16 +441,23 @@ class _GroupCommit:
                 request.error = exc
 
 
-_group: tuple[int, _GroupCommit] | None = None
+_group: _GroupCommit | None = None
+
+
+def _forget_group() -> None:
+    global _group
+    _group = None
+
+
+os.register_at_fork(after_in_child=_forget_group)  # a fork, like a qcluster worker, gets its own
 
 
 def _group_commit() -> _GroupCommit:
-    """One per process (a fork, like a qcluster worker, gets its own)."""
+    """One per process."""
     global _group
-    pid = os.getpid()
-    if _group is None or _group[0] != pid:
-        _group = (pid, _GroupCommit())
-    return _group[1]
+    if _group is None:
+        _group = _GroupCommit()
+    return _group
 
 
 def _notify(events: list[Event]) -> None:
