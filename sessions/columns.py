@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connection, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 
 
 class Columns:
@@ -46,8 +46,9 @@ def prepared_cursor():
     preparing off (``prepare_threshold=None``), which also refuses explicit ``prepare=True``, so
     the threshold is set out of reach instead: only this cursor's statements get prepared."""
     global _PreparedCursor
-    if connection.vendor != "postgresql" or not settings.DB_PREPARED_STATEMENTS:
-        return connection.cursor()
+    db = connections[DEFAULT_DB_ALIAS]  # once: each use of the proxy looks this thread's up again
+    if db.vendor != "postgresql" or not settings.DB_PREPARED_STATEMENTS:
+        return db.cursor()
     if _PreparedCursor is None:
         import psycopg
         from psycopg import _queries
@@ -67,19 +68,19 @@ def prepared_cursor():
                 return super()._send_query_prepared(name, pgq, **kwargs)
 
         _PreparedCursor = PreparedCursor
-    connection.ensure_connection()
-    raw = connection.connection
+    db.ensure_connection()
+    raw = db.connection
     if raw.prepare_threshold is None:
         raw.prepare_threshold = 1 << 30
-    if not getattr(raw, "_deputies_generic_plans", False) and not connection.in_atomic_block:
+    if not getattr(raw, "_deputies_generic_plans", False) and not db.in_atomic_block:
         # Postgres would plan a custom plan per execution (no cheaper than not preparing); the
         # generic plan is right for any batch. Only prepared statements are affected, and only
         # ours are prepared. Outside a transaction, so no rollback can undo it.
-        with connection.cursor() as cursor:
+        with db.cursor() as cursor:
             cursor.execute("SET plan_cache_mode = force_generic_plan")
         raw._deputies_generic_plans = True
-    with connection.wrap_database_errors:
-        return connection._prepare_cursor(_PreparedCursor(raw))
+    with db.wrap_database_errors:
+        return db._prepare_cursor(_PreparedCursor(raw))
 
 
 _PreparedCursor = None
