@@ -191,6 +191,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     from daphne.cli import CommandLineInterface
 
     lighter_daphne()
+    settle_heap()
     CommandLineInterface().run(["-b", args.host, "-p", str(args.port), "deputies.asgi:application"])
     return 0
 
@@ -225,6 +226,20 @@ def lighter_daphne() -> None:
                 self._logFile = None  # HTTPFactory.log writes nothing then
 
     server.HTTPFactory = HTTPFactory  # what daphne's Server.run instantiates
+
+
+def settle_heap() -> None:
+    """Less garbage-collector work per request in the web process (~3% of a session POST's
+    instructions here): the application is loaded first (daphne then finds it imported) and its
+    objects frozen out of every future collection, and the young generation is collected every
+    10,000 new objects instead of 700, so most of a request's objects are freed by their reference
+    counts before a collection walks them. Cycles are still collected, a few requests later."""
+    import gc
+
+    import deputies.asgi  # noqa: F401
+
+    gc.freeze()
+    gc.set_threshold(10_000, *gc.get_threshold()[1:])
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

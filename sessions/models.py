@@ -1560,7 +1560,32 @@ def _insert_fields(model: type[models.Model], skip: str) -> list:
     return [f for f in model._meta.concrete_fields if not f.primary_key and f.name != skip]
 
 
-_first_rows_sql: tuple[str, list, list, list] | None = None
+# Constant defaults of these types are immutable, so their database value can be prepared once.
+_IMMUTABLE = (str, int, bool, Decimal, type(None))
+
+
+def _field_preps(fields: list, db) -> list[tuple]:
+    """``(field, attname, default, its database value)`` per field; ``default`` is a sentinel unless
+    the field's default (its own constant, or Django's None or "" without one) is immutable, the
+    same object each time ``Model.__init__`` asks for it, and ``pre_save`` returns it as is (not
+    ``auto_now``): an instance still holding that very object needs no ``pre_save`` and no
+    ``get_db_prep_save`` for it (most of the 53 values of a new session are such defaults)."""
+    preps = []
+    for f in fields:
+        default, value = _NO_DEFAULT, None
+        plain_save = type(f).pre_save is models.Field.pre_save or (
+            type(f) in (models.DateField, models.DateTimeField) and not (f.auto_now or f.auto_now_add)
+        )
+        if plain_save and (not f.has_default() or not callable(f.default)):
+            first = f.get_default()
+            if isinstance(first, _IMMUTABLE) and f.get_default() is first:
+                default, value = first, f.get_db_prep_save(first, db)
+        preps.append((f, f.attname, default, value))
+    return preps
+
+
+_NO_DEFAULT = object()
+_first_rows_sql: tuple[str, list] | None = None
 
 
 def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
@@ -1591,14 +1616,15 @@ def _insert_first_rows(session: Session, message: Message, run: Run) -> None:
             f"VALUES ((SELECT id FROM n), {vals(s_fields)}, %s || (SELECT id FROM n)::text) RETURNING id) "
             "SELECT (SELECT id FROM ins), (SELECT id FROM m), (SELECT id FROM r)"
         )
-        _first_rows_sql = (sql, m_fields, r_fields, s_fields)
-    sql, m_fields, r_fields, s_fields = _first_rows_sql
+        db = transaction.get_connection()
+        _first_rows_sql = (sql, [_field_preps(fields, db) for fields in (m_fields, r_fields, s_fields)])
+    sql, preps = _first_rows_sql
     # In the order of the placeholders: the message, the run, the session, its branch prefix.
     db = transaction.get_connection()  # not the proxy: its per-thread lookup on each field's use
     params = [
-        f.get_db_prep_save(f.pre_save(obj, True), db)
-        for obj, fields in ((message, m_fields), (run, r_fields), (session, s_fields))
-        for f in fields
+        value if obj.__dict__[attname] is default else f.get_db_prep_save(f.pre_save(obj, True), db)
+        for obj, fields in zip((message, run, session), preps, strict=True)
+        for f, attname, default, value in fields
     ]
     params.append("deputies/session-")
     with prepared_cursor() as cursor:
