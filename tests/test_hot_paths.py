@@ -19,6 +19,7 @@ from rest_framework.test import APIClient
 from deputies.broker import CHANNEL as QUEUE_CHANNEL
 from deputies.broker import NotifyingORM, listen_kwargs
 from sessions import events
+from sessions.columns import prepared_cursor
 from sessions.events import emit, emit_many
 from sessions.models import APIToken, Environment, Event, Repository, Run, Session, Team, start_session
 from sessions.streaming.notify import PG_CHANNEL
@@ -327,8 +328,8 @@ def test_the_worker_takes_a_backlog_a_few_tasks_per_statement(
 ):
     for n in range(3):
         session = start_session(team=team, repository=repository, prompt=f"t{n}", model="scripted/demo")
-    emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
-    broker = NotifyingORM(list_key="deputies")
+    broker = NotifyingORM(list_key="deputies")  # which may close an old connection
+    prepared_cursor().close()  # connection set-up (a SET once per connection) out of the way
     with django_assert_num_queries(1):
         taken = broker.dequeue(2)
     assert len(taken) == 2 and len(broker.dequeue(8)) == 1
