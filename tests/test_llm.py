@@ -87,6 +87,7 @@ def test_it_parses_a_tool_call_and_sends_tools_in_function_format(llm_settings):
     assert body["tools"] == [{"type": "function", "function": TOOLS[0]}]
     assert body["messages"] == MESSAGES
     assert headers["authorization"] == "[redacted]"  # sent, and not recorded in clear
+    assert (headers["content-type"], headers["accept-encoding"]) == ("application/json", "identity")
     assert [(r.outcome, r.status_code, r.attempt) for r in records] == [("ok", 200, 1)]
     assert records[0].usage == response.usage
     assert response.to_message() == {

@@ -20,6 +20,7 @@ API keys never appear in exceptions, attempt records or logs: error texts are sc
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import random
@@ -286,17 +287,16 @@ class LLMClient:
     Requests go straight to httpcore's connection pool (the one ``httpx.Client`` sits on): the
     client's own layers (URL merging, cookies, auth and redirect flows, header merging, response
     wrapping) cost about as much CPU per call as the pool and HTTP/1.1 themselves and do nothing
-    here. The URL and headers are built once per client; the body's conversation part is encoded
-    once per message (``OpenAIClient``). httpcore's exceptions are the ones httpx maps to its own of
-    the same names, so errors read as they did through httpx. No cookies are kept between calls and
-    no redirect is followed (httpx.Client followed none either)."""
+    here. The URL and headers are built once per process (``_wire``), the JSON of the conversation
+    once per message (``OpenAIClient``). httpcore's exceptions are the ones httpx maps to its own
+    of the same names, so errors read as they did through httpx. No cookies are kept between calls
+    and no redirect is followed (httpx.Client followed none either)."""
 
     def __init__(
         self,
         provider: ProviderConfig,
         model: str,
         *,
-        pool: httpcore.ConnectionPool | None = None,
         max_tokens: int | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
@@ -310,10 +310,9 @@ class LLMClient:
         self.retry_base_delay = (
             retry_base_delay if retry_base_delay is not None else settings.LLM_RETRY_BASE_DELAY
         )
-        self._pool = pool if pool is not None else shared_pool(provider.base_url)
+        self._pool = shared_pool(provider.base_url)
         t = self.timeout
         self._extensions = {"timeout": {"connect": t, "read": t, "write": t, "pool": t}}
-        self._wire: tuple[httpcore.URL, list[tuple[bytes, bytes]]] | None = None
 
     @property
     def model_key(self) -> str:
@@ -340,26 +339,6 @@ class LLMClient:
 
     def _parse(self, body: Any) -> tuple[str, list[ToolCall], Usage, str]:
         raise NotImplementedError
-
-    def _target(self) -> tuple[httpcore.URL, list[tuple[bytes, bytes]]]:
-        """The URL and headers of every request, as httpx would send them (less cookies, and
-        ``identity`` as the only content coding: nothing to decompress)."""
-        if self._wire is None:
-            url = httpx.URL(self._url())  # httpx.InvalidURL for an unusable base URL
-            headers = [
-                (b"Host", url.netloc),
-                (b"Accept", b"*/*"),
-                (b"Accept-Encoding", b"identity"),
-                (b"Connection", b"keep-alive"),
-                (b"User-Agent", USER_AGENT),
-                (b"Content-Type", b"application/json"),
-            ]
-            headers += [(name.encode("ascii"), value.encode("ascii")) for name, value in self._headers()]
-            target = httpcore.URL(
-                scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
-            )
-            self._wire = target, headers
-        return self._wire
 
     def complete(
         self,
@@ -392,7 +371,7 @@ class LLMClient:
             status: int | None = None
             retry_after: float | None = None
             try:
-                url, headers = self._target()
+                url, headers = _wire(self._url(), tuple(self._headers()))
                 request = httpcore.Request(
                     b"POST", url, headers=[*headers, length], content=body, extensions=self._extensions
                 )
@@ -494,6 +473,28 @@ TRANSPORT_ERRORS = (
     httpcore.ProxyError,
 )
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _wire(
+    url: str, extra: tuple[tuple[str, str], ...]
+) -> tuple[httpcore.URL, tuple[tuple[bytes, bytes], ...]]:
+    """The URL and headers of every request to ``url``: httpx's, less cookies and the two that only
+    say what HTTP/1.1 assumes anyway (``Accept: */*``, ``Connection: keep-alive``), with
+    ``identity`` as the only content coding (nothing to decompress); then ``extra``. Parsed once
+    per process, not once per run."""
+    parsed = httpx.URL(url)  # httpx.InvalidURL for an unusable base URL
+    headers = (
+        (b"Host", parsed.netloc),
+        (b"Accept-Encoding", b"identity"),
+        (b"User-Agent", USER_AGENT),
+        (b"Content-Type", b"application/json"),
+        *((name.encode("ascii"), value.encode("ascii")) for name, value in extra),
+    )
+    target = httpcore.URL(
+        scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
+    )
+    return target, headers
 
 
 def _json(value: Any) -> bytes:
