@@ -23,11 +23,11 @@ from sessions.agent.llm import (
     OpenAIClient,
     Usage,
     _Pool,
-    _transport,
     client_for,
     cost_usd,
+    new_pool,
     resolve_model,
-    shared_http,
+    shared_pool,
     to_anthropic_messages,
 )
 
@@ -87,6 +87,7 @@ def test_it_parses_a_tool_call_and_sends_tools_in_function_format(llm_settings):
     assert body["tools"] == [{"type": "function", "function": TOOLS[0]}]
     assert body["messages"] == MESSAGES
     assert headers["authorization"] == "[redacted]"  # sent, and not recorded in clear
+    assert (headers["content-type"], headers["accept-encoding"]) == ("application/json", "identity")
     assert [(r.outcome, r.status_code, r.attempt) for r in records] == [("ok", 200, 1)]
     assert records[0].usage == response.usage
     assert response.to_message() == {
@@ -406,24 +407,52 @@ def test_it_keeps_only_text_when_converting_a_plain_conversation():
     ]
 
 
-def test_it_fails_without_retrying_when_the_base_url_is_unusable(llm_settings):
-    llm_settings.LLM_PROVIDERS = {
-        "bad": {"kind": "openai", "base_url": "ftp://example.invalid/v1", "api_key": ""}
-    }
+@pytest.mark.parametrize(
+    "base_url",
+    ["ftp://example.invalid/v1", "127.0.0.1:8000/v1", "http://[::1/v1"],
+    ids=["other-protocol", "no-scheme", "invalid"],
+)
+def test_it_fails_without_retrying_when_the_base_url_is_unusable(llm_settings, base_url):
+    llm_settings.LLM_PROVIDERS = {"bad": {"kind": "openai", "base_url": base_url, "api_key": ""}}
     records = []
     with client_for("bad/m") as client, pytest.raises(LLMConfigError, match="base URL is not usable"):
         client.complete(MESSAGES, on_attempt=records.append)
     assert [r.outcome for r in records] == ["error"]
 
 
+def test_it_sends_each_call_the_conversation_as_it_is_now(llm_settings):
+    """Each call's body reuses the JSON of messages the previous call sent; a message replaced
+    since (as compaction does) or dropped from the end is sent as it is now, and text outside ASCII
+    is counted in bytes."""
+    script = {"responses": [{"content": f"reply {n}"} for n in range(5)]}
+    with scripted(llm_settings, script) as fake, client_for("scripted/demo") as client:
+        conversation = [*MESSAGES]
+        sent = []
+        for turn in range(4):
+            reply = client.complete(conversation, TOOLS if turn != 2 else None)
+            sent.append(conversation[:])
+            conversation.append(reply.to_message())
+            conversation.append({"role": "user", "content": f"next, déjà vu ✓ {turn}"})
+            if turn == 1:
+                conversation[3] = {**conversation[3], "content": "[elided]"}
+            if turn == 2:
+                del conversation[-3:]
+        bodies = [r["body"] for r in fake.requests]
+    assert [body["messages"] for body in bodies] == sent
+    assert [body.get("tools") for body in bodies] == [[{"type": "function", "function": TOOLS[0]}]] * 2 + [
+        None,
+        [{"type": "function", "function": TOOLS[0]}],
+    ]
+    assert [m["content"] for m in sent[2][3:]] == ["[elided]", "reply 1", "next, déjà vu ✓ 1"]
+    assert len(sent[3]) == 5
+
+
 # --- the shared client's connection pool ----------------------------------------------------------
 
 
-def _idle_connection(transport, url: str):
-    """A pool holding one idle kept-alive connection to ``url``'s server."""
-    with_client = httpx.Client(transport=transport)
-    assert with_client.get(url).status_code == 200
-    pool = transport._pool
+def _idle_connection(pool, url: str):
+    """``pool`` holding one idle kept-alive connection to ``url``'s server."""
+    assert pool.request("GET", url).status == 200
     (connection,) = pool.connections
     assert connection.is_idle()
     return pool, connection
@@ -445,10 +474,9 @@ def test_a_connection_promised_to_a_request_is_not_closed_or_given_away_meanwhil
     The plain pool (fixed=False) shows the race is real in the httpcore installed."""
     fake = start_in_thread({"responses": []})
     url = f"http://127.0.0.1:{fake.port}/healthz"
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     try:
-        transport = _transport(limits) if fixed else httpx.HTTPTransport(limits=limits)
-        pool, connection = _idle_connection(transport, url)
+        plain = httpcore.ConnectionPool(max_connections=None, max_keepalive_connections=None)
+        pool, connection = _idle_connection(new_pool() if fixed else plain, url)
         assert isinstance(pool, _Pool) == fixed
         first = _promised(pool, url)
         assert first.connection is connection
@@ -467,12 +495,11 @@ def test_a_connection_promised_to_a_request_is_not_closed_or_given_away_meanwhil
         fake.close()
 
 
-def test_the_shared_client_turns_nagle_off(llm_settings):
+def test_the_shared_pool_turns_nagle_off(llm_settings):
     fake = scripted(llm_settings, {"responses": [{"content": "hi"}]})
     try:
         assert call().text == "hi"
-        client = shared_http(fake.base_url, llm_settings.LLM_TIMEOUT)
-        (connection,) = client._transport._pool.connections
+        (connection,) = shared_pool(fake.base_url).connections
         sock = connection._connection._network_stream.get_extra_info("socket")
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:

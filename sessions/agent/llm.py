@@ -1,4 +1,4 @@
-"""Model clients: OpenAI-compatible Chat Completions and Anthropic Messages, over httpx.
+"""Model clients: OpenAI-compatible Chat Completions and Anthropic Messages, over httpcore (httpx's pool).
 
 The one boundary to model providers. Everything else speaks the *canonical* message format, which is
 the OpenAI chat format: ``system`` / ``user`` / ``assistant`` (optionally with ``tool_calls``) /
@@ -20,6 +20,7 @@ API keys never appear in exceptions, attempt records or logs: error texts are sc
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import random
@@ -152,10 +153,6 @@ def resolve_model(model_key: str) -> tuple[ProviderConfig, str]:
     return ProviderConfig(provider, kind, conf["base_url"].rstrip("/"), conf.get("api_key") or ""), model
 
 
-_shared_http: dict[tuple[str, float], httpx.Client] = {}
-_shared_http_lock = threading.Lock()
-
-
 class _Pool(httpcore.ConnectionPool):
     """httpcore's pool, less a race that hangs a model call for its whole read timeout.
 
@@ -181,41 +178,41 @@ class _Pool(httpcore.ConnectionPool):
             self._connections = held + self._connections
 
 
-def _transport(limits: httpx.Limits) -> httpx.HTTPTransport:
-    # Nagle's algorithm off: httpcore writes a request's headers and its body separately, and
-    # the body would wait for the server's (delayed) ACK of the headers, up to 40 ms.
-    transport = httpx.HTTPTransport(
-        limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+def new_pool() -> _Pool:
+    """The connection pool ``httpx.HTTPTransport`` would build (its TLS context, keep-alive expiry of
+    5 s), with no cap on connections or idle ones, and Nagle's algorithm off: httpcore writes a
+    request's headers and its body separately, and the body would wait for the server's (delayed)
+    ACK of the headers, up to 40 ms."""
+    return _Pool(
+        ssl_context=httpx.create_ssl_context(),
+        max_connections=None,
+        max_keepalive_connections=None,
+        keepalive_expiry=5.0,
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
     )
-    if type(transport._pool) is httpcore.ConnectionPool:  # not a proxy's
-        transport._pool.__class__ = _Pool
-    return transport
 
 
-def shared_http(base_url: str, timeout: float) -> httpx.Client:
-    """One pooled httpx client per provider and process: keeps connections warm between runs and
-    skips building an SSL context (tens of ms) for every run. httpx.Client is thread-safe.
+_shared_pools: dict[str, _Pool] = {}
+_shared_pools_lock = threading.Lock()
+
+
+def shared_pool(base_url: str) -> _Pool:
+    """One connection pool per provider and process: keeps connections warm between runs and skips
+    building an SSL context (tens of ms) for every run. Thread-safe; timeouts are per request.
 
     No cap on idle connections, and the pool's race fixed (``_Pool``): with hundreds of runs per
-    process it hung about one model call in a thousand for 120 s. Idle connections still close
-    after httpx's keep-alive expiry (5 s)."""
-    key = (base_url, timeout)
-    with _shared_http_lock:
-        client = _shared_http.get(key)
-        if client is None or client.is_closed:
-            client = _shared_http[key] = httpx.Client(
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                transport=_transport(httpx.Limits(max_connections=None, max_keepalive_connections=None)),
-            )
-        return client
+    process it hung about one model call in a thousand for 120 s."""
+    with _shared_pools_lock:
+        pool = _shared_pools.get(base_url)
+        if pool is None:
+            pool = _shared_pools[base_url] = new_pool()
+        return pool
 
 
 def client_for(model_key: str, **kwargs: Any) -> LLMClient:
     """The right client for ``"provider/model"``; close it (or use ``with``) when done."""
     provider, model = resolve_model(model_key)
     cls = AnthropicClient if provider.kind == "anthropic" else OpenAIClient
-    if "http" not in kwargs:
-        kwargs["http"] = shared_http(provider.base_url, kwargs.get("timeout") or settings.LLM_TIMEOUT)
     return cls(provider, model, **kwargs)
 
 
@@ -285,14 +282,21 @@ class _Malformed(Exception):
 
 
 class LLMClient:
-    """One model on one provider. Thread-safe enough for sequential use per run; not shared."""
+    """One model on one provider. Thread-safe enough for sequential use per run; not shared.
+
+    Requests go straight to httpcore's connection pool (the one ``httpx.Client`` sits on): the
+    client's own layers (URL merging, cookies, auth and redirect flows, header merging, response
+    wrapping) cost about as much CPU per call as the pool and HTTP/1.1 themselves and do nothing
+    here. The URL and headers are built once per process (``_wire``), the JSON of the conversation
+    once per message (``OpenAIClient``). httpcore's exceptions are the ones httpx maps to its own
+    of the same names, so errors read as they did through httpx. No cookies are kept between calls
+    and no redirect is followed (httpx.Client followed none either)."""
 
     def __init__(
         self,
         provider: ProviderConfig,
         model: str,
         *,
-        http: httpx.Client | None = None,
         max_tokens: int | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
@@ -306,18 +310,16 @@ class LLMClient:
         self.retry_base_delay = (
             retry_base_delay if retry_base_delay is not None else settings.LLM_RETRY_BASE_DELAY
         )
-        self._own_http = http is None
-        self._http = http or httpx.Client(
-            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
-        )
+        self._pool = shared_pool(provider.base_url)
+        t = self.timeout
+        self._extensions = {"timeout": {"connect": t, "read": t, "write": t, "pool": t}}
 
     @property
     def model_key(self) -> str:
         return f"{self.provider.name}/{self.model}"
 
     def close(self) -> None:
-        if self._own_http:
-            self._http.close()
+        """Nothing to give back: connections belong to the process's pool (``shared_pool``)."""
 
     def __enter__(self) -> LLMClient:
         return self
@@ -325,10 +327,14 @@ class LLMClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # Subclasses: the HTTP request and the response parsing.
-    def _request(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-    ) -> tuple[str, dict, dict]:
+    # Subclasses: where to send, their own headers, the body and the response parsing.
+    def _url(self) -> str:
+        raise NotImplementedError
+
+    def _headers(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def _body(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> bytes:
         raise NotImplementedError
 
     def _parse(self, body: Any) -> tuple[str, list[ToolCall], Usage, str]:
@@ -342,8 +348,12 @@ class LLMClient:
         on_attempt: OnAttempt | None = None,
     ) -> LLMResponse:
         """One model turn, retried as needed. ``tools`` are OpenAI-style function specs
-        ``[{name, description, parameters}]``. Raises LLMError when it gives up."""
-        url, headers, payload = self._request(messages, tools)
+        ``[{name, description, parameters}]``. Raises LLMError when it gives up.
+
+        Messages sent by an earlier call of this client must not be changed in place (replace
+        them, as compaction does): their JSON is reused."""
+        body = self._body(messages, tools)
+        length = (b"Content-Length", b"%d" % len(body))
         threshold, cooldown = _breaker_settings()
         with _breakers_lock:
             breaker = _breakers.setdefault((self.provider.name, self.provider.base_url), _Breaker())
@@ -361,22 +371,30 @@ class LLMClient:
             status: int | None = None
             retry_after: float | None = None
             try:
-                response = self._http.post(url, headers=headers, json=payload, timeout=self.timeout)
-                status = response.status_code
+                url, headers = _wire(self._url(), tuple(self._headers()))
+                request = httpcore.Request(
+                    b"POST", url, headers=[*headers, length], content=body, extensions=self._extensions
+                )
+                response = self._pool.handle_request(request)
+                try:
+                    content = response.read()
+                finally:
+                    response.close()
+                status = response.status
                 latency = _ms(started)
                 if 200 <= status < 300:
                     try:
-                        text, calls, usage, finish = self._parse(response.json())
+                        text, calls, usage, finish = self._parse(json.loads(content))
                     except (ValueError, TypeError, AttributeError, KeyError, _Malformed) as exc:
                         raise _Retryable(
-                            f"malformed response body ({exc}): {_excerpt(response.text)}"
+                            f"malformed response body ({exc}): {_excerpt(_text(content))}"
                         ) from None
                     self._report(on_attempt, attempt, "ok", status, latency, usage, "")
                     with _breakers_lock:
                         breaker.failures = 0
                         breaker.open_until = 0.0
                     return LLMResponse(text, calls, usage, finish, latency, status)
-                error = f"HTTP {status}: {_excerpt(response.text)}"
+                error = f"HTTP {status}: {_excerpt(_text(content))}"
                 if status == 429 or status >= 500:
                     retry_after = _retry_after(response.headers) if status in (429, 503) else None
                     raise _Retryable(error)
@@ -384,18 +402,18 @@ class LLMClient:
                 error = self._scrub(f"{self.provider.name} rejected the request: {error}")
                 self._report(on_attempt, attempt, "error", status, latency, None, error)
                 raise LLMError(error, status_code=status)
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+            except (httpx.InvalidURL, httpcore.UnsupportedProtocol) as exc:
                 error = self._scrub(f"{self.provider.name}: the base URL is not usable: {exc}")
                 self._report(on_attempt, attempt, "error", None, _ms(started), None, error)
                 raise LLMConfigError(error) from None
-            except (_Retryable, httpx.TransportError) as exc:
+            except (_Retryable, *TRANSPORT_ERRORS) as exc:
                 latency = _ms(started)
-                if isinstance(exc, httpx.TimeoutException):
+                if isinstance(exc, httpcore.TimeoutException):
                     error = f"timed out after {self.timeout:g}s ({type(exc).__name__})"
-                elif isinstance(exc, httpx.TransportError):
-                    error = f"connection error: {type(exc).__name__}: {exc}"
-                else:
+                elif isinstance(exc, _Retryable):
                     error = str(exc)
+                else:
+                    error = f"connection error: {type(exc).__name__}: {exc}"
                 error = self._scrub(error)
                 if attempt < attempts:
                     self._report(on_attempt, attempt, "retry", status, latency, None, error)
@@ -445,6 +463,49 @@ class _Retryable(Exception):
     pass
 
 
+USER_AGENT = f"python-httpx/{httpx.__version__}".encode()
+# httpcore's errors a call can meet on the way (httpx maps these to its TransportError family);
+# httpcore.UnsupportedProtocol is the base URL's fault, not the connection's.
+TRANSPORT_ERRORS = (
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.ProxyError,
+)
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _wire(
+    url: str, extra: tuple[tuple[str, str], ...]
+) -> tuple[httpcore.URL, tuple[tuple[bytes, bytes], ...]]:
+    """The URL and headers of every request to ``url``: httpx's, less cookies and the two that only
+    say what HTTP/1.1 assumes anyway (``Accept: */*``, ``Connection: keep-alive``), with
+    ``identity`` as the only content coding (nothing to decompress); then ``extra``. Parsed once
+    per process, not once per run."""
+    parsed = httpx.URL(url)  # httpx.InvalidURL for an unusable base URL
+    headers = (
+        (b"Host", parsed.netloc),
+        (b"Accept-Encoding", b"identity"),
+        (b"User-Agent", USER_AGENT),
+        (b"Content-Type", b"application/json"),
+        *((name.encode("ascii"), value.encode("ascii")) for name, value in extra),
+    )
+    target = httpcore.URL(
+        scheme=parsed.raw_scheme, host=parsed.raw_host, port=parsed.port, target=parsed.raw_path
+    )
+    return target, headers
+
+
+def _json(value: Any) -> bytes:
+    """JSON as httpx's ``json=`` sent it."""
+    return _encoder.encode(value).encode()
+
+
+def _text(content: bytes) -> str:
+    return content.decode("utf-8", "replace")
+
+
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
@@ -454,14 +515,15 @@ def _excerpt(text: str) -> str:
     return text if len(text) <= BODY_EXCERPT else text[:BODY_EXCERPT] + "..."
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
     """Seconds from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date), capped."""
+    named = {name.lower(): value.decode("latin-1") for name, value in headers}
     value: float | None = None
     try:
-        if headers.get("retry-after-ms"):
-            value = float(headers["retry-after-ms"]) / 1000
-        elif headers.get("retry-after"):
-            raw = headers["retry-after"].strip()
+        if named.get(b"retry-after-ms"):
+            value = float(named[b"retry-after-ms"]) / 1000
+        elif named.get(b"retry-after"):
+            raw = named[b"retry-after"].strip()
             try:
                 value = float(raw)
             except ValueError:
@@ -481,14 +543,50 @@ def _int(value: Any) -> int:
 class OpenAIClient(LLMClient):
     """Chat Completions: OpenAI, vLLM, Ollama, LiteLLM and the scripted server."""
 
-    def _request(self, messages, tools):
-        payload: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens}
-        if tools:
-            payload["tools"] = [{"type": "function", "function": spec} for spec in tools]
-        headers = {"Content-Type": "application/json"}
-        if self.provider.api_key:
-            headers["Authorization"] = f"Bearer {self.provider.api_key}"
-        return f"{self.provider.base_url}/chat/completions", headers, payload
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The conversation as last sent: its messages (the objects), and their JSON with where each
+        # one's ends. A step adds messages at the end, so only those are encoded; a message that is
+        # not the one sent at its place (compaction replaced it) is encoded again, with all after it.
+        self._sent: list[dict[str, Any]] = []
+        self._ends: list[int] = []
+        self._encoded = bytearray()
+        self._tools: tuple[list[dict[str, Any]] | None, int, bytes] = (None, 0, b"")
+
+    def _url(self):
+        return f"{self.provider.base_url}/chat/completions"
+
+    def _headers(self):
+        return [("Authorization", f"Bearer {self.provider.api_key}")] if self.provider.api_key else []
+
+    def _body(self, messages, tools):
+        """``{"model", "messages", "max_tokens", "tools"}`` as JSON, the messages from the last
+        call's JSON where they are the same objects."""
+        sent, ends, encoded = self._sent, self._ends, self._encoded
+        kept = len(sent)
+        if messages[:kept] != sent or kept > len(messages):
+            kept = next((n for n, (a, b) in enumerate(zip(sent, messages, strict=False)) if a is not b), kept)
+            kept = min(kept, len(messages))
+            del sent[kept:]
+            del ends[kept:]
+            del encoded[ends[-1] if ends else 0 :]
+        for message in messages[kept:]:
+            if ends:
+                encoded += b","
+            encoded += _json(message)
+            sent.append(message)
+            ends.append(len(encoded))
+        head = b'{"model":%s,"messages":[' % _json(self.model)
+        tail = b'],"max_tokens":%d' % self.max_tokens
+        if not tools:
+            return b"".join((head, encoded, tail, b"}"))
+        if self._tools[0] is not tools or self._tools[1] != len(tools):
+            self._tools = (
+                tools,
+                len(tools),
+                _json([{"type": "function", "function": spec} for spec in tools]),
+            )
+        return b"".join((head, encoded, tail, b',"tools":', self._tools[2], b"}"))
 
     def _parse(self, body):
         if not isinstance(body, dict) or not body.get("choices"):
@@ -530,7 +628,14 @@ class AnthropicClient(LLMClient):
         "stop_sequence": "stop",
     }
 
-    def _request(self, messages, tools):
+    def _url(self):
+        base = self.provider.base_url
+        return f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
+
+    def _headers(self):
+        return [("x-api-key", self.provider.api_key), ("anthropic-version", ANTHROPIC_VERSION)]
+
+    def _body(self, messages, tools):
         system, converted = to_anthropic_messages(messages)
         payload: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": converted}
         if system:
@@ -544,14 +649,7 @@ class AnthropicClient(LLMClient):
                 }
                 for spec in tools
             ]
-        headers = {
-            "Content-Type": "application/json",
-            "x-api-key": self.provider.api_key,
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
-        base = self.provider.base_url
-        url = f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
-        return url, headers, payload
+        return _json(payload)
 
     def _parse(self, body):
         if not isinstance(body, dict) or not isinstance(body.get("content"), list):
