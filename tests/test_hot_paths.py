@@ -327,7 +327,7 @@ def test_the_worker_takes_a_backlog_a_few_tasks_per_statement(
     team, owner, repository, django_assert_num_queries
 ):
     for n in range(3):
-        session = start_session(team=team, repository=repository, prompt=f"t{n}", model="scripted/demo")
+        start_session(team=team, repository=repository, prompt=f"t{n}", model="scripted/demo")
     broker = NotifyingORM(list_key="deputies")  # which may close an old connection
     prepared_cursor().close()  # connection set-up (a SET once per connection) out of the way
     with django_assert_num_queries(1):
