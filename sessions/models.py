@@ -289,7 +289,9 @@ class Source(models.TextChoices):
 
 
 class Session(models.Model):
-    team = models.ForeignKey(Team, models.CASCADE, related_name="sessions")
+    # No index of its own: session_team_status (Meta) starts with it. Every status change rewrites
+    # the session's row outside HOT (status is indexed), so each index costs every claim and finish.
+    team = models.ForeignKey(Team, models.CASCADE, related_name="sessions", db_index=False)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, models.SET_NULL, null=True, blank=True, related_name="agent_sessions"
     )
