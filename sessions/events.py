@@ -261,6 +261,59 @@ _PG_WITH = _PG_SQL.replace(
     ",\n{before}x AS ({also})\nSELECT id, session_id, seq, (SELECT to_jsonb(x) FROM x LIMIT 1) FROM ins",
 ).replace("SET last_seq = t.last_seq + c.n FROM", "SET last_seq = t.last_seq + c.n{session_set} FROM")
 assert _PG_WITH.count("{") == 3, "the statement's own braces would be taken for placeholders"
+# The events' CTEs (i ... nt) for a statement of another module to run in its own WITH list, after
+# CTEs of its own that decide whether and for which session the events are written: ``{gate}``
+# (a condition: no event row without it), ``{session}`` (the session's id), ``{payload}`` (an
+# expression over the document's ``t`` and ``p``: a payload only that statement knows) and
+# ``{session_set}`` (as emit_many_with's). ``s`` returns the session's status after the update; the
+# statement must read ``nt`` (SELECT CTEs run only when read) and ``ins`` (its rows: id, seq).
+_PG_CTES = (
+    _PG_SQL.strip()
+    .removeprefix("WITH ")
+    .split("\nSELECT id, session_id, seq FROM ins")[0]
+    .replace("AS x(s, r, t, p, c, n, ord)\n", "AS x(s, r, t, p, c, n, ord)\n    WHERE {gate}\n")
+    .replace("SELECT s AS session_id, r AS run_id, t AS type, p AS payload",
+             "SELECT {session} AS session_id, r AS run_id, t AS type, {payload} AS payload")
+    .replace("%(sessions)s::bigint[]", "ARRAY[{session}]::bigint[]")
+    .replace("SET last_seq = t.last_seq + c.n FROM", "SET last_seq = t.last_seq + c.n{session_set} FROM")
+    .replace("RETURNING t.id, t.last_seq, c.n", "RETURNING t.id, t.last_seq, c.n, t.status")
+)  # fmt: skip
+assert _PG_CTES.count("{") == 6 and "%(sessions)s" not in _PG_CTES, "a replacement above missed"
+
+
+def statement_events(
+    run_id: int, items: list[tuple[str, dict[str, Any]]]
+) -> tuple[dict[str, Any], Callable[[int, list[tuple[str, dict[str, Any]]], Any], list[Event]]]:
+    """For a statement with ``_PG_CTES`` (Postgres): its parameters for the events ``items`` of
+    ``run_id``, and what turns the rows the statement inserted (its session, the items as written,
+    the ``[[id, seq], ...]`` of ``ins``) into the stored Events, their listeners called at commit."""
+    from sessions.streaming.notify import PG_CHANNEL
+    from sessions.streaming.store import dumps, iso
+
+    created = datetime.now(UTC)
+    stamp = iso(created)
+    texts = [dumps({"r": run_id, "t": t, "p": p, "c": stamp, "n": True}) for t, p in items]
+    params = {
+        "events": "[" + ",".join(texts) + "]",  # a few small events: the note always has room for them
+        "channel": PG_CHANNEL,
+        "notify": settings.STREAM_BACKEND == "postgres",
+    }
+
+    def stored(session_id: int, written: list[tuple[str, dict[str, Any]]], rows: Any) -> list[Event]:
+        if isinstance(rows, str):
+            rows = json.loads(rows)
+        seq_of = sorted((seq, pk) for pk, seq in rows)
+        events = [
+            _stored(pk, session_id, seq, run_id, t, p, created)
+            for (seq, pk), (t, p) in zip(seq_of, written, strict=True)
+        ]
+        if _listeners:
+            transaction.on_commit(lambda: _notify(events))
+        return events
+
+    return params, stored
+
+
 # Room for the envelope and the seqs and keys a notification adds to the events' own JSON (less the
 # 20 bytes of an event's five keys in the statement's document).
 _NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48 - len('"s":"r":"t":"p":"c":')

@@ -667,19 +667,21 @@ class Run(models.Model):
         self.started = self.started or now
         return True
 
-    def _started(self, source: str | None) -> None:
-        """In the claim's transaction: its events, and the ``run_started`` signal."""
+    @staticmethod
+    def _started_events(run_id: int, attempt: int) -> list[tuple[str, dict]]:
+        return [
+            ("run_started", {"run_id": run_id, "attempt": attempt}),
+            ("status", {"status": "running"}),
+        ]
+
+    def _started(self, source: str | None, emitted: bool = False) -> None:
+        """In the claim's transaction: its events (unless the claim's statement ``emitted`` them),
+        and the ``run_started`` signal."""
         from sessions.events import emit_many
         from sessions.signals import run_started
 
-        emit_many(
-            self.session_id,
-            [
-                ("run_started", {"run_id": self.pk, "attempt": self.attempt}),
-                ("status", {"status": "running"}),
-            ],
-            run_id=self.pk,
-        )
+        if not emitted:
+            emit_many(self.session_id, self._started_events(self.pk, self.attempt), run_id=self.pk)
         run_started.send(
             sender=Run, run_id=self.pk, session_id=self.session_id, attempt=self.attempt, source=source
         )
@@ -784,15 +786,28 @@ class Run(models.Model):
     # ``q`` acknowledges the run's queue task in the claim's transaction (``ack``: its id, or NULL),
     # unless the run is left queued for ``claim`` to take under its team's lock: from the claim on,
     # the run's lease protects it, and until then the queue does (deputies/worker.py).
+    # Its ``run_started`` and ``status`` events are written by it too (sessions/events.py
+    # ``_PG_CTES``), only if it claimed: the run_started payload is built here from the claimed row
+    # (its attempt), in the text Python's compact JSON would give; the session's status goes in the
+    # events' own UPDATE of the session's row (Postgres updates a row once per statement), so
+    # ``_CLAIM_WITH``'s ``s`` is left out.
+    _CLAIM_SESSION_CTE = """
+    s AS (
+        UPDATE {session} t SET status = %(session_running)s FROM r
+        WHERE t.id = r.session_id AND t.status <> ALL(%(closed)s)
+        RETURNING t.id
+    ),"""
     _CLAIM_LOADED = (
-        _CLAIM_WITH.replace("{guard}", UNLIMITED_GUARD)
+        _CLAIM_WITH.replace("{guard}", UNLIMITED_GUARD).replace(_CLAIM_SESSION_CTE, "")
         + """,
     q AS (
         DELETE FROM {queue} WHERE id = %(ack)s AND (EXISTS (SELECT 1 FROM r)
             OR COALESCE((SELECT status FROM lim) <> %(queued)s OR (SELECT n FROM lim) = 0, true))
-    )
-    SELECT (SELECT status FROM lim), (SELECT n FROM lim), r.first, (SELECT count(*) FROM s),
+    ),
+    {events}
+    SELECT (SELECT status FROM lim), (SELECT n FROM lim), r.first, (SELECT status FROM s) = %(session_running)s,
         (SELECT json_agg(m.content ORDER BY m.position) FROM m),
+        (SELECT json_agg(json_build_array(id, seq)) FROM ins), (SELECT count(*) FROM nt),
         NOT EXISTS (SELECT 1 FROM {run} o WHERE o.session_id = r.session_id AND o.id <> r.id),
         EXISTS (SELECT 1 FROM {skill} k WHERE k.team_id = se.team_id
             AND (k.owner_id IS NULL OR k.owner_id = se.created_by_id)),
@@ -818,17 +833,23 @@ class Run(models.Model):
 
         if cls._claim_loaded_sql is None:
             cls._claim_loaded_sql = cls._build_claim_loaded()
+        from sessions.events import statement_events
+
         sql, parts = cls._claim_loaded_sql
+        # The events' attempt is the claimed row's (the statement writes it); the rest is known.
+        params, stored = statement_events(run_id, Run._started_events(run_id, 0))
         with transaction.atomic():
             with prepared_cursor() as cursor:
-                cursor.execute(sql, {**Run._claim_params(run_id, owner, timezone.now()), "ack": ack})
+                cursor.execute(
+                    sql, {**Run._claim_params(run_id, owner, timezone.now()), "ack": ack, **params}
+                )
                 row = cursor.fetchone()
-            status, limit, first, session_claimed, prompts, only_run, skills, mcp = row[:8]
+            status, limit, first, session_claimed, prompts, inserted, _, only_run, skills, mcp = row[:10]
             if first is None:  # not claimed
                 if status == Run.Status.QUEUED and limit:
                     return None, Run.LIMITED
                 return None, status
-            objects, at = [], 8
+            objects, at = [], 10
             for columns in parts:  # as select_related makes them; a missing row (no profile) is None
                 values = row[at : at + len(columns.names)]
                 at += len(columns.names)
@@ -846,7 +867,8 @@ class Run(models.Model):
                     prompts = json.loads(prompts)
                 run.claimed_prompts = list(prompts or [])
             run.only_run, run.team_skills, run.team_mcp_servers = only_run, skills, mcp
-            run._started(session.source)
+            stored(run.session_id, Run._started_events(run.pk, run.attempt), inserted)
+            run._started(session.source, emitted=True)
         run.waiting_for_team = False
         return run, Run.Status.RUNNING
 
@@ -863,9 +885,19 @@ class Run(models.Model):
         }  # fmt: skip
         from django_q.models import OrmQ
 
+        from sessions.events import _PG_CTES
+
+        events = _PG_CTES.format(
+            gate="EXISTS (SELECT 1 FROM r)",
+            session="(SELECT session_id FROM r)",
+            payload="""CASE WHEN t = 'run_started' THEN format('{"run_id":%%s,"attempt":%%s}',
+                (SELECT id FROM r), (SELECT attempt FROM r))::json ELSE p END""",
+            session_set=", status = CASE WHEN t.status <> ALL(%(closed)s) THEN %(session_running)s ELSE t.status END",
+        )
         sql = Run._CLAIM_LOADED.format(
             columns=", ".join(c.sql for c in parts),
             queue=OrmQ._meta.db_table,
+            events=events,
             **{k: m._meta.db_table for k, m in tables.items()},
         )
         return sql, parts

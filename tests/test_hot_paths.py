@@ -345,7 +345,7 @@ def test_the_claim_acknowledges_the_run_task_in_its_own_statement(
     run_id = session.runs.get().pk
     emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
     [(task_id, _)] = NotifyingORM(list_key="deputies").dequeue()
-    with django_assert_num_queries(4):  # BEGIN, the claim with the rows and the ack, the events, COMMIT
+    with django_assert_num_queries(3):  # BEGIN, the claim with the rows, the ack and the events, COMMIT
         run, why = claim(run_id, task_id)
     assert why == "claimed" and not OrmQ.objects.filter(pk=task_id).exists()
     duplicate = OrmQ.objects.create(key="deputies", payload="x", lock=timezone.now())
@@ -389,7 +389,7 @@ def test_the_worker_claims_and_loads_a_run_in_one_statement(
     session.add_message("and this")
     emit(session.pk, "progress", {"message": "warm"})  # connection set-up out of the way
     run_id = session.runs.get().pk
-    with django_assert_num_queries(4):  # BEGIN, the claim with the rows, the events, COMMIT
+    with django_assert_num_queries(3):  # BEGIN, the claim with the rows and the events, COMMIT
         run, why = claim(run_id)
     assert why == "claimed"
     expected = Run.objects.select_related(
@@ -424,6 +424,48 @@ def test_the_worker_claims_and_loads_a_run_in_one_statement(
     assert (follow_up.only_run, follow_up.team_skills, follow_up.team_mcp_servers) == (False, True, True)
     assert claim(follow_up.pk) == (None, "skipped: run is running")
     assert claim(follow_up.pk + 1000) == (None, "missing")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claims_own_events_are_what_emit_writes(team, repository, listener):
+    """The claim's statement writes run_started and status itself: the same rows, seqs, payload
+    text and notification as emit_many, with the attempt of the row it claimed; none if it did not
+    claim; the session running unless it was closed meanwhile."""
+    from sessions.runner import claim
+
+    session = start_session(team=team, repository=repository, prompt="Go", model="scripted/demo")
+    run_id = session.runs.get().pk
+    Run.objects.filter(pk=run_id).update(attempt=12)  # two digits: the payload is built in SQL
+    notes(listener)
+    run, why = claim(run_id)
+    assert why == "claimed" and run.session.status == "running"
+    (raw,) = [n.payload for n in listener.notifies(timeout=2, stop_after=1)]
+    assert f'"payload" : {{"run_id":{run_id},"attempt":12}}' in raw  # the text emit's JSON has
+    note = json.loads(raw)
+    assert [(e["seq"], e["type"], e["payload"], e["run"]) for e in note["e"]] == [
+        (3, "run_started", {"run_id": run_id, "attempt": 12}, run_id),
+        (4, "status", {"status": "running"}, run_id),
+    ]
+    assert (note["s"], note["m"], note["n"]) == (session.pk, 4, 2)
+    rows = list(
+        Event.objects.filter(session=session).order_by("seq").values_list("seq", "type", "payload", "run")
+    )
+    assert [seq for seq, *_ in rows] == [1, 2, 3, 4]
+    assert rows[2:] == [
+        (3, "run_started", {"run_id": run_id, "attempt": 12}, run_id),
+        (4, "status", {"status": "running"}, run_id),
+    ]
+    assert Session.objects.get(pk=session.pk).status == "running"
+    assert claim(run_id) == (None, "skipped: run is running")
+    assert notes(listener) == [] and Session.objects.get(pk=session.pk).last_seq == 4
+
+    # A session cancelled meanwhile stays cancelled; its run's claim still writes the events.
+    other = start_session(team=team, repository=repository, prompt="Go", model="scripted/demo")
+    Session.objects.filter(pk=other.pk).update(status="cancelled")
+    run, why = claim(other.runs.get().pk)
+    assert why == "claimed" and run.session.status != "running"
+    assert Session.objects.get(pk=other.pk).status == "cancelled"
+    assert list(other.events.order_by("seq").values_list("type", flat=True))[-2:] == ["run_started", "status"]
 
 
 @pytest.mark.django_db(transaction=True)
