@@ -287,14 +287,16 @@ def statement_events(
     """For a statement with ``_PG_CTES`` (Postgres): its parameters for the events ``items`` of
     ``run_id``, and what turns the rows the statement inserted (its session, the items as written,
     the ``[[id, seq], ...]`` of ``ins``) into the stored Events, their listeners called at commit."""
-    from sessions.streaming.notify import PG_CHANNEL
+    from sessions.streaming.notify import LIMITS, PG_CHANNEL
     from sessions.streaming.store import dumps, iso
 
     created = datetime.now(UTC)
     stamp = iso(created)
-    texts = [dumps({"r": run_id, "t": t, "p": p, "c": stamp, "n": True}) for t, p in items]
+    texts = [dumps({"r": run_id, "t": t, "p": p, "c": stamp}) for t, p in items]
+    size = _NOTE_OVERHEAD + sum(len(text.encode()) + _NOTE_PER_EVENT for text in texts)
+    flag = ',"n":true}' if size <= LIMITS["postgres"] else ',"n":false}'  # as _insert_postgres's
     params = {
-        "events": "[" + ",".join(texts) + "]",  # a few small events: the note always has room for them
+        "events": "[" + ",".join(text[:-1] + flag for text in texts) + "]",
         "channel": PG_CHANNEL,
         "notify": settings.STREAM_BACKEND == "postgres",
     }

@@ -1039,7 +1039,16 @@ class Run(models.Model):
         }
         message_status = Message.Status.DONE if status == Run.Status.COMPLETED else Message.Status.CANCELLED
         with transaction.atomic():
-            closed = self._finish_rows(status, error, now, message_status, fields, sandbox_id)
+            pending = checks = None
+            if events and transaction.get_connection().vendor == "postgresql":
+                closed = self._finish_with_events(
+                    status, error, now, message_status, fields, sandbox_id, events
+                )
+                if closed:
+                    *closed, pending, checks = closed
+                    events = None
+            else:
+                closed = self._finish_rows(status, error, now, message_status, fields, sandbox_id)
             if not closed:
                 self.refresh_from_db()
                 return False
@@ -1051,19 +1060,9 @@ class Run(models.Model):
             # A separate statement, after the session's row lock is held: a follow-up that
             # add_message committed while we waited for the lock is seen here (its own check saw
             # this run still active, so it left the new run to us). On Postgres it is the events'.
-            from sessions.signals import finish_checks, run_finished
+            from sessions.signals import run_finished
 
-            checks = {}
-            if events and transaction.get_connection().vendor == "postgresql":
-                from sessions.events import emit_many_with
-
-                asked = "".join(f", ({sql}) AS c_{name}" for name, sql in finish_checks.items())
-                _, row = emit_many_with(self.session_id, events, self.pk, self._PENDING + asked, {
-                    "finish_session": self.session_id, "pending": Message.Status.PENDING,
-                })  # fmt: skip
-                pending, events = row["pending"], None
-                checks = {name: row[f"c_{name}"] for name in finish_checks}
-            else:
+            if pending is None:
                 pending = exists(
                     Message, "session_id = %s AND status = %s", [self.session_id, Message.Status.PENDING]
                 )
@@ -1080,10 +1079,81 @@ class Run(models.Model):
         self.status, self.finished, self.error = status, now, error
         return True
 
-    _PENDING = (
-        f'SELECT EXISTS (SELECT 1 FROM "{Message._meta.db_table}" '
-        "WHERE session_id = %(finish_session)s AND status = %(pending)s) AS pending"
-    )
+    # Run.finish with events: _FINISH's rows and the events (sessions/events.py ``_PG_CTES``; the
+    # session's columns go in the events' own UPDATE of its row), in one statement, which also
+    # tells whether a follow-up waits. That check reads the statement's snapshot, taken before the
+    # session's row lock was granted: a follow-up committed while this waited for the lock would
+    # be missed. add_message writes the session's row (its message event's seq) under that lock,
+    # so the row the UPDATE found (``s``, the latest version) and the snapshot's (``x``) differ by
+    # more than this statement's own events exactly when someone changed the session meanwhile;
+    # then (``settled`` false) the caller asks again, in a statement of its own.
+    _FINISH_WITH_EVENTS = """
+    WITH r AS (
+        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s,
+            checkpoint = '{{}}'
+        WHERE id = %(id)s AND status = %(running)s AND attempt = %(attempt)s
+        RETURNING id, session_id
+    ),
+    m AS (
+        UPDATE {message} t SET status = %(message_status)s FROM r
+        WHERE t.run_id = r.id AND t.status = %(claimed)s
+    ),
+    sb AS (UPDATE {sandbox} SET last_used = %(now)s WHERE id = %(sandbox_id)s),
+    {events}
+    SELECT (SELECT count(*) FROM r), x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s), x.source,
+        (SELECT json_agg(json_build_array(id, seq)) FROM ins), (SELECT count(*) FROM nt),
+        (SELECT s.last_seq - s.n FROM s) = x.last_seq,
+        EXISTS (SELECT 1 FROM {message} p WHERE p.session_id = %(session_id)s AND p.status = %(pending)s)
+        {asked}
+    FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
+    """
+
+    def _finish_with_events(
+        self, status, error, now, message_status, fields, sandbox_id, events
+    ) -> tuple[int, int, str, bool | None, dict] | None:
+        """Postgres, ``_FINISH_WITH_EVENTS``: None when the run was not running; else _finish_rows's
+        answer, whether a follow-up waits (None: ask again) and the ``finish_checks``' answers."""
+        from django.db import connection
+
+        from sandboxes.models import Sandbox
+        from sessions.events import _PG_CTES, statement_events
+        from sessions.signals import finish_checks
+
+        params, stored = statement_events(self.pk, events)
+        assignments = []
+        for n, (name, value) in enumerate(fields.items()):
+            field = Session._meta.get_field(name)
+            assignments.append(f"{connection.ops.quote_name(field.column)} = %(f{n})s")
+            params[f"f{n}"] = field.get_db_prep_save(value, connection)
+        ctes = _PG_CTES.format(
+            gate="EXISTS (SELECT 1 FROM r)",
+            session="%(session_id)s::bigint",
+            payload="p",
+            session_set="".join(f", {a}" for a in assignments),
+        )
+        sql = self._FINISH_WITH_EVENTS.format(
+            run=Run._meta.db_table,
+            message=Message._meta.db_table,
+            session=Session._meta.db_table,
+            team=Team._meta.db_table,
+            sandbox=Sandbox._meta.db_table,
+            events=ctes,
+            asked="".join(f", ({sql})" for sql in finish_checks.values()),
+        )
+        params.update(
+            id=self.pk, status=status, now=now, error=error, steps=self.steps, attempt=self.attempt,
+            running=Run.Status.RUNNING, message_status=message_status, claimed=Message.Status.CLAIMED,
+            session_id=self.session_id, default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
+            sandbox_id=sandbox_id, pending=Message.Status.PENDING, finish_session=self.session_id,
+        )  # fmt: skip
+        with prepared_cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+        if not row or not row[0]:
+            return None
+        stored(self.session_id, events, row[4])
+        checks = dict(zip(finish_checks, row[8:], strict=True))
+        return row[1], row[2], row[3], row[7] if row[6] else None, checks
 
     # The run (its checkpoint is of no use once it ended: the session has the transcript), its
     # claimed messages and the session in one statement, the run first; updating the

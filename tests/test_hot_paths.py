@@ -21,7 +21,17 @@ from deputies.broker import NotifyingORM, listen_kwargs
 from sessions import events
 from sessions.columns import prepared_cursor
 from sessions.events import emit, emit_many
-from sessions.models import APIToken, Environment, Event, Repository, Run, Session, Team, start_session
+from sessions.models import (
+    APIToken,
+    Environment,
+    Event,
+    Message,
+    Repository,
+    Run,
+    Session,
+    Team,
+    start_session,
+)
 from sessions.streaming.notify import PG_CHANNEL
 from tests.conftest import client_for
 from tests.live import wait_for
@@ -466,6 +476,77 @@ def test_the_claims_own_events_are_what_emit_writes(team, repository, listener):
     assert why == "claimed" and run.session.status != "running"
     assert Session.objects.get(pk=other.pk).status == "cancelled"
     assert list(other.events.order_by("seq").values_list("type", flat=True))[-2:] == ["run_started", "status"]
+
+
+def _claimed_run(team, repository) -> Run:
+    from sessions.runner import claim
+
+    session = start_session(team=team, repository=repository, prompt="Go", model="scripted/demo")
+    run, why = claim(session.runs.get().pk)
+    assert why == "claimed"
+    return run
+
+
+ENDING = [("run_completed", {"run_id": 0, "summary": "done"}), ("status", {"status": "completed"})]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_ends_with_its_events_in_one_statement(team, repository, listener, django_assert_num_queries):
+    run = _claimed_run(team, repository)
+    notes(listener)
+    with django_assert_num_queries(3):  # BEGIN, the run, messages, session, sandbox and events, COMMIT
+        assert run.finish(Run.Status.COMPLETED, session_fields={"summary": "done"}, events=ENDING)
+    session = Session.objects.get(pk=run.session_id)
+    assert (session.status, session.summary, session.last_seq) == ("completed", "done", 6)
+    rows = list(session.events.order_by("seq").values_list("seq", "type", "payload", "run"))
+    assert rows[-2:] == [(5, *ENDING[0], run.pk), (6, *ENDING[1], run.pk)]
+    (note,) = notes(listener, timeout=2)
+    assert [(e["seq"], e["type"], e["payload"]) for e in note["e"]] == [(5, *ENDING[0]), (6, *ENDING[1])]
+    assert list(session.messages.values_list("status", flat=True)) == ["done"]
+    assert not Run.objects.filter(session=session, status=Run.Status.QUEUED).exists()
+    # Ended already (a cancel, say): nothing written, no event, no note.
+    assert not Run.objects.get(pk=run.pk).finish(Run.Status.FAILED, "late", events=ENDING)
+    assert Session.objects.get(pk=run.session_id).last_seq == 6 and notes(listener) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_follow_up_committed_while_the_end_waits_for_the_session_starts_the_next_run(team, repository):
+    """The end's statement reads the pending messages in its snapshot, taken before it waited for
+    the session's row lock; a follow-up that add_message committed meanwhile must still be seen
+    (add_message saw the run active and left the next run to the end)."""
+    run = _claimed_run(team, repository)
+    session = Session.objects.get(pk=run.session_id)
+    locked, go = threading.Event(), threading.Event()
+
+    def follow_up() -> None:
+        with transaction.atomic():
+            session.add_message("one more thing")  # holds the session's row lock until commit
+            locked.set()
+            go.wait(10)
+
+    thread, box = in_thread(follow_up)
+    assert locked.wait(10)
+    ender, ended = in_thread(
+        lambda: run.finish(Run.Status.COMPLETED, session_fields={"summary": "done"}, events=ENDING)
+    )
+    wait_for(lambda: waiting_for_lock(), what="the end to wait for the session's row lock")
+    go.set()
+    thread.join(10)
+    ender.join(10)
+    assert "error" not in box and "error" not in ended and ended["value"] is True
+    follow = Run.objects.get(session=session, status=Run.Status.QUEUED)
+    assert follow.attempt == 2
+    assert list(
+        Message.objects.filter(session=session, status="pending").values_list("content", flat=True)
+    ) == ["one more thing"]
+
+
+def waiting_for_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0] > 0
 
 
 @pytest.mark.django_db(transaction=True)
