@@ -577,6 +577,19 @@ class Checkpoint:
         )
 
 
+def _session_assignments(fields: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """``column = %(fN)s`` for each of the session's ``fields``, their values put in ``params``
+    through the model's own fields, so JSON and the like are adapted as the ORM would adapt them."""
+    from django.db import connection
+
+    assignments = []
+    for n, (name, value) in enumerate(fields.items()):
+        field = Session._meta.get_field(name)
+        assignments.append(f"{connection.ops.quote_name(field.column)} = %(f{n})s")
+        params[f"f{n}"] = field.get_db_prep_save(value, connection)
+    return assignments
+
+
 class Run(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -1057,9 +1070,9 @@ class Run(models.Model):
                 from sessions.limits import wake_after_commit
 
                 wake_after_commit(team_id, limit)
-            # A separate statement, after the session's row lock is held: a follow-up that
-            # add_message committed while we waited for the lock is seen here (its own check saw
-            # this run still active, so it left the new run to us). On Postgres it is the events'.
+            # Asked after the session's row lock is held, so that a follow-up add_message
+            # committed while we waited for the lock is seen (its own check saw this run still
+            # active, so it left the new run to us); _FINISH_WITH_EVENTS answers it when it can.
             from sessions.signals import run_finished
 
             if pending is None:
@@ -1079,15 +1092,11 @@ class Run(models.Model):
         self.status, self.finished, self.error = status, now, error
         return True
 
-    # Run.finish with events: _FINISH's rows and the events (sessions/events.py ``_PG_CTES``; the
-    # session's columns go in the events' own UPDATE of its row), in one statement, which also
-    # tells whether a follow-up waits. That check reads the statement's snapshot, taken before the
-    # session's row lock was granted: a follow-up committed while this waited for the lock would
-    # be missed. add_message writes the session's row (its message event's seq) under that lock,
-    # so the row the UPDATE found (``s``, the latest version) and the snapshot's (``x``) differ by
-    # more than this statement's own events exactly when someone changed the session meanwhile;
-    # then (``settled`` false) the caller asks again, in a statement of its own.
-    _FINISH_WITH_EVENTS = """
+    # The run (its checkpoint is of no use once it ended: the session has the transcript), its
+    # claimed messages and the session in one statement, the run first; updating the
+    # session takes its row lock (ordering this against add_message and cancel), as SELECT ... FOR
+    # UPDATE did. The messages and the session change only if the run did (``FROM r``).
+    _FINISH_HEAD = """
     WITH r AS (
         UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s,
             checkpoint = '{{}}'
@@ -1098,7 +1107,29 @@ class Run(models.Model):
         UPDATE {message} t SET status = %(message_status)s FROM r
         WHERE t.run_id = r.id AND t.status = %(claimed)s
     ),
-    sb AS (UPDATE {sandbox} SET last_used = %(now)s WHERE id = %(sandbox_id)s),
+    sb AS (UPDATE {sandbox} SET last_used = %(now)s WHERE id = %(sandbox_id)s),"""
+    _FINISH = (
+        _FINISH_HEAD
+        + """
+    s AS (
+        UPDATE {session} t SET {assignments} FROM r WHERE t.id = r.session_id RETURNING t.id
+    )
+    SELECT (SELECT count(*) FROM r), x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s), x.source
+    FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
+    """
+    )
+
+    # Run.finish with events: _FINISH's rows and the events (sessions/events.py ``_PG_CTES``; the
+    # session's columns go in the events' own UPDATE of its row), in one statement, which also
+    # tells whether a follow-up waits. That check reads the statement's snapshot, taken before the
+    # session's row lock was granted: a follow-up committed while this waited for the lock would
+    # be missed. add_message writes the session's row (its message event's seq) under that lock,
+    # so the row the UPDATE found (``s``, the latest version) and the snapshot's (``x``) differ by
+    # more than this statement's own events exactly when someone changed the session meanwhile;
+    # then (``settled`` false) the caller asks again, in a statement of its own.
+    _FINISH_WITH_EVENTS = (
+        _FINISH_HEAD
+        + """
     {events}
     SELECT (SELECT count(*) FROM r), x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s), x.source,
         (SELECT json_agg(json_build_array(id, seq)) FROM ins), (SELECT count(*) FROM nt),
@@ -1107,24 +1138,20 @@ class Run(models.Model):
         {asked}
     FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
     """
+    )
 
     def _finish_with_events(
         self, status, error, now, message_status, fields, sandbox_id, events
     ) -> tuple[int, int, str, bool | None, dict] | None:
         """Postgres, ``_FINISH_WITH_EVENTS``: None when the run was not running; else _finish_rows's
         answer, whether a follow-up waits (None: ask again) and the ``finish_checks``' answers."""
-        from django.db import connection
 
         from sandboxes.models import Sandbox
         from sessions.events import _PG_CTES, statement_events
         from sessions.signals import finish_checks
 
         params, stored = statement_events(self.pk, events)
-        assignments = []
-        for n, (name, value) in enumerate(fields.items()):
-            field = Session._meta.get_field(name)
-            assignments.append(f"{connection.ops.quote_name(field.column)} = %(f{n})s")
-            params[f"f{n}"] = field.get_db_prep_save(value, connection)
+        assignments = _session_assignments(fields, params)
         ctes = _PG_CTES.format(
             gate="EXISTS (SELECT 1 FROM r)",
             session="%(session_id)s::bigint",
@@ -1155,31 +1182,6 @@ class Run(models.Model):
         checks = dict(zip(finish_checks, row[8:], strict=True))
         return row[1], row[2], row[3], row[7] if row[6] else None, checks
 
-    # The run (its checkpoint is of no use once it ended: the session has the transcript), its
-    # claimed messages and the session in one statement, the run first; updating the
-    # session takes its row lock (ordering this against add_message and cancel), as SELECT ... FOR
-    # UPDATE did. The messages and the session change only if the run did (``FROM r``).
-    _FINISH = """
-    WITH r AS (
-        UPDATE {run} SET status = %(status)s, finished = %(now)s, error = %(error)s, steps = %(steps)s,
-            checkpoint = '{{}}'
-        WHERE id = %(id)s AND status = %(running)s AND attempt = %(attempt)s
-        RETURNING id, session_id
-    ),
-    m AS (
-        UPDATE {message} t SET status = %(message_status)s FROM r
-        WHERE t.run_id = r.id AND t.status = %(claimed)s
-        RETURNING t.id
-    ),
-    s AS (
-        UPDATE {session} t SET {assignments} FROM r WHERE t.id = r.session_id RETURNING t.id
-    ),
-    sb AS (UPDATE {sandbox} SET last_used = %(now)s WHERE id = %(sandbox_id)s)
-    SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM m), (SELECT count(*) FROM s),
-        x.team_id, COALESCE(t.max_concurrent_runs, %(default_limit)s), x.source
-    FROM {session} x JOIN {team} t ON t.id = x.team_id WHERE x.id = %(session_id)s
-    """
-
     def _finish_rows(
         self, status: str, error: str, now, message_status: str, fields: dict, sandbox_id: int | None
     ) -> tuple[int, int, str] | None:
@@ -1200,14 +1202,8 @@ class Run(models.Model):
             Session.objects.filter(pk=self.session_id).update(**fields)
             session = Session.objects.select_related("team").get(pk=self.session_id)
             return session.team_id, session.team.concurrency_limit(), session.source
-        # Session columns through the model's own fields, so JSON and the like are adapted as the
-        # ORM would adapt them.
         params: dict = {}
-        assignments = []
-        for n, (name, value) in enumerate(fields.items()):
-            field = Session._meta.get_field(name)
-            assignments.append(f"{connection.ops.quote_name(field.column)} = %(f{n})s")
-            params[f"f{n}"] = field.get_db_prep_save(value, connection)
+        assignments = _session_assignments(fields, params)
         sql = self._FINISH.format(
             run=Run._meta.db_table,
             message=Message._meta.db_table,
@@ -1233,7 +1229,7 @@ class Run(models.Model):
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
-        return (row[3], row[4], row[5]) if row and row[0] else None
+        return (row[1], row[2], row[3]) if row and row[0] else None
 
     def add_usage(
         self,

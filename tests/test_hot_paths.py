@@ -25,7 +25,6 @@ from sessions.models import (
     APIToken,
     Environment,
     Event,
-    Message,
     Repository,
     Run,
     Session,
@@ -536,9 +535,8 @@ def test_a_follow_up_committed_while_the_end_waits_for_the_session_starts_the_ne
     assert "error" not in box and "error" not in ended and ended["value"] is True
     follow = Run.objects.get(session=session, status=Run.Status.QUEUED)
     assert follow.attempt == 2
-    assert list(
-        Message.objects.filter(session=session, status="pending").values_list("content", flat=True)
-    ) == ["one more thing"]
+    pending = session.messages.filter(status="pending")
+    assert list(pending.values_list("content", flat=True)) == ["one more thing"]
 
 
 def waiting_for_lock() -> bool:
