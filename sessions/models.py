@@ -10,7 +10,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -1141,11 +1141,18 @@ class Run(models.Model):
     )
 
     def _finish_with_events(
-        self, status, error, now, message_status, fields, sandbox_id, events
+        self,
+        status: str,
+        error: str,
+        now: datetime,
+        message_status: str,
+        fields: dict,
+        sandbox_id: int | None,
+        events: list[tuple[str, dict]],
     ) -> tuple[int, int, str, bool | None, dict] | None:
         """Postgres, ``_FINISH_WITH_EVENTS``: None when the run was not running; else _finish_rows's
-        answer, whether a follow-up waits (None: ask again) and the ``finish_checks``' answers."""
-
+        answer, whether a follow-up waits and the ``finish_checks``' answers (None and none when
+        the session changed meanwhile: the caller asks again, the receivers ask themselves)."""
         from sandboxes.models import Sandbox
         from sessions.events import _PG_CTES, statement_events
         from sessions.signals import finish_checks
@@ -1179,8 +1186,9 @@ class Run(models.Model):
         if not row or not row[0]:
             return None
         stored(self.session_id, events, row[4])
-        checks = dict(zip(finish_checks, row[8:], strict=True))
-        return row[1], row[2], row[3], row[7] if row[6] else None, checks
+        if not row[6]:  # not settled: asked again after the lock, the checks by their receivers
+            return row[1], row[2], row[3], None, {}
+        return row[1], row[2], row[3], row[7], dict(zip(finish_checks, row[8:], strict=True))
 
     def _finish_rows(
         self, status: str, error: str, now, message_status: str, fields: dict, sandbox_id: int | None
