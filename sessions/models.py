@@ -850,12 +850,12 @@ class Run(models.Model):
 
         sql, parts = cls._claim_loaded_sql
         # The events' attempt is the claimed row's (the statement writes it); the rest is known.
+        # Their time is taken after the claim's, as when they were emitted after it.
+        claim_params = Run._claim_params(run_id, owner, timezone.now())
         params, stored = statement_events(run_id, Run._started_events(run_id, 0))
         with transaction.atomic():
             with prepared_cursor() as cursor:
-                cursor.execute(
-                    sql, {**Run._claim_params(run_id, owner, timezone.now()), "ack": ack, **params}
-                )
+                cursor.execute(sql, {**claim_params, "ack": ack, **params})
                 row = cursor.fetchone()
             status, limit, first, session_claimed, prompts, inserted, _, only_run, skills, mcp = row[:10]
             if first is None:  # not claimed

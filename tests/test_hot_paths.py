@@ -465,6 +465,8 @@ def test_the_claims_own_events_are_what_emit_writes(team, repository, listener):
         (4, "status", {"status": "running"}, run_id),
     ]
     assert Session.objects.get(pk=session.pk).status == "running"
+    started = Event.objects.get(session=session, type="run_started").created
+    assert started >= Run.objects.get(pk=run_id).started  # stamped after the claim, as emitted after it
     assert claim(run_id) == (None, "skipped: run is running")
     assert notes(listener) == [] and Session.objects.get(pk=session.pk).last_seq == 4
 
