@@ -165,7 +165,7 @@ def emit_many_with(
 class _Request:
     """One emit_many() call: its events, and (once written) the stored Events or the error."""
 
-    session_id: int
+    session_id: int | None  # None for statement_events: its statement names the session
     run_id: int | None
     items: list[tuple[str, dict[str, Any]]]
     # What timezone.now() returns with USE_TZ (always on here), without its read of the lazy settings.
@@ -287,19 +287,12 @@ def statement_events(
     """For a statement with ``_PG_CTES`` (Postgres): its parameters for the events ``items`` of
     ``run_id``, and what turns the rows the statement inserted (its session, the items as written,
     the ``[[id, seq], ...]`` of ``ins``) into the stored Events, their listeners called at commit."""
-    from sessions.streaming.notify import LIMITS, PG_CHANNEL
-    from sessions.streaming.store import dumps, iso
+    from sessions.streaming.notify import PG_CHANNEL
 
-    created = datetime.now(UTC)
-    stamp = iso(created)
-    texts = [dumps({"r": run_id, "t": t, "p": p, "c": stamp}) for t, p in items]
-    size = _NOTE_OVERHEAD + sum(len(text.encode()) + _NOTE_PER_EVENT for text in texts)
-    flag = ',"n":true}' if size <= LIMITS["postgres"] else ',"n":false}'  # as _insert_postgres's
-    params = {
-        "events": "[" + ",".join(text[:-1] + flag for text in texts) + "]",
-        "channel": PG_CHANNEL,
-        "notify": settings.STREAM_BACKEND == "postgres",
-    }
+    request = _Request(None, run_id, items)  # the statement names the session ({session})
+    created = request.created
+    document, _ = _document([request])
+    params = {"events": document, "channel": PG_CHANNEL, "notify": settings.STREAM_BACKEND == "postgres"}
 
     def stored(session_id: int, written: list[tuple[str, dict[str, Any]]], rows: Any) -> list[Event]:
         if isinstance(rows, str):
@@ -321,21 +314,16 @@ def statement_events(
 _NOTE_OVERHEAD, _NOTE_PER_EVENT = 80, 48 - len('"s":"r":"t":"p":"c":')
 
 
-def _insert_postgres(requests: list[_Request], also: tuple[str, dict, str, str] | None = None) -> dict | None:
-    """Reserve the numbers, insert the rows and notify, in one statement: one round trip.
+def _document(requests: list[_Request]) -> tuple[str, list[int | None]]:
+    """The events statement's document (see ``_PG_SQL``) for ``requests``, and their sessions.
 
-    In autocommit the statement is its own transaction; inside an outer atomic block it commits
-    (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
-    Fills in each request's events, or its error (a session that does not exist). ``also``: another
-    statement, its parameters, the session's other assignments and the CTEs before it, run by
-    this one (emit_many_with); its first row is returned.
-    """
-    from sessions.streaming.notify import LIMITS, PG_CHANNEL
+    Each event says whether its notification carries it (``n``): all of a session's do, unless
+    together they would not fit in one notification."""
+    from sessions.streaming.notify import LIMITS
     from sessions.streaming.store import dumps, iso
 
-    notify = settings.STREAM_BACKEND == "postgres"
-    sizes: dict[int, int] = defaultdict(lambda: _NOTE_OVERHEAD)
-    rows: list[tuple[int, list[str]]] = []
+    sizes: dict[int | None, int] = defaultdict(lambda: _NOTE_OVERHEAD)
+    rows: list[tuple[int | None, list[str]]] = []
     for r in requests:
         created = iso(r.created)
         texts = [dumps({"s": r.session_id, "r": r.run_id, "t": t, "p": p, "c": created}) for t, p in r.items]
@@ -345,7 +333,23 @@ def _insert_postgres(requests: list[_Request], also: tuple[str, dict, str, str] 
     # Each item's JSON object ends with "}": append the "noted" flag before it.
     flags = {sid: ',"n":true}' if size <= limit else ',"n":false}' for sid, size in sizes.items()}
     document = "[" + ",".join(text[:-1] + flags[sid] for sid, texts in rows for text in texts) + "]"
-    sessions = "{" + ",".join(map(str, sizes)) + "}"
+    return document, list(sizes)
+
+
+def _insert_postgres(requests: list[_Request], also: tuple[str, dict, str, str] | None = None) -> dict | None:
+    """Reserve the numbers, insert the rows and notify, in one statement: one round trip.
+
+    In autocommit the statement is its own transaction; inside an outer atomic block it commits
+    (or rolls back, numbers and notification included) with it, so seqs stay gap-free either way.
+    Fills in each request's events, or its error (a session that does not exist). ``also``: another
+    statement, its parameters, the session's other assignments and the CTEs before it, run by
+    this one (emit_many_with); its first row is returned.
+    """
+    from sessions.streaming.notify import PG_CHANNEL
+
+    notify = settings.STREAM_BACKEND == "postgres"
+    document, sessions = _document(requests)
+    sessions = "{" + ",".join(map(str, sessions)) + "}"
     params = {"events": document, "sessions": sessions, "channel": PG_CHANNEL, "notify": notify}
     sql = _PG_SQL
     if also is not None:

@@ -577,6 +577,19 @@ class Checkpoint:
         )
 
 
+def _finish_tables() -> dict[str, str]:
+    """The tables of a run's end statements (``Run._FINISH``, ``Run._FINISH_WITH_EVENTS``)."""
+    from sandboxes.models import Sandbox
+
+    return {
+        "run": Run._meta.db_table,
+        "message": Message._meta.db_table,
+        "session": Session._meta.db_table,
+        "team": Team._meta.db_table,
+        "sandbox": Sandbox._meta.db_table,
+    }
+
+
 def _session_assignments(fields: dict[str, Any], params: dict[str, Any]) -> list[str]:
     """``column = %(fN)s`` for each of the session's ``fields``, their values put in ``params``
     through the model's own fields, so JSON and the like are adapted as the ORM would adapt them."""
@@ -1153,7 +1166,6 @@ class Run(models.Model):
         """Postgres, ``_FINISH_WITH_EVENTS``: None when the run was not running; else _finish_rows's
         answer, whether a follow-up waits and the ``finish_checks``' answers (None and none when
         the session changed meanwhile: the caller asks again, the receivers ask themselves)."""
-        from sandboxes.models import Sandbox
         from sessions.events import _PG_CTES, statement_events
         from sessions.signals import finish_checks
 
@@ -1166,20 +1178,15 @@ class Run(models.Model):
             session_set="".join(f", {a}" for a in assignments),
         )
         sql = self._FINISH_WITH_EVENTS.format(
-            run=Run._meta.db_table,
-            message=Message._meta.db_table,
-            session=Session._meta.db_table,
-            team=Team._meta.db_table,
-            sandbox=Sandbox._meta.db_table,
+            **_finish_tables(),
             events=ctes,
             asked="".join(f", ({sql})" for sql in finish_checks.values()),
         )
         params.update(
-            id=self.pk, status=status, now=now, error=error, steps=self.steps, attempt=self.attempt,
-            running=Run.Status.RUNNING, message_status=message_status, claimed=Message.Status.CLAIMED,
-            session_id=self.session_id, default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
-            sandbox_id=sandbox_id, pending=Message.Status.PENDING, finish_session=self.session_id,
-        )  # fmt: skip
+            self._finish_params(status, error, now, message_status, sandbox_id),
+            pending=Message.Status.PENDING,
+            finish_session=self.session_id,
+        )
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
@@ -1189,6 +1196,25 @@ class Run(models.Model):
         if not row[6]:  # not settled: asked again after the lock, the checks by their receivers
             return row[1], row[2], row[3], None, {}
         return row[1], row[2], row[3], row[7], dict(zip(finish_checks, row[8:], strict=True))
+
+    def _finish_params(
+        self, status: str, error: str, now: datetime, message_status: str, sandbox_id: int | None
+    ) -> dict[str, Any]:
+        """The parameters ``_FINISH`` and ``_FINISH_WITH_EVENTS`` share."""
+        return {
+            "id": self.pk,
+            "status": status,
+            "now": now,
+            "error": error,
+            "steps": self.steps,
+            "attempt": self.attempt,
+            "running": Run.Status.RUNNING,
+            "message_status": message_status,
+            "claimed": Message.Status.CLAIMED,
+            "session_id": self.session_id,
+            "default_limit": settings.TEAM_MAX_CONCURRENT_RUNS,
+            "sandbox_id": sandbox_id,
+        }
 
     def _finish_rows(
         self, status: str, error: str, now, message_status: str, fields: dict, sandbox_id: int | None
@@ -1212,28 +1238,8 @@ class Run(models.Model):
             return session.team_id, session.team.concurrency_limit(), session.source
         params: dict = {}
         assignments = _session_assignments(fields, params)
-        sql = self._FINISH.format(
-            run=Run._meta.db_table,
-            message=Message._meta.db_table,
-            session=Session._meta.db_table,
-            team=Team._meta.db_table,
-            sandbox=Sandbox._meta.db_table,
-            assignments=", ".join(assignments),
-        )
-        params.update(
-            id=self.pk,
-            status=status,
-            now=now,
-            error=error,
-            steps=self.steps,
-            attempt=self.attempt,
-            running=Run.Status.RUNNING,
-            message_status=message_status,
-            claimed=Message.Status.CLAIMED,
-            session_id=self.session_id,
-            default_limit=settings.TEAM_MAX_CONCURRENT_RUNS,
-            sandbox_id=sandbox_id,
-        )
+        sql = self._FINISH.format(**_finish_tables(), assignments=", ".join(assignments))
+        params.update(self._finish_params(status, error, now, message_status, sandbox_id))
         with prepared_cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()

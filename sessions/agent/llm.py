@@ -564,9 +564,9 @@ class OpenAIClient(LLMClient):
         call's JSON where they are the same objects."""
         sent, ends, encoded = self._sent, self._ends, self._encoded
         kept = len(sent)
-        if messages[:kept] != sent or kept > len(messages):
-            kept = next((n for n, (a, b) in enumerate(zip(sent, messages, strict=False)) if a is not b), kept)
-            kept = min(kept, len(messages))
+        if messages[:kept] != sent:  # shorter, or a message replaced (compared by identity first)
+            same = min(kept, len(messages))
+            kept = next((n for n, (a, b) in enumerate(zip(sent, messages, strict=False)) if a is not b), same)
             del sent[kept:]
             del ends[kept:]
             del encoded[ends[-1] if ends else 0 :]
